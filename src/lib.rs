@@ -1,0 +1,20 @@
+//! `repnoise`: Representation Noising (Rosati et al., NeurIPS 2024) and the tooling around it:
+//! load real chat models, train them, defend them, attack them and measure the result.
+//!
+//! This crate is the library; `src/main.rs` is a thin command-line front end over it.
+
+pub mod chat;
+pub mod config;
+pub mod error;
+pub mod fetch;
+pub mod generate;
+pub mod gguf;
+pub mod io;
+pub mod model;
+pub mod modelio;
+pub mod optim;
+pub mod params;
+pub mod rng;
+pub mod tokenizer;
+
+pub use error::{Error, Result};

@@ -1,0 +1,438 @@
+//! Llama-family decoder (Llama, Llama-2, SmolLM2, Qwen2) in f32, built only from candle
+//! operations whose backward pass reaches their inputs (no fused rms_norm, softmax_last_dim or
+//! rope kernels: those silently drop gradients, see `shared/docs/STYLE.md`).
+//!
+//! One forward returns, on request, the logits at all positions (or the last), every layer's
+//! residual stream ("hidden states") and every layer's MLP output: Representation Noising
+//! (Rosati et al. 2024, §3) needs the MLP outputs for its noise term and the hidden states for its
+//! logit-lens ascent term.
+
+use candle_core::{DType, Device, Tensor, D};
+
+use crate::config::ModelConfig;
+use crate::error::{Error, Result};
+use crate::params::Params;
+
+/// Additive mask value for disallowed attention: large and finite, so a query row whose keys are
+/// all masked (a left-padding position) gives a uniform softmax instead of NaN.
+const MASKED: f32 = -1e9;
+
+/// Which logits a forward pass computes.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub enum Logits {
+    /// No LM head at all (e.g. when only hidden states are needed).
+    None,
+    /// Only the last position of each row: `[b, 1, vocab]`.
+    Last,
+    /// Every position: `[b, t, vocab]`.
+    #[default]
+    All,
+}
+
+/// What a forward pass returns besides the logits.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct ForwardOpts {
+    pub logits: Logits,
+    /// Return the residual stream after the embedding and after every layer (`num_layers + 1`
+    /// tensors `[b, t, d]`, none normalised; `transformers` instead normalises the last one).
+    pub hidden_states: bool,
+    /// Return every layer's MLP output before it is added to the residual (`[b, t, d]` each).
+    pub mlp_outputs: bool,
+}
+
+#[derive(Debug)]
+pub struct ForwardOut {
+    pub logits: Option<Tensor>,
+    pub hidden_states: Vec<Tensor>,
+    pub mlp_outputs: Vec<Tensor>,
+}
+
+/// Keys and values of past positions, per layer (`[b, kv_heads, T, head_dim]`, after rotary).
+#[derive(Clone, Debug, Default)]
+pub struct KvCache {
+    layers: Vec<Option<(Tensor, Tensor)>>,
+}
+
+impl KvCache {
+    pub fn new(num_layers: usize) -> Self {
+        Self {
+            layers: vec![None; num_layers],
+        }
+    }
+    /// Number of cached positions.
+    pub fn len(&self) -> usize {
+        match self.layers.first() {
+            Some(Some((k, _))) => k.dim(2).unwrap_or(0),
+            _ => 0,
+        }
+    }
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+}
+
+struct Layer {
+    input_norm: Tensor,
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    q_bias: Option<Tensor>,
+    k_bias: Option<Tensor>,
+    v_bias: Option<Tensor>,
+    o: Tensor,
+    o_bias: Option<Tensor>,
+    post_norm: Tensor,
+    gate: Tensor,
+    up: Tensor,
+    down: Tensor,
+}
+
+/// The decoder. Holds tensors that share storage with a [`Params`] store: built trainable they
+/// are the variables themselves (gradients flow to them), built frozen they are detached views.
+pub struct Llama {
+    cfg: ModelConfig,
+    embed: Tensor,
+    layers: Vec<Layer>,
+    norm: Tensor,
+    lm_head: Tensor,
+    /// `[max_positions, head_dim / 2]` rotary tables.
+    cos: Tensor,
+    sin: Tensor,
+    device: Device,
+}
+
+fn linear(x: &Tensor, w: &Tensor, b: Option<&Tensor>) -> Result<Tensor> {
+    let (bsz, t, din) = x.dims3()?; // [b, t, in]
+    let y = x.reshape((bsz * t, din))?.matmul(&w.t()?)?; // [b*t, out]
+    let y = match b {
+        Some(b) => y.broadcast_add(b)?,
+        None => y,
+    };
+    Ok(y.reshape((bsz, t, ()))?)
+}
+
+/// RMSNorm from elementary ops (differentiable): `x / sqrt(mean(x^2) + eps) * w`.
+pub fn rms_norm(x: &Tensor, w: &Tensor, eps: f64) -> Result<Tensor> {
+    let var = x.sqr()?.mean_keepdim(D::Minus1)?;
+    Ok(x.broadcast_div(&(var + eps)?.sqrt()?)?.broadcast_mul(w)?)
+}
+
+/// Rotary embedding, half-split layout (Hugging Face `rotate_half`).
+/// `x`: `[b, h, t, hd]`; `cos`/`sin`: `[b, 1, t, hd]`.
+fn apply_rope(x: &Tensor, cos: &Tensor, sin: &Tensor) -> Result<Tensor> {
+    let hd = x.dim(D::Minus1)?;
+    let half = hd / 2;
+    let x1 = x.narrow(D::Minus1, 0, half)?;
+    let x2 = x.narrow(D::Minus1, half, half)?;
+    let rotated = Tensor::cat(&[&x2.neg()?, &x1], D::Minus1)?;
+    Ok((x.broadcast_mul(cos)? + rotated.broadcast_mul(sin)?)?)
+}
+
+/// `[b, kvh, t, hd]` -> `[b, kvh * n_rep, t, hd]` (grouped-query attention).
+fn repeat_kv(x: Tensor, n_rep: usize) -> Result<Tensor> {
+    if n_rep == 1 {
+        return Ok(x);
+    }
+    let (b, kvh, t, hd) = x.dims4()?;
+    Ok(x
+        .unsqueeze(2)?
+        .expand((b, kvh, n_rep, t, hd))?
+        .reshape((b, kvh * n_rep, t, hd))?)
+}
+
+/// Additive attention mask `[b, 1, t, past + t]`: query `i` (absolute position `past + i`) sees
+/// key `j` when `j <= past + i` and `key_valid[row][j]` (padding keys are hidden).
+pub fn attention_mask(
+    b: usize,
+    t: usize,
+    past: usize,
+    key_valid: Option<&[Vec<bool>]>,
+    device: &Device,
+) -> Result<Tensor> {
+    let total = past + t;
+    let mut m = vec![0f32; b * t * total];
+    for row in 0..b {
+        let valid = key_valid.map(|kv| &kv[row]);
+        if let Some(v) = valid {
+            if v.len() != total {
+                return Err(Error::msg(format!(
+                    "attention mask row {row} has {} keys, expected {total}",
+                    v.len()
+                )));
+            }
+        }
+        for i in 0..t {
+            for j in 0..total {
+                let ok = j <= past + i && valid.map_or(true, |v| v[j]);
+                if !ok {
+                    m[(row * t + i) * total + j] = MASKED;
+                }
+            }
+        }
+    }
+    Ok(Tensor::from_vec(m, (b, 1, t, total), device)?)
+}
+
+impl Llama {
+    /// Build from a parameter store; `trainable(name)` decides which tensors carry gradients
+    /// (the rest are detached, i.e. frozen).
+    pub fn new(
+        cfg: &ModelConfig,
+        params: &Params,
+        trainable: impl Fn(&str) -> bool,
+    ) -> Result<Self> {
+        let get = |name: &str| -> Result<Tensor> {
+            let t = params.tensor(name)?;
+            Ok(if trainable(name) {
+                t.clone()
+            } else {
+                t.detach()
+            })
+        };
+        let opt = |name: &str| -> Result<Option<Tensor>> {
+            if params.get(name).is_some() {
+                Ok(Some(get(name)?))
+            } else {
+                Ok(None)
+            }
+        };
+        let mut layers = Vec::with_capacity(cfg.num_layers);
+        for l in 0..cfg.num_layers {
+            let p = format!("model.layers.{l}");
+            layers.push(Layer {
+                input_norm: get(&format!("{p}.input_layernorm.weight"))?,
+                q: get(&format!("{p}.self_attn.q_proj.weight"))?,
+                k: get(&format!("{p}.self_attn.k_proj.weight"))?,
+                v: get(&format!("{p}.self_attn.v_proj.weight"))?,
+                q_bias: opt(&format!("{p}.self_attn.q_proj.bias"))?,
+                k_bias: opt(&format!("{p}.self_attn.k_proj.bias"))?,
+                v_bias: opt(&format!("{p}.self_attn.v_proj.bias"))?,
+                o: get(&format!("{p}.self_attn.o_proj.weight"))?,
+                o_bias: opt(&format!("{p}.self_attn.o_proj.bias"))?,
+                post_norm: get(&format!("{p}.post_attention_layernorm.weight"))?,
+                gate: get(&format!("{p}.mlp.gate_proj.weight"))?,
+                up: get(&format!("{p}.mlp.up_proj.weight"))?,
+                down: get(&format!("{p}.mlp.down_proj.weight"))?,
+            });
+        }
+        let embed = get("model.embed_tokens.weight")?;
+        let lm_head = if cfg.tie_word_embeddings {
+            embed.clone()
+        } else {
+            get("lm_head.weight")?
+        };
+        let device = embed.device().clone();
+        let (cos, sin) = rope_tables(cfg, &device)?;
+        Ok(Self {
+            cfg: cfg.clone(),
+            embed,
+            layers,
+            norm: get("model.norm.weight")?,
+            lm_head,
+            cos,
+            sin,
+            device,
+        })
+    }
+
+    /// All parameters trainable.
+    pub fn trainable(cfg: &ModelConfig, params: &Params) -> Result<Self> {
+        Self::new(cfg, params, |_| true)
+    }
+
+    /// All parameters frozen (inference: no autograd graph is kept alive).
+    pub fn frozen(cfg: &ModelConfig, params: &Params) -> Result<Self> {
+        Self::new(cfg, params, |_| false)
+    }
+
+    pub fn config(&self) -> &ModelConfig {
+        &self.cfg
+    }
+
+    pub fn device(&self) -> &Device {
+        &self.device
+    }
+
+    /// The final RMSNorm (used by the logit lens).
+    pub fn final_norm(&self, h: &Tensor) -> Result<Tensor> {
+        rms_norm(h, &self.norm, self.cfg.rms_norm_eps)
+    }
+
+    /// The LM head matrix `[vocab, d]` (the token embedding when tied).
+    pub fn lm_head_weight(&self) -> &Tensor {
+        &self.lm_head
+    }
+
+    /// Logits from a (normed) hidden state `[b, t, d]` -> `[b, t, vocab]`.
+    pub fn lm_head(&self, h: &Tensor) -> Result<Tensor> {
+        linear(h, &self.lm_head, None)
+    }
+
+    /// Forward pass.
+    ///
+    /// * `ids`: `[b, t]` u32 token ids.
+    /// * `positions`: `[b, t]` u32 rotary positions (see [`positions_for`]).
+    /// * `mask`: additive `[b, 1, t, past + t]` mask from [`attention_mask`]; `None` means plain
+    ///   causal attention with no padding.
+    /// * `cache`: when given, keys/values are appended to it and attention covers the cache.
+    pub fn forward(
+        &self,
+        ids: &Tensor,
+        positions: &Tensor,
+        mask: Option<&Tensor>,
+        mut cache: Option<&mut KvCache>,
+        opts: ForwardOpts,
+    ) -> Result<ForwardOut> {
+        let (b, t) = ids.dims2()?;
+        let cfg = &self.cfg;
+        let (h, kvh, hd) = (cfg.num_heads, cfg.num_kv_heads, cfg.head_dim);
+        let past = cache.as_ref().map_or(0, |c| c.len());
+        if let Some(c) = cache.as_ref() {
+            if c.layers.len() != cfg.num_layers {
+                return Err(Error::msg("KV cache built for another model"));
+            }
+        }
+        let owned_mask;
+        let mask = match mask {
+            Some(m) => m,
+            None => {
+                owned_mask = attention_mask(b, t, past, None, &self.device)?;
+                &owned_mask
+            }
+        };
+
+        // Rotary tables gathered at each token's position: [b, 1, t, hd].
+        let flat_pos = positions.flatten_all()?;
+        let max_pos = flat_pos.max(0)?.to_scalar::<u32>()? as usize;
+        if max_pos >= self.cos.dim(0)? {
+            return Err(Error::msg(format!(
+                "position {max_pos} is beyond the model's {} positions",
+                self.cos.dim(0)?
+            )));
+        }
+        let gather = |table: &Tensor| -> Result<Tensor> {
+            let g = table.index_select(&flat_pos, 0)?; // [b*t, hd/2]
+            Ok(Tensor::cat(&[&g, &g], D::Minus1)?
+                .reshape((b, t, hd))?
+                .unsqueeze(1)?)
+        };
+        let cos = gather(&self.cos)?;
+        let sin = gather(&self.sin)?;
+
+        let mut x = self
+            .embed
+            .index_select(&ids.flatten_all()?, 0)?
+            .reshape((b, t, cfg.hidden_size))?; // [b, t, d]
+        let mut hidden_states = Vec::new();
+        let mut mlp_outputs = Vec::new();
+        if opts.hidden_states {
+            hidden_states.push(x.clone());
+        }
+        let scale = 1.0 / (hd as f64).sqrt();
+        for (li, layer) in self.layers.iter().enumerate() {
+            // Attention block.
+            let xn = rms_norm(&x, &layer.input_norm, cfg.rms_norm_eps)?;
+            let q = linear(&xn, &layer.q, layer.q_bias.as_ref())?
+                .reshape((b, t, h, hd))?
+                .transpose(1, 2)?; // [b, h, t, hd]
+            let k = linear(&xn, &layer.k, layer.k_bias.as_ref())?
+                .reshape((b, t, kvh, hd))?
+                .transpose(1, 2)?; // [b, kvh, t, hd]
+            let v = linear(&xn, &layer.v, layer.v_bias.as_ref())?
+                .reshape((b, t, kvh, hd))?
+                .transpose(1, 2)?
+                .contiguous()?;
+            let q = apply_rope(&q, &cos, &sin)?;
+            let k = apply_rope(&k, &cos, &sin)?;
+            let (k, v) = match cache.as_deref_mut() {
+                Some(c) => {
+                    let kv = match &c.layers[li] {
+                        Some((pk, pv)) => (
+                            Tensor::cat(&[pk, &k], 2)?.contiguous()?,
+                            Tensor::cat(&[pv, &v], 2)?.contiguous()?,
+                        ),
+                        None => (k, v),
+                    };
+                    c.layers[li] = Some(kv.clone());
+                    kv
+                }
+                None => (k, v),
+            };
+            let k = repeat_kv(k, h / kvh)?.contiguous()?; // [b, h, T, hd]
+            let v = repeat_kv(v, h / kvh)?.contiguous()?;
+            let scores = (q.contiguous()?.matmul(&k.t()?)? * scale)?; // [b, h, t, T]
+            let scores = scores.broadcast_add(mask)?;
+            let probs = candle_nn::ops::softmax(&scores, D::Minus1)?;
+            let attn = probs
+                .matmul(&v)? // [b, h, t, hd]
+                .transpose(1, 2)?
+                .reshape((b, t, h * hd))?;
+            let attn = linear(&attn, &layer.o, layer.o_bias.as_ref())?;
+            x = (x + attn)?;
+
+            // MLP block.
+            let xn = rms_norm(&x, &layer.post_norm, cfg.rms_norm_eps)?;
+            let gate = candle_nn::ops::silu(&linear(&xn, &layer.gate, None)?)?;
+            let up = linear(&xn, &layer.up, None)?;
+            let mlp = linear(&(gate * up)?, &layer.down, None)?; // [b, t, d]
+            if opts.mlp_outputs {
+                mlp_outputs.push(mlp.clone());
+            }
+            x = (x + mlp)?;
+            if opts.hidden_states {
+                hidden_states.push(x.clone());
+            }
+        }
+        let logits = match opts.logits {
+            Logits::None => None,
+            Logits::Last => {
+                let last = x.narrow(1, t - 1, 1)?;
+                Some(self.lm_head(&self.final_norm(&last)?)?)
+            }
+            Logits::All => Some(self.lm_head(&self.final_norm(&x)?)?),
+        };
+        Ok(ForwardOut {
+            logits,
+            hidden_states,
+            mlp_outputs,
+        })
+    }
+
+    /// Logits `[b, t, vocab]` for unpadded rows of equal length starting at position 0.
+    pub fn logits(&self, ids: &Tensor) -> Result<Tensor> {
+        let (b, t) = ids.dims2()?;
+        let pos = positions_for(b, t, 0, &self.device)?;
+        let out = self.forward(ids, &pos, None, None, ForwardOpts::default())?;
+        out.logits
+            .ok_or_else(|| Error::msg("forward returned no logits"))
+    }
+}
+
+/// Positions `past..past + t` for every row: `[b, t]` u32.
+pub fn positions_for(b: usize, t: usize, past: usize, device: &Device) -> Result<Tensor> {
+    let row: Vec<u32> = (past..past + t).map(|p| p as u32).collect();
+    let data: Vec<u32> = (0..b).flat_map(|_| row.iter().copied()).collect();
+    Ok(Tensor::from_vec(data, (b, t), device)?)
+}
+
+fn rope_tables(cfg: &ModelConfig, device: &Device) -> Result<(Tensor, Tensor)> {
+    let half = cfg.head_dim / 2;
+    let n = cfg.max_position_embeddings.max(1);
+    // As transformers: inv_freq and the angles in f32.
+    let inv: Vec<f32> = (0..half)
+        .map(|i| 1.0 / (cfg.rope_theta as f32).powf((2 * i) as f32 / cfg.head_dim as f32))
+        .collect();
+    let mut cos = Vec::with_capacity(n * half);
+    let mut sin = Vec::with_capacity(n * half);
+    for p in 0..n {
+        for &f in &inv {
+            let a = p as f32 * f;
+            cos.push(a.cos());
+            sin.push(a.sin());
+        }
+    }
+    Ok((
+        Tensor::from_vec(cos, (n, half), device)?.to_dtype(DType::F32)?,
+        Tensor::from_vec(sin, (n, half), device)?,
+    ))
+}
