@@ -10,6 +10,7 @@ pub mod fetch;
 pub mod generate;
 pub mod gguf;
 pub mod io;
+pub mod loss;
 pub mod model;
 pub mod modelio;
 pub mod optim;
