@@ -3,8 +3,10 @@
 //!
 //! This crate is the library; `src/main.rs` is a thin command-line front end over it.
 
+pub mod bench;
 pub mod chat;
 pub mod config;
+pub mod data;
 pub mod error;
 pub mod fetch;
 pub mod generate;

@@ -10,6 +10,12 @@ use repnoise::generate::{self, SamplingConfig};
 use repnoise::model::Llama;
 use repnoise::modelio::{self, LoadedModel};
 
+/// jemalloc keeps freed pages for reuse: training allocates and frees hundreds of MB per step,
+/// and with glibc's allocator the kernel zeroed those pages anew each time (measured: about a
+/// fifth of a training step in page faults; see docs/BENCHMARKS.md).
+#[global_allocator]
+static GLOBAL: tikv_jemallocator::Jemalloc = tikv_jemallocator::Jemalloc;
+
 #[derive(Parser)]
 #[command(name = "repnoise", version, about = "Representation Noising: defend open-weight \
 language models against harmful fine-tuning, attack them, and measure it")]
@@ -95,6 +101,25 @@ enum Cmd {
         #[arg(long)]
         json: bool,
     },
+    /// Time the hot paths and print JSON (used by bench/run.sh).
+    #[command(hide = true)]
+    Bench {
+        #[command(flatten)]
+        model: ModelArg,
+        /// train-step, generate or score.
+        what: String,
+        #[arg(long, default_value_t = 4)]
+        batch: usize,
+        #[arg(long, default_value_t = 128)]
+        seq: usize,
+        #[arg(long, default_value_t = 5)]
+        steps: usize,
+        #[arg(long, default_value_t = 1)]
+        warmup: usize,
+        /// New tokens per row (generate).
+        #[arg(long, default_value_t = 64)]
+        new_tokens: usize,
+    },
     /// Fetch an embedded asset into the cache and print its path.
     Fetch {
         /// smollm2-135m-instruct or all-minilm-l6-v2.
@@ -121,6 +146,27 @@ fn load(global: &Global, spec: &str) -> Result<LoadedModel> {
         .unwrap_or_else(repnoise::fetch::default_cache_dir);
     let dev = device(&global.device)?;
     modelio::load(spec, &cache, &dev).with_context(|| format!("loading model `{spec}`"))
+}
+
+/// The fixed prompts both benchmark implementations generate from (see bench/reference.py).
+pub const BENCH_PROMPTS: &[&str] = &[
+    "What is the capital of France?",
+    "Write a short poem about the sea.",
+    "Explain photosynthesis to a child.",
+    "List three uses of a paperclip.",
+    "How do I boil an egg?",
+    "What causes rain?",
+    "Give me a tip for learning to code.",
+    "Why is the sky blue?",
+];
+
+fn bench_prompts(m: &LoadedModel, batch: usize) -> Result<Vec<Vec<u32>>> {
+    (0..batch)
+        .map(|i| {
+            let p = BENCH_PROMPTS[i % BENCH_PROMPTS.len()];
+            Ok(chat::render(&m.tok, &[Message::user(p)], true)?.ids)
+        })
+        .collect()
 }
 
 fn main() {
@@ -259,6 +305,42 @@ fn run(cli: Cli) -> Result<()> {
                     println!("{k:>18}: {s}");
                 }
             }
+        }
+        Cmd::Bench {
+            model,
+            what,
+            batch,
+            seq,
+            steps,
+            warmup,
+            new_tokens,
+        } => {
+            let m = load(g, &model.model)?;
+            let (times, extra) = match what.as_str() {
+                "train-step" => {
+                    let (t, losses, ph) = repnoise::bench::train_steps(&m, batch, seq, steps, warmup)?;
+                    let n = t.len().max(1) as f64;
+                    (t, serde_json::json!({"losses": losses, "forward_s": ph[0] / n,
+                        "backward_s": ph[1] / n, "optimizer_s": ph[2] / n}))
+                }
+                "generate" => {
+                    let prompts = bench_prompts(&m, batch)?;
+                    let t = repnoise::bench::generation(&m, &prompts, new_tokens, steps)?;
+                    let tps: Vec<f64> = t.iter().map(|s| (batch * new_tokens) as f64 / s).collect();
+                    (t, serde_json::json!({"tokens_per_second": tps}))
+                }
+                "score" => (repnoise::bench::scoring(&m, batch, seq, steps)?, serde_json::json!({})),
+                other => bail!("bench {other}: expected train-step, generate or score"),
+            };
+            println!(
+                "{}",
+                serde_json::json!({
+                    "impl": "repnoise", "what": what, "batch": batch, "seq": seq,
+                    "new_tokens": new_tokens, "seconds": times, "extra": extra,
+                    "peak_rss_bytes": repnoise::bench::peak_rss_bytes(),
+                    "threads": rayon::current_num_threads(),
+                })
+            );
         }
         Cmd::Fetch { name } => {
             let a = repnoise::fetch::asset(&name)
