@@ -59,6 +59,9 @@ struct Update<'a> {
     lr: f32,
     beta1: f32,
     beta2: f32,
+    /// `1 - beta` computed in f64 then rounded, as PyTorch does (`1 - 0.999f32` is 4.7e-8 off).
+    one_minus_beta1: f32,
+    one_minus_beta2: f32,
     eps: f32,
     decay: f32,
     grad_scale: f32,
@@ -102,8 +105,8 @@ impl candle_core::InplaceOp2 for Update<'_> {
             .for_each(|(((w, g), m), v)| {
                 for i in 0..w.len() {
                     let gi = g[i] * self.grad_scale;
-                    m[i] = self.beta1 * m[i] + (1.0 - self.beta1) * gi;
-                    v[i] = self.beta2 * v[i] + (1.0 - self.beta2) * gi * gi;
+                    m[i] = self.beta1 * m[i] + self.one_minus_beta1 * gi;
+                    v[i] = self.beta2 * v[i] + self.one_minus_beta2 * gi * gi;
                     let denom = v[i].sqrt() / self.bc2_sqrt + self.eps;
                     w[i] = w[i] * decay_mul - step_size * m[i] / denom;
                 }
@@ -181,6 +184,8 @@ impl AdamW {
                         lr: lr as f32,
                         beta1: c.beta1 as f32,
                         beta2: c.beta2 as f32,
+                        one_minus_beta1: (1.0 - c.beta1) as f32,
+                        one_minus_beta2: (1.0 - c.beta2) as f32,
                         eps: c.eps as f32,
                         decay: decay as f32,
                         grad_scale: grad_scale as f32,
