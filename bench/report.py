@@ -1,0 +1,31 @@
+"""Turn bench/out/results.jsonl into the Markdown table of docs/BENCHMARKS.md (standard library
+only). Usage: python3 bench/report.py bench/out/results.jsonl"""
+import json, statistics, sys
+
+rows = [json.loads(l) for l in open(sys.argv[1]) if l.strip()]
+by = {}
+for r in rows:
+    by.setdefault((r["what"], r["batch"], r["seq"], r["new_tokens"]), []).append(r)
+
+def shape(what, b, t, k):
+    return f"batch {b} x {k} new tokens" if what == "generate" else f"batch {b} x {t} tokens"
+
+print("| benchmark | shape | implementation | median | spread (min-max) | peak memory | time ratio | memory ratio |")
+print("|---|---|---|---|---|---|---|---|")
+for (what, b, t, k), rs in by.items():
+    ref = next((r for r in rs if not r["impl"].startswith("repnoise")), None)
+    for r in rs:
+        s = r["seconds"]
+        med = statistics.median(s)
+        if what == "generate":
+            tps = statistics.median(r["extra"]["tokens_per_second"])
+            value = f"{med:.2f} s ({tps:.0f} tok/s)"
+        else:
+            value = f"{med:.2f} s"
+        mem = r["peak_rss_bytes"] / 2**30
+        ratio = mratio = ""
+        if ref is not None and r is not ref:
+            ratio = f"{med / statistics.median(ref['seconds']):.2f}x"
+            mratio = f"{r['peak_rss_bytes'] / ref['peak_rss_bytes']:.2f}x"
+        print(f"| {what} | {shape(what, b, t, k)} | {r['impl']} | {value} | {min(s):.2f}-{max(s):.2f} s "
+              f"| {mem:.2f} GiB | {ratio} | {mratio} |")
