@@ -15,6 +15,7 @@ pub mod io;
 pub mod loss;
 pub mod model;
 pub mod modelio;
+pub mod ops;
 pub mod optim;
 pub mod params;
 pub mod rng;

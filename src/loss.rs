@@ -13,19 +13,11 @@ use candle_core::{CpuStorage, CustomOp1, CustomOp3, Layout, Shape, Tensor, D};
 use rayon::prelude::*;
 
 use crate::error::{Error, Result};
+use crate::ops::slice_f32;
 
 /// Target value marking a row that contributes nothing.
 pub const IGNORE: u32 = u32::MAX;
 
-fn contiguous_f32<'a>(s: &'a CpuStorage, l: &Layout, what: &str) -> candle_core::Result<&'a [f32]> {
-    let CpuStorage::F32(v) = s else {
-        candle_core::bail!("{what}: f32 expected")
-    };
-    let Some((a, b)) = l.contiguous_offsets() else {
-        candle_core::bail!("{what}: contiguous tensor expected")
-    };
-    Ok(&v[a..b])
-}
 
 /// Per-row negative log-likelihood of `targets` under `logits` `[n, vocab]`.
 struct RowNll {
@@ -44,7 +36,7 @@ impl CustomOp1 for RowNll {
 
     fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> candle_core::Result<(CpuStorage, Shape)> {
         let (n, v) = l.shape().dims2()?;
-        let x = contiguous_f32(s, l, "row-nll")?;
+        let x = slice_f32(s, l, "row-nll")?;
         if self.targets.len() != n {
             candle_core::bail!("row-nll: {} targets for {n} rows", self.targets.len())
         }
@@ -91,9 +83,9 @@ impl CustomOp3 for RowNllGrad {
         l3: &Layout,
     ) -> candle_core::Result<(CpuStorage, Shape)> {
         let (n, v) = l1.shape().dims2()?;
-        let x = contiguous_f32(s1, l1, "row-nll-grad logits")?;
-        let nll = contiguous_f32(s2, l2, "row-nll-grad loss")?;
-        let gr = contiguous_f32(s3, l3, "row-nll-grad grad")?;
+        let x = slice_f32(s1, l1, "row-nll-grad logits")?;
+        let nll = slice_f32(s2, l2, "row-nll-grad loss")?;
+        let gr = slice_f32(s3, l3, "row-nll-grad grad")?;
         let mut out = vec![0f32; n * v];
         out.par_chunks_mut(v).enumerate().for_each(|(r, o)| {
             let t = self.targets[r];

@@ -16,6 +16,12 @@ use repnoise::modelio::{self, LoadedModel};
 #[global_allocator]
 static GLOBAL: tikv_jemallocator::Jemalloc = tikv_jemallocator::Jemalloc;
 
+/// Never hand freed pages back to the kernel: each training step frees and reallocates the same
+/// few GB, and returning them made every step fault them in (zeroed) again.
+#[allow(non_upper_case_globals)]
+#[export_name = "_rjem_malloc_conf"]
+pub static malloc_conf: &[u8] = b"dirty_decay_ms:-1,muzzy_decay_ms:-1,oversize_threshold:0\0";
+
 #[derive(Parser)]
 #[command(name = "repnoise", version, about = "Representation Noising: defend open-weight \
 language models against harmful fine-tuning, attack them, and measure it")]

@@ -7,10 +7,11 @@
 //! (Rosati et al. 2024, §3) needs the MLP outputs for its noise term and the hidden states for its
 //! logit-lens ascent term.
 
-use candle_core::{DType, Device, Tensor, D};
+use candle_core::{DType, Device, Tensor};
 
 use crate::config::ModelConfig;
 use crate::error::{Error, Result};
+use crate::ops;
 use crate::params::Params;
 
 /// Additive mask value for disallowed attention: large and finite, so a query row whose keys are
@@ -111,21 +112,9 @@ fn linear(x: &Tensor, w: &Tensor, b: Option<&Tensor>) -> Result<Tensor> {
     Ok(y.reshape((bsz, t, ()))?)
 }
 
-/// RMSNorm from elementary ops (differentiable): `x / sqrt(mean(x^2) + eps) * w`.
+/// RMSNorm: `x / sqrt(mean(x^2) + eps) * w` (fused with its own backward on CPU).
 pub fn rms_norm(x: &Tensor, w: &Tensor, eps: f64) -> Result<Tensor> {
-    let var = x.sqr()?.mean_keepdim(D::Minus1)?;
-    Ok(x.broadcast_div(&(var + eps)?.sqrt()?)?.broadcast_mul(w)?)
-}
-
-/// Rotary embedding, half-split layout (Hugging Face `rotate_half`).
-/// `x`: `[b, h, t, hd]`; `cos`/`sin`: `[b, 1, t, hd]`.
-fn apply_rope(x: &Tensor, cos: &Tensor, sin: &Tensor) -> Result<Tensor> {
-    let hd = x.dim(D::Minus1)?;
-    let half = hd / 2;
-    let x1 = x.narrow(D::Minus1, 0, half)?;
-    let x2 = x.narrow(D::Minus1, half, half)?;
-    let rotated = Tensor::cat(&[&x2.neg()?, &x1], D::Minus1)?;
-    Ok((x.broadcast_mul(cos)? + rotated.broadcast_mul(sin)?)?)
+    ops::rms_norm(x, w, eps)
 }
 
 /// `[b, kvh, t, hd]` -> `[b, kvh * n_rep, t, hd]` (grouped-query attention).
@@ -301,7 +290,7 @@ impl Llama {
             }
         };
 
-        // Rotary tables gathered at each token's position: [b, 1, t, hd].
+        // Rotary tables gathered at each token's position: [b * t, hd / 2].
         let flat_pos = positions.flatten_all()?;
         let max_pos = flat_pos.max(0)?.to_scalar::<u32>()? as usize;
         if max_pos >= self.cos.dim(0)? {
@@ -310,14 +299,8 @@ impl Llama {
                 self.cos.dim(0)?
             )));
         }
-        let gather = |table: &Tensor| -> Result<Tensor> {
-            let g = table.index_select(&flat_pos, 0)?; // [b*t, hd/2]
-            Ok(Tensor::cat(&[&g, &g], D::Minus1)?
-                .reshape((b, t, hd))?
-                .unsqueeze(1)?)
-        };
-        let cos = gather(&self.cos)?;
-        let sin = gather(&self.sin)?;
+        let cos = self.cos.index_select(&flat_pos, 0)?;
+        let sin = self.sin.index_select(&flat_pos, 0)?;
 
         let mut x = self
             .embed
@@ -332,18 +315,14 @@ impl Llama {
         for (li, layer) in self.layers.iter().enumerate() {
             // Attention block.
             let xn = rms_norm(&x, &layer.input_norm, cfg.rms_norm_eps)?;
-            let q = linear(&xn, &layer.q, layer.q_bias.as_ref())?
-                .reshape((b, t, h, hd))?
-                .transpose(1, 2)?; // [b, h, t, hd]
-            let k = linear(&xn, &layer.k, layer.k_bias.as_ref())?
-                .reshape((b, t, kvh, hd))?
-                .transpose(1, 2)?; // [b, kvh, t, hd]
+            let q = linear(&xn, &layer.q, layer.q_bias.as_ref())?.reshape((b, t, h, hd))?;
+            let k = linear(&xn, &layer.k, layer.k_bias.as_ref())?.reshape((b, t, kvh, hd))?;
             let v = linear(&xn, &layer.v, layer.v_bias.as_ref())?
                 .reshape((b, t, kvh, hd))?
                 .transpose(1, 2)?
-                .contiguous()?;
-            let q = apply_rope(&q, &cos, &sin)?;
-            let k = apply_rope(&k, &cos, &sin)?;
+                .contiguous()?; // [b, kvh, t, hd]
+            let q = ops::rope(&q, &cos, &sin)?.transpose(1, 2)?; // [b, h, t, hd]
+            let k = ops::rope(&k, &cos, &sin)?.transpose(1, 2)?.contiguous()?; // [b, kvh, t, hd]
             let (k, v) = match cache.as_deref_mut() {
                 Some(c) => {
                     let kv = match &c.layers[li] {
@@ -362,7 +341,7 @@ impl Llama {
             let v = repeat_kv(v, h / kvh)?.contiguous()?;
             let scores = (q.contiguous()?.matmul(&k.t()?)? * scale)?; // [b, h, t, T]
             let scores = scores.broadcast_add(mask)?;
-            let probs = candle_nn::ops::softmax(&scores, D::Minus1)?;
+            let probs = ops::softmax_last(&scores)?;
             let attn = probs
                 .matmul(&v)? // [b, h, t, hd]
                 .transpose(1, 2)?
@@ -372,9 +351,9 @@ impl Llama {
 
             // MLP block.
             let xn = rms_norm(&x, &layer.post_norm, cfg.rms_norm_eps)?;
-            let gate = candle_nn::ops::silu(&linear(&xn, &layer.gate, None)?)?;
+            let gate = linear(&xn, &layer.gate, None)?;
             let up = linear(&xn, &layer.up, None)?;
-            let mlp = linear(&(gate * up)?, &layer.down, None)?; // [b, t, d]
+            let mlp = linear(&ops::swiglu(&gate, &up)?, &layer.down, None)?; // [b, t, d]
             if opts.mlp_outputs {
                 mlp_outputs.push(mlp.clone());
             }
