@@ -17,6 +17,7 @@ MODEL="$OUT/smollm2-hf"
 [ -f "$MODEL/config.json" ] || "$BIN" convert --model smollm2-135m-instruct --out "$MODEL"
 PY=bench/.venv/bin/python
 : > "$OUT/results.jsonl"
+"$BIN" bench matmul --model "$MODEL" --steps 5 >> "$OUT/results.jsonl"
 run() {  # run WHAT EXTRA_ARGS...
   echo "== $1 (repnoise)" >&2
   "$BIN" bench "$1" --model "$MODEL" --steps "$STEPS" "${@:2}" >> "$OUT/results.jsonl"

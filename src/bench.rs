@@ -96,3 +96,31 @@ pub fn scoring(m: &LoadedModel, batch: usize, seq: usize, reps: usize) -> Result
     }
     Ok(times)
 }
+
+/// This machine's f32 matrix-multiply rate in GFLOP/s (best of `reps` 2048^3 products), the
+/// peak that step FLOP/s are reported against.
+pub fn matmul_peak_gflops(reps: usize) -> Result<f64> {
+    let dev = candle_core::Device::Cpu;
+    let n = 2048;
+    let mut rng = Rng::new(0, "bench-matmul");
+    let a = Tensor::from_vec(rng.normal_vec(n * n, 1.0), (n, n), &dev)?;
+    let b = Tensor::from_vec(rng.normal_vec(n * n, 1.0), (n, n), &dev)?;
+    let mut best = f64::MAX;
+    for _ in 0..reps.max(1) {
+        let t0 = Instant::now();
+        let c = a.matmul(&b)?;
+        best = best.min(t0.elapsed().as_secs_f64());
+        drop(c);
+    }
+    Ok(2.0 * (n as f64).powi(3) / best / 1e9)
+}
+
+/// FLOPs of one full fine-tuning step (forward + backward = 3x forward): 2 per parameter per
+/// token for the matrices (the tied LM head counted once, as it is used once) plus attention's
+/// two `t x t` products per layer.
+pub fn train_step_flops(cfg: &crate::config::ModelConfig, batch: usize, seq: usize) -> f64 {
+    let tokens = (batch * seq) as f64;
+    let params = cfg.num_params() as f64 - (cfg.num_layers * 2 + 1) as f64 * cfg.hidden_size as f64;
+    let attn = 2.0 * 2.0 * (batch * cfg.num_heads * seq * seq * cfg.head_dim) as f64 * cfg.num_layers as f64;
+    3.0 * (2.0 * params * tokens + attn)
+}

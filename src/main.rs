@@ -112,7 +112,7 @@ enum Cmd {
     Bench {
         #[command(flatten)]
         model: ModelArg,
-        /// train-step, generate or score.
+        /// train-step, generate, score or matmul (this machine's f32 matmul GFLOP/s).
         what: String,
         #[arg(long, default_value_t = 4)]
         batch: usize,
@@ -326,8 +326,9 @@ fn run(cli: Cli) -> Result<()> {
                 "train-step" => {
                     let (t, losses, ph) = repnoise::bench::train_steps(&m, batch, seq, steps, warmup)?;
                     let n = t.len().max(1) as f64;
+                    let flops = repnoise::bench::train_step_flops(&m.config, batch, seq);
                     (t, serde_json::json!({"losses": losses, "forward_s": ph[0] / n,
-                        "backward_s": ph[1] / n, "optimizer_s": ph[2] / n}))
+                        "backward_s": ph[1] / n, "optimizer_s": ph[2] / n, "step_flops": flops}))
                 }
                 "generate" => {
                     let prompts = bench_prompts(&m, batch)?;
@@ -336,6 +337,10 @@ fn run(cli: Cli) -> Result<()> {
                     (t, serde_json::json!({"tokens_per_second": tps}))
                 }
                 "score" => (repnoise::bench::scoring(&m, batch, seq, steps)?, serde_json::json!({})),
+                "matmul" => {
+                    let g = repnoise::bench::matmul_peak_gflops(steps)?;
+                    (vec![], serde_json::json!({"gflops": g}))
+                }
                 other => bail!("bench {other}: expected train-step, generate or score"),
             };
             println!(
