@@ -107,6 +107,11 @@ enum Cmd {
         #[arg(long)]
         json: bool,
     },
+    /// Dataset tools.
+    Data {
+        #[command(subcommand)]
+        cmd: DataCmd,
+    },
     /// Time the hot paths and print JSON (used by bench/run.sh).
     #[command(hide = true)]
     Bench {
@@ -130,6 +135,16 @@ enum Cmd {
     Fetch {
         /// smollm2-135m-instruct or all-minilm-l6-v2.
         name: String,
+    },
+}
+
+#[derive(Subcommand)]
+enum DataCmd {
+    /// Counts per split, category and label of a dataset file (format detected from the file).
+    Stats {
+        file: PathBuf,
+        #[arg(long)]
+        json: bool,
     },
 }
 
@@ -352,6 +367,16 @@ fn run(cli: Cli) -> Result<()> {
                     "threads": rayon::current_num_threads(),
                 })
             );
+        }
+        Cmd::Data {
+            cmd: DataCmd::Stats { file, json },
+        } => {
+            let st = repnoise::data::stats::stats(&file)?;
+            if json {
+                println!("{}", serde_json::to_string_pretty(&st)?);
+            } else {
+                println!("{st}");
+            }
         }
         Cmd::Fetch { name } => {
             let a = repnoise::fetch::asset(&name)
