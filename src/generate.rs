@@ -36,7 +36,11 @@ impl Default for SamplingConfig {
 impl SamplingConfig {
     pub fn validate(&self) -> Result<()> {
         if !(self.temperature >= 0.0) || !self.temperature.is_finite() {
-            return Err(Error::setting("temperature", self.temperature, "must be >= 0"));
+            return Err(Error::setting(
+                "temperature",
+                self.temperature,
+                "must be >= 0",
+            ));
         }
         if let Some(p) = self.top_p {
             if !(p > 0.0 && p <= 1.0) {
@@ -96,7 +100,10 @@ pub fn choose_token(
         idx.truncate(k.min(idx.len()));
     }
     let max = logits[idx[0]];
-    let mut probs: Vec<f64> = idx.iter().map(|&i| ((logits[i] - max) as f64).exp()).collect();
+    let mut probs: Vec<f64> = idx
+        .iter()
+        .map(|&i| ((logits[i] - max) as f64).exp())
+        .collect();
     let z: f64 = probs.iter().sum();
     for p in probs.iter_mut() {
         *p /= z;
@@ -149,7 +156,9 @@ pub fn generate(
     }
     let vocab = model.config().vocab_size;
     if let Some(bad) = prompts.iter().flatten().find(|&&id| id as usize >= vocab) {
-        return Err(Error::msg(format!("token id {bad} is outside the vocabulary ({vocab})")));
+        return Err(Error::msg(format!(
+            "token id {bad} is outside the vocabulary ({vocab})"
+        )));
     }
     let dev = model.device().clone();
     let len = prompts.iter().map(Vec::len).max().unwrap_or(0);
@@ -245,13 +254,19 @@ mod tests {
     fn greedy_picks_first_max_and_penalty_applies() {
         let cfg = SamplingConfig::default();
         let mut rng = Rng::new(0, "s");
-        assert_eq!(choose_token(&mut [1.0, 3.0, 3.0, 2.0], &[], &cfg, &mut rng), 1);
+        assert_eq!(
+            choose_token(&mut [1.0, 3.0, 3.0, 2.0], &[], &cfg, &mut rng),
+            1
+        );
         let cfg = SamplingConfig {
             repetition_penalty: 2.0,
             ..Default::default()
         };
         // Token 1 (3.0 -> 1.5) is penalised below token 3 (2.0).
-        assert_eq!(choose_token(&mut [1.0, 3.0, 0.0, 2.0], &[1], &cfg, &mut rng), 3);
+        assert_eq!(
+            choose_token(&mut [1.0, 3.0, 0.0, 2.0], &[1], &cfg, &mut rng),
+            3
+        );
     }
 
     #[test]
@@ -277,7 +292,10 @@ mod tests {
         };
         assert_eq!(draw(5), draw(5));
         let d = draw(5);
-        assert!((0..4).all(|t| d.contains(&t)), "uniform logits should hit every token");
+        assert!(
+            (0..4).all(|t| d.contains(&t)),
+            "uniform logits should hit every token"
+        );
     }
 
     #[test]

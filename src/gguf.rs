@@ -93,7 +93,11 @@ impl Meta<'_> {
             .enumerate()
             .map(|(i, v)| {
                 v.to_string().cloned().map_err(|e| {
-                    Error::field(self.path, format!("{key}[{i}]"), format!("not a string: {e}"))
+                    Error::field(
+                        self.path,
+                        format!("{key}[{i}]"),
+                        format!("not a string: {e}"),
+                    )
                 })
             })
             .collect()
@@ -290,7 +294,10 @@ mod tests {
             hf_name("blk.0.ffn_down.weight").unwrap(),
             "model.layers.0.mlp.down_proj.weight"
         );
-        assert_eq!(hf_name("token_embd.weight").unwrap(), "model.embed_tokens.weight");
+        assert_eq!(
+            hf_name("token_embd.weight").unwrap(),
+            "model.embed_tokens.weight"
+        );
         assert!(hf_name("blk.x.attn_q.weight").is_none());
     }
 

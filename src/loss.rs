@@ -18,7 +18,6 @@ use crate::ops::slice_f32;
 /// Target value marking a row that contributes nothing.
 pub const IGNORE: u32 = u32::MAX;
 
-
 /// Per-row negative log-likelihood of `targets` under `logits` `[n, vocab]`.
 struct RowNll {
     targets: Arc<Vec<u32>>,
@@ -56,7 +55,12 @@ impl CustomOp1 for RowNll {
         Ok((CpuStorage::F32(out), Shape::from(n)))
     }
 
-    fn bwd(&self, arg: &Tensor, res: &Tensor, grad_res: &Tensor) -> candle_core::Result<Option<Tensor>> {
+    fn bwd(
+        &self,
+        arg: &Tensor,
+        res: &Tensor,
+        grad_res: &Tensor,
+    ) -> candle_core::Result<Option<Tensor>> {
         let g = arg.apply_op3_no_bwd(
             res,
             grad_res,
@@ -110,10 +114,15 @@ impl CustomOp3 for RowNllGrad {
 pub fn row_nll(logits: &Tensor, targets: Vec<u32>) -> Result<Tensor> {
     let (n, v) = logits.dims2()?;
     if targets.len() != n {
-        return Err(Error::msg(format!("{} targets for {n} rows", targets.len())));
+        return Err(Error::msg(format!(
+            "{} targets for {n} rows",
+            targets.len()
+        )));
     }
     if let Some(bad) = targets.iter().find(|&&t| t != IGNORE && t as usize >= v) {
-        return Err(Error::msg(format!("target id {bad} is outside the vocabulary ({v})")));
+        return Err(Error::msg(format!(
+            "target id {bad} is outside the vocabulary ({v})"
+        )));
     }
     if logits.device().is_cpu() && logits.dtype() == candle_core::DType::F32 {
         let logits = logits.contiguous()?;
@@ -126,11 +135,19 @@ pub fn row_nll(logits: &Tensor, targets: Vec<u32>) -> Result<Tensor> {
 
 /// The same quantity from stock candle ops (log_softmax + gather): other devices, and tests.
 pub fn row_nll_composed(logits: &Tensor, targets: &[u32]) -> Result<Tensor> {
-    let keep: Vec<f32> = targets.iter().map(|&t| (t != IGNORE) as u8 as f32).collect();
-    let safe: Vec<u32> = targets.iter().map(|&t| if t == IGNORE { 0 } else { t }).collect();
+    let keep: Vec<f32> = targets
+        .iter()
+        .map(|&t| (t != IGNORE) as u8 as f32)
+        .collect();
+    let safe: Vec<u32> = targets
+        .iter()
+        .map(|&t| if t == IGNORE { 0 } else { t })
+        .collect();
     let dev = logits.device();
     let lp = candle_nn::ops::log_softmax(logits, D::Minus1)?;
-    let picked = lp.gather(&Tensor::new(safe.as_slice(), dev)?.unsqueeze(1)?, 1)?.squeeze(1)?;
+    let picked = lp
+        .gather(&Tensor::new(safe.as_slice(), dev)?.unsqueeze(1)?, 1)?
+        .squeeze(1)?;
     Ok((picked.neg()? * Tensor::new(keep.as_slice(), dev)?)?)
 }
 
@@ -189,7 +206,12 @@ mod tests {
             assert!((p - q).abs() < 1e-5, "{p} vs {q}");
         }
         let ga = (fused * &w).unwrap().sum_all().unwrap().backward().unwrap();
-        let gb = (composed * &w).unwrap().sum_all().unwrap().backward().unwrap();
+        let gb = (composed * &w)
+            .unwrap()
+            .sum_all()
+            .unwrap()
+            .backward()
+            .unwrap();
         let ga: Vec<Vec<f32>> = ga.get(x.as_tensor()).unwrap().to_vec2().unwrap();
         let gb: Vec<Vec<f32>> = gb.get(x.as_tensor()).unwrap().to_vec2().unwrap();
         for (ra, rb) in ga.iter().zip(&gb) {
@@ -206,11 +228,17 @@ mod tests {
         let logits = Tensor::new(&[[[0f32, 3f32.ln()], [0., 3f32.ln()], [0., 0.]]], &dev).unwrap();
         let ids = Tensor::new(&[[0u32, 1, 0]], &dev).unwrap();
         let mask = Tensor::new(&[[0f32, 1., 1.]], &dev).unwrap();
-        let l = masked_next_token_ce(&logits, &ids, &mask).unwrap().to_scalar::<f32>().unwrap();
+        let l = masked_next_token_ce(&logits, &ids, &mask)
+            .unwrap()
+            .to_scalar::<f32>()
+            .unwrap();
         let want = ((4f32 / 3.).ln() + 4f32.ln()) / 2.0;
         assert!((l - want).abs() < 1e-6, "{l} vs {want}");
         let only_last = Tensor::new(&[[0f32, 0., 1.]], &dev).unwrap();
-        let l = masked_next_token_ce(&logits, &ids, &only_last).unwrap().to_scalar::<f32>().unwrap();
+        let l = masked_next_token_ce(&logits, &ids, &only_last)
+            .unwrap()
+            .to_scalar::<f32>()
+            .unwrap();
         assert!((l - 4f32.ln()).abs() < 1e-6);
     }
 }

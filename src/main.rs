@@ -23,8 +23,12 @@ static GLOBAL: tikv_jemallocator::Jemalloc = tikv_jemallocator::Jemalloc;
 pub static malloc_conf: &[u8] = b"dirty_decay_ms:-1,muzzy_decay_ms:-1,oversize_threshold:0\0";
 
 #[derive(Parser)]
-#[command(name = "repnoise", version, about = "Representation Noising: defend open-weight \
-language models against harmful fine-tuning, attack them, and measure it")]
+#[command(
+    name = "repnoise",
+    version,
+    about = "Representation Noising: defend open-weight \
+language models against harmful fine-tuning, attack them, and measure it"
+)]
 struct Cli {
     #[command(flatten)]
     global: Global,
@@ -152,9 +156,14 @@ fn device(spec: &str) -> Result<candle_core::Device> {
     match spec {
         "cpu" => Ok(candle_core::Device::Cpu),
         s if s == "cuda" || s.starts_with("cuda:") => {
-            let idx: usize = s.strip_prefix("cuda:").unwrap_or("0").parse().context("--device cuda:N")?;
-            candle_core::Device::new_cuda(idx)
-                .with_context(|| format!("cannot open {s} (was repnoise built with --features cuda?)"))
+            let idx: usize = s
+                .strip_prefix("cuda:")
+                .unwrap_or("0")
+                .parse()
+                .context("--device cuda:N")?;
+            candle_core::Device::new_cuda(idx).with_context(|| {
+                format!("cannot open {s} (was repnoise built with --features cuda?)")
+            })
         }
         other => bail!("--device {other}: expected cpu, cuda or cuda:N"),
     }
@@ -339,11 +348,15 @@ fn run(cli: Cli) -> Result<()> {
             let m = load(g, &model.model)?;
             let (times, extra) = match what.as_str() {
                 "train-step" => {
-                    let (t, losses, ph) = repnoise::bench::train_steps(&m, batch, seq, steps, warmup)?;
+                    let (t, losses, ph) =
+                        repnoise::bench::train_steps(&m, batch, seq, steps, warmup)?;
                     let n = t.len().max(1) as f64;
                     let flops = repnoise::bench::train_step_flops(&m.config, batch, seq);
-                    (t, serde_json::json!({"losses": losses, "forward_s": ph[0] / n,
-                        "backward_s": ph[1] / n, "optimizer_s": ph[2] / n, "step_flops": flops}))
+                    (
+                        t,
+                        serde_json::json!({"losses": losses, "forward_s": ph[0] / n,
+                        "backward_s": ph[1] / n, "optimizer_s": ph[2] / n, "step_flops": flops}),
+                    )
                 }
                 "generate" => {
                     let prompts = bench_prompts(&m, batch)?;
@@ -351,7 +364,10 @@ fn run(cli: Cli) -> Result<()> {
                     let tps: Vec<f64> = t.iter().map(|s| (batch * new_tokens) as f64 / s).collect();
                     (t, serde_json::json!({"tokens_per_second": tps}))
                 }
-                "score" => (repnoise::bench::scoring(&m, batch, seq, steps)?, serde_json::json!({})),
+                "score" => (
+                    repnoise::bench::scoring(&m, batch, seq, steps)?,
+                    serde_json::json!({}),
+                ),
                 "matmul" => {
                     let g = repnoise::bench::matmul_peak_gflops(steps)?;
                     (vec![], serde_json::json!({"gflops": g}))
@@ -381,7 +397,10 @@ fn run(cli: Cli) -> Result<()> {
         Cmd::Fetch { name } => {
             let a = repnoise::fetch::asset(&name)
                 .with_context(|| format!("`{name}` is not an embedded asset"))?;
-            let cache = g.cache_dir.clone().unwrap_or_else(repnoise::fetch::default_cache_dir);
+            let cache = g
+                .cache_dir
+                .clone()
+                .unwrap_or_else(repnoise::fetch::default_cache_dir);
             let p = repnoise::fetch::fetch(&a, &cache)?;
             println!("{}", p.display());
         }

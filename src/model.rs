@@ -123,8 +123,7 @@ fn repeat_kv(x: Tensor, n_rep: usize) -> Result<Tensor> {
         return Ok(x);
     }
     let (b, kvh, t, hd) = x.dims4()?;
-    Ok(x
-        .unsqueeze(2)?
+    Ok(x.unsqueeze(2)?
         .expand((b, kvh, n_rep, t, hd))?
         .reshape((b, kvh * n_rep, t, hd))?)
 }
@@ -302,10 +301,10 @@ impl Llama {
         let cos = self.cos.index_select(&flat_pos, 0)?;
         let sin = self.sin.index_select(&flat_pos, 0)?;
 
-        let mut x = self
-            .embed
-            .index_select(&ids.flatten_all()?, 0)?
-            .reshape((b, t, cfg.hidden_size))?; // [b, t, d]
+        let mut x =
+            self.embed
+                .index_select(&ids.flatten_all()?, 0)?
+                .reshape((b, t, cfg.hidden_size))?; // [b, t, d]
         let mut hidden_states = Vec::new();
         let mut mlp_outputs = Vec::new();
         if opts.hidden_states {

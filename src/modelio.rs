@@ -188,7 +188,8 @@ pub fn load_hf_dir(dir: &Path, device: &Device) -> Result<LoadedModel> {
     let mut params = Params::new();
     let mut stored = String::new();
     for f in &files {
-        let file = std::fs::File::open(f).map_err(|e| Error::file(f, format!("cannot open: {e}")))?;
+        let file =
+            std::fs::File::open(f).map_err(|e| Error::file(f, format!("cannot open: {e}")))?;
         // SAFETY: the file is mapped read-only and not modified while mapped by this process.
         let mmap = unsafe { memmap2::Mmap::map(&file) }
             .map_err(|e| Error::file(f, format!("cannot map: {e}")))?;

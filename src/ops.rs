@@ -174,19 +174,21 @@ impl CustomOp1 for Softmax {
         let x = slice_f32(s, l, "softmax x")?;
         let d = l.shape().dims().last().copied().unwrap_or(1).max(1);
         let mut out = vec![0f32; x.len()];
-        out.par_chunks_mut(d).zip(x.par_chunks(d)).for_each(|(o, xr)| {
-            let max = xr.iter().copied().fold(f32::NEG_INFINITY, f32::max);
-            let mut sum = 0f32;
-            for i in 0..d {
-                let e = (xr[i] - max).exp();
-                o[i] = e;
-                sum += e;
-            }
-            let inv = 1.0 / sum;
-            for v in o.iter_mut() {
-                *v *= inv;
-            }
-        });
+        out.par_chunks_mut(d)
+            .zip(x.par_chunks(d))
+            .for_each(|(o, xr)| {
+                let max = xr.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+                let mut sum = 0f32;
+                for i in 0..d {
+                    let e = (xr[i] - max).exp();
+                    o[i] = e;
+                    sum += e;
+                }
+                let inv = 1.0 / sum;
+                for v in o.iter_mut() {
+                    *v *= inv;
+                }
+            });
         Ok((CpuStorage::F32(out), l.shape().clone()))
     }
     fn bwd(&self, _x: &Tensor, y: &Tensor, g: &Tensor) -> candle_core::Result<Option<Tensor>> {
@@ -385,9 +387,13 @@ impl CustomOp3 for Rope {
         _res: &Tensor,
         g: &Tensor,
     ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
-        let dx = g
-            .contiguous()?
-            .apply_op3_no_bwd(cos, sin, &Rope { inverse: !self.inverse })?;
+        let dx = g.contiguous()?.apply_op3_no_bwd(
+            cos,
+            sin,
+            &Rope {
+                inverse: !self.inverse,
+            },
+        )?;
         Ok((Some(dx), None, None))
     }
 }
@@ -397,8 +403,7 @@ pub fn rope_composed(x: &Tensor, cos: &Tensor, sin: &Tensor) -> Result<Tensor> {
     let (b, t, _h, hd) = x.dims4()?;
     let half = hd / 2;
     let full = |tab: &Tensor| -> Result<Tensor> {
-        Ok(Tensor::cat(&[tab, tab], D::Minus1)?
-            .reshape((b, t, 1, hd))?)
+        Ok(Tensor::cat(&[tab, tab], D::Minus1)?.reshape((b, t, 1, hd))?)
     };
     let (c, s) = (full(cos)?, full(sin)?);
     let x1 = x.narrow(D::Minus1, 0, half)?;
@@ -448,8 +453,18 @@ mod tests {
     fn check(vars: &[&Var], fused: &Tensor, composed: &Tensor, what: &str) {
         close(fused, composed, 1e-5, what);
         let up = rand(fused.dims(), 99);
-        let gf = (fused * up.as_tensor()).unwrap().sum_all().unwrap().backward().unwrap();
-        let gc = (composed * up.as_tensor()).unwrap().sum_all().unwrap().backward().unwrap();
+        let gf = (fused * up.as_tensor())
+            .unwrap()
+            .sum_all()
+            .unwrap()
+            .backward()
+            .unwrap();
+        let gc = (composed * up.as_tensor())
+            .unwrap()
+            .sum_all()
+            .unwrap()
+            .backward()
+            .unwrap();
         for (i, v) in vars.iter().enumerate() {
             let a = gf.get(v.as_tensor()).expect("fused gradient");
             let b = gc.get(v.as_tensor()).expect("composed gradient");
@@ -488,8 +503,18 @@ mod tests {
         let (b, t, h, hd) = (2, 3, 4, 8);
         let x = rand(&[b, t, h, hd], 6);
         let ang: Vec<f32> = (0..b * t * hd / 2).map(|i| i as f32 * 0.37).collect();
-        let cos = Tensor::from_vec(ang.iter().map(|a| a.cos()).collect(), (b * t, hd / 2), &Device::Cpu).unwrap();
-        let sin = Tensor::from_vec(ang.iter().map(|a| a.sin()).collect(), (b * t, hd / 2), &Device::Cpu).unwrap();
+        let cos = Tensor::from_vec(
+            ang.iter().map(|a| a.cos()).collect(),
+            (b * t, hd / 2),
+            &Device::Cpu,
+        )
+        .unwrap();
+        let sin = Tensor::from_vec(
+            ang.iter().map(|a| a.sin()).collect(),
+            (b * t, hd / 2),
+            &Device::Cpu,
+        )
+        .unwrap();
         let f = rope(x.as_tensor(), &cos, &sin).unwrap();
         let c = rope_composed(x.as_tensor(), &cos, &sin).unwrap();
         check(&[&x], &f, &c, "rope");

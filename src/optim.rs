@@ -117,7 +117,11 @@ impl candle_core::InplaceOp2 for Update<'_> {
 
 impl AdamW {
     /// An optimizer over the parameters for which `trainable(name)` holds.
-    pub fn new(params: &Params, trainable: impl Fn(&str) -> bool, cfg: AdamWConfig) -> Result<Self> {
+    pub fn new(
+        params: &Params,
+        trainable: impl Fn(&str) -> bool,
+        cfg: AdamWConfig,
+    ) -> Result<Self> {
         let mut slots = vec![];
         for (name, var) in params.iter() {
             if !trainable(name) {
@@ -158,7 +162,11 @@ impl AdamW {
         let mut total = 0f64;
         for s in &self.slots {
             if let Some(g) = grads.get(s.var.as_tensor()) {
-                total += g.sqr()?.sum_all()?.to_dtype(DType::F64)?.to_scalar::<f64>()?;
+                total += g
+                    .sqr()?
+                    .sum_all()?
+                    .to_dtype(DType::F64)?
+                    .to_scalar::<f64>()?;
             }
         }
         Ok(total.sqrt())
@@ -232,11 +240,7 @@ impl AdamW {
     }
 
     /// Restore state saved with [`AdamW::state_tensors`] (and the step count).
-    pub fn load_state(
-        &mut self,
-        step: usize,
-        get: impl Fn(&str) -> Option<Tensor>,
-    ) -> Result<()> {
+    pub fn load_state(&mut self, step: usize, get: impl Fn(&str) -> Option<Tensor>) -> Result<()> {
         for s in &mut self.slots {
             let mk = format!("{}.exp_avg", s.name);
             let vk = format!("{}.exp_avg_sq", s.name);
@@ -328,8 +332,18 @@ mod tests {
     #[test]
     fn cosine_schedule_matches_transformers() {
         // get_cosine_schedule_with_warmup(opt, 2, 10): factors for steps 0..10.
-        let want = [0.0, 0.5, 1.0, 0.9619397662556434, 0.8535533905932737, 0.6913417161825449,
-            0.5, 0.3086582838174551, 0.14644660940672624, 0.03806023374435663];
+        let want = [
+            0.0,
+            0.5,
+            1.0,
+            0.9619397662556434,
+            0.8535533905932737,
+            0.6913417161825449,
+            0.5,
+            0.3086582838174551,
+            0.14644660940672624,
+            0.03806023374435663,
+        ];
         for (s, w) in want.iter().enumerate() {
             let got = lr_at(Schedule::Cosine, 1.0, s, 10, 2);
             assert!((got - w).abs() < 1e-12, "step {s}: {got} vs {w}");
@@ -361,7 +375,8 @@ mod tests {
         let mut p = Params::new();
         p.insert("w", Tensor::new(&[[1f32, -2.], [3., 0.5]], &dev).unwrap())
             .unwrap();
-        p.insert("b", Tensor::new(&[0.3f32, -0.7], &dev).unwrap()).unwrap();
+        p.insert("b", Tensor::new(&[0.3f32, -0.7], &dev).unwrap())
+            .unwrap();
         let cfg = AdamWConfig {
             weight_decay: 0.5,
             ..Default::default()
@@ -380,13 +395,26 @@ mod tests {
         let w: Vec<Vec<f32>> = p.tensor("w").unwrap().to_vec2().unwrap();
         let b: Vec<f32> = p.tensor("b").unwrap().to_vec1().unwrap();
         // Printed by the PyTorch snippet above (torch 2.x).
-        let want_w = [[0.8673353791236877f32, -1.6833661794662476], [2.5154647827148438, 0.2892441749572754]];
+        let want_w = [
+            [0.8673353791236877f32, -1.6833661794662476],
+            [2.5154647827148438, 0.2892441749572754],
+        ];
         let want_b = [0.10000001639127731f32, -0.5];
         for i in 0..2 {
             for j in 0..2 {
-                assert!((w[i][j] - want_w[i][j]).abs() < 1e-6, "{i}{j} {} {}", w[i][j], want_w[i][j]);
+                assert!(
+                    (w[i][j] - want_w[i][j]).abs() < 1e-6,
+                    "{i}{j} {} {}",
+                    w[i][j],
+                    want_w[i][j]
+                );
             }
-            assert!((b[i] - want_b[i]).abs() < 1e-6, "{i} {} {}", b[i], want_b[i]);
+            assert!(
+                (b[i] - want_b[i]).abs() < 1e-6,
+                "{i} {} {}",
+                b[i],
+                want_b[i]
+            );
         }
     }
 }

@@ -11,7 +11,13 @@ use crate::error::{Error, Result};
 use crate::gguf::GgufTokenizer;
 
 /// Names that end an assistant turn in the chat formats we know.
-const END_OF_TURN: &[&str] = &["<|im_end|>", "<|eot_id|>", "<|endoftext|>", "<|end|>", "</s>"];
+const END_OF_TURN: &[&str] = &[
+    "<|im_end|>",
+    "<|eot_id|>",
+    "<|endoftext|>",
+    "<|end|>",
+    "</s>",
+];
 
 /// The Qwen2 pre-tokenizer split (its `tokenizer.json`).
 const QWEN2_SPLIT: &str = r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+";
@@ -49,7 +55,11 @@ impl Tok {
         extra_stop: &[u32],
     ) -> Self {
         let mut stop_ids: Vec<u32> = extra_stop.to_vec();
-        for name in eos_token.iter().map(String::as_str).chain(END_OF_TURN.iter().copied()) {
+        for name in eos_token
+            .iter()
+            .map(String::as_str)
+            .chain(END_OF_TURN.iter().copied())
+        {
             if let Some(id) = inner.token_to_id(name) {
                 if !stop_ids.contains(&id) {
                     stop_ids.push(id);
@@ -262,9 +272,7 @@ pub fn gguf_tokenizer_json(g: &GgufTokenizer, origin: &Path) -> Result<Value> {
             ),
         ));
     }
-    let byte_level = |trim: bool, regex: bool| {
-        json!({"type": "ByteLevel", "add_prefix_space": false, "trim_offsets": trim, "use_regex": regex})
-    };
+    let byte_level = |trim: bool, regex: bool| json!({"type": "ByteLevel", "add_prefix_space": false, "trim_offsets": trim, "use_regex": regex});
     let (normalizer, pre) = match g.pre.as_deref() {
         Some("smollm") => (
             Value::Null,

@@ -83,7 +83,10 @@ fn safetensors_with_a_wrongly_shaped_tensor() {
     repnoise::modelio::save_hf_dir(&dir, &bigger, &tiny_params(&bigger, 1), &tiny_tok()).unwrap();
     // Restore the smaller config over the bigger weights.
     std::fs::write(dir.join("config.json"), cfg.to_hf_json().to_string()).unwrap();
-    check(&dir, &["model.safetensors", "mlp.gate_proj.weight", "shape"]);
+    check(
+        &dir,
+        &["model.safetensors", "mlp.gate_proj.weight", "shape"],
+    );
 }
 
 #[test]
@@ -110,7 +113,8 @@ fn config_missing_a_field_or_naming_an_unsupported_architecture() {
     let tmp = tempfile::tempdir().unwrap();
     let dir = hf_dir(tmp.path());
     let cfg_path = dir.join("config.json");
-    let mut v: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&cfg_path).unwrap()).unwrap();
+    let mut v: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&cfg_path).unwrap()).unwrap();
     v.as_object_mut().unwrap().remove("num_hidden_layers");
     std::fs::write(&cfg_path, v.to_string()).unwrap();
     check(&dir, &["config.json", "num_hidden_layers"]);
@@ -157,7 +161,10 @@ fn pickle_checkpoints_are_refused() {
 #[test]
 fn missing_model_and_unknown_name() {
     let tmp = tempfile::tempdir().unwrap();
-    check(&tmp.path().join("nope"), &["nope", "no such file", "smollm2-135m-instruct"]);
+    check(
+        &tmp.path().join("nope"),
+        &["nope", "no such file", "smollm2-135m-instruct"],
+    );
     let f = tmp.path().join("random.dat");
     std::fs::write(&f, b"hello").unwrap();
     check(&f, &["random.dat", "not a model"]);

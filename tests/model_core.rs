@@ -26,8 +26,11 @@ fn max_abs_diff(a: &Tensor, b: &Tensor) -> f32 {
 }
 
 fn ids(rows: &[&[u32]]) -> Tensor {
-    Tensor::new(rows.to_vec().iter().map(|r| r.to_vec()).collect::<Vec<_>>(), &Device::Cpu)
-        .unwrap()
+    Tensor::new(
+        rows.to_vec().iter().map(|r| r.to_vec()).collect::<Vec<_>>(),
+        &Device::Cpu,
+    )
+    .unwrap()
 }
 
 const SEQ: [u32; 10] = [5, 77, 12, 200, 9, 31, 150, 3, 44, 260];
@@ -48,13 +51,21 @@ fn kv_cache_decoding_equals_full_forward() {
         let mut pieces = vec![];
         let pre = ids(&[&SEQ[..4]]);
         let out = m
-            .forward(&pre, &positions_for(1, 4, 0, &Device::Cpu).unwrap(), None, Some(&mut cache), opts)
+            .forward(
+                &pre,
+                &positions_for(1, 4, 0, &Device::Cpu).unwrap(),
+                None,
+                Some(&mut cache),
+                opts,
+            )
             .unwrap();
         pieces.push(out.logits.unwrap());
         for i in 4..SEQ.len() {
             let step = ids(&[&SEQ[i..i + 1]]);
             let pos = positions_for(1, 1, i, &Device::Cpu).unwrap();
-            let out = m.forward(&step, &pos, None, Some(&mut cache), opts).unwrap();
+            let out = m
+                .forward(&step, &pos, None, Some(&mut cache), opts)
+                .unwrap();
             pieces.push(out.logits.unwrap());
         }
         let inc = Tensor::cat(&pieces, 1).unwrap();
@@ -81,7 +92,14 @@ fn batched_left_padded_generation_equals_one_by_one() {
     // And greedy generation agrees with argmax over the full forward.
     let mut seq = prompts[1].clone();
     for _ in 0..8 {
-        let l = m.logits(&Tensor::new(seq.as_slice(), &Device::Cpu).unwrap().unsqueeze(0).unwrap()).unwrap();
+        let l = m
+            .logits(
+                &Tensor::new(seq.as_slice(), &Device::Cpu)
+                    .unwrap()
+                    .unsqueeze(0)
+                    .unwrap(),
+            )
+            .unwrap();
         let last = l.squeeze(0).unwrap().get(seq.len() - 1).unwrap();
         seq.push(last.argmax(0).unwrap().to_scalar::<u32>().unwrap());
     }
@@ -90,24 +108,41 @@ fn batched_left_padded_generation_equals_one_by_one() {
 
 #[test]
 fn saved_hf_dir_reloads_with_identical_logits() {
-    for (arch, tie) in [(Arch::Llama, true), (Arch::Llama, false), (Arch::Qwen2, false)] {
+    for (arch, tie) in [
+        (Arch::Llama, true),
+        (Arch::Llama, false),
+        (Arch::Qwen2, false),
+    ] {
         let cfg = tiny_config(arch, tie);
         let p = tiny_params(&cfg, 3);
         let dir = tempfile::tempdir().unwrap();
         write_tiny_hf(dir.path(), &cfg, &p);
         let back = modelio::load_hf_dir(dir.path(), &Device::Cpu).unwrap();
         assert_eq!(back.config, cfg);
-        let a = Llama::frozen(&cfg, &p).unwrap().logits(&ids(&[&SEQ])).unwrap();
-        let b = Llama::frozen(&back.config, &back.params).unwrap().logits(&ids(&[&SEQ])).unwrap();
+        let a = Llama::frozen(&cfg, &p)
+            .unwrap()
+            .logits(&ids(&[&SEQ]))
+            .unwrap();
+        let b = Llama::frozen(&back.config, &back.params)
+            .unwrap()
+            .logits(&ids(&[&SEQ]))
+            .unwrap();
         assert_eq!(max_abs_diff(&a, &b), 0.0, "{arch:?} tie={tie}");
         assert_eq!(back.tok.chat_template.as_deref(), Some(SMOL_TEMPLATE));
-        assert_eq!(back.tok.encode("<|im_start|>hello 12").unwrap(), tiny_tok().encode("<|im_start|>hello 12").unwrap());
+        assert_eq!(
+            back.tok.encode("<|im_start|>hello 12").unwrap(),
+            tiny_tok().encode("<|im_start|>hello 12").unwrap()
+        );
     }
 }
 
 #[test]
 fn gguf_and_safetensors_of_the_same_weights_agree() {
-    for (arch, tie) in [(Arch::Llama, true), (Arch::Llama, false), (Arch::Qwen2, false)] {
+    for (arch, tie) in [
+        (Arch::Llama, true),
+        (Arch::Llama, false),
+        (Arch::Qwen2, false),
+    ] {
         let cfg = tiny_config(arch, tie);
         let p = tiny_params(&cfg, 4);
         let dir = tempfile::tempdir().unwrap();
@@ -119,11 +154,20 @@ fn gguf_and_safetensors_of_the_same_weights_agree() {
         let h = modelio::load(hf.to_str().unwrap(), dir.path(), &Device::Cpu).unwrap();
         assert_eq!(g.config.tie_word_embeddings, tie);
         for name in h.params.names() {
-            let d = max_abs_diff(g.params.tensor(name).unwrap(), h.params.tensor(name).unwrap());
+            let d = max_abs_diff(
+                g.params.tensor(name).unwrap(),
+                h.params.tensor(name).unwrap(),
+            );
             assert_eq!(d, 0.0, "{arch:?}: {name} differs");
         }
-        let a = Llama::frozen(&g.config, &g.params).unwrap().logits(&ids(&[&SEQ])).unwrap();
-        let b = Llama::frozen(&h.config, &h.params).unwrap().logits(&ids(&[&SEQ])).unwrap();
+        let a = Llama::frozen(&g.config, &g.params)
+            .unwrap()
+            .logits(&ids(&[&SEQ]))
+            .unwrap();
+        let b = Llama::frozen(&h.config, &h.params)
+            .unwrap()
+            .logits(&ids(&[&SEQ]))
+            .unwrap();
         assert_eq!(max_abs_diff(&a, &b), 0.0);
         let text = "<|im_start|>user\nthe 2024 theme<|im_end|>";
         assert_eq!(g.tok.encode(text).unwrap(), h.tok.encode(text).unwrap());
@@ -139,7 +183,11 @@ fn lm_loss(m: &Llama, batch: &Tensor) -> Tensor {
 
 #[test]
 fn every_trainable_tensor_receives_a_gradient_and_frozen_ones_none() {
-    for (arch, tie) in [(Arch::Llama, false), (Arch::Llama, true), (Arch::Qwen2, false)] {
+    for (arch, tie) in [
+        (Arch::Llama, false),
+        (Arch::Llama, true),
+        (Arch::Qwen2, false),
+    ] {
         let cfg = tiny_config(arch, tie);
         let p = tiny_params(&cfg, 5);
         let frozen = |n: &str| n.starts_with("model.layers.0.");
@@ -153,8 +201,17 @@ fn every_trainable_tensor_receives_a_gradient_and_frozen_ones_none() {
                 continue;
             }
             let g = g.unwrap_or_else(|| panic!("{arch:?}: {name} has no gradient"));
-            let norm = g.sqr().unwrap().sum_all().unwrap().to_scalar::<f32>().unwrap();
-            assert!(norm > 0.0 && norm.is_finite(), "{arch:?}: {name} gradient norm {norm}");
+            let norm = g
+                .sqr()
+                .unwrap()
+                .sum_all()
+                .unwrap()
+                .to_scalar::<f32>()
+                .unwrap();
+            assert!(
+                norm > 0.0 && norm.is_finite(),
+                "{arch:?}: {name} gradient norm {norm}"
+            );
         }
     }
 }
@@ -182,29 +239,57 @@ fn gradients_match_finite_differences() {
         "model.embed_tokens.weight",
     ] {
         let var = p.get(name).unwrap();
-        let gv = grads.get(var.as_tensor()).unwrap().flatten_all().unwrap().to_vec1::<f32>().unwrap();
-        let idx = (0..gv.len()).max_by(|&a, &b| gv[a].abs().total_cmp(&gv[b].abs())).unwrap();
+        let gv = grads
+            .get(var.as_tensor())
+            .unwrap()
+            .flatten_all()
+            .unwrap()
+            .to_vec1::<f32>()
+            .unwrap();
+        let idx = (0..gv.len())
+            .max_by(|&a, &b| gv[a].abs().total_cmp(&gv[b].abs()))
+            .unwrap();
         let g = gv[idx];
-        let orig = var.as_tensor().flatten_all().unwrap().to_vec1::<f32>().unwrap();
+        let orig = var
+            .as_tensor()
+            .flatten_all()
+            .unwrap()
+            .to_vec1::<f32>()
+            .unwrap();
         let eps = 1e-2f32;
         let eval = |delta: f32| {
             let mut v = orig.clone();
             v[idx] += delta;
-            var.set(&Tensor::from_vec(v, var.shape(), &Device::Cpu).unwrap()).unwrap();
-            let l = lm_loss(&Llama::frozen(&cfg, &p).unwrap(), &batch).to_scalar::<f32>().unwrap();
+            var.set(&Tensor::from_vec(v, var.shape(), &Device::Cpu).unwrap())
+                .unwrap();
+            let l = lm_loss(&Llama::frozen(&cfg, &p).unwrap(), &batch)
+                .to_scalar::<f32>()
+                .unwrap();
             l as f64
         };
         let fd = (eval(eps) - eval(-eps)) / (2.0 * eps as f64);
-        var.set(&Tensor::from_vec(orig, var.shape(), &Device::Cpu).unwrap()).unwrap();
+        var.set(&Tensor::from_vec(orig, var.shape(), &Device::Cpu).unwrap())
+            .unwrap();
         let rel = (fd - g as f64).abs() / (fd.abs().max(1e-3));
-        assert!(rel < 2e-2, "{name}[{idx}]: autograd {g} vs finite difference {fd}");
+        assert!(
+            rel < 2e-2,
+            "{name}[{idx}]: autograd {g} vs finite difference {fd}"
+        );
     }
 }
 
 fn train_steps(seed: u64, steps: usize) -> (Vec<f32>, repnoise::params::Params) {
     let cfg = tiny_config(Arch::Llama, true);
     let p = tiny_params(&cfg, seed);
-    let mut opt = AdamW::new(&p, |_| true, AdamWConfig { weight_decay: 0.1, ..Default::default() }).unwrap();
+    let mut opt = AdamW::new(
+        &p,
+        |_| true,
+        AdamWConfig {
+            weight_decay: 0.1,
+            ..Default::default()
+        },
+    )
+    .unwrap();
     let batch = ids(&[&SEQ, &[9, 8, 7, 6, 5, 4, 3, 2, 1, 0]]);
     let mut losses = vec![];
     for _ in 0..steps {
@@ -235,20 +320,37 @@ fn same_seed_same_numbers() {
     assert_eq!(la, lb);
     assert_ne!(la, lc);
     for name in pa.names() {
-        assert_eq!(max_abs_diff(pa.tensor(name).unwrap(), pb.tensor(name).unwrap()), 0.0, "{name}");
+        assert_eq!(
+            max_abs_diff(pa.tensor(name).unwrap(), pb.tensor(name).unwrap()),
+            0.0,
+            "{name}"
+        );
     }
 }
 
 #[test]
 fn chat_render_masks_only_assistant_replies() {
     let tok = tiny_tok();
-    let msgs = [Message::user("hi"), Message::assistant("the end"), Message::user("q")];
+    let msgs = [
+        Message::user("hi"),
+        Message::assistant("the end"),
+        Message::user("q"),
+    ];
     let r = chat::render(&tok, &msgs, false).unwrap();
-    let masked: Vec<u32> = r.ids.iter().zip(&r.assistant_mask).filter(|(_, &m)| m == 1).map(|(&i, _)| i).collect();
+    let masked: Vec<u32> = r
+        .ids
+        .iter()
+        .zip(&r.assistant_mask)
+        .filter(|(_, &m)| m == 1)
+        .map(|(&i, _)| i)
+        .collect();
     assert_eq!(tok.decode(&masked, false).unwrap(), "the end<|im_end|>");
     // Everything before the reply, including the assistant header, is unmasked.
     let first = r.assistant_mask.iter().position(|&m| m == 1).unwrap();
-    assert!(tok.decode(&r.ids[..first], false).unwrap().ends_with("<|im_start|>assistant\n"));
+    assert!(tok
+        .decode(&r.ids[..first], false)
+        .unwrap()
+        .ends_with("<|im_start|>assistant\n"));
     assert_eq!(r.text, tok.decode(&r.ids, false).unwrap());
     // Digits are single pre-tokens (SmolLM2's Digits pre-tokenizer): "2024" is four tokens.
     assert_eq!(tok.encode("2024").unwrap().len(), 4);

@@ -50,9 +50,13 @@ fn tokenizer_and_logprobs_match_the_reference() {
 fn answers_the_capital_of_france() {
     let m = smollm2();
     let net = Llama::frozen(&m.config, &m.params).unwrap();
-    let prompt = chat::render(&m.tok, &[Message::user("What is the capital of France?")], true)
-        .unwrap()
-        .ids;
+    let prompt = chat::render(
+        &m.tok,
+        &[Message::user("What is the capital of France?")],
+        true,
+    )
+    .unwrap()
+    .ids;
     let cfg = SamplingConfig {
         max_new_tokens: 20,
         ..Default::default()

@@ -115,19 +115,36 @@ pub fn write_tiny_gguf(path: &Path, cfg: &ModelConfig, params: &Params) {
     let md: Vec<(String, Value)> = vec![
         ("general.architecture".into(), Value::String(arch.into())),
         (a("block_count"), Value::U32(cfg.num_layers as u32)),
-        (a("context_length"), Value::U32(cfg.max_position_embeddings as u32)),
+        (
+            a("context_length"),
+            Value::U32(cfg.max_position_embeddings as u32),
+        ),
         (a("embedding_length"), Value::U32(cfg.hidden_size as u32)),
-        (a("feed_forward_length"), Value::U32(cfg.intermediate_size as u32)),
+        (
+            a("feed_forward_length"),
+            Value::U32(cfg.intermediate_size as u32),
+        ),
         (a("attention.head_count"), Value::U32(cfg.num_heads as u32)),
-        (a("attention.head_count_kv"), Value::U32(cfg.num_kv_heads as u32)),
+        (
+            a("attention.head_count_kv"),
+            Value::U32(cfg.num_kv_heads as u32),
+        ),
         (a("rope.freq_base"), Value::F32(cfg.rope_theta as f32)),
-        (a("attention.layer_norm_rms_epsilon"), Value::F32(cfg.rms_norm_eps as f32)),
+        (
+            a("attention.layer_norm_rms_epsilon"),
+            Value::F32(cfg.rms_norm_eps as f32),
+        ),
         (a("vocab_size"), Value::U32(cfg.vocab_size as u32)),
         ("tokenizer.ggml.model".into(), Value::String("gpt2".into())),
         ("tokenizer.ggml.pre".into(), Value::String("smollm".into())),
         (
             "tokenizer.ggml.tokens".into(),
-            Value::Array(desc.tokens.iter().map(|t| Value::String(t.clone())).collect()),
+            Value::Array(
+                desc.tokens
+                    .iter()
+                    .map(|t| Value::String(t.clone()))
+                    .collect(),
+            ),
         ),
         (
             "tokenizer.ggml.token_type".into(),
@@ -135,12 +152,20 @@ pub fn write_tiny_gguf(path: &Path, cfg: &ModelConfig, params: &Params) {
         ),
         (
             "tokenizer.ggml.merges".into(),
-            Value::Array(desc.merges.iter().map(|t| Value::String(t.clone())).collect()),
+            Value::Array(
+                desc.merges
+                    .iter()
+                    .map(|t| Value::String(t.clone()))
+                    .collect(),
+            ),
         ),
         ("tokenizer.ggml.bos_token_id".into(), Value::U32(1)),
         ("tokenizer.ggml.eos_token_id".into(), Value::U32(2)),
         ("tokenizer.ggml.padding_token_id".into(), Value::U32(2)),
-        ("tokenizer.chat_template".into(), Value::String(SMOL_TEMPLATE.into())),
+        (
+            "tokenizer.chat_template".into(),
+            Value::String(SMOL_TEMPLATE.into()),
+        ),
     ];
     let gguf_name = |hf: &str| -> String {
         if hf == "model.embed_tokens.weight" {
@@ -189,7 +214,10 @@ pub fn write_tiny_gguf(path: &Path, cfg: &ModelConfig, params: &Params) {
         if cfg.arch == Arch::Llama && name.ends_with("k_proj.weight") {
             t = permute(&t, cfg.num_kv_heads);
         }
-        qts.push((gguf_name(&name), QTensor::quantize(&t, GgmlDType::F32).unwrap()));
+        qts.push((
+            gguf_name(&name),
+            QTensor::quantize(&t, GgmlDType::F32).unwrap(),
+        ));
     }
     let md_refs: Vec<(&str, &Value)> = md.iter().map(|(k, v)| (k.as_str(), v)).collect();
     let t_refs: Vec<(&str, &QTensor)> = qts.iter().map(|(k, v)| (k.as_str(), v)).collect();
