@@ -3,10 +3,12 @@
 //!
 //! This crate is the library; `src/main.rs` is a thin command-line front end over it.
 
+pub mod align;
 pub mod bench;
 pub mod chat;
 pub mod config;
 pub mod data;
+pub mod defend;
 pub mod error;
 pub mod fetch;
 pub mod generate;
@@ -15,10 +17,13 @@ pub mod io;
 pub mod loss;
 pub mod model;
 pub mod modelio;
+pub mod objective;
 pub mod ops;
 pub mod optim;
 pub mod params;
+pub mod refusal;
 pub mod rng;
 pub mod tokenizer;
+pub mod train;
 
 pub use error::{Error, Result};

@@ -6,9 +6,12 @@ use anyhow::{bail, Context, Result};
 use clap::{Args, Parser, Subcommand};
 
 use repnoise::chat::{self, Message};
+use repnoise::data::encode::PromptFormat;
 use repnoise::generate::{self, SamplingConfig};
 use repnoise::model::Llama;
 use repnoise::modelio::{self, LoadedModel};
+use repnoise::objective::RepNoiseConfig;
+use repnoise::train::{Interrupt, TrainConfig};
 
 /// jemalloc keeps freed pages for reuse: training allocates and frees hundreds of MB per step,
 /// and with glibc's allocator the kernel zeroed those pages anew each time (measured: about a
@@ -135,6 +138,106 @@ enum Cmd {
         #[arg(long, default_value_t = 64)]
         new_tokens: usize,
     },
+    /// Make an instruct model refuse harmful requests (the aligned starting model), and report
+    /// refusal rates on held-out harmful and benign prompts before and after.
+    Align {
+        #[command(flatten)]
+        model: ModelArg,
+        /// Run directory (resumes when it holds an unfinished run of the same settings).
+        #[arg(long)]
+        out: PathBuf,
+        /// TOML file with the settings (flags override it).
+        #[arg(long)]
+        config: Option<PathBuf>,
+        #[command(flatten)]
+        train: TrainFlags,
+        #[arg(long)]
+        harmful_train: Option<usize>,
+        #[arg(long)]
+        benign_train: Option<usize>,
+        /// self, data or both.
+        #[arg(long)]
+        benign_source: Option<String>,
+        /// Held-out prompts per evaluation set.
+        #[arg(long)]
+        eval_per_set: Option<usize>,
+        #[arg(long)]
+        max_len: Option<usize>,
+        #[arg(long)]
+        refusal_phrases: Option<PathBuf>,
+        #[arg(long)]
+        data_dir: Option<PathBuf>,
+        #[arg(long)]
+        skip_eval_before: bool,
+    },
+    /// Refusal rate of a model on prompt sets (shipped sets by name, or files).
+    RefusalRate {
+        #[command(flatten)]
+        model: ModelArg,
+        /// advbench, harmbench, malicious-instruct, or a file of prompts; repeatable.
+        #[arg(long, required = true)]
+        set: Vec<String>,
+        /// Prompts per set (0: all).
+        #[arg(long, default_value_t = 0)]
+        n: usize,
+        #[arg(long, default_value_t = 48)]
+        max_new_tokens: usize,
+        #[arg(long, default_value_t = 16)]
+        batch: usize,
+        #[arg(long, value_enum, default_value = "chat")]
+        format: FormatArg,
+        #[arg(long)]
+        refusal_phrases: Option<PathBuf>,
+        /// Write every response here (JSON).
+        #[arg(long)]
+        out: Option<PathBuf>,
+        #[arg(long, default_value_t = 42)]
+        seed: u64,
+    },
+    /// Train a defence on pairs (harmful answer, refusal) and write the defended model.
+    Defend {
+        #[arg(long, value_enum)]
+        method: Option<repnoise::defend::Method>,
+        #[command(flatten)]
+        model: ModelArg,
+        /// JSONL/JSON pairs `{prompt, harmful, harmless}` (not needed for random-init).
+        #[arg(long)]
+        pairs: Option<PathBuf>,
+        #[arg(long)]
+        out: PathBuf,
+        #[arg(long)]
+        config: Option<PathBuf>,
+        #[command(flatten)]
+        train: TrainFlags,
+        #[command(flatten)]
+        rn: RepNoiseFlags,
+        #[arg(long, value_enum)]
+        format: Option<FormatArg>,
+        #[arg(long)]
+        max_len: Option<usize>,
+        #[arg(long)]
+        max_pairs: Option<usize>,
+        /// Print the resolved configuration as TOML and exit.
+        #[arg(long)]
+        print_config: bool,
+    },
+    /// The RepNoise loss terms on pairs as one batch, with no update.
+    Loss {
+        #[command(flatten)]
+        model: ModelArg,
+        #[arg(long)]
+        pairs: PathBuf,
+        #[arg(long, value_enum, default_value = "plain")]
+        format: FormatArg,
+        #[arg(long, default_value_t = 128)]
+        max_len: usize,
+        #[command(flatten)]
+        rn: RepNoiseFlags,
+        #[arg(long, default_value_t = 42)]
+        seed: u64,
+        #[arg(long)]
+        json: bool,
+    },
     /// Fetch an embedded asset into the cache and print its path.
     Fetch {
         /// smollm2-135m-instruct or all-minilm-l6-v2.
@@ -142,8 +245,154 @@ enum Cmd {
     },
 }
 
+#[derive(Clone, Copy, clap::ValueEnum)]
+enum FormatArg {
+    Plain,
+    Chat,
+}
+
+impl From<FormatArg> for PromptFormat {
+    fn from(f: FormatArg) -> Self {
+        match f {
+            FormatArg::Plain => PromptFormat::Plain,
+            FormatArg::Chat => PromptFormat::Chat,
+        }
+    }
+}
+
+/// Training flags shared by every training command (each overrides the config file).
+#[derive(Args)]
+struct TrainFlags {
+    #[arg(long)]
+    lr: Option<f64>,
+    /// constant, linear or cosine.
+    #[arg(long)]
+    schedule: Option<String>,
+    #[arg(long)]
+    warmup_ratio: Option<f64>,
+    #[arg(long)]
+    epochs: Option<usize>,
+    #[arg(long)]
+    batch_size: Option<usize>,
+    #[arg(long)]
+    max_steps: Option<usize>,
+    #[arg(long)]
+    weight_decay: Option<f64>,
+    #[arg(long)]
+    seed: Option<u64>,
+    /// Freeze parameters: layer ranges (0-10), layers (5), embed, lm_head, norm; repeatable.
+    #[arg(long)]
+    freeze: Vec<String>,
+    #[arg(long)]
+    checkpoint_every: Option<usize>,
+}
+
+impl TrainFlags {
+    fn apply(&self, t: &mut TrainConfig) -> Result<()> {
+        if let Some(x) = self.lr {
+            t.lr = x;
+        }
+        if let Some(x) = &self.schedule {
+            t.schedule = x.parse()?;
+        }
+        if let Some(x) = self.warmup_ratio {
+            t.warmup_ratio = x;
+        }
+        if let Some(x) = self.epochs {
+            t.epochs = x;
+        }
+        if let Some(x) = self.batch_size {
+            t.batch_size = x;
+        }
+        if self.max_steps.is_some() {
+            t.max_steps = self.max_steps;
+        }
+        if let Some(x) = self.weight_decay {
+            t.weight_decay = x;
+        }
+        if let Some(x) = self.seed {
+            t.seed = x;
+        }
+        if !self.freeze.is_empty() {
+            t.freeze = self.freeze.clone();
+        }
+        if let Some(x) = self.checkpoint_every {
+            t.checkpoint_every = x;
+        }
+        t.validate()?;
+        Ok(())
+    }
+}
+
+/// RepNoise flags (override the config file).
+#[derive(Args)]
+struct RepNoiseFlags {
+    #[arg(long)]
+    alpha: Option<f64>,
+    #[arg(long)]
+    beta: Option<f64>,
+    /// Reproduce the reference code's arithmetic (docs/REPNOISE.md).
+    #[arg(long)]
+    faithful: bool,
+    /// Ablation: no noise (MMD) term.
+    #[arg(long)]
+    no_noise: bool,
+    /// Ablation: no ascent term.
+    #[arg(long)]
+    no_ascent: bool,
+    /// Ablation: noise and ascent on every harmful token, not the pair mask.
+    #[arg(long)]
+    no_mask: bool,
+    /// Ablation: ascent on the final layer only (no logit lens).
+    #[arg(long)]
+    ascent_last_layer_only: bool,
+}
+
+impl RepNoiseFlags {
+    fn apply(&self, r: &mut RepNoiseConfig) {
+        if let Some(a) = self.alpha {
+            r.alpha = a;
+        }
+        if let Some(b) = self.beta {
+            r.beta = b;
+        }
+        r.faithful |= self.faithful;
+        r.no_noise |= self.no_noise;
+        r.no_ascent |= self.no_ascent;
+        r.no_mask |= self.no_mask;
+        r.ascent_last_layer_only |= self.ascent_last_layer_only;
+    }
+}
+
 #[derive(Subcommand)]
 enum DataCmd {
+    /// Answer harmful questions with an aligned model and keep the answers the refusal check
+    /// accepts, writing defence pairs `{prompt, harmful, harmless}` as JSONL.
+    Refusals {
+        #[command(flatten)]
+        model: ModelArg,
+        /// Harmful QA file (BeaverTails format, prompt/response/label files).
+        #[arg(long)]
+        input: PathBuf,
+        #[arg(long)]
+        out: PathBuf,
+        /// Use at most this many harmful records (0: all).
+        #[arg(long, default_value_t = 0)]
+        limit: usize,
+        /// Keep only records marked unsafe (default: yes).
+        #[arg(long, default_value_t = true, action = clap::ArgAction::Set)]
+        unsafe_only: bool,
+        #[arg(long, default_value_t = 96)]
+        max_new_tokens: usize,
+        #[arg(long, default_value_t = 16)]
+        batch: usize,
+        #[arg(long, value_enum, default_value = "chat")]
+        format: FormatArg,
+        #[arg(long)]
+        refusal_phrases: Option<PathBuf>,
+        #[arg(long, default_value_t = 42)]
+        seed: u64,
+    },
     /// Counts per split, category and label of a dataset file (format detected from the file).
     Stats {
         file: PathBuf,
@@ -392,6 +641,214 @@ fn run(cli: Cli) -> Result<()> {
                 println!("{}", serde_json::to_string_pretty(&st)?);
             } else {
                 println!("{st}");
+            }
+        }
+        Cmd::Align {
+            model,
+            out,
+            config,
+            train,
+            harmful_train,
+            benign_train,
+            benign_source,
+            eval_per_set,
+            max_len,
+            refusal_phrases,
+            data_dir,
+            skip_eval_before,
+        } => {
+            let mut cfg: repnoise::align::AlignConfig = match &config {
+                Some(p) => toml::from_str(
+                    &std::fs::read_to_string(p).with_context(|| format!("{}", p.display()))?,
+                )
+                .with_context(|| format!("{}: invalid config", p.display()))?,
+                None => Default::default(),
+            };
+            train.apply(&mut cfg.train)?;
+            if let Some(x) = harmful_train {
+                cfg.harmful_train = x;
+            }
+            if let Some(x) = benign_train {
+                cfg.benign_train = x;
+            }
+            if let Some(x) = benign_source {
+                cfg.benign_source = x;
+            }
+            if let Some(x) = eval_per_set {
+                cfg.eval_per_set = x;
+            }
+            if let Some(x) = max_len {
+                cfg.max_len = x;
+            }
+            if refusal_phrases.is_some() {
+                cfg.refusal_phrases = refusal_phrases;
+            }
+            if let Some(x) = data_dir {
+                cfg.data_dir = x;
+            }
+            cfg.skip_eval_before |= skip_eval_before;
+            let mut m = load(g, &model.model)?;
+            let report = repnoise::align::align(&mut m, &cfg, &out, Interrupt::default())?;
+            println!("{}", report.markdown());
+            println!("model: {}", report.train.model_dir.display());
+        }
+        Cmd::RefusalRate {
+            model,
+            set,
+            n,
+            max_new_tokens,
+            batch,
+            format,
+            refusal_phrases,
+            out,
+            seed,
+        } => {
+            let m = load(g, &model.model)?;
+            let check = repnoise::refusal::RefusalCheck::load(refusal_phrases.as_deref())?;
+            let sets = repnoise::align::named_prompt_sets(&set, n, seed)?;
+            let net = Llama::frozen(&m.config, &m.params)?;
+            let res = repnoise::align::refusal_eval(
+                &net,
+                &m.tok,
+                &sets,
+                &check,
+                format.into(),
+                max_new_tokens,
+                batch,
+            )?;
+            for s in &res {
+                println!(
+                    "{}\t{}\trefusal_rate {:.3}\tn {}",
+                    s.name, s.kind, s.refusal_rate, s.n
+                );
+            }
+            if let Some(p) = out {
+                repnoise::io::write_json_atomic(&p, &res)?;
+            }
+        }
+        Cmd::Data {
+            cmd:
+                DataCmd::Refusals {
+                    model,
+                    input,
+                    out,
+                    limit,
+                    unsafe_only,
+                    max_new_tokens,
+                    batch,
+                    format,
+                    refusal_phrases,
+                    seed,
+                },
+        } => {
+            let check = repnoise::refusal::RefusalCheck::load(refusal_phrases.as_deref())?;
+            let loaded = repnoise::data::read_harmful_qa(&input)?;
+            let mut records = loaded.records;
+            if unsafe_only {
+                let before = records.len();
+                records = repnoise::data::harmful::unsafe_only(&records).records;
+                eprintln!(
+                    "{}: {} of {before} records are unsafe",
+                    input.display(),
+                    records.len()
+                );
+            }
+            if limit > 0 && records.len() > limit {
+                let mut idx: Vec<usize> = (0..records.len()).collect();
+                repnoise::rng::Rng::new(seed, "refusal-sample").shuffle(&mut idx);
+                idx.truncate(limit);
+                idx.sort();
+                records = idx.into_iter().map(|i| records[i].clone()).collect();
+            }
+            let m = load(g, &model.model)?;
+            let (pairs, rejected) = repnoise::align::make_refusal_pairs(
+                &m,
+                &records,
+                &check,
+                format.into(),
+                max_new_tokens,
+                batch,
+            )?;
+            let text: String = pairs.iter().map(|p| format!("{p}\n")).collect();
+            repnoise::io::write_atomic(&out, text.as_bytes())?;
+            eprintln!(
+                "{}: {} pairs written; {rejected} answers were not refusals and were left out",
+                out.display(),
+                pairs.len()
+            );
+        }
+        Cmd::Defend {
+            method,
+            model,
+            pairs,
+            out,
+            config,
+            train,
+            rn,
+            format,
+            max_len,
+            max_pairs,
+            print_config,
+        } => {
+            let mut cfg = match &config {
+                Some(p) => repnoise::defend::DefendConfig::from_toml(p)?,
+                None => Default::default(),
+            };
+            if let Some(m) = method {
+                cfg.method = m;
+            }
+            train.apply(&mut cfg.train)?;
+            rn.apply(&mut cfg.repnoise);
+            if let Some(f) = format {
+                cfg.format = f.into();
+            }
+            if let Some(x) = max_len {
+                cfg.max_len = x;
+            }
+            if let Some(x) = max_pairs {
+                cfg.max_pairs = x;
+            }
+            if print_config {
+                print!("{}", toml::to_string(&cfg)?);
+                return Ok(());
+            }
+            let pairs = match (pairs, cfg.method) {
+                (Some(p), _) => p,
+                (None, repnoise::defend::Method::RandomInit) => PathBuf::new(),
+                (None, m) => bail!("--pairs is required for --method {m}"),
+            };
+            let mut m = load(g, &model.model)?;
+            let dir = repnoise::defend::defend(&mut m, &pairs, &cfg, &out, Interrupt::default())?;
+            println!("defended model: {}", dir.display());
+        }
+        Cmd::Loss {
+            model,
+            pairs,
+            format,
+            max_len,
+            rn,
+            seed,
+            json,
+        } => {
+            let mut cfg = RepNoiseConfig::default();
+            rn.apply(&mut cfg);
+            let loaded = repnoise::data::read_pairs(&pairs)?;
+            let m = load(g, &model.model)?;
+            let t = repnoise::defend::loss_terms(
+                &m,
+                &loaded.records,
+                format.into(),
+                max_len,
+                &cfg,
+                seed,
+            )?;
+            if json {
+                println!("{}", serde_json::to_string(&t)?);
+            } else {
+                println!(
+                    "harmless_ce {:.6}\nharmful_ce {:.6}\nnoise_mmd {:.6}\nloss {:.6}\nmask_positions {}",
+                    t.harmless_ce, t.harmful_ce, t.noise_mmd, t.loss, t.mask_positions
+                );
             }
         }
         Cmd::Fetch { name } => {

@@ -82,3 +82,87 @@ fn converted_directory_reloads_with_identical_logits() {
     assert_eq!(a, b);
     assert_eq!(back.tok.chat_template, m.tok.chat_template);
 }
+
+#[derive(serde::Deserialize)]
+struct LossReference {
+    max_len: usize,
+    pad_id: u32,
+    harmful_ids: Vec<Vec<u32>>,
+    harmless_ids: Vec<Vec<u32>>,
+    mask_positions: usize,
+    harmless_ce: f64,
+    harmful_ce: f64,
+}
+
+/// `repnoise loss --faithful` against the reference PyTorch arithmetic
+/// (tests/reference/make_repnoise_loss_reference.py), within 1e-3 relative.
+#[test]
+fn faithful_repnoise_loss_matches_the_reference() {
+    use repnoise::data::encode::PromptFormat;
+    use repnoise::objective::RepNoiseConfig;
+    let r: LossReference =
+        serde_json::from_str(include_str!("reference/repnoise_loss_reference.json")).unwrap();
+    let m = smollm2();
+    let pairs =
+        repnoise::data::read_pairs(std::path::Path::new("tests/fixtures/pairs/small.jsonl"))
+            .unwrap()
+            .records;
+    assert_eq!(m.tok.pad_id, r.pad_id);
+    let enc =
+        repnoise::defend::encode_pairs(&m, &pairs, PromptFormat::Plain, r.max_len, true).unwrap();
+    for (i, e) in enc.iter().enumerate() {
+        let real = |x: &repnoise::data::Encoded| -> Vec<u32> {
+            x.ids
+                .iter()
+                .zip(&x.attention_mask)
+                .filter(|(_, &a)| a == 1)
+                .map(|(&t, _)| t)
+                .collect()
+        };
+        assert_eq!(real(&e.harmful), r.harmful_ids[i], "pair {i} harmful ids");
+        assert_eq!(
+            real(&e.harmless),
+            r.harmless_ids[i],
+            "pair {i} harmless ids"
+        );
+    }
+    let cfg = RepNoiseConfig {
+        faithful: true,
+        ..RepNoiseConfig::default()
+    };
+    let t =
+        repnoise::defend::loss_terms(&m, &pairs, PromptFormat::Plain, r.max_len, &cfg, 42).unwrap();
+    let rel = |a: f64, b: f64| ((a - b) / b).abs();
+    assert!(
+        rel(t.harmless_ce, r.harmless_ce) < 1e-3,
+        "harmless_ce {} vs {}",
+        t.harmless_ce,
+        r.harmless_ce
+    );
+    assert!(
+        rel(t.harmful_ce, r.harmful_ce) < 1e-3,
+        "harmful_ce {} vs {}",
+        t.harmful_ce,
+        r.harmful_ce
+    );
+    assert_eq!(t.mask_positions, r.mask_positions);
+    let want = t.harmless_ce + 0.001 * t.noise_mmd - (1.0 + t.harmful_ce).ln();
+    assert!((t.loss - want).abs() < 1e-4, "loss {} vs {want}", t.loss);
+    // The default mode fixes the quirks: no constant term, no padding trained on, so the
+    // refusal's cross-entropy is lower.
+    let d = repnoise::defend::loss_terms(
+        &m,
+        &pairs,
+        PromptFormat::Plain,
+        r.max_len,
+        &RepNoiseConfig::default(),
+        42,
+    )
+    .unwrap();
+    assert!(
+        d.harmless_ce < t.harmless_ce - 0.5,
+        "default {} vs faithful {}",
+        d.harmless_ce,
+        t.harmless_ce
+    );
+}

@@ -1,0 +1,198 @@
+//! `repnoise defend` and `repnoise loss`: Representation Noising and the paper's baselines on
+//! defence pairs, through the shared training loop ([`crate::train`]).
+
+use std::path::{Path, PathBuf};
+
+use serde::{Deserialize, Serialize};
+use serde_json::json;
+
+use crate::data::encode::{encode_pair, EncodeOptions, PadLength, PadSide, Padding, PromptFormat};
+use crate::data::{read_pairs, EncodedPair, Pair};
+use crate::error::{Error, Result};
+use crate::model::Llama;
+use crate::modelio::{save_hf_dir, LoadedModel};
+use crate::objective::{
+    pair_baseline_loss, repnoise_loss, PairBatch, PairLoss, RepNoiseConfig, RepNoiseTerms,
+};
+use crate::params::Params;
+use crate::rng::Rng;
+use crate::train::{self, Interrupt, RunDir, StepLoss, TrainConfig};
+
+/// Defence methods.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
+#[serde(rename_all = "kebab-case")]
+pub enum Method {
+    Repnoise,
+    SafetySft,
+    GradientAscent,
+    Adversarial,
+    RandomInit,
+}
+
+impl std::fmt::Display for Method {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let s = serde_json::to_value(self).ok();
+        write!(f, "{}", s.as_ref().and_then(|v| v.as_str()).unwrap_or("?"))
+    }
+}
+
+/// `repnoise defend` settings (the TOML file's layout; flags override it).
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct DefendConfig {
+    pub method: Method,
+    pub train: TrainConfig,
+    pub repnoise: RepNoiseConfig,
+    pub format: PromptFormat,
+    /// Sequences are cut to this many tokens (the paper: 128 for the noise defences).
+    pub max_len: usize,
+    /// Use at most this many pairs (0: all).
+    pub max_pairs: usize,
+}
+
+impl Default for DefendConfig {
+    /// The paper's settings for Llama-2-7b-chat.
+    fn default() -> Self {
+        Self {
+            method: Method::Repnoise,
+            train: TrainConfig {
+                lr: 2e-5,
+                batch_size: 8,
+                ..TrainConfig::default()
+            },
+            repnoise: RepNoiseConfig::default(),
+            format: PromptFormat::Plain,
+            max_len: 128,
+            max_pairs: 0,
+        }
+    }
+}
+
+impl DefendConfig {
+    pub fn from_toml(path: &Path) -> Result<Self> {
+        let text = std::fs::read_to_string(path)
+            .map_err(|e| Error::file(path, format!("cannot read: {e}")))?;
+        toml::from_str(&text).map_err(|e| Error::file(path, format!("invalid config: {e}")))
+    }
+}
+
+/// Tokenise pairs for a defence (faithful mode: no end-of-sequence token, as the reference
+/// tokenizer call did not add one).
+pub fn encode_pairs(
+    model: &LoadedModel,
+    pairs: &[Pair],
+    format: PromptFormat,
+    max_len: usize,
+    faithful: bool,
+) -> Result<Vec<EncodedPair>> {
+    let opts = EncodeOptions {
+        format,
+        add_bos: false,
+        add_eos: !faithful && format == PromptFormat::Plain,
+        max_len: Some(max_len),
+    };
+    let padding = Padding {
+        side: PadSide::Right,
+        pad_id: model.tok.pad_id,
+        length: PadLength::Longest,
+    };
+    pairs
+        .iter()
+        .enumerate()
+        .map(|(i, p)| {
+            let e = encode_pair(&model.tok, p, &opts, &padding)?;
+            if e.pair_mask.iter().all(|&m| m == 0) {
+                return Err(Error::msg(format!(
+                    "pair {}: the harmful and harmless answers tokenise identically within \
+                     {max_len} tokens (empty pair mask)",
+                    i + 1
+                )));
+            }
+            Ok(e)
+        })
+        .collect()
+}
+
+/// `repnoise loss`: the RepNoise terms on `pairs` as one batch, no update.
+pub fn loss_terms(
+    model: &LoadedModel,
+    pairs: &[Pair],
+    format: PromptFormat,
+    max_len: usize,
+    cfg: &RepNoiseConfig,
+    seed: u64,
+) -> Result<RepNoiseTerms> {
+    let enc = encode_pairs(model, pairs, format, max_len, cfg.faithful)?;
+    let refs: Vec<&EncodedPair> = enc.iter().collect();
+    let net = Llama::frozen(&model.config, &model.params)?;
+    let batch = PairBatch::new(&refs, model.tok.pad_id, net.device())?;
+    let mut rng = Rng::new(seed, "noise");
+    Ok(repnoise_loss(&net, &batch, cfg, &mut rng)?.1)
+}
+
+/// Run a defence in `out`; the defended model ends up in `out/model`.
+pub fn defend(
+    model: &mut LoadedModel,
+    pairs_path: &Path,
+    cfg: &DefendConfig,
+    out: &Path,
+    interrupt: Interrupt,
+) -> Result<PathBuf> {
+    let run = RunDir::open(
+        out,
+        &json!({"command": "defend", "model": model.source, "pairs": pairs_path, "defend": cfg}),
+    )?;
+    if cfg.method == Method::RandomInit {
+        // The attacker training from scratch: same architecture, random weights.
+        let params = Params::random(
+            &model.config,
+            cfg.train.seed,
+            model.params.tensor("model.embed_tokens.weight")?.device(),
+        )?;
+        let dir = run.model_dir();
+        save_hf_dir(&dir, &model.config, &params, &model.tok)?;
+        crate::io::write_json_atomic(&out.join("DONE"), &json!({"method": "random-init"}))?;
+        model.params = params;
+        return Ok(dir);
+    }
+    let loaded = read_pairs(pairs_path)?;
+    if !loaded.skipped.is_empty() {
+        run.log(&format!("{} pairs skipped", loaded.skipped.len()));
+        eprintln!(
+            "{}: {} pairs skipped",
+            pairs_path.display(),
+            loaded.skipped.len()
+        );
+    }
+    let mut pairs = loaded.records;
+    if cfg.max_pairs > 0 && pairs.len() > cfg.max_pairs {
+        let mut idx: Vec<usize> = (0..pairs.len()).collect();
+        Rng::new(cfg.train.seed, "defence-pairs").shuffle(&mut idx);
+        idx.truncate(cfg.max_pairs);
+        idx.sort();
+        pairs = idx.into_iter().map(|i| pairs[i].clone()).collect();
+    }
+    let faithful = cfg.method == Method::Repnoise && cfg.repnoise.faithful;
+    let enc = encode_pairs(model, &pairs, cfg.format, cfg.max_len, faithful)?;
+    let pad = model.tok.pad_id;
+    let method = cfg.method;
+    let rn = cfg.repnoise.clone();
+    let summary = train::train(&run, model, enc.len(), &cfg.train, interrupt, |net, ctx| {
+        let refs: Vec<&EncodedPair> = ctx.indices.iter().map(|&i| &enc[i]).collect();
+        let batch = PairBatch::new(&refs, pad, net.device())?;
+        match method {
+            Method::Repnoise => {
+                let (loss, terms) = repnoise_loss(net, &batch, &rn, &mut ctx.rng)?;
+                Ok(StepLoss {
+                    loss,
+                    terms: terms.as_map(),
+                })
+            }
+            Method::SafetySft => pair_baseline_loss(net, &batch, PairLoss::SafetySft),
+            Method::GradientAscent => pair_baseline_loss(net, &batch, PairLoss::GradientAscent),
+            Method::Adversarial => pair_baseline_loss(net, &batch, PairLoss::Adversarial),
+            Method::RandomInit => unreachable!(),
+        }
+    })?;
+    Ok(summary.model_dir)
+}

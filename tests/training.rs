@@ -1,0 +1,457 @@
+//! The defences' losses and the shared training loop on tiny random models: MMD against hand
+//! values, cross-entropy rows against full masked logits, each method's loss, gradients reaching
+//! exactly the unfrozen parameters, resume equal to an uninterrupted run, NaN stops.
+
+mod common;
+
+use std::collections::BTreeMap;
+
+use candle_core::{Device, Tensor};
+use common::*;
+use repnoise::config::Arch;
+use repnoise::data::encode::{encode_qa, EncodeOptions, PromptFormat};
+use repnoise::data::{EncodedPair, Pair};
+use repnoise::defend::{self, DefendConfig, Method};
+use repnoise::model::Llama;
+use repnoise::modelio::LoadedModel;
+use repnoise::objective::{
+    full_logits_ce, mmd, pair_baseline_loss, repnoise_loss, sft_loss, Batch, CeRows, PairBatch,
+    PairLoss, RepNoiseConfig,
+};
+use repnoise::rng::Rng;
+use repnoise::train::{self, Freeze, Interrupt, RunDir, StepLoss, TrainConfig};
+
+fn tiny_model(seed: u64) -> LoadedModel {
+    let cfg = tiny_config(Arch::Llama, true);
+    LoadedModel {
+        params: tiny_params(&cfg, seed),
+        config: cfg,
+        tok: tiny_tok(),
+        source: "tiny".into(),
+        stored_dtype: "f32".into(),
+    }
+}
+
+fn pairs() -> Vec<Pair> {
+    let p = |q: &str, h: &str, s: &str| Pair {
+        prompt: q.into(),
+        harmful: h.into(),
+        harmless: s.into(),
+        categories: None,
+    };
+    vec![
+        p("How to x?", "Do x like this and that.", "No."),
+        p(
+            "Tell me y",
+            "Sure: y",
+            "I won't tell you y, sorry about that.",
+        ),
+        p("zz?", "zz is done by a b c d", "I cannot."),
+        p("Help with w", "w w w", "Not w."),
+    ]
+}
+
+fn encoded(m: &LoadedModel, faithful: bool) -> Vec<EncodedPair> {
+    defend::encode_pairs(m, &pairs(), PromptFormat::Plain, 64, faithful).unwrap()
+}
+
+fn scalar(t: &Tensor) -> f64 {
+    t.to_dtype(candle_core::DType::F64)
+        .unwrap()
+        .to_scalar::<f64>()
+        .unwrap()
+}
+
+/// Brute-force biased MMD with five Gaussian kernels, in f64.
+fn mmd_reference(x: &[Vec<f64>], y: &[Vec<f64>]) -> f64 {
+    let z: Vec<&Vec<f64>> = x.iter().chain(y).collect();
+    let m = z.len();
+    let d =
+        |a: &Vec<f64>, b: &Vec<f64>| a.iter().zip(b).map(|(p, q)| (p - q) * (p - q)).sum::<f64>();
+    let mut sum = 0.0;
+    for a in &z {
+        for b in &z {
+            sum += d(a, b);
+        }
+    }
+    let base = sum / (m * m - m) as f64 / 4.0;
+    let k = |a: &Vec<f64>, b: &Vec<f64>| {
+        (0..5)
+            .map(|i| (-d(a, b) / (base * 2f64.powi(i))).exp())
+            .sum::<f64>()
+    };
+    let mean = |p: &[Vec<f64>], q: &[Vec<f64>]| {
+        let mut s = 0.0;
+        for a in p {
+            for b in q {
+                s += k(a, b);
+            }
+        }
+        s / (p.len() * q.len()) as f64
+    };
+    mean(x, x) + mean(y, y) - mean(x, y) - mean(y, x)
+}
+
+#[test]
+fn mmd_matches_hand_computed_values() {
+    let dev = Device::Cpu;
+    // One point each at distance 1: base = (2 / 2) / 4 = 1/4, K_xx = K_yy = 5,
+    // K_xy = sum_i exp(-1 / (2^i / 4)).
+    let x = Tensor::new(&[[0f32, 0.]], &dev).unwrap();
+    let y = Tensor::new(&[[1f32, 0.]], &dev).unwrap();
+    let kxy: f64 = (0..5).map(|i| (-4.0 / 2f64.powi(i)).exp()).sum();
+    let want = 10.0 - 2.0 * kxy;
+    let got = scalar(&mmd(&x, &y).unwrap());
+    assert!((got - want).abs() < 1e-5, "{got} vs {want}");
+    // Identical samples: zero.
+    assert!(scalar(&mmd(&x, &x).unwrap()).abs() < 1e-6);
+    // Random points against the brute-force definition.
+    let mut rng = Rng::new(3, "mmd");
+    let xs: Vec<Vec<f64>> = (0..3)
+        .map(|_| (0..7).map(|_| rng.normal()).collect())
+        .collect();
+    let ys: Vec<Vec<f64>> = (0..3)
+        .map(|_| (0..7).map(|_| 2.0 * rng.normal() + 0.5).collect())
+        .collect();
+    let t = |v: &[Vec<f64>]| {
+        Tensor::new(
+            v.iter()
+                .map(|r| r.iter().map(|&a| a as f32).collect::<Vec<_>>())
+                .collect::<Vec<_>>(),
+            &dev,
+        )
+        .unwrap()
+    };
+    let got = scalar(&mmd(&t(&xs), &t(&ys)).unwrap());
+    let want = mmd_reference(&xs, &ys);
+    assert!((got - want).abs() < 1e-4, "{got} vs {want}");
+}
+
+#[test]
+fn ce_rows_equal_full_masked_logits_in_both_modes() {
+    let m = tiny_model(1);
+    let net = Llama::trainable(&m.config, &m.params).unwrap();
+    let enc = encoded(&m, true);
+    let refs: Vec<&EncodedPair> = enc.iter().collect();
+    let pb = PairBatch::new(&refs, m.tok.pad_id, &Device::Cpu).unwrap();
+    let batch = &pb.harmful;
+    for faithful in [false, true] {
+        let mask: Vec<Vec<u8>> = if faithful {
+            pb.pair_mask.clone()
+        } else {
+            pb.pair_mask
+                .iter()
+                .zip(&batch.real)
+                .map(|(p, r)| p.iter().zip(r).map(|(a, b)| a & b).collect())
+                .collect()
+        };
+        let rows = if faithful {
+            CeRows::faithful(&batch.ids_v, &mask)
+        } else {
+            CeRows::standard(&batch.ids_v, &mask)
+        };
+        let out = batch.forward(&net, false, false).unwrap();
+        let fast = rows.ce(&net, &out.hidden_states[0], false).unwrap();
+        let slow = full_logits_ce(&net, batch, &mask, faithful).unwrap();
+        let (a, b) = (scalar(&fast), scalar(&slow));
+        assert!(
+            (a - b).abs() < 1e-4 * b.abs().max(1.0),
+            "faithful={faithful}: {a} vs {b}"
+        );
+        let ga = fast.backward().unwrap();
+        let gb = slow.backward().unwrap();
+        let w = m
+            .params
+            .tensor("model.layers.1.mlp.down_proj.weight")
+            .unwrap();
+        let diff = (ga.get(w).unwrap() - gb.get(w).unwrap())
+            .unwrap()
+            .abs()
+            .unwrap()
+            .max_all()
+            .unwrap()
+            .to_scalar::<f32>()
+            .unwrap();
+        assert!(
+            diff < 1e-5,
+            "faithful={faithful}: gradient differs by {diff}"
+        );
+    }
+}
+
+#[test]
+fn repnoise_terms_combine_as_the_formula_says() {
+    let m = tiny_model(2);
+    let net = Llama::trainable(&m.config, &m.params).unwrap();
+    let enc = encoded(&m, false);
+    let refs: Vec<&EncodedPair> = enc.iter().collect();
+    let pb = PairBatch::new(&refs, m.tok.pad_id, &Device::Cpu).unwrap();
+    let cfg = RepNoiseConfig {
+        alpha: 0.7,
+        beta: 0.3,
+        ..RepNoiseConfig::default()
+    };
+    let (loss, t) = repnoise_loss(&net, &pb, &cfg, &mut Rng::new(0, "n")).unwrap();
+    let want = t.harmless_ce + 0.3 * t.noise_mmd - 0.7 * (1.0 + t.harmful_ce).ln();
+    assert!((scalar(&loss) - want).abs() < 1e-4);
+    assert!(t.noise_mmd > 0.0 && t.harmful_ce > 0.0 && t.harmless_ce > 0.0);
+    // Same seed, same noise, same value.
+    let (_, t2) = repnoise_loss(&net, &pb, &cfg, &mut Rng::new(0, "n")).unwrap();
+    assert_eq!(t.noise_mmd, t2.noise_mmd);
+    // Ablations drop their term.
+    let no_noise = RepNoiseConfig {
+        no_noise: true,
+        ..cfg.clone()
+    };
+    let (l, t3) = repnoise_loss(&net, &pb, &no_noise, &mut Rng::new(0, "n")).unwrap();
+    assert_eq!(t3.noise_mmd, 0.0);
+    assert!((scalar(&l) - (t3.harmless_ce - 0.7 * (1.0 + t3.harmful_ce).ln())).abs() < 1e-4);
+    let no_ascent = RepNoiseConfig {
+        no_ascent: true,
+        ..cfg.clone()
+    };
+    let (l, t4) = repnoise_loss(&net, &pb, &no_ascent, &mut Rng::new(0, "n")).unwrap();
+    assert!((scalar(&l) - (t4.harmless_ce + 0.3 * t4.noise_mmd)).abs() < 1e-4);
+    // The last layer alone is the model's own cross-entropy, not the lens average.
+    let last = RepNoiseConfig {
+        ascent_last_layer_only: true,
+        ..cfg.clone()
+    };
+    let (_, t5) = repnoise_loss(&net, &pb, &last, &mut Rng::new(0, "n")).unwrap();
+    let (_, base) = pair_baseline_loss(&net, &pb, PairLoss::Adversarial)
+        .map(|s| ((), s.terms))
+        .unwrap();
+    assert!((t5.harmful_ce - base["harmful_ce"]).abs() < 1e-4);
+    assert!((t5.harmful_ce - t.harmful_ce).abs() > 1e-3);
+    // No mask: the prompt counts too, so more positions are covered.
+    let nm = RepNoiseConfig {
+        no_mask: true,
+        ..cfg
+    };
+    let (_, t6) = repnoise_loss(&net, &pb, &nm, &mut Rng::new(0, "n")).unwrap();
+    assert!((t6.harmful_ce - t.harmful_ce).abs() > 1e-4);
+}
+
+#[test]
+fn baseline_losses() {
+    let m = tiny_model(3);
+    let net = Llama::trainable(&m.config, &m.params).unwrap();
+    let enc = encoded(&m, false);
+    let refs: Vec<&EncodedPair> = enc.iter().collect();
+    let pb = PairBatch::new(&refs, m.tok.pad_id, &Device::Cpu).unwrap();
+    let adv = pair_baseline_loss(&net, &pb, PairLoss::Adversarial).unwrap();
+    let (s, h) = (adv.terms["harmless_ce"], adv.terms["harmful_ce"]);
+    assert!((scalar(&adv.loss) - (s - h)).abs() < 1e-5);
+    let sft = pair_baseline_loss(&net, &pb, PairLoss::SafetySft).unwrap();
+    assert!((scalar(&sft.loss) - s).abs() < 1e-5);
+    let ga = pair_baseline_loss(&net, &pb, PairLoss::GradientAscent).unwrap();
+    assert!((scalar(&ga.loss) + h).abs() < 1e-5);
+    // SFT on question/answer sequences is the answer-masked next-token cross-entropy.
+    let opts = EncodeOptions::default();
+    let e = encode_qa(&m.tok, "q?", "an answer", &opts).unwrap();
+    let e2 = encode_qa(&m.tok, "longer question?", "ok", &opts).unwrap();
+    let got = sft_loss(&net, &[&e, &e2], m.tok.pad_id).unwrap();
+    let batch = Batch::new(&[&e, &e2], m.tok.pad_id, &Device::Cpu).unwrap();
+    let t = batch.dims().1;
+    let mask: Vec<Vec<u8>> = [&e, &e2]
+        .iter()
+        .map(|x| {
+            let mut v = x.loss_mask.clone();
+            v.resize(t, 0);
+            v
+        })
+        .collect();
+    let want = full_logits_ce(&net, &batch, &mask, false).unwrap();
+    assert!((scalar(&got.loss) - scalar(&want)).abs() < 1e-5);
+}
+
+#[test]
+fn gradient_reaches_every_unfrozen_parameter_and_no_frozen_one() {
+    let m = tiny_model(4);
+    let freeze = Freeze::parse(&["0".to_string()], m.config.num_layers).unwrap();
+    let net = Llama::new(&m.config, &m.params, |n| freeze.trainable(n)).unwrap();
+    let enc = encoded(&m, false);
+    let refs: Vec<&EncodedPair> = enc.iter().collect();
+    let pb = PairBatch::new(&refs, m.tok.pad_id, &Device::Cpu).unwrap();
+    let (loss, _) =
+        repnoise_loss(&net, &pb, &RepNoiseConfig::default(), &mut Rng::new(1, "n")).unwrap();
+    let grads = loss.backward().unwrap();
+    let mut checked = 0;
+    for (name, var) in m.params.iter() {
+        let g = grads.get(var.as_tensor());
+        if freeze.trainable(name) {
+            let g = g.unwrap_or_else(|| panic!("no gradient for {name}"));
+            let n = g
+                .abs()
+                .unwrap()
+                .sum_all()
+                .unwrap()
+                .to_scalar::<f32>()
+                .unwrap();
+            assert!(n > 0.0, "zero gradient for {name}");
+            checked += 1;
+        } else {
+            assert!(g.is_none(), "frozen {name} got a gradient");
+        }
+    }
+    assert!(checked > 5);
+}
+
+fn write_pairs(dir: &std::path::Path) -> std::path::PathBuf {
+    let p = dir.join("pairs.jsonl");
+    let text: String = pairs()
+        .iter()
+        .map(|p| {
+            serde_json::json!({"prompt": p.prompt, "harmful": p.harmful, "harmless": p.harmless})
+                .to_string()
+                + "\n"
+        })
+        .collect();
+    std::fs::write(&p, text).unwrap();
+    p
+}
+
+fn defend_cfg() -> DefendConfig {
+    DefendConfig {
+        method: Method::Repnoise,
+        train: TrainConfig {
+            lr: 1e-3,
+            batch_size: 2,
+            epochs: 3,
+            checkpoint_every: 2,
+            seed: 7,
+            ..TrainConfig::default()
+        },
+        repnoise: RepNoiseConfig {
+            beta: 0.1,
+            ..RepNoiseConfig::default()
+        },
+        max_len: 48,
+        ..DefendConfig::default()
+    }
+}
+
+fn params_of(m: &LoadedModel) -> BTreeMap<String, Vec<f32>> {
+    m.params
+        .iter()
+        .map(|(k, v)| {
+            (
+                k.clone(),
+                v.as_tensor().flatten_all().unwrap().to_vec1().unwrap(),
+            )
+        })
+        .collect()
+}
+
+#[test]
+fn resumed_run_equals_uninterrupted_run() {
+    let tmp = tempfile::tempdir().unwrap();
+    let pairs = write_pairs(tmp.path());
+    let cfg = defend_cfg();
+    let mut a = tiny_model(5);
+    let out_a = tmp.path().join("a");
+    defend::defend(&mut a, &pairs, &cfg, &out_a, Interrupt::default()).unwrap();
+    let metrics_a = std::fs::read_to_string(out_a.join("metrics.jsonl")).unwrap();
+    assert_eq!(metrics_a.lines().count(), 6);
+    assert!(out_a.join("model/config.json").exists() && out_a.join("DONE").exists());
+
+    // Crash after 3 steps (checkpoint at 2), then resume.
+    let mut b = tiny_model(5);
+    let out_b = tmp.path().join("b");
+    let e = defend::defend(
+        &mut b,
+        &pairs,
+        &cfg,
+        &out_b,
+        Interrupt {
+            after_steps: Some(3),
+        },
+    )
+    .unwrap_err()
+    .to_string();
+    assert!(e.contains("interrupted"), "{e}");
+    assert!(out_b.join("checkpoints/step-000002/COMPLETE").exists());
+    assert!(!out_b.join("DONE").exists());
+    let mut b = tiny_model(5);
+    defend::defend(&mut b, &pairs, &cfg, &out_b, Interrupt::default()).unwrap();
+    assert_eq!(params_of(&a), params_of(&b));
+    let metrics_b = std::fs::read_to_string(out_b.join("metrics.jsonl")).unwrap();
+    let steps: Vec<u64> = metrics_b
+        .lines()
+        .map(|l| {
+            serde_json::from_str::<serde_json::Value>(l).unwrap()["step"]
+                .as_u64()
+                .unwrap()
+        })
+        .collect();
+    assert_eq!(steps, vec![1, 2, 3, 4, 5, 6]);
+    // The saved model reloads with the trained weights.
+    let reloaded = repnoise::modelio::load_hf_dir(&out_b.join("model"), &Device::Cpu).unwrap();
+    assert_eq!(params_of(&reloaded), params_of(&b));
+    // Another configuration in the same directory is refused, naming what differs.
+    let mut other = defend_cfg();
+    other.train.lr = 5e-4;
+    let e = defend::defend(
+        &mut tiny_model(5),
+        &pairs,
+        &other,
+        &out_b,
+        Interrupt::default(),
+    )
+    .unwrap_err()
+    .to_string();
+    assert!(e.contains("defend.train.lr"), "{e}");
+}
+
+#[test]
+fn non_finite_loss_stops_and_keeps_the_last_checkpoint() {
+    let tmp = tempfile::tempdir().unwrap();
+    let mut m = tiny_model(6);
+    let run = RunDir::open(tmp.path(), &serde_json::json!({"t": 1})).unwrap();
+    let cfg = TrainConfig {
+        batch_size: 1,
+        checkpoint_every: 2,
+        ..TrainConfig::default()
+    };
+    let tok = m.tok.clone();
+    let e = encode_qa(&tok, "q", "a b c", &EncodeOptions::default()).unwrap();
+    let err = train::train(&run, &mut m, 5, &cfg, Interrupt::default(), |net, ctx| {
+        let l = sft_loss(net, &[&e], tok.pad_id)?;
+        if ctx.step == 3 {
+            return Ok(StepLoss {
+                loss: (l.loss * f64::NAN)?,
+                terms: l.terms,
+            });
+        }
+        Ok(l)
+    })
+    .unwrap_err()
+    .to_string();
+    assert!(err.contains("step 3") && err.contains("NaN"), "{err}");
+    assert!(tmp.path().join("checkpoints/step-000002/COMPLETE").exists());
+    assert!(!tmp.path().join("DONE").exists());
+    let log = std::fs::read_to_string(tmp.path().join("log.txt")).unwrap();
+    assert!(log.contains("NaN"));
+}
+
+#[test]
+fn random_init_writes_a_random_model() {
+    let tmp = tempfile::tempdir().unwrap();
+    let mut m = tiny_model(7);
+    let before = params_of(&m);
+    let cfg = DefendConfig {
+        method: Method::RandomInit,
+        ..DefendConfig::default()
+    };
+    let dir = defend::defend(
+        &mut m,
+        std::path::Path::new(""),
+        &cfg,
+        &tmp.path().join("r"),
+        Interrupt::default(),
+    )
+    .unwrap();
+    let r = repnoise::modelio::load_hf_dir(&dir, &Device::Cpu).unwrap();
+    assert_ne!(params_of(&r), before);
+    assert_eq!(r.config, m.config);
+}
