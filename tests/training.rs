@@ -455,3 +455,100 @@ fn random_init_writes_a_random_model() {
     assert_ne!(params_of(&r), before);
     assert_eq!(r.config, m.config);
 }
+
+/// `kill -9` in the middle of `repnoise defend`, then the same command again: the final model
+/// is byte-identical to an uninterrupted run's, wherever the kill landed.
+#[test]
+fn kill_dash_nine_then_rerun_gives_the_uninterrupted_result() {
+    use std::process::{Command, Stdio};
+    let tmp = tempfile::tempdir().unwrap();
+    let model_dir = tmp.path().join("tiny");
+    let m = tiny_model(8);
+    write_tiny_hf(&model_dir, &m.config, &m.params);
+    let pairs = write_pairs(tmp.path());
+    let run = |out: &std::path::Path| {
+        let mut c = Command::new(env!("CARGO_BIN_EXE_repnoise"));
+        c.args(["defend", "--method", "repnoise", "--model"])
+            .arg(&model_dir)
+            .arg("--pairs")
+            .arg(&pairs)
+            .arg("--out")
+            .arg(out)
+            .args([
+                "--epochs",
+                "40",
+                "--batch-size",
+                "2",
+                "--checkpoint-every",
+                "3",
+                "--lr",
+                "1e-3",
+            ])
+            .args(["--max-len", "48", "--beta", "0.1"])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null());
+        c
+    };
+    let a = tmp.path().join("a");
+    assert!(run(&a).status().unwrap().success());
+    let b = tmp.path().join("b");
+    let mut child = run(&b).spawn().unwrap();
+    // Kill once a checkpoint exists (or whenever the run ends first).
+    let t0 = std::time::Instant::now();
+    while !b.join("checkpoints").exists() && t0.elapsed().as_secs() < 60 {
+        if child.try_wait().unwrap().is_some() {
+            break;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(5));
+    }
+    std::thread::sleep(std::time::Duration::from_millis(30));
+    let _ = child.kill(); // SIGKILL
+    let _ = child.wait();
+    assert!(
+        !b.join("DONE").exists(),
+        "the run ended before the kill; make it longer"
+    );
+    assert!(run(&b).status().unwrap().success());
+    let wa = std::fs::read(a.join("model/model.safetensors")).unwrap();
+    let wb = std::fs::read(b.join("model/model.safetensors")).unwrap();
+    assert!(wa == wb, "resumed model differs from the uninterrupted one");
+    let lines = std::fs::read_to_string(b.join("metrics.jsonl"))
+        .unwrap()
+        .lines()
+        .count();
+    assert_eq!(lines, 80);
+}
+
+#[test]
+fn refusal_pairs_keep_only_accepted_refusals() {
+    use repnoise::data::HarmfulQa;
+    use repnoise::refusal::RefusalCheck;
+    let m = tiny_model(9);
+    let records: Vec<HarmfulQa> = (0..3)
+        .map(|i| HarmfulQa {
+            prompt: format!("question {i}?"),
+            response: format!("harmful answer {i}"),
+            categories: None,
+            is_safe: false,
+            refusal: None,
+        })
+        .collect();
+    let accept_all = RefusalCheck {
+        phrases: vec![String::new()],
+        window_chars: 240,
+    };
+    let (pairs, rejected) =
+        repnoise::align::make_refusal_pairs(&m, &records, &accept_all, PromptFormat::Plain, 4, 2)
+            .unwrap();
+    assert_eq!((pairs.len(), rejected), (3, 0));
+    assert_eq!(pairs[1]["prompt"], "question 1?");
+    assert_eq!(pairs[1]["harmful"], "harmful answer 1");
+    let never = RefusalCheck {
+        phrases: vec!["\u{1f6ab}never produced\u{1f6ab}".into()],
+        window_chars: 240,
+    };
+    let (pairs, rejected) =
+        repnoise::align::make_refusal_pairs(&m, &records, &never, PromptFormat::Plain, 4, 2)
+            .unwrap();
+    assert_eq!((pairs.len(), rejected), (0, 3));
+}
