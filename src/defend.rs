@@ -7,7 +7,8 @@ use serde::{Deserialize, Serialize};
 use serde_json::json;
 
 use crate::data::encode::{encode_pair, EncodeOptions, PadLength, PadSide, Padding, PromptFormat};
-use crate::data::{read_pairs, EncodedPair, Pair};
+use crate::data::pairs::load_pairs_any;
+use crate::data::{EncodedPair, Pair};
 use crate::error::{Error, Result};
 use crate::model::Llama;
 use crate::modelio::{save_hf_dir, LoadedModel};
@@ -155,7 +156,7 @@ pub fn defend(
         model.params = params;
         return Ok(dir);
     }
-    let loaded = read_pairs(pairs_path)?;
+    let loaded = load_pairs_any(pairs_path)?;
     if !loaded.skipped.is_empty() {
         run.log(&format!("{} pairs skipped", loaded.skipped.len()));
         eprintln!(

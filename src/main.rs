@@ -832,7 +832,7 @@ fn run(cli: Cli) -> Result<()> {
         } => {
             let mut cfg = RepNoiseConfig::default();
             rn.apply(&mut cfg);
-            let loaded = repnoise::data::read_pairs(&pairs)?;
+            let loaded = repnoise::data::pairs::load_pairs_any(&pairs)?;
             let m = load(g, &model.model)?;
             let t = repnoise::defend::loss_terms(
                 &m,

@@ -427,7 +427,17 @@ pub fn train(
         return Err(Error::msg("no training examples"));
     }
     if let Some(s) = run.done() {
-        run.log("run already complete; nothing to do");
+        // Already trained: hand back the trained weights, so later stages use them.
+        let dev = model
+            .params
+            .tensor("model.embed_tokens.weight")?
+            .device()
+            .clone();
+        let trained = crate::modelio::load_hf_dir(&run.model_dir(), &dev)?;
+        for (name, var) in model.params.iter() {
+            var.set(trained.params.tensor(name)?)?;
+        }
+        run.log("run already complete; loaded its final model");
         return Ok(s);
     }
     let freeze = Freeze::parse(&cfg.freeze, model.config.num_layers)?;

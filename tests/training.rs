@@ -385,6 +385,10 @@ fn resumed_run_equals_uninterrupted_run() {
         })
         .collect();
     assert_eq!(steps, vec![1, 2, 3, 4, 5, 6]);
+    // Running a finished run again hands back its trained weights.
+    let mut again = tiny_model(5);
+    defend::defend(&mut again, &pairs, &cfg, &out_b, Interrupt::default()).unwrap();
+    assert_eq!(params_of(&again), params_of(&b));
     // The saved model reloads with the trained weights.
     let reloaded = repnoise::modelio::load_hf_dir(&out_b.join("model"), &Device::Cpu).unwrap();
     assert_eq!(params_of(&reloaded), params_of(&b));
@@ -551,4 +555,19 @@ fn refusal_pairs_keep_only_accepted_refusals() {
         repnoise::align::make_refusal_pairs(&m, &records, &never, PromptFormat::Plain, 4, 2)
             .unwrap();
     assert_eq!((pairs.len(), rejected), (0, 3));
+}
+
+#[test]
+fn pairs_load_from_every_pair_bearing_format() {
+    use repnoise::data::pairs::load_pairs_any;
+    let f = |n: &str| std::path::PathBuf::from("tests/fixtures/data").join(n);
+    let dt = load_pairs_any(&f("decoding_trust_refusals.json")).unwrap();
+    assert!(!dt.records.is_empty());
+    let bt = load_pairs_any(&f("beavertails_refusals.json")).unwrap();
+    assert!(!bt.records.is_empty());
+    assert!(bt.records.iter().all(|p| p.harmful != p.harmless));
+    let own = load_pairs_any(std::path::Path::new("tests/fixtures/pairs/small.jsonl")).unwrap();
+    assert_eq!(own.records.len(), 4);
+    let e = load_pairs_any(&f("advbench.csv")).unwrap_err().to_string();
+    assert!(e.contains("advbench.csv") && e.contains("no pairs"), "{e}");
 }
