@@ -172,8 +172,11 @@ pub struct AlignConfig {
     pub max_len: usize,
     /// Harmful instructions with refusals to train on.
     pub harmful_train: usize,
-    /// Benign questions to train on.
+    /// Benign ARC-Easy questions to train on.
     pub benign_train: usize,
+    /// Benign TruthfulQA questions to train on (open questions about everyday topics, which a
+    /// model trained on refusals alone learns to over-refuse), disjoint from the held-out ones.
+    pub benign_train_truthfulqa: usize,
     /// `self` (the model's own answers), `data` (reference answers from the benign data), or
     /// `both`.
     pub benign_source: String,
@@ -203,8 +206,9 @@ impl Default for AlignConfig {
             },
             format: PromptFormat::Chat,
             max_len: 128,
-            harmful_train: 400,
-            benign_train: 400,
+            harmful_train: 300,
+            benign_train: 300,
+            benign_train_truthfulqa: 300,
             benign_source: "self".into(),
             distill_tokens: 96,
             eval_per_set: 100,
@@ -350,16 +354,40 @@ pub fn build_data(cfg: &AlignConfig, check: &RefusalCheck) -> Result<AlignData> 
         .map(q)
         .collect();
     let tqa = crate::data::mc::read_truthfulqa(&d.join("truthfulqa/TruthfulQA.csv"))?.records;
-    let tqa_eval = sample(
-        &tqa.iter().map(|t| t.question.clone()).collect::<Vec<_>>(),
-        cfg.eval_per_set,
+    let eval_n = if cfg.eval_per_set > 0 {
+        cfg.eval_per_set
+    } else {
+        200
+    };
+    let tsplits = split_disjoint(
+        &tqa,
+        &[
+            SplitSpec::count("eval", eval_n),
+            SplitSpec::count("train", cfg.benign_train_truthfulqa),
+        ],
+        Duplicates::KeepFirst,
         seed,
-        "align-eval-truthfulqa",
+    )?;
+    let tqa_eval: Vec<String> = tsplits
+        .get("eval")
+        .unwrap_or_default()
+        .iter()
+        .map(|t| t.question.clone())
+        .collect();
+    let mut benign_train = benign_train;
+    let n_arc = benign_train.len();
+    benign_train.extend(
+        tsplits
+            .get("train")
+            .unwrap_or_default()
+            .iter()
+            .map(|t| (t.question.clone(), Some(t.best_answer.clone()))),
     );
     notes.push(format!(
-        "benign: {} ARC-Easy questions for training, {} disjoint ARC-Easy and {} TruthfulQA \
-         questions held out",
-        benign_train.len(),
+        "benign: {} ARC-Easy and {} TruthfulQA questions for training; {} disjoint ARC-Easy and \
+         {} disjoint TruthfulQA questions held out",
+        n_arc,
+        benign_train.len() - n_arc,
         arc_eval.len(),
         tqa_eval.len()
     ));

@@ -155,6 +155,8 @@ enum Cmd {
         harmful_train: Option<usize>,
         #[arg(long)]
         benign_train: Option<usize>,
+        #[arg(long)]
+        benign_train_truthfulqa: Option<usize>,
         /// self, data or both.
         #[arg(long)]
         benign_source: Option<String>,
@@ -203,8 +205,9 @@ enum Cmd {
         /// JSONL/JSON pairs `{prompt, harmful, harmless}` (not needed for random-init).
         #[arg(long)]
         pairs: Option<PathBuf>,
+        /// Run directory (required unless --print-config).
         #[arg(long)]
-        out: PathBuf,
+        out: Option<PathBuf>,
         #[arg(long)]
         config: Option<PathBuf>,
         #[command(flatten)]
@@ -650,6 +653,7 @@ fn run(cli: Cli) -> Result<()> {
             train,
             harmful_train,
             benign_train,
+            benign_train_truthfulqa,
             benign_source,
             eval_per_set,
             max_len,
@@ -670,6 +674,9 @@ fn run(cli: Cli) -> Result<()> {
             }
             if let Some(x) = benign_train {
                 cfg.benign_train = x;
+            }
+            if let Some(x) = benign_train_truthfulqa {
+                cfg.benign_train_truthfulqa = x;
             }
             if let Some(x) = benign_source {
                 cfg.benign_source = x;
@@ -812,6 +819,9 @@ fn run(cli: Cli) -> Result<()> {
                 print!("{}", toml::to_string(&cfg)?);
                 return Ok(());
             }
+            let Some(out) = out else {
+                bail!("--out is required");
+            };
             let pairs = match (pairs, cfg.method) {
                 (Some(p), _) => p,
                 (None, repnoise::defend::Method::RandomInit) => PathBuf::new(),
