@@ -408,6 +408,20 @@ fn read_json<T: serde::de::DeserializeOwned>(path: &Path) -> Option<T> {
     serde_json::from_str(&std::fs::read_to_string(path).ok()?).ok()
 }
 
+/// The stage result saved at `path` by an earlier invocation, or `make()`'s, saved there
+/// atomically (how a resumed run skips finished stages).
+fn cached<T: Serialize + serde::de::DeserializeOwned>(
+    path: &Path,
+    make: impl FnOnce() -> Result<T>,
+) -> Result<T> {
+    if let Some(v) = read_json(path) {
+        return Ok(v);
+    }
+    let v = make()?;
+    write_json_atomic(path, &v)?;
+    Ok(v)
+}
+
 /// Summary written to `report.json` (and `report.md`).
 #[derive(Clone, Debug, Serialize, Deserialize)]
 pub struct AlignReport {
@@ -437,15 +451,7 @@ pub fn align(
         &json!({"command": "align", "model": model.source, "align": cfg}),
     )?;
     let check = RefusalCheck::load(cfg.refusal_phrases.as_deref())?;
-    let data_path = out.join("data.json");
-    let data: AlignData = match read_json(&data_path) {
-        Some(d) => d,
-        None => {
-            let d = build_data(cfg, &check)?;
-            write_json_atomic(&data_path, &d)?;
-            d
-        }
-    };
+    let data: AlignData = cached(&out.join("data.json"), || build_data(cfg, &check))?;
     for n in &data.notes {
         run.log(n);
         eprintln!("{n}");
@@ -453,75 +459,67 @@ pub fn align(
     let frozen = Llama::frozen(&model.config, &model.params)?;
 
     // Benign answers.
-    let distill_path = out.join("benign_answers.json");
-    let benign: Vec<(String, String)> = match read_json(&distill_path) {
-        Some(b) => b,
-        None => {
-            let mut b = vec![];
-            if cfg.benign_source == "self" || cfg.benign_source == "both" {
-                let qs: Vec<String> = data.benign_train.iter().map(|(q, _)| q.clone()).collect();
-                let ans = answer_prompts(
-                    &frozen,
-                    &model.tok,
-                    &qs,
-                    cfg.format,
-                    cfg.distill_tokens,
-                    cfg.gen_batch,
-                    "self-distillation",
-                )?;
-                let (mut kept, mut refused) = (0, 0);
-                for (q, a) in qs.into_iter().zip(ans) {
-                    if check.is_refusal(&a) || a.is_empty() {
-                        refused += 1;
-                    } else {
-                        kept += 1;
-                        b.push((q, a));
-                    }
-                }
-                run.log(&format!(
-                    "self-distillation: {kept} answers kept, {refused} refusals or empty left out"
-                ));
-            }
-            if cfg.benign_source == "data" || cfg.benign_source == "both" {
-                for (q, a) in &data.benign_train {
-                    if let Some(a) = a {
-                        b.push((q.clone(), a.clone()));
-                    }
+    let benign: Vec<(String, String)> = cached(&out.join("benign_answers.json"), || {
+        let mut b = vec![];
+        if cfg.benign_source == "self" || cfg.benign_source == "both" {
+            let qs: Vec<String> = data.benign_train.iter().map(|(q, _)| q.clone()).collect();
+            let ans = answer_prompts(
+                &frozen,
+                &model.tok,
+                &qs,
+                cfg.format,
+                cfg.distill_tokens,
+                cfg.gen_batch,
+                "self-distillation",
+            )?;
+            let (mut kept, mut refused) = (0, 0);
+            for (q, a) in qs.into_iter().zip(ans) {
+                if check.is_refusal(&a) || a.is_empty() {
+                    refused += 1;
+                } else {
+                    kept += 1;
+                    b.push((q, a));
                 }
             }
-            if !["self", "data", "both"].contains(&cfg.benign_source.as_str()) {
-                return Err(Error::setting(
-                    "benign_source",
-                    &cfg.benign_source,
-                    "expected self, data or both",
-                ));
-            }
-            write_json_atomic(&distill_path, &b)?;
-            b
+            run.log(&format!(
+                "self-distillation: {kept} answers kept, {refused} refusals or empty left out"
+            ));
         }
-    };
+        if cfg.benign_source == "data" || cfg.benign_source == "both" {
+            for (q, a) in &data.benign_train {
+                if let Some(a) = a {
+                    b.push((q.clone(), a.clone()));
+                }
+            }
+        }
+        if !["self", "data", "both"].contains(&cfg.benign_source.as_str()) {
+            return Err(Error::setting(
+                "benign_source",
+                &cfg.benign_source,
+                "expected self, data or both",
+            ));
+        }
+        Ok(b)
+    })?;
 
     // Evaluation before training.
-    let before_path = out.join("eval_before.json");
+    let evaluate = |net: &Llama, tok: &Tok| {
+        refusal_eval(
+            net,
+            tok,
+            &data.eval,
+            &check,
+            cfg.format,
+            cfg.eval_tokens,
+            cfg.gen_batch,
+        )
+    };
     let before: Vec<RefusalSet> = if cfg.skip_eval_before {
         vec![]
     } else {
-        match read_json(&before_path) {
-            Some(b) => b,
-            None => {
-                let b = refusal_eval(
-                    &frozen,
-                    &model.tok,
-                    &data.eval,
-                    &check,
-                    cfg.format,
-                    cfg.eval_tokens,
-                    cfg.gen_batch,
-                )?;
-                write_json_atomic(&before_path, &b)?;
-                b
-            }
-        }
+        cached(&out.join("eval_before.json"), || {
+            evaluate(&frozen, &model.tok)
+        })?
     };
     for s in &before {
         let msg = format!(
@@ -560,24 +558,9 @@ pub fn align(
     )?;
 
     // Evaluation after.
-    let after_path = out.join("eval_after.json");
-    let after: Vec<RefusalSet> = match read_json(&after_path) {
-        Some(a) => a,
-        None => {
-            let net = Llama::frozen(&model.config, &model.params)?;
-            let a = refusal_eval(
-                &net,
-                &model.tok,
-                &data.eval,
-                &check,
-                cfg.format,
-                cfg.eval_tokens,
-                cfg.gen_batch,
-            )?;
-            write_json_atomic(&after_path, &a)?;
-            a
-        }
-    };
+    let after: Vec<RefusalSet> = cached(&out.join("eval_after.json"), || {
+        evaluate(&Llama::frozen(&model.config, &model.params)?, &model.tok)
+    })?;
     let report = AlignReport {
         before: rates(&before),
         after: rates(&after),
