@@ -111,13 +111,17 @@ impl CustomOp3 for RmsNormGrad {
         let mut out = vec![0f32; n + d];
         let (dx, dw_out) = out.split_at_mut(n);
         // dx = r * u - x * r^3 * mean(u * x), with u = g * w.
-        let dw = dx
-            .par_chunks_mut(d)
-            .zip(x.par_chunks(d))
-            .zip(g.par_chunks(d))
-            .fold(
-                || vec![0f32; d],
-                |mut acc, ((o, xr), gr)| {
+        // dw sums over rows. Rows go in fixed blocks whose partial sums are added in block order,
+        // so the result does not depend on how rayon schedules the work (a rayon fold/reduce
+        // does: its split points follow work stealing, and float addition is not associative).
+        let rows_per_block = 64;
+        let partials: Vec<Vec<f32>> = dx
+            .par_chunks_mut(d * rows_per_block)
+            .zip(x.par_chunks(d * rows_per_block))
+            .zip(g.par_chunks(d * rows_per_block))
+            .map(|((ob, xb), gb)| {
+                let mut acc = vec![0f32; d];
+                for ((o, xr), gr) in ob.chunks_mut(d).zip(xb.chunks(d)).zip(gb.chunks(d)) {
                     let r = inv_rms(xr, self.eps);
                     let mut dot = 0f32;
                     for i in 0..d {
@@ -128,18 +132,16 @@ impl CustomOp3 for RmsNormGrad {
                         o[i] = r * gr[i] * w[i] - xr[i] * c;
                         acc[i] += gr[i] * xr[i] * r;
                     }
-                    acc
-                },
-            )
-            .reduce(
-                || vec![0f32; d],
-                |mut a, b| {
-                    for i in 0..d {
-                        a[i] += b[i];
-                    }
-                    a
-                },
-            );
+                }
+                acc
+            })
+            .collect();
+        let mut dw = vec![0f32; d];
+        for p in &partials {
+            for i in 0..d {
+                dw[i] += p[i];
+            }
+        }
         dw_out.copy_from_slice(&dw);
         Ok((CpuStorage::F32(out), Shape::from(n + d)))
     }
@@ -479,6 +481,33 @@ mod tests {
         let f = rms_norm(x.as_tensor(), w.as_tensor(), 1e-5).unwrap();
         let c = rms_norm_composed(x.as_tensor(), w.as_tensor(), 1e-5).unwrap();
         check(&[&x, &w], &f, &c, "rms_norm");
+    }
+
+    /// Many rows (several blocks of the weight-gradient sum): still equal to the composed op,
+    /// and bit-identical from call to call whatever the thread scheduling did.
+    #[test]
+    fn rms_norm_weight_gradient_is_correct_and_deterministic_over_many_rows() {
+        let x = rand(&[7, 83, 24], 11);
+        let w = rand(&[24], 12);
+        let f = rms_norm(x.as_tensor(), w.as_tensor(), 1e-5).unwrap();
+        let c = rms_norm_composed(x.as_tensor(), w.as_tensor(), 1e-5).unwrap();
+        check(&[&x, &w], &f, &c, "rms_norm (many rows)");
+        let up = rand(f.dims(), 13);
+        let dw = || -> Vec<u32> {
+            let f = rms_norm(x.as_tensor(), w.as_tensor(), 1e-5).unwrap();
+            let g = (f * up.as_tensor())
+                .unwrap()
+                .sum_all()
+                .unwrap()
+                .backward()
+                .unwrap();
+            let t = g.get(w.as_tensor()).unwrap().to_vec1::<f32>().unwrap();
+            t.into_iter().map(f32::to_bits).collect()
+        };
+        let first = dw();
+        for _ in 0..30 {
+            assert_eq!(dw(), first);
+        }
     }
 
     #[test]

@@ -512,10 +512,31 @@ fn kill_dash_nine_then_rerun_gives_the_uninterrupted_result() {
         !b.join("DONE").exists(),
         "the run ended before the kill; make it longer"
     );
+    // What the kill left, for the failure message.
+    let left = walk_files(&b).join("\n");
     assert!(run(&b).status().unwrap().success());
     let wa = std::fs::read(a.join("model/model.safetensors")).unwrap();
     let wb = std::fs::read(b.join("model/model.safetensors")).unwrap();
-    assert!(wa == wb, "resumed model differs from the uninterrupted one");
+    if wa != wb {
+        // The first step whose metrics differ (wall time aside) says where the runs parted.
+        let strip = |s: &str| {
+            let mut v: serde_json::Value = serde_json::from_str(s).unwrap();
+            v.as_object_mut().unwrap().remove("seconds");
+            v
+        };
+        let ma = std::fs::read_to_string(a.join("metrics.jsonl")).unwrap();
+        let mb = std::fs::read_to_string(b.join("metrics.jsonl")).unwrap();
+        let first = ma
+            .lines()
+            .zip(mb.lines())
+            .find(|(x, y)| strip(x) != strip(y))
+            .map(|(x, y)| format!("uninterrupted {x}\nresumed       {y}"));
+        panic!(
+            "resumed model differs from the uninterrupted one\nthe kill left:\n{left}\n\
+             first differing step:\n{}",
+            first.unwrap_or_else(|| "none (the weights differ, the metrics do not)".into())
+        );
+    }
     let lines = std::fs::read_to_string(b.join("metrics.jsonl"))
         .unwrap()
         .lines()
@@ -570,4 +591,22 @@ fn pairs_load_from_every_pair_bearing_format() {
     assert_eq!(own.records.len(), 4);
     let e = load_pairs_any(&f("advbench.csv")).unwrap_err().to_string();
     assert!(e.contains("advbench.csv") && e.contains("no pairs"), "{e}");
+}
+
+/// Files under `dir`, relative, sorted.
+fn walk_files(dir: &std::path::Path) -> Vec<String> {
+    let mut out = vec![];
+    let mut stack = vec![dir.to_path_buf()];
+    while let Some(d) = stack.pop() {
+        for e in std::fs::read_dir(&d).into_iter().flatten().flatten() {
+            let p = e.path();
+            if p.is_dir() {
+                stack.push(p);
+            } else {
+                out.push(p.strip_prefix(dir).unwrap().display().to_string());
+            }
+        }
+    }
+    out.sort();
+    out
 }
