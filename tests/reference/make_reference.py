@@ -1,4 +1,4 @@
-"""Reference values for tests/reference_parity.rs, computed once with PyTorch + transformers.
+"""Reference values for tests/it/smollm2.rs, computed once with PyTorch + transformers.
 
 Run: bench/.venv/bin/python tests/reference/make_reference.py  (after `bash bench/setup.sh`)
 Writes tests/reference/smollm2_reference.json.

@@ -1,4 +1,4 @@
-"""Reference values for the faithful RepNoise loss (tests/repnoise_loss.rs), computed once with
+"""Reference values for the faithful RepNoise loss (tests/it/smollm2.rs), computed once with
 PyTorch + transformers, written independently of the Rust code from the description of the
 authors' loss in shared/docs/ALGORITHM.md and docs/REPNOISE.md.
 

@@ -5,7 +5,7 @@
 //!
 //! So byte `c` is token `c + 3`: `Q` = 84, `:` = 61, space (`Ġ`) = 35, newline (`Ċ`) = 13.
 
-mod common;
+use crate::common;
 
 use repnoise::data::encode::{
     encode_pair, encode_prompt, encode_qa, pad_batch, EncodeOptions, PadLength, PadSide, Padding,

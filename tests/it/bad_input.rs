@@ -1,7 +1,7 @@
 //! Bad model input: each case gives an error naming the file and the problem, and the binary
 //! exits with status 1 and a message, never a panic.
 
-mod common;
+use crate::common;
 
 use std::path::Path;
 use std::process::Command;

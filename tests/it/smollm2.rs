@@ -34,7 +34,7 @@ fn tokenizer_and_logprobs_match_the_reference() {
     let m = smollm2();
     let net = Llama::frozen(&m.config, &m.params).unwrap();
     let r: Reference =
-        serde_json::from_str(include_str!("reference/smollm2_reference.json")).unwrap();
+        serde_json::from_str(include_str!("../reference/smollm2_reference.json")).unwrap();
     for c in &r.cases {
         let ids = m.tok.encode(&c.text).unwrap();
         assert_eq!(ids, c.ids, "tokenization of {:?}", c.text);
@@ -101,7 +101,7 @@ fn faithful_repnoise_loss_matches_the_reference() {
     use repnoise::data::encode::PromptFormat;
     use repnoise::objective::RepNoiseConfig;
     let r: LossReference =
-        serde_json::from_str(include_str!("reference/repnoise_loss_reference.json")).unwrap();
+        serde_json::from_str(include_str!("../reference/repnoise_loss_reference.json")).unwrap();
     let m = smollm2();
     let pairs =
         repnoise::data::read_pairs(std::path::Path::new("tests/fixtures/pairs/small.jsonl"))

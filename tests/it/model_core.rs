@@ -1,6 +1,6 @@
 //! Model core on tiny random models: caching, saving, formats, gradients, training, errors.
 
-mod common;
+use crate::common;
 
 use candle_core::{Device, Tensor};
 use common::*;

@@ -2,7 +2,7 @@
 //! values, cross-entropy rows against full masked logits, each method's loss, gradients reaching
 //! exactly the unfrozen parameters, resume equal to an uninterrupted run, NaN stops.
 
-mod common;
+use crate::common;
 
 use std::collections::BTreeMap;
 
