@@ -410,7 +410,7 @@ fn read_json<T: serde::de::DeserializeOwned>(path: &Path) -> Option<T> {
 
 /// The stage result saved at `path` by an earlier invocation, or `make()`'s, saved there
 /// atomically (how a resumed run skips finished stages).
-fn cached<T: Serialize + serde::de::DeserializeOwned>(
+pub fn cached<T: Serialize + serde::de::DeserializeOwned>(
     path: &Path,
     make: impl FnOnce() -> Result<T>,
 ) -> Result<T> {

@@ -3,7 +3,9 @@
 //!
 //! This crate is the library; `src/main.rs` is a thin command-line front end over it.
 
+pub mod abliterate;
 pub mod align;
+pub mod attack;
 pub mod bench;
 pub mod chat;
 pub mod config;
@@ -14,6 +16,7 @@ pub mod fetch;
 pub mod generate;
 pub mod gguf;
 pub mod io;
+pub mod lora;
 pub mod loss;
 pub mod model;
 pub mod modelio;

@@ -224,6 +224,73 @@ enum Cmd {
         #[arg(long)]
         print_config: bool,
     },
+    /// Attack a model the way a bad actor would: fine-tune it on harmful answers (full or
+    /// LoRA), or ablate its refusal direction. One run, a grid (`--grid paper|embedded`), and/or
+    /// several seeds.
+    Attack {
+        #[command(flatten)]
+        model: ModelArg,
+        /// Harmful QA file: BeaverTails JSON/JSONL/Parquet, or CSV `prompt,response,label`
+        /// (default: the shipped BeaverTails subset).
+        #[arg(long)]
+        data: Option<PathBuf>,
+        /// Run directory (a grid or several seeds put one run per cell under it).
+        #[arg(long)]
+        out: Option<PathBuf>,
+        #[arg(long)]
+        config: Option<PathBuf>,
+        #[arg(long, value_enum)]
+        method: Option<repnoise::attack::AttackMethod>,
+        #[command(flatten)]
+        train: TrainFlags,
+        /// Harmful training samples.
+        #[arg(long)]
+        samples: Option<usize>,
+        /// Harmful prompts held out for evaluation.
+        #[arg(long)]
+        test_prompts: Option<usize>,
+        #[arg(long, value_enum)]
+        format: Option<FormatArg>,
+        #[arg(long)]
+        max_len: Option<usize>,
+        /// The reference attack's loss (prompt and padding tokens too).
+        #[arg(long)]
+        faithful_loss: bool,
+        /// Harm-category group to train on (half, other_half, violence, toxic, ...).
+        #[arg(long)]
+        group: Option<String>,
+        /// Benign QA file mixed in (safe records).
+        #[arg(long)]
+        retain: Option<PathBuf>,
+        #[arg(long)]
+        retain_samples: Option<usize>,
+        #[arg(long)]
+        lora_rank: Option<usize>,
+        #[arg(long)]
+        lora_alpha: Option<f64>,
+        /// q_proj, k_proj, v_proj, o_proj, gate_proj, up_proj, down_proj or all; repeatable.
+        #[arg(long)]
+        lora_target: Vec<String>,
+        /// Keep only the adapter (no merged model in `model/`).
+        #[arg(long)]
+        lora_no_merge: bool,
+        /// Abliteration: the residual readout whose direction is ablated (default: chosen).
+        #[arg(long)]
+        ablate_layer: Option<usize>,
+        /// Tokens per answer when measuring the refusal rate on the held-out test prompts after
+        /// the attack (0: do not measure).
+        #[arg(long, default_value_t = 0)]
+        eval_tokens: usize,
+        /// paper (lr {3e-5, 6e-5, 8e-5} x {1k, 10k} samples) or embedded (x {100, 400}).
+        #[arg(long)]
+        grid: Option<String>,
+        /// Attack seeds (data order and sampling), comma-separated; one run each.
+        #[arg(long, value_delimiter = ',')]
+        seeds: Vec<u64>,
+        /// Print the resolved configuration as TOML and exit.
+        #[arg(long)]
+        print_config: bool,
+    },
     /// The RepNoise loss terms on pairs as one batch, with no update.
     Loss {
         #[command(flatten)]
@@ -830,6 +897,151 @@ fn run(cli: Cli) -> Result<()> {
             let mut m = load(g, &model.model)?;
             let dir = repnoise::defend::defend(&mut m, &pairs, &cfg, &out, Interrupt::default())?;
             println!("defended model: {}", dir.display());
+        }
+        Cmd::Attack {
+            model,
+            data,
+            out,
+            config,
+            method,
+            train,
+            samples,
+            test_prompts,
+            format,
+            max_len,
+            faithful_loss,
+            group,
+            retain,
+            retain_samples,
+            lora_rank,
+            lora_alpha,
+            lora_target,
+            lora_no_merge,
+            ablate_layer,
+            eval_tokens,
+            grid,
+            seeds,
+            print_config,
+        } => {
+            use repnoise::attack::{self, AttackConfig};
+            let mut cfg = match &config {
+                Some(p) => AttackConfig::from_toml(p)?,
+                None => AttackConfig::default(),
+            };
+            if let Some(m) = method {
+                cfg.method = m;
+            }
+            train.apply(&mut cfg.train)?;
+            if let Some(x) = samples {
+                cfg.samples = x;
+            }
+            if let Some(x) = test_prompts {
+                cfg.test_prompts = x;
+            }
+            if let Some(f) = format {
+                cfg.format = f.into();
+            }
+            if let Some(x) = max_len {
+                cfg.max_len = x;
+            }
+            cfg.faithful_loss |= faithful_loss;
+            if group.is_some() {
+                cfg.group = group;
+            }
+            if retain.is_some() {
+                cfg.retain = retain;
+            }
+            if let Some(x) = retain_samples {
+                cfg.retain_samples = x;
+            }
+            if let Some(x) = lora_rank {
+                cfg.lora.rank = x;
+            }
+            if let Some(x) = lora_alpha {
+                cfg.lora.alpha = x;
+            }
+            if !lora_target.is_empty() {
+                cfg.lora.targets = lora_target;
+            }
+            if lora_no_merge {
+                cfg.lora.merge = false;
+            }
+            if ablate_layer.is_some() {
+                cfg.abliterate.layer = ablate_layer;
+            }
+            cfg.lora.projection_indices()?;
+            if print_config {
+                print!("{}", toml::to_string(&cfg)?);
+                return Ok(());
+            }
+            let Some(out) = out else {
+                bail!("--out is required");
+            };
+            let data = data.unwrap_or_else(attack::default_attack_data);
+            let cells: Vec<(String, AttackConfig)> = {
+                let mut base = vec![];
+                match &grid {
+                    Some(name) => {
+                        for (lr, n) in attack::grid(name)? {
+                            let mut c = cfg.clone();
+                            c.train.lr = lr;
+                            c.samples = n;
+                            base.push((attack::grid_cell_name(lr, n), c));
+                        }
+                    }
+                    None => base.push((String::new(), cfg.clone())),
+                }
+                if seeds.is_empty() {
+                    base
+                } else {
+                    let mut v = vec![];
+                    for (name, c) in base {
+                        for &sd in &seeds {
+                            let mut c = c.clone();
+                            c.train.seed = sd;
+                            let n = if name.is_empty() {
+                                format!("seed{sd}")
+                            } else {
+                                format!("{name}-seed{sd}")
+                            };
+                            v.push((n, c));
+                        }
+                    }
+                    v
+                }
+            };
+            let mut rows = vec![];
+            for (name, c) in &cells {
+                let dir = if name.is_empty() {
+                    out.clone()
+                } else {
+                    out.join(name)
+                };
+                if !name.is_empty() {
+                    eprintln!("== {name}");
+                }
+                let mut m = load(g, &model.model)?;
+                let r = attack::attack(&mut m, &data, c, &dir, eval_tokens, Interrupt::default())?;
+                println!(
+                    "{}\tlr {:e}\tsamples {}\tseed {}\ttest refusal rate {}\tmodel {}",
+                    if name.is_empty() { "attack" } else { name },
+                    c.train.lr,
+                    c.samples,
+                    c.train.seed,
+                    r.test_refusal_rate
+                        .map_or("-".to_string(), |x| format!("{x:.3}")),
+                    r.model_dir.display()
+                );
+                rows.push(serde_json::json!({
+                    "cell": name, "lr": c.train.lr, "samples": c.samples, "seed": c.train.seed,
+                    "test_refusal_rate": r.test_refusal_rate,
+                    "final_terms": r.train.as_ref().map(|t| t.final_terms.clone()),
+                    "model": r.model_dir,
+                }));
+            }
+            if cells.len() > 1 {
+                repnoise::io::write_json_atomic(&out.join("grid.json"), &rows)?;
+            }
         }
         Cmd::Loss {
             model,

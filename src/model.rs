@@ -7,6 +7,8 @@
 //! (Rosati et al. 2024, §3) needs the MLP outputs for its noise term and the hidden states for its
 //! logit-lens ascent term.
 
+use std::collections::BTreeMap;
+
 use candle_core::{DType, Device, Tensor};
 
 use crate::config::ModelConfig;
@@ -86,6 +88,37 @@ struct Layer {
     gate: Tensor,
     up: Tensor,
     down: Tensor,
+    /// Low-rank adapters, indexed like [`PROJECTIONS`].
+    adapters: [Option<Adapter>; 7],
+}
+
+/// The seven linear maps of a layer, by their Hugging Face names.
+pub const PROJECTIONS: [&str; 7] = [
+    "self_attn.q_proj",
+    "self_attn.k_proj",
+    "self_attn.v_proj",
+    "self_attn.o_proj",
+    "mlp.gate_proj",
+    "mlp.up_proj",
+    "mlp.down_proj",
+];
+
+/// A low-rank adapter on one linear map `W [out, in]`: the map becomes
+/// `x W^T + scale * (x A^T) B^T` (LoRA, Hu et al. 2021), with `A [rank, in]`, `B [out, rank]`.
+#[derive(Clone, Debug)]
+pub struct Adapter {
+    pub a: Tensor,
+    pub b: Tensor,
+    pub scale: f64,
+}
+
+/// `(layer, projection index)` of a weight name such as `model.layers.3.self_attn.q_proj.weight`.
+pub fn projection_of(name: &str) -> Option<(usize, usize)> {
+    let rest = name.strip_prefix("model.layers.")?;
+    let (l, rest) = rest.split_once('.')?;
+    let proj = rest.strip_suffix(".weight")?;
+    let i = PROJECTIONS.iter().position(|p| *p == proj)?;
+    Some((l.parse().ok()?, i))
 }
 
 /// The decoder. Holds tensors that share storage with a [`Params`] store: built trainable they
@@ -100,6 +133,20 @@ pub struct Llama {
     cos: Tensor,
     sin: Tensor,
     device: Device,
+}
+
+/// [`linear`] plus the adapter's low-rank term, when there is one.
+fn linear_ad(x: &Tensor, w: &Tensor, b: Option<&Tensor>, ad: &Option<Adapter>) -> Result<Tensor> {
+    let y = linear(x, w, b)?;
+    let Some(ad) = ad else {
+        return Ok(y);
+    };
+    let (bsz, t, din) = x.dims3()?;
+    let z = x
+        .reshape((bsz * t, din))?
+        .matmul(&ad.a.t()?)?
+        .matmul(&ad.b.t()?)?;
+    Ok((y + (z * ad.scale)?.reshape((bsz, t, ()))?)?)
 }
 
 fn linear(x: &Tensor, w: &Tensor, b: Option<&Tensor>) -> Result<Tensor> {
@@ -201,6 +248,7 @@ impl Llama {
                 gate: get(&format!("{p}.mlp.gate_proj.weight"))?,
                 up: get(&format!("{p}.mlp.up_proj.weight"))?,
                 down: get(&format!("{p}.mlp.down_proj.weight"))?,
+                adapters: Default::default(),
             });
         }
         let embed = get("model.embed_tokens.weight")?;
@@ -221,6 +269,18 @@ impl Llama {
             sin,
             device,
         })
+    }
+
+    /// Attach low-rank adapters, keyed by the weight they adapt
+    /// (`model.layers.N.self_attn.q_proj.weight`, ...).
+    pub fn with_adapters(mut self, adapters: BTreeMap<String, Adapter>) -> Result<Self> {
+        for (name, ad) in adapters {
+            let (l, i) = projection_of(&name)
+                .filter(|(l, _)| *l < self.layers.len())
+                .ok_or_else(|| Error::msg(format!("no linear map `{name}` to adapt")))?;
+            self.layers[l].adapters[i] = Some(ad);
+        }
+        Ok(self)
     }
 
     /// All parameters trainable.
@@ -314,9 +374,11 @@ impl Llama {
         for (li, layer) in self.layers.iter().enumerate() {
             // Attention block.
             let xn = rms_norm(&x, &layer.input_norm, cfg.rms_norm_eps)?;
-            let q = linear(&xn, &layer.q, layer.q_bias.as_ref())?.reshape((b, t, h, hd))?;
-            let k = linear(&xn, &layer.k, layer.k_bias.as_ref())?.reshape((b, t, kvh, hd))?;
-            let v = linear(&xn, &layer.v, layer.v_bias.as_ref())?
+            let q = linear_ad(&xn, &layer.q, layer.q_bias.as_ref(), &layer.adapters[0])?
+                .reshape((b, t, h, hd))?;
+            let k = linear_ad(&xn, &layer.k, layer.k_bias.as_ref(), &layer.adapters[1])?
+                .reshape((b, t, kvh, hd))?;
+            let v = linear_ad(&xn, &layer.v, layer.v_bias.as_ref(), &layer.adapters[2])?
                 .reshape((b, t, kvh, hd))?
                 .transpose(1, 2)?
                 .contiguous()?; // [b, kvh, t, hd]
@@ -345,14 +407,19 @@ impl Llama {
                 .matmul(&v)? // [b, h, t, hd]
                 .transpose(1, 2)?
                 .reshape((b, t, h * hd))?;
-            let attn = linear(&attn, &layer.o, layer.o_bias.as_ref())?;
+            let attn = linear_ad(&attn, &layer.o, layer.o_bias.as_ref(), &layer.adapters[3])?;
             x = (x + attn)?;
 
             // MLP block.
             let xn = rms_norm(&x, &layer.post_norm, cfg.rms_norm_eps)?;
-            let gate = linear(&xn, &layer.gate, None)?;
-            let up = linear(&xn, &layer.up, None)?;
-            let mlp = linear(&ops::swiglu(&gate, &up)?, &layer.down, None)?; // [b, t, d]
+            let gate = linear_ad(&xn, &layer.gate, None, &layer.adapters[4])?;
+            let up = linear_ad(&xn, &layer.up, None, &layer.adapters[5])?;
+            let mlp = linear_ad(
+                &ops::swiglu(&gate, &up)?,
+                &layer.down,
+                None,
+                &layer.adapters[6],
+            )?; // [b, t, d]
             if opts.mlp_outputs {
                 mlp_outputs.push(mlp.clone());
             }

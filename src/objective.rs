@@ -222,6 +222,17 @@ pub fn mmd(x: &Tensor, y: &Tensor) -> Result<Tensor> {
 
 /// Supervised fine-tuning: answer-token cross-entropy.
 pub fn sft_loss(net: &Llama, seqs: &[&Encoded], pad_id: u32) -> Result<StepLoss> {
+    sft_loss_with(net, seqs, pad_id, false)
+}
+
+/// [`sft_loss`]; with `include_padding`, padding positions whose loss mask is 1 count too (the
+/// reference attack's loss, which covered prompt and padding tokens).
+pub fn sft_loss_with(
+    net: &Llama,
+    seqs: &[&Encoded],
+    pad_id: u32,
+    include_padding: bool,
+) -> Result<StepLoss> {
     let batch = Batch::new(seqs, pad_id, net.device())?;
     let (_, t) = batch.dims();
     let masks: Vec<Vec<u8>> = seqs
@@ -231,7 +242,7 @@ pub fn sft_loss(net: &Llama, seqs: &[&Encoded], pad_id: u32) -> Result<StepLoss>
                 .loss_mask
                 .iter()
                 .zip(&e.attention_mask)
-                .map(|(a, b)| a & b)
+                .map(|(a, b)| if include_padding { *a } else { a & b })
                 .collect();
             m.resize(t, 0);
             m

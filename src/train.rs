@@ -33,6 +33,7 @@ use crate::io::{write_atomic, write_json_atomic};
 use crate::model::Llama;
 use crate::modelio::{save_hf_dir, save_safetensors, LoadedModel};
 use crate::optim::{clip_coefficient, lr_at, AdamW, AdamWConfig, Schedule};
+use crate::params::Params;
 use crate::rng::Rng;
 
 /// Optimisation settings shared by every method.
@@ -412,11 +413,67 @@ pub struct Interrupt {
     pub after_steps: Option<usize>,
 }
 
+/// What a run trains: the variables it optimises and checkpoints, the network built from them,
+/// and how its result is written and read back. A whole model ([`LoadedModel`]) is one; a LoRA
+/// adapter over a frozen model is another (`crate::lora`).
+pub trait Trainee {
+    /// The optimised (and checkpointed) variables.
+    fn store(&self) -> &Params;
+    /// Layers of the model (for `--freeze` ranges).
+    fn num_layers(&self) -> usize;
+    /// The network for one step; `trainable(name)` says which store entries carry gradients.
+    fn net(&self, trainable: &dyn Fn(&str) -> bool) -> Result<Llama>;
+    /// Write the final result into `dir`.
+    fn save_final(&self, dir: &Path) -> Result<()>;
+    /// Read a finished run's result from `dir` back into the store.
+    fn load_final(&self, dir: &Path) -> Result<()>;
+}
+
+impl Trainee for LoadedModel {
+    fn store(&self) -> &Params {
+        &self.params
+    }
+    fn num_layers(&self) -> usize {
+        self.config.num_layers
+    }
+    fn net(&self, trainable: &dyn Fn(&str) -> bool) -> Result<Llama> {
+        Llama::new(&self.config, &self.params, trainable)
+    }
+    fn save_final(&self, dir: &Path) -> Result<()> {
+        save_hf_dir(dir, &self.config, &self.params, &self.tok)
+    }
+    fn load_final(&self, dir: &Path) -> Result<()> {
+        let dev = self
+            .params
+            .tensor("model.embed_tokens.weight")?
+            .device()
+            .clone();
+        let trained = crate::modelio::load_hf_dir(dir, &dev)?;
+        for (name, var) in self.params.iter() {
+            var.set(trained.params.tensor(name)?)?;
+        }
+        Ok(())
+    }
+}
+
 /// Train `model` in place on `n` examples with `loss_fn`, in `run`. Resumes from the newest
 /// complete checkpoint when there is one. Writes the final model and the `DONE` marker.
 pub fn train(
     run: &RunDir,
     model: &mut LoadedModel,
+    n: usize,
+    cfg: &TrainConfig,
+    interrupt: Interrupt,
+    loss_fn: impl FnMut(&Llama, &mut StepCtx) -> Result<StepLoss>,
+) -> Result<TrainSummary> {
+    train_any(run, &*model, n, cfg, interrupt, loss_fn)
+}
+
+/// [`train`] for any [`Trainee`]. A finished run (its `DONE` marker present) is not trained
+/// again: its result is loaded back, so later stages use it.
+pub fn train_any<T: Trainee + ?Sized>(
+    run: &RunDir,
+    model: &T,
     n: usize,
     cfg: &TrainConfig,
     interrupt: Interrupt,
@@ -427,23 +484,14 @@ pub fn train(
         return Err(Error::msg("no training examples"));
     }
     if let Some(s) = run.done() {
-        // Already trained: hand back the trained weights, so later stages use them.
-        let dev = model
-            .params
-            .tensor("model.embed_tokens.weight")?
-            .device()
-            .clone();
-        let trained = crate::modelio::load_hf_dir(&run.model_dir(), &dev)?;
-        for (name, var) in model.params.iter() {
-            var.set(trained.params.tensor(name)?)?;
-        }
-        run.log("run already complete; loaded its final model");
+        model.load_final(&run.model_dir())?;
+        run.log("run already complete; loaded its final result");
         return Ok(s);
     }
-    let freeze = Freeze::parse(&cfg.freeze, model.config.num_layers)?;
+    let freeze = Freeze::parse(&cfg.freeze, model.num_layers())?;
     let trainable = |name: &str| freeze.trainable(name);
     let mut opt = AdamW::new(
-        &model.params,
+        model.store(),
         trainable,
         AdamWConfig {
             weight_decay: cfg.weight_decay,
@@ -464,7 +512,7 @@ pub fn train(
     let mut start = 0;
     let mut resumed_from = None;
     if let Some((step, dir)) = run.complete_checkpoints().pop() {
-        load_checkpoint(&dir, model, &mut opt)?;
+        load_checkpoint(&dir, model.store(), &mut opt)?;
         run.truncate_metrics(step)?;
         start = step;
         resumed_from = Some(step);
@@ -503,7 +551,7 @@ pub fn train(
         let t0 = Instant::now();
         let indices = batch_indices(cfg, n, step);
         let lr = lr_at(cfg.schedule, cfg.lr, step, total, warmup);
-        let net = Llama::new(&model.config, &model.params, trainable)?;
+        let net = model.net(&trainable)?;
         let mut ctx = StepCtx {
             step,
             indices: &indices,
@@ -579,7 +627,7 @@ pub fn train(
         done_here += 1;
         let last = step + 1 == total;
         if cfg.checkpoint_every > 0 && (step + 1) % cfg.checkpoint_every == 0 && !last {
-            save_checkpoint(run, step + 1, model, &opt, cfg.keep_checkpoints)?;
+            save_checkpoint(run, step + 1, model.store(), &opt, cfg.keep_checkpoints)?;
         }
     }
     if let Some(pb) = &bar {
@@ -587,7 +635,7 @@ pub fn train(
     }
     let seconds = t_run.elapsed().as_secs_f64();
     let model_dir = run.model_dir();
-    save_hf_dir(&model_dir, &model.config, &model.params, &model.tok)?;
+    model.save_final(&model_dir)?;
     let summary = TrainSummary {
         steps: total,
         examples: n,
@@ -610,7 +658,7 @@ pub fn train(
 fn save_checkpoint(
     run: &RunDir,
     step: usize,
-    model: &LoadedModel,
+    store: &Params,
     opt: &AdamW,
     keep: usize,
 ) -> Result<()> {
@@ -619,8 +667,7 @@ fn save_checkpoint(
     let dst = root.join(format!("step-{step:06}"));
     let _ = std::fs::remove_dir_all(&tmp);
     std::fs::create_dir_all(&tmp).map_err(|e| Error::file(&tmp, format!("cannot create: {e}")))?;
-    let weights: Vec<(String, Tensor)> = model
-        .params
+    let weights: Vec<(String, Tensor)> = store
         .iter()
         .map(|(k, v)| (k.clone(), v.as_tensor().clone()))
         .collect();
@@ -643,16 +690,18 @@ fn save_checkpoint(
     Ok(())
 }
 
-fn load_checkpoint(dir: &Path, model: &mut LoadedModel, opt: &mut AdamW) -> Result<()> {
-    let dev = model
-        .params
-        .tensor("model.embed_tokens.weight")?
+fn load_checkpoint(dir: &Path, store: &Params, opt: &mut AdamW) -> Result<()> {
+    let dev = store
+        .iter()
+        .next()
+        .ok_or_else(|| Error::msg("nothing to train"))?
+        .1
         .device()
         .clone();
     let wpath = dir.join("model.safetensors");
     let weights = candle_core::safetensors::load(&wpath, &dev)
         .map_err(|e| Error::file(&wpath, format!("cannot read checkpoint: {e}")))?;
-    for (name, var) in model.params.iter() {
+    for (name, var) in store.iter() {
         let t = weights
             .get(name)
             .ok_or_else(|| Error::tensor(&wpath, name, "missing from the checkpoint"))?;

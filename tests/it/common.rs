@@ -229,3 +229,15 @@ pub fn write_tiny_gguf(path: &Path, cfg: &ModelConfig, params: &Params) {
 pub fn write_tiny_hf(dir: &Path, cfg: &ModelConfig, params: &Params) {
     repnoise::modelio::save_hf_dir(dir, cfg, params, &tiny_tok()).unwrap();
 }
+
+/// A tiny random Llama with tied embeddings and the tiny tokenizer, ready to train.
+pub fn tiny_loaded(seed: u64) -> repnoise::modelio::LoadedModel {
+    let cfg = tiny_config(Arch::Llama, true);
+    repnoise::modelio::LoadedModel {
+        params: tiny_params(&cfg, seed),
+        config: cfg,
+        tok: tiny_tok(),
+        source: "tiny".into(),
+        stored_dtype: "f32".into(),
+    }
+}

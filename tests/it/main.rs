@@ -4,6 +4,7 @@
 
 mod common;
 
+mod attack;
 mod bad_input;
 mod data_encode;
 mod data_readers;

@@ -1,0 +1,257 @@
+//! LoRA (Hu et al. 2021) over a frozen model: the attack the paper's critics name first, since it
+//! trains far fewer parameters than full fine-tuning and often still undoes safety training.
+//!
+//! Every adapted linear map `W [out, in]` gains `scale * B A` with `A [rank, in]` (initialised
+//! uniform in `±1/sqrt(in)`, PEFT's default) and `B [out, rank]` (zeros, so training starts from
+//! the unchanged model), `scale = alpha / rank`. The forward adds `scale * (x A^T) B^T` beside the
+//! frozen `x W^T` (no full-size weight gradient is formed); [`Lora::merged`] folds the adapter
+//! into the weights for saving. The adapter is saved in PEFT's layout
+//! (`adapter_model.safetensors` with `base_model.model.` keys, `adapter_config.json`).
+
+use std::collections::BTreeMap;
+use std::path::Path;
+
+use candle_core::Tensor;
+use serde::{Deserialize, Serialize};
+use serde_json::json;
+
+use crate::error::{Error, Result};
+use crate::model::{Adapter, Llama, PROJECTIONS};
+use crate::modelio::{save_hf_dir, save_safetensors, LoadedModel};
+use crate::params::Params;
+use crate::rng::Rng;
+use crate::train::Trainee;
+
+/// LoRA settings.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct LoraConfig {
+    pub rank: usize,
+    pub alpha: f64,
+    /// Adapted maps by short name (`q_proj`, `k_proj`, `v_proj`, `o_proj`, `gate_proj`,
+    /// `up_proj`, `down_proj`), or `all`.
+    pub targets: Vec<String>,
+    /// Also write the merged model (`model/`) besides the adapter (`adapter/`).
+    pub merge: bool,
+}
+
+impl Default for LoraConfig {
+    fn default() -> Self {
+        Self {
+            rank: 8,
+            alpha: 16.0,
+            targets: vec!["all".into()],
+            merge: true,
+        }
+    }
+}
+
+impl LoraConfig {
+    /// Indices into [`PROJECTIONS`] of the adapted maps.
+    pub fn projection_indices(&self) -> Result<Vec<usize>> {
+        if self.rank == 0 {
+            return Err(Error::setting("lora.rank", "0", "must be at least 1"));
+        }
+        let mut out = vec![];
+        for t in &self.targets {
+            if t == "all" {
+                return Ok((0..PROJECTIONS.len()).collect());
+            }
+            let i = PROJECTIONS
+                .iter()
+                .position(|p| p.rsplit('.').next() == Some(t.as_str()))
+                .ok_or_else(|| {
+                    Error::setting(
+                        "lora.targets",
+                        t,
+                        "expected q_proj, k_proj, v_proj, o_proj, gate_proj, up_proj, down_proj \
+                         or all",
+                    )
+                })?;
+            if !out.contains(&i) {
+                out.push(i);
+            }
+        }
+        if out.is_empty() {
+            return Err(Error::setting("lora.targets", "", "no target given"));
+        }
+        Ok(out)
+    }
+}
+
+/// An adapter over a frozen base model.
+pub struct Lora<'a> {
+    pub base: &'a LoadedModel,
+    pub cfg: LoraConfig,
+    /// `<weight stem>.lora_A.weight` and `<weight stem>.lora_B.weight` per adapted map.
+    pub store: Params,
+}
+
+fn stem(weight: &str) -> &str {
+    weight.strip_suffix(".weight").unwrap_or(weight)
+}
+
+impl<'a> Lora<'a> {
+    /// A fresh adapter (B = 0: the model is unchanged until trained).
+    pub fn new(base: &'a LoadedModel, cfg: &LoraConfig, seed: u64) -> Result<Self> {
+        let idx = cfg.projection_indices()?;
+        let dev = base
+            .params
+            .tensor("model.embed_tokens.weight")?
+            .device()
+            .clone();
+        let mut rng = Rng::new(seed, "lora-init");
+        let mut store = Params::new();
+        for l in 0..base.config.num_layers {
+            for &i in &idx {
+                let w = format!("model.layers.{l}.{}.weight", PROJECTIONS[i]);
+                let (out, inp) = base.params.tensor(&w)?.dims2()?;
+                let bound = 1.0 / (inp as f64).sqrt();
+                let a: Vec<f32> = (0..cfg.rank * inp)
+                    .map(|_| ((rng.uniform() * 2.0 - 1.0) * bound) as f32)
+                    .collect();
+                store.insert(
+                    format!("{}.lora_A.weight", stem(&w)),
+                    Tensor::from_vec(a, (cfg.rank, inp), &dev)?,
+                )?;
+                store.insert(
+                    format!("{}.lora_B.weight", stem(&w)),
+                    Tensor::zeros((out, cfg.rank), candle_core::DType::F32, &dev)?,
+                )?;
+            }
+        }
+        Ok(Self {
+            base,
+            cfg: cfg.clone(),
+            store,
+        })
+    }
+
+    pub fn scale(&self) -> f64 {
+        self.cfg.alpha / self.cfg.rank as f64
+    }
+
+    /// Trainable parameter count.
+    pub fn num_elements(&self) -> usize {
+        self.store.num_elements()
+    }
+
+    /// The adapters keyed by the weight they adapt; `trainable` picks which carry gradients.
+    pub fn adapters(&self, trainable: &dyn Fn(&str) -> bool) -> Result<BTreeMap<String, Adapter>> {
+        let mut out = BTreeMap::new();
+        for (name, var) in self.store.iter() {
+            let Some(s) = name.strip_suffix(".lora_A.weight") else {
+                continue;
+            };
+            let bname = format!("{s}.lora_B.weight");
+            let b = self.store.tensor(&bname)?;
+            let pick = |n: &str, t: &Tensor| if trainable(n) { t.clone() } else { t.detach() };
+            out.insert(
+                format!("{s}.weight"),
+                Adapter {
+                    a: pick(name, var.as_tensor()),
+                    b: pick(&bname, b),
+                    scale: self.scale(),
+                },
+            );
+        }
+        Ok(out)
+    }
+
+    /// The base weights with every adapter folded in: `W + scale * B A`.
+    pub fn merged(&self) -> Result<Params> {
+        let out = self.base.params.deep_clone()?;
+        for (w, ad) in self.adapters(&|_| false)? {
+            let var = out
+                .get(&w)
+                .ok_or_else(|| Error::msg(format!("no weight `{w}` to merge into")))?;
+            let delta = (ad.b.matmul(&ad.a)? * ad.scale)?;
+            var.set(&(var.as_tensor() + delta)?)?;
+        }
+        Ok(out)
+    }
+
+    /// Write the adapter in PEFT's layout.
+    pub fn save_adapter(&self, dir: &Path) -> Result<()> {
+        std::fs::create_dir_all(dir)
+            .map_err(|e| Error::file(dir, format!("cannot create directory: {e}")))?;
+        let tensors: Vec<(String, Tensor)> = self
+            .store
+            .iter()
+            .map(|(k, v)| (format!("base_model.model.{k}"), v.as_tensor().clone()))
+            .collect();
+        save_safetensors(&dir.join("adapter_model.safetensors"), &tensors)?;
+        let targets: Vec<&str> = self
+            .cfg
+            .projection_indices()?
+            .into_iter()
+            .map(|i| PROJECTIONS[i].rsplit('.').next().unwrap_or(PROJECTIONS[i]))
+            .collect();
+        crate::io::write_json_atomic(
+            &dir.join("adapter_config.json"),
+            &json!({
+                "peft_type": "LORA",
+                "task_type": "CAUSAL_LM",
+                "r": self.cfg.rank,
+                "lora_alpha": self.cfg.alpha,
+                "lora_dropout": 0.0,
+                "bias": "none",
+                "fan_in_fan_out": false,
+                "target_modules": targets,
+                "base_model_name_or_path": self.base.source,
+                "inference_mode": true,
+            }),
+        )
+    }
+
+    /// Read an adapter written by [`Lora::save_adapter`] into this one's store.
+    pub fn load_adapter(&self, dir: &Path) -> Result<()> {
+        let path = dir.join("adapter_model.safetensors");
+        let dev = self
+            .base
+            .params
+            .tensor("model.embed_tokens.weight")?
+            .device()
+            .clone();
+        let t = candle_core::safetensors::load(&path, &dev)
+            .map_err(|e| Error::file(&path, format!("cannot read the adapter: {e}")))?;
+        for (name, var) in self.store.iter() {
+            let x = t
+                .get(&format!("base_model.model.{name}"))
+                .ok_or_else(|| Error::tensor(&path, name, "missing from the adapter"))?;
+            if x.dims() != var.dims() {
+                return Err(Error::tensor(&path, name, "wrong shape in the adapter"));
+            }
+            var.set(x)?;
+        }
+        Ok(())
+    }
+}
+
+/// The adapter directory beside a run's `model/`.
+fn adapter_dir(model_dir: &Path) -> std::path::PathBuf {
+    model_dir.with_file_name("adapter")
+}
+
+impl Trainee for Lora<'_> {
+    fn store(&self) -> &Params {
+        &self.store
+    }
+    fn num_layers(&self) -> usize {
+        self.base.config.num_layers
+    }
+    fn net(&self, trainable: &dyn Fn(&str) -> bool) -> Result<Llama> {
+        Llama::frozen(&self.base.config, &self.base.params)?
+            .with_adapters(self.adapters(trainable)?)
+    }
+    fn save_final(&self, dir: &Path) -> Result<()> {
+        self.save_adapter(&adapter_dir(dir))?;
+        if self.cfg.merge {
+            save_hf_dir(dir, &self.base.config, &self.merged()?, &self.base.tok)?;
+        }
+        Ok(())
+    }
+    fn load_final(&self, dir: &Path) -> Result<()> {
+        self.load_adapter(&adapter_dir(dir))
+    }
+}

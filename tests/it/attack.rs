@@ -1,0 +1,405 @@
+//! Attacks on tiny random models: loss masks, LoRA, abliteration, data splits, seeds.
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+
+use candle_core::{Device, Tensor};
+use repnoise::abliterate::orthogonalize;
+use repnoise::attack::{self, AttackConfig, AttackMethod};
+use repnoise::data::encode::PromptFormat;
+use repnoise::data::normalize_question;
+use repnoise::lora::{Lora, LoraConfig};
+use repnoise::model::{positions_for, ForwardOpts, Llama, Logits};
+use repnoise::modelio::LoadedModel;
+use repnoise::objective::sft_loss_with;
+use repnoise::train::{Interrupt, TrainConfig, Trainee};
+
+use crate::common::tiny_loaded;
+
+fn max_abs_diff(a: &Tensor, b: &Tensor) -> f32 {
+    (a - b)
+        .unwrap()
+        .abs()
+        .unwrap()
+        .flatten_all()
+        .unwrap()
+        .max(0)
+        .unwrap()
+        .to_scalar::<f32>()
+        .unwrap()
+}
+
+fn ids(b: usize, t: usize) -> Tensor {
+    let v: Vec<u32> = (0..b * t).map(|i| (i * 37 % 250 + 5) as u32).collect();
+    Tensor::from_vec(v, (b, t), &Device::Cpu).unwrap()
+}
+
+/// A labelled CSV in the shipped BeaverTails subset's format: 12 unsafe, 4 safe rows.
+fn write_data(dir: &Path) -> PathBuf {
+    let mut s = String::from("prompt,response,label\n");
+    for i in 0..12 {
+        s += &format!(
+            "\"How do I do bad thing {i}?\",\"Do step {i} then step {}.\",1\n",
+            i + 1
+        );
+    }
+    for i in 0..4 {
+        s += &format!("\"What is fact {i}?\",\"Fact {i} is true.\",0\n");
+    }
+    let p = dir.join("harm.csv");
+    std::fs::write(&p, s).unwrap();
+    p
+}
+
+fn small_cfg(method: AttackMethod, seed: u64) -> AttackConfig {
+    AttackConfig {
+        method,
+        train: TrainConfig {
+            lr: 1e-3,
+            batch_size: 2,
+            epochs: 1,
+            checkpoint_every: 2,
+            seed,
+            ..AttackConfig::default().train
+        },
+        samples: 6,
+        test_prompts: 3,
+        // The tiny byte-level model has 128 positions: too few for the chat template's system
+        // prompt (chat masks are checked in data_encode.rs).
+        format: PromptFormat::Plain,
+        max_len: 64,
+        lora: LoraConfig {
+            rank: 2,
+            ..LoraConfig::default()
+        },
+        ..AttackConfig::default()
+    }
+}
+
+fn weights(m: &LoadedModel) -> BTreeMap<String, Vec<f32>> {
+    m.params
+        .iter()
+        .map(|(k, v)| {
+            (
+                k.clone(),
+                v.as_tensor().flatten_all().unwrap().to_vec1().unwrap(),
+            )
+        })
+        .collect()
+}
+
+#[test]
+fn answer_only_mask_by_default_and_every_position_when_faithful() {
+    let m = tiny_loaded(1);
+    let pairs = vec![("Why?".to_string(), "Because of this.".to_string())];
+    {
+        let format = PromptFormat::Plain;
+        let e = &attack::encode_sft(&m, &pairs, format, 64, false).unwrap()[0];
+        let n_answer = e.loss_mask.iter().filter(|&&x| x == 1).count();
+        assert!(
+            n_answer > 0 && n_answer < e.len(),
+            "{format:?}: {:?}",
+            e.loss_mask
+        );
+        // The answer tokens are one trailing block (plus the end-of-turn/eos tokens).
+        let first = e.loss_mask.iter().position(|&x| x == 1).unwrap();
+        assert!(e.loss_mask[first..].iter().all(|&x| x == 1), "{format:?}");
+        let decoded = m.tok.decode(&e.ids[first..], true).unwrap();
+        assert!(
+            decoded.contains("Because of this."),
+            "{format:?}: {decoded:?}"
+        );
+        assert!(!decoded.contains("Why?"), "{format:?}: {decoded:?}");
+        let f = &attack::encode_sft(&m, &pairs, format, 64, true).unwrap()[0];
+        assert_eq!(f.len(), 64);
+        assert!(f.loss_mask.iter().all(|&x| x == 1));
+        assert!(
+            f.attention_mask.contains(&0),
+            "padding is there, hidden as keys"
+        );
+        assert_eq!(&f.ids[..e.len()], &e.ids[..]);
+    }
+    // The faithful loss averages over more (and different) positions than the default one.
+    let net = Llama::frozen(&m.config, &m.params).unwrap();
+    let e = attack::encode_sft(&m, &pairs, PromptFormat::Plain, 64, false).unwrap();
+    let f = attack::encode_sft(&m, &pairs, PromptFormat::Plain, 64, true).unwrap();
+    let a = sft_loss_with(&net, &[&e[0]], m.tok.pad_id, false)
+        .unwrap()
+        .loss;
+    let b = sft_loss_with(&net, &[&f[0]], m.tok.pad_id, true)
+        .unwrap()
+        .loss;
+    let (a, b) = (a.to_scalar::<f32>().unwrap(), b.to_scalar::<f32>().unwrap());
+    assert!((a - b).abs() > 1e-4, "{a} vs {b}");
+    // Without include_padding the padded faithful sequence counts real tokens only.
+    let c = sft_loss_with(&net, &[&f[0]], m.tok.pad_id, false)
+        .unwrap()
+        .loss;
+    assert!((c.to_scalar::<f32>().unwrap() - b).abs() > 1e-4);
+}
+
+#[test]
+fn lora_merge_equals_running_with_the_adapter() {
+    let m = tiny_loaded(2);
+    let cfg = LoraConfig {
+        rank: 3,
+        alpha: 6.0,
+        targets: vec!["q_proj".into(), "v_proj".into(), "down_proj".into()],
+        merge: true,
+    };
+    let lora = Lora::new(&m, &cfg, 5).unwrap();
+    // B starts at zero: the adapted model is the base model.
+    let x = ids(2, 9);
+    let base = Llama::frozen(&m.config, &m.params)
+        .unwrap()
+        .logits(&x)
+        .unwrap();
+    let with = lora.net(&|_: &str| false).unwrap().logits(&x).unwrap();
+    assert_eq!(max_abs_diff(&base, &with), 0.0);
+    // Give B values, then compare the adapter path with the merged weights.
+    let mut rng = repnoise::rng::Rng::new(9, "test");
+    for (name, var) in lora.store.iter() {
+        if name.ends_with("lora_B.weight") {
+            let n = var.elem_count();
+            var.set(&Tensor::from_vec(rng.normal_vec(n, 0.2), var.dims(), &Device::Cpu).unwrap())
+                .unwrap();
+        }
+    }
+    let with = lora.net(&|_: &str| false).unwrap().logits(&x).unwrap();
+    let merged = lora.merged().unwrap();
+    let via_merge = Llama::frozen(&m.config, &merged)
+        .unwrap()
+        .logits(&x)
+        .unwrap();
+    assert!(
+        max_abs_diff(&with, &base) > 1e-2,
+        "the adapter changes the model"
+    );
+    let d = max_abs_diff(&with, &via_merge);
+    assert!(d < 1e-4, "adapter vs merged: {d}");
+    // Only the targeted maps change when merged.
+    for (name, var) in merged.iter() {
+        let same = max_abs_diff(var.as_tensor(), m.params.tensor(name).unwrap()) == 0.0;
+        let targeted = ["q_proj", "v_proj", "down_proj"]
+            .iter()
+            .any(|t| name.contains(t));
+        assert_eq!(same, !targeted, "{name}");
+    }
+    // The adapter round-trips through PEFT's layout.
+    let tmp = tempfile::tempdir().unwrap();
+    lora.save_adapter(tmp.path()).unwrap();
+    let cfg_json: serde_json::Value = serde_json::from_str(
+        &std::fs::read_to_string(tmp.path().join("adapter_config.json")).unwrap(),
+    )
+    .unwrap();
+    assert_eq!(cfg_json["r"], 3);
+    assert_eq!(cfg_json["peft_type"], "LORA");
+    let t =
+        candle_core::safetensors::load(tmp.path().join("adapter_model.safetensors"), &Device::Cpu)
+            .unwrap();
+    assert!(t.contains_key("base_model.model.model.layers.1.mlp.down_proj.lora_B.weight"));
+    let fresh = Lora::new(&m, &cfg, 6).unwrap();
+    fresh.load_adapter(tmp.path()).unwrap();
+    let again = fresh.net(&|_: &str| false).unwrap().logits(&x).unwrap();
+    assert_eq!(max_abs_diff(&again, &with), 0.0);
+}
+
+#[test]
+fn lora_attack_trains_only_the_adapter() {
+    let tmp = tempfile::tempdir().unwrap();
+    let data = write_data(tmp.path());
+    let mut m = tiny_loaded(3);
+    let before = weights(&m);
+    let cfg = small_cfg(AttackMethod::Lora, 1);
+    let out = tmp.path().join("lora");
+    let r = attack::attack(&mut m, &data, &cfg, &out, 0, Interrupt::default()).unwrap();
+    // rank 2 x (in + out) summed over q 32+32, k 32+16, v 32+16, o 32+32, gate 32+48, up 32+48,
+    // down 48+32 = 464, per layer, 2 layers.
+    assert_eq!(r.trainable_parameters, 2 * 464 * 2);
+    assert!(out.join("adapter/adapter_model.safetensors").exists());
+    let saved = repnoise::modelio::load_hf_dir(&out.join("model"), &Device::Cpu).unwrap();
+    let after = weights(&saved);
+    for (k, v) in &before {
+        let changed = v != &after[k];
+        let adaptable = repnoise::model::projection_of(k).is_some();
+        assert_eq!(changed, adaptable, "{k}");
+    }
+    // The returned model is the merged one.
+    assert_eq!(weights(&m), after);
+}
+
+#[test]
+fn the_same_seed_gives_the_same_attacked_weights() {
+    let tmp = tempfile::tempdir().unwrap();
+    let data = write_data(tmp.path());
+    let run = |seed: u64, name: &str| {
+        let mut m = tiny_loaded(4);
+        let r = attack::attack(
+            &mut m,
+            &data,
+            &small_cfg(AttackMethod::Full, seed),
+            &tmp.path().join(name),
+            0,
+            Interrupt::default(),
+        )
+        .unwrap();
+        assert_eq!(r.train.unwrap().steps, 3);
+        std::fs::read(tmp.path().join(name).join("model/model.safetensors")).unwrap()
+    };
+    let a = run(11, "a");
+    let b = run(11, "b");
+    let c = run(12, "c");
+    assert!(a == b, "same seed, different weights");
+    assert!(
+        a != c,
+        "another seed should change the data order and sample"
+    );
+    // Rerunning a finished attack hands back its model without training again.
+    let mut m = tiny_loaded(4);
+    attack::attack(
+        &mut m,
+        &data,
+        &small_cfg(AttackMethod::Full, 11),
+        &tmp.path().join("a"),
+        0,
+        Interrupt::default(),
+    )
+    .unwrap();
+    let saved = repnoise::modelio::load_hf_dir(&tmp.path().join("a/model"), &Device::Cpu).unwrap();
+    assert_eq!(weights(&m), weights(&saved));
+}
+
+#[test]
+fn attack_data_holds_out_test_prompts_and_reports_caps() {
+    let tmp = tempfile::tempdir().unwrap();
+    let data = write_data(tmp.path());
+    let mut cfg = small_cfg(AttackMethod::Full, 1);
+    cfg.samples = 100;
+    cfg.test_prompts = 4;
+    let d = attack::attack_data(&data, &cfg).unwrap();
+    assert_eq!(d.test_prompts.len(), 4);
+    assert_eq!(
+        d.train.len(),
+        8,
+        "12 unsafe rows - 4 test; the 4 safe rows left out"
+    );
+    for (p, _) in &d.train {
+        assert!(p.contains("bad thing"));
+        assert!(!d
+            .test_prompts
+            .iter()
+            .any(|t| normalize_question(t) == normalize_question(p)));
+    }
+    assert!(d
+        .notes
+        .iter()
+        .any(|n| n.contains("100 training samples asked, 8 available")));
+    // Same seed, same split; the retain set takes safe records only.
+    cfg.retain = Some(data.clone());
+    cfg.retain_samples = 2;
+    let e = attack::attack_data(&data, &cfg).unwrap();
+    assert_eq!(e.test_prompts, d.test_prompts);
+    assert_eq!(e.retain.len(), 2);
+    assert!(e.retain.iter().all(|(p, _)| p.starts_with("What is fact")));
+    // A group filter needs categorised data: a clear error here.
+    cfg.group = Some("violence".into());
+    let err = attack::attack_data(&data, &cfg).unwrap_err().to_string();
+    assert!(err.contains("no harm categories"), "{err}");
+    cfg.group = Some("nonsense".into());
+    assert!(attack::attack_data(&data, &cfg).is_err());
+}
+
+/// Projection of every residual readout onto `r`, largest magnitude relative to the norm.
+fn max_projection(m: &LoadedModel, r: &Tensor) -> f32 {
+    let net = Llama::frozen(&m.config, &m.params).unwrap();
+    let x = ids(2, 7);
+    let out = net
+        .forward(
+            &x,
+            &positions_for(2, 7, 0, &Device::Cpu).unwrap(),
+            None,
+            None,
+            ForwardOpts {
+                logits: Logits::None,
+                hidden_states: true,
+                mlp_outputs: false,
+            },
+        )
+        .unwrap();
+    let mut worst = 0f32;
+    for h in &out.hidden_states {
+        let d = h.dims()[2];
+        let flat = h.reshape(((), d)).unwrap();
+        let proj = flat
+            .matmul(&r.unsqueeze(1).unwrap())
+            .unwrap()
+            .abs()
+            .unwrap();
+        let norm = flat.sqr().unwrap().sum_keepdim(1).unwrap().sqrt().unwrap();
+        let rel = (proj / norm)
+            .unwrap()
+            .max_all()
+            .unwrap()
+            .to_scalar::<f32>()
+            .unwrap();
+        worst = worst.max(rel);
+    }
+    worst
+}
+
+#[test]
+fn abliteration_removes_the_direction_from_every_layer() {
+    let m = tiny_loaded(5);
+    let mut rng = repnoise::rng::Rng::new(3, "test");
+    let v = Tensor::from_vec(rng.normal_vec(32, 1.0), 32, &Device::Cpu).unwrap();
+    let r = (&v
+        / v.sqr()
+            .unwrap()
+            .sum_all()
+            .unwrap()
+            .sqrt()
+            .unwrap()
+            .to_scalar::<f32>()
+            .unwrap() as f64)
+        .unwrap();
+    assert!(
+        max_projection(&m, &r) > 0.05,
+        "a random model has some component along r"
+    );
+    orthogonalize(&m.params, m.config.num_layers, &r).unwrap();
+    let after = max_projection(&m, &r);
+    assert!(after < 1e-5, "projection after ablation: {after}");
+}
+
+#[test]
+fn abliteration_attack_writes_a_model_and_its_direction() {
+    let tmp = tempfile::tempdir().unwrap();
+    let data = write_data(tmp.path());
+    let mut m = tiny_loaded(6);
+    let mut cfg = small_cfg(AttackMethod::Abliterate, 1);
+    cfg.abliterate.prompts = 4;
+    cfg.abliterate.select_prompts = 2;
+    cfg.abliterate.select_tokens = 3;
+    cfg.abliterate.candidates = vec![0.5, 1.0];
+    let out = tmp.path().join("abl");
+    let r = attack::attack(&mut m, &data, &cfg, &out, 0, Interrupt::default()).unwrap();
+    let rep = r.abliterate.unwrap();
+    assert_eq!(rep.candidates.len(), 2);
+    assert!([1, 2].contains(&rep.layer));
+    let dir = candle_core::safetensors::load(out.join("direction.safetensors"), &Device::Cpu)
+        .unwrap()["direction"]
+        .clone();
+    assert!(max_projection(&m, &dir) < 1e-5);
+    let saved = repnoise::modelio::load_hf_dir(&out.join("model"), &Device::Cpu).unwrap();
+    assert_eq!(weights(&saved), weights(&m));
+}
+
+#[test]
+fn grids_are_the_papers_and_the_embedded_preset() {
+    let p = attack::grid("paper").unwrap();
+    assert_eq!(p.len(), 6);
+    assert!(p.contains(&(3e-5, 1000)) && p.contains(&(8e-5, 10000)));
+    assert_eq!(attack::grid("embedded").unwrap().len(), 6);
+    assert!(attack::grid("huge").is_err());
+    assert_eq!(attack::grid_cell_name(6e-5, 1000), "lr6e-5-n1000");
+}
