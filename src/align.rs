@@ -679,6 +679,30 @@ pub fn named_prompt_sets(
                     ));
                 }
                 let ext = p.extension().and_then(|e| e.to_str()).unwrap_or("");
+                if ext == "jsonl" {
+                    // `{"prompt": ...}` per line (an attack's `test_prompts.jsonl`).
+                    let text = std::fs::read_to_string(p)
+                        .map_err(|e| Error::file(p, format!("cannot read: {e}")))?;
+                    let mut prompts = vec![];
+                    for (i, line) in text.lines().enumerate() {
+                        if line.trim().is_empty() {
+                            continue;
+                        }
+                        let v: serde_json::Value = serde_json::from_str(line).map_err(|e| {
+                            Error::file(p, format!("line {}: not JSON: {e}", i + 1))
+                        })?;
+                        let q = v["prompt"].as_str().ok_or_else(|| {
+                            Error::file(p, format!("line {}: no string field `prompt`", i + 1))
+                        })?;
+                        prompts.push(q.to_string());
+                    }
+                    out.push((
+                        name.clone(),
+                        "harmful".to_string(),
+                        sample(&prompts, n, seed, &format!("eval-{name}")),
+                    ));
+                    continue;
+                }
                 let recs = match ext {
                     "csv" => read_advbench(p).or_else(|_| read_harmbench(p))?,
                     "json" => read_instruction_list(p)?,

@@ -13,6 +13,7 @@ pub mod data;
 pub mod defend;
 pub mod error;
 pub mod fetch;
+pub mod finetune;
 pub mod generate;
 pub mod gguf;
 pub mod io;

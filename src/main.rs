@@ -291,6 +291,32 @@ enum Cmd {
         #[arg(long)]
         print_config: bool,
     },
+    /// Benign fine-tuning on a data-to-text task, for the trainability check; keeps a test split
+    /// (`test.jsonl`) for the evaluation.
+    Finetune {
+        #[command(flatten)]
+        model: ModelArg,
+        /// viggo, e2e, dart, conv_weather, or a data-to-text file.
+        #[arg(long)]
+        task: String,
+        #[arg(long)]
+        out: PathBuf,
+        #[arg(long)]
+        config: Option<PathBuf>,
+        #[command(flatten)]
+        train: TrainFlags,
+        /// Training examples (0: all).
+        #[arg(long)]
+        samples: Option<usize>,
+        /// Test inputs kept (0: all of the test file).
+        #[arg(long)]
+        test: Option<usize>,
+        #[arg(long)]
+        max_len: Option<usize>,
+        /// The prompt, with `{input}` for the structured input.
+        #[arg(long)]
+        template: Option<String>,
+    },
     /// The RepNoise loss terms on pairs as one batch, with no update.
     Loss {
         #[command(flatten)]
@@ -1042,6 +1068,52 @@ fn run(cli: Cli) -> Result<()> {
             if cells.len() > 1 {
                 repnoise::io::write_json_atomic(&out.join("grid.json"), &rows)?;
             }
+        }
+        Cmd::Finetune {
+            model,
+            task,
+            out,
+            config,
+            train,
+            samples,
+            test,
+            max_len,
+            template,
+        } => {
+            use repnoise::finetune::FinetuneConfig;
+            let mut cfg = match &config {
+                Some(p) => {
+                    let text = std::fs::read_to_string(p)
+                        .map_err(|e| anyhow::anyhow!("{}: cannot read: {e}", p.display()))?;
+                    toml::from_str::<FinetuneConfig>(&text).map_err(|e| {
+                        anyhow::anyhow!("{}: not a valid finetune config: {e}", p.display())
+                    })?
+                }
+                None => FinetuneConfig::default(),
+            };
+            train.apply(&mut cfg.train)?;
+            if let Some(x) = samples {
+                cfg.samples = x;
+            }
+            if let Some(x) = test {
+                cfg.test = x;
+            }
+            if let Some(x) = max_len {
+                cfg.max_len = x;
+            }
+            if let Some(x) = template {
+                cfg.template = x;
+            }
+            let mut m = load(g, &model.model)?;
+            let r = repnoise::finetune::finetune(&mut m, &task, &cfg, &out, Interrupt::default())?;
+            println!(
+                "fine-tuned on {} examples ({} steps); {} test inputs in {}; model {}",
+                r.train_examples,
+                r.summary.steps,
+                r.test_inputs,
+                out.join("test.jsonl").display(),
+                r.summary.model_dir.display()
+            );
         }
         Cmd::Loss {
             model,

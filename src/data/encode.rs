@@ -213,6 +213,24 @@ pub fn encode_qa(tok: &Tok, prompt: &str, response: &str, opts: &EncodeOptions) 
     }
 }
 
+/// Tokenise `prefix` followed by `answer` as one plain text (a task's own template, e.g. the
+/// trainability tasks' `Meaning Representation: ...\nDescription:`), with the answer-only loss
+/// mask; `add_bos`, `add_eos` and `max_len` apply as in the plain format.
+pub fn encode_prefixed(
+    tok: &Tok,
+    prefix: &str,
+    answer: &str,
+    opts: &EncodeOptions,
+) -> Result<Encoded> {
+    let text = format!("{prefix}{answer}");
+    let (ids, offsets) = tok.encode_with_offsets(&text)?;
+    let opts = EncodeOptions {
+        format: PromptFormat::Plain,
+        ..*opts
+    };
+    finish(tok, ids, answer_mask(&offsets, prefix.len()), &opts, true)
+}
+
 /// Tokenise a question alone, ready for generation (the loss mask is all 0).
 pub fn encode_prompt(tok: &Tok, prompt: &str, opts: &EncodeOptions) -> Result<Encoded> {
     let ids = match opts.format {

@@ -26,7 +26,7 @@ use super::{HasQuestion, Loaded, Skipped};
 use crate::error::{Error, Result};
 
 /// One input -> reference training or test example.
-#[derive(Clone, Debug, PartialEq, Serialize)]
+#[derive(Clone, Debug, PartialEq, Serialize, serde::Deserialize)]
 pub struct DataToText {
     /// The structured input as text (MR, linearised triples, query + tree MR).
     pub input: String,

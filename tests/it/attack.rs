@@ -403,3 +403,78 @@ fn grids_are_the_papers_and_the_embedded_preset() {
     assert!(attack::grid("huge").is_err());
     assert_eq!(attack::grid_cell_name(6e-5, 1000), "lr6e-5-n1000");
 }
+
+#[test]
+fn benign_finetune_trains_on_text_only_and_keeps_test_inputs_out() {
+    use repnoise::data::encode::{encode_prefixed, EncodeOptions};
+    use repnoise::finetune::{finetune, render, task_data, FinetuneConfig};
+    let m = tiny_loaded(7);
+    let prompt = render("MR: {input}\nText:", "name[X]");
+    assert_eq!(prompt, "MR: name[X]\nText:");
+    let e = encode_prefixed(
+        &m.tok,
+        &prompt,
+        " X is nice.",
+        &EncodeOptions {
+            add_eos: true,
+            ..EncodeOptions::default()
+        },
+    )
+    .unwrap();
+    let first = e.loss_mask.iter().position(|&x| x == 1).unwrap();
+    assert_eq!(m.tok.decode(&e.ids[..first], false).unwrap(), prompt);
+    assert_eq!(m.tok.decode(&e.ids[first..], true).unwrap(), " X is nice.");
+    assert_eq!(
+        *e.loss_mask.last().unwrap(),
+        1,
+        "the end-of-sequence token is trained"
+    );
+
+    // A user's MR file: split by input, no test input trained on.
+    let tmp = tempfile::tempdir().unwrap();
+    let mut csv = String::from("mr,ref\n");
+    for i in 0..10 {
+        csv += &format!(
+            "\"inform(name[n{i}])\",\"It is n{i}.\"\n\"inform(name[n{i}])\",\"n{i} it is.\"\n"
+        );
+    }
+    let file = tmp.path().join("viggo_like.csv");
+    std::fs::write(&file, csv).unwrap();
+    let d = task_data(file.to_str().unwrap(), 3, 1).unwrap();
+    assert_eq!(d.test.len(), 3);
+    assert!(d.test.iter().all(|(_, refs)| refs.len() == 2));
+    assert_eq!(d.train.len(), 14, "7 inputs x 2 references");
+    for x in &d.train {
+        assert!(!d.test.iter().any(|(i, _)| *i == x.input));
+    }
+    let mut cfg = FinetuneConfig {
+        max_len: 64,
+        ..FinetuneConfig::default()
+    };
+    cfg.train.lr = 1e-3;
+    cfg.train.batch_size = 4;
+    cfg.test = 3;
+    let mut m = tiny_loaded(7);
+    let before = weights(&m);
+    let out = tmp.path().join("ft");
+    let r = finetune(
+        &mut m,
+        file.to_str().unwrap(),
+        &cfg,
+        &out,
+        Interrupt::default(),
+    )
+    .unwrap();
+    assert_eq!(
+        (r.train_examples, r.summary.steps, r.test_inputs),
+        (14, 4, 3)
+    );
+    assert_ne!(weights(&m), before);
+    let lines = std::fs::read_to_string(out.join("test.jsonl")).unwrap();
+    let first: serde_json::Value = serde_json::from_str(lines.lines().next().unwrap()).unwrap();
+    assert!(first["prompt"]
+        .as_str()
+        .unwrap()
+        .starts_with("Meaning Representation: inform("));
+    assert!(task_data("no-such-task", 3, 1).is_err());
+}
