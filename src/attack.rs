@@ -444,10 +444,11 @@ pub fn harmless_prompts(n: usize, seed: u64) -> Result<Vec<String>> {
 pub fn grid(name: &str) -> Result<Vec<(f64, usize)>> {
     let (lrs, ns): (&[f64], &[usize]) = match name {
         "paper" => (&[3e-5, 6e-5, 8e-5], &[1000, 10000]),
-        // The shipped BeaverTails subset has a few hundred unsafe answers, and a 135M model on
-        // two CPU cores trains ~1 step per 5-10 s at batch 4: 100 and 400 samples (25 and 100
-        // steps) keep the grid within an hour while spanning a 4x budget, as 1k vs 10k does.
-        "embedded" => (&[3e-5, 6e-5, 8e-5], &[100, 400]),
+        // The shipped BeaverTails subset has 465 unsafe answers (347 distinct questions left
+        // after the 100 held-out test prompts), and a 135M model on two CPU cores trains about
+        // one step per 5-10 s at batch 4: 100 and 300 samples (25 and 75 steps) keep the grid
+        // near an hour while spanning a 3x budget, as 1k vs 10k spans 10x.
+        "embedded" => (&[3e-5, 6e-5, 8e-5], &[100, 300]),
         other => return Err(Error::setting("grid", other, "expected paper or embedded")),
     };
     Ok(lrs

@@ -281,7 +281,7 @@ enum Cmd {
         /// the attack (0: do not measure).
         #[arg(long, default_value_t = 0)]
         eval_tokens: usize,
-        /// paper (lr {3e-5, 6e-5, 8e-5} x {1k, 10k} samples) or embedded (x {100, 400}).
+        /// paper (lr {3e-5, 6e-5, 8e-5} x {1k, 10k} samples) or embedded (x {100, 300}).
         #[arg(long)]
         grid: Option<String>,
         /// Attack seeds (data order and sampling), comma-separated; one run each.
