@@ -16,7 +16,7 @@ use crate::abliterate::{abliterate, AbliterateConfig, AbliterateReport};
 use crate::align::{answer_prompts, default_data_dir};
 use crate::data::categories::{GroupMatch, HarmGroup};
 use crate::data::encode::{encode_qa, pad_to, EncodeOptions, Encoded, PadSide, PromptFormat};
-use crate::data::split::{split_disjoint, Duplicates, SplitSpec};
+use crate::data::split::{normalize_question, split_disjoint, Duplicates, SplitSpec};
 use crate::data::{filter_group, read_harmful_qa};
 use crate::error::{Error, Result};
 use crate::io::write_json_atomic;
@@ -162,11 +162,16 @@ pub fn attack_data(path: &Path, cfg: &AttackConfig) -> Result<AttackData> {
             "fewer than two records with unsafe answers to attack with",
         ));
     }
-    let test_n = cfg.test_prompts.min(harmful.len() / 2);
+    let distinct: std::collections::BTreeSet<String> = harmful
+        .iter()
+        .map(|r| normalize_question(&r.prompt))
+        .collect();
+    let test_n = cfg.test_prompts.min(distinct.len() / 2);
     if test_n < cfg.test_prompts {
         notes.push(format!(
-            "only {test_n} test prompts held out (asked {}): half the data at most",
-            cfg.test_prompts
+            "only {test_n} test prompts held out (asked {}): half the {} distinct questions at most",
+            cfg.test_prompts,
+            distinct.len()
         ));
     }
     let splits = split_disjoint(
@@ -181,6 +186,12 @@ pub fn attack_data(path: &Path, cfg: &AttackConfig) -> Result<AttackData> {
         .iter()
         .map(|r| r.prompt.clone())
         .collect();
+    if splits.duplicates_dropped > 0 {
+        notes.push(format!(
+            "{} records repeating a question left out (one answer per question)",
+            splits.duplicates_dropped
+        ));
+    }
     let pool = splits.get("pool").unwrap_or_default();
     let mut train: Vec<(String, String)> = pool
         .iter()
@@ -198,12 +209,26 @@ pub fn attack_data(path: &Path, cfg: &AttackConfig) -> Result<AttackData> {
     let mut retain = vec![];
     if let Some(rp) = &cfg.retain {
         let r = read_harmful_qa(rp)?;
-        let mut safe: Vec<(String, String)> = r
+        let held_out: std::collections::BTreeSet<String> =
+            test_prompts.iter().map(|p| normalize_question(p)).collect();
+        let safe_all: Vec<(String, String)> = r
             .records
             .into_iter()
             .filter(|x| x.is_safe)
             .map(|x| (x.prompt, x.response))
             .collect();
+        let n_safe = safe_all.len();
+        // A retain record must not teach a held-out test question.
+        let mut safe: Vec<(String, String)> = safe_all
+            .into_iter()
+            .filter(|(p, _)| !held_out.contains(&normalize_question(p)))
+            .collect();
+        if safe.len() < n_safe {
+            notes.push(format!(
+                "{} retain records asking a held-out test question left out",
+                n_safe - safe.len()
+            ));
+        }
         if safe.is_empty() {
             return Err(Error::file(rp, "no safe records to use as the retain set"));
         }
@@ -323,7 +348,7 @@ pub fn attack(
     match cfg.method {
         AttackMethod::Abliterate => {
             trainable_parameters = 0;
-            if run.done().is_some() {
+            if out.join("DONE").exists() {
                 let dev = model
                     .params
                     .tensor("model.embed_tokens.weight")?
@@ -361,6 +386,16 @@ pub fn attack(
             let mut pairs = data.train.clone();
             pairs.extend(data.retain.iter().cloned());
             let enc = encode_sft(model, &pairs, cfg.format, cfg.max_len, cfg.faithful_loss)?;
+            if enc.len() < pairs.len() {
+                let msg = format!(
+                    "{} of {} training pairs left out: no answer token within max_len {}",
+                    pairs.len() - enc.len(),
+                    pairs.len(),
+                    cfg.max_len
+                );
+                run.log(&msg);
+                eprintln!("{msg}");
+            }
             let pad = model.tok.pad_id;
             let faithful = cfg.faithful_loss;
             let loss = |net: &crate::model::Llama, ctx: &mut train::StepCtx| {
@@ -399,7 +434,8 @@ pub fn attack(
     }
 
     let test_refusal_rate = if eval_tokens > 0 && !data.test_prompts.is_empty() {
-        let r: f64 = crate::align::cached(&out.join("test_refusal_rate.json"), || {
+        let name = format!("test_refusal_rate-{eval_tokens}tok.json");
+        let r: f64 = crate::align::cached(&out.join(name), || {
             let net = crate::model::Llama::frozen(&model.config, &model.params)?;
             let ans = answer_prompts(
                 &net,
@@ -415,6 +451,11 @@ pub fn attack(
         Some(r)
     } else {
         None
+    };
+    let model_dir = if cfg.method == AttackMethod::Lora && !cfg.lora.merge {
+        out.join("adapter")
+    } else {
+        model_dir
     };
     let report = AttackReport {
         method: cfg.method,
@@ -434,7 +475,16 @@ pub fn attack(
 pub fn harmless_prompts(n: usize, seed: u64) -> Result<Vec<String>> {
     let d = default_data_dir();
     let arc = crate::data::mc::read_arc(&d.join("arc/arc_easy.jsonl"))?.records;
-    let mut q: Vec<String> = arc.into_iter().map(|a| a.query).collect();
+    // ARC queries carry their own `Question: ` prefix; the harmful prompts do not.
+    let mut q: Vec<String> = arc
+        .into_iter()
+        .map(|a| {
+            a.query
+                .strip_prefix("Question: ")
+                .unwrap_or(&a.query)
+                .to_string()
+        })
+        .collect();
     Rng::new(seed, "abliterate-harmless").shuffle(&mut q);
     q.truncate(n);
     Ok(q)

@@ -302,6 +302,28 @@ fn attack_data_holds_out_test_prompts_and_reports_caps() {
     assert_eq!(e.retain.len(), 2);
     assert!(e.retain.iter().all(|(p, _)| p.starts_with("What is fact")));
     // A group filter needs categorised data: a clear error here.
+    // Safe answers to the held-out questions never enter training through the retain set.
+    let mut both = String::from("prompt,response,label\n");
+    for i in 0..12 {
+        both += &format!("\"How do I do bad thing {i}?\",\"I will not help with that.\",0\n");
+    }
+    let both_path = tmp.path().join("safe_twins.csv");
+    std::fs::write(&both_path, both).unwrap();
+    cfg.retain = Some(both_path);
+    cfg.retain_samples = 100;
+    let f = attack::attack_data(&data, &cfg).unwrap();
+    assert_eq!(
+        f.retain.len(),
+        8,
+        "12 safe twins - the 4 asking a test question"
+    );
+    for (p, _) in &f.retain {
+        assert!(!f.test_prompts.contains(p), "{p} is held out");
+    }
+    assert!(f
+        .notes
+        .iter()
+        .any(|n| n.contains("4 retain records asking a held-out test question")));
     cfg.group = Some("violence".into());
     let err = attack::attack_data(&data, &cfg).unwrap_err().to_string();
     assert!(err.contains("no harm categories"), "{err}");
@@ -392,6 +414,13 @@ fn abliteration_attack_writes_a_model_and_its_direction() {
     assert!(max_projection(&m, &dir) < 1e-5);
     let saved = repnoise::modelio::load_hf_dir(&out.join("model"), &Device::Cpu).unwrap();
     assert_eq!(weights(&saved), weights(&m));
+    // Rerunning a finished abliteration loads its result instead of searching again.
+    let mut again = tiny_loaded(6);
+    let r2 = attack::attack(&mut again, &data, &cfg, &out, 0, Interrupt::default()).unwrap();
+    assert_eq!(weights(&again), weights(&m));
+    assert_eq!(r2.abliterate.unwrap().layer, rep.layer);
+    let log = std::fs::read_to_string(out.join("log.txt")).unwrap();
+    assert_eq!(log.matches("abliterated layer").count(), 1, "{log}");
 }
 
 #[test]
