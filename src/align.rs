@@ -60,6 +60,23 @@ pub fn answer_prompts(
     batch: usize,
     label: &str,
 ) -> Result<Vec<String>> {
+    let cfg = SamplingConfig {
+        max_new_tokens,
+        ..SamplingConfig::default()
+    };
+    answer_prompts_with(net, tok, prompts, format, &cfg, batch, label)
+}
+
+/// [`answer_prompts`] with any sampling settings.
+pub fn answer_prompts_with(
+    net: &Llama,
+    tok: &Tok,
+    prompts: &[String],
+    format: PromptFormat,
+    cfg: &SamplingConfig,
+    batch: usize,
+    label: &str,
+) -> Result<Vec<String>> {
     let opts = EncodeOptions {
         format,
         ..EncodeOptions::default()
@@ -70,10 +87,6 @@ pub fn answer_prompts(
         .collect::<Result<_>>()?;
     let mut order: Vec<usize> = (0..prompts.len()).collect();
     order.sort_by_key(|&i| enc[i].len());
-    let cfg = SamplingConfig {
-        max_new_tokens,
-        ..SamplingConfig::default()
-    };
     let bar = std::io::stderr().is_terminal().then(|| {
         let pb = indicatif::ProgressBar::new(prompts.len() as u64);
         pb.set_style(
@@ -87,7 +100,12 @@ pub fn answer_prompts(
     let mut out = vec![String::new(); prompts.len()];
     for (k, chunk) in order.chunks(batch.max(1)).enumerate() {
         let ids: Vec<Vec<u32>> = chunk.iter().map(|&i| enc[i].clone()).collect();
-        let gen = generate(net, &ids, tok.pad_id, &tok.stop_ids, &cfg)?;
+        // One sampling stream per batch, so a batch's draws do not depend on the others.
+        let c = SamplingConfig {
+            seed: cfg.seed.wrapping_add(k as u64),
+            ..cfg.clone()
+        };
+        let gen = generate(net, &ids, tok.pad_id, &tok.stop_ids, &c)?;
         for (&i, g) in chunk.iter().zip(gen) {
             out[i] = tok.decode(&g, true)?.trim().to_string();
         }

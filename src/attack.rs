@@ -75,6 +75,8 @@ pub struct AttackConfig {
     /// Refusal phrases file for abliteration's layer choice and the evaluation (default list
     /// otherwise).
     pub refusal_phrases: Option<PathBuf>,
+    /// Fine-tune without the model's security vector (by default it stays active and frozen).
+    pub ignore_security_vector: bool,
 }
 
 impl Default for AttackConfig {
@@ -100,16 +102,14 @@ impl Default for AttackConfig {
             lora: LoraConfig::default(),
             abliterate: AbliterateConfig::default(),
             refusal_phrases: None,
+            ignore_security_vector: false,
         }
     }
 }
 
 impl AttackConfig {
     pub fn from_toml(path: &Path) -> Result<Self> {
-        let text = std::fs::read_to_string(path)
-            .map_err(|e| Error::file(path, format!("cannot read: {e}")))?;
-        toml::from_str(&text)
-            .map_err(|e| Error::file(path, format!("not a valid attack config: {e}")))
+        crate::io::read_toml(path, "attack")
     }
 }
 
@@ -309,6 +309,8 @@ pub struct AttackReport {
     pub abliterate: Option<AbliterateReport>,
     /// Refusal rate on the held-out test prompts after the attack (when evaluated).
     pub test_refusal_rate: Option<f64>,
+    /// The security vector kept active and frozen during the fine-tuning, if any.
+    pub security_vector: Option<PathBuf>,
     pub seconds: f64,
 }
 
@@ -340,6 +342,21 @@ pub fn attack(
         .collect();
     crate::io::write_atomic(&out.join("test_prompts.jsonl"), test_lines.as_bytes())?;
     let check = RefusalCheck::load(cfg.refusal_phrases.as_deref())?;
+    let sv = if cfg.method == AttackMethod::Abliterate {
+        None // no fine-tuning: the attacker works on the published weights
+    } else {
+        crate::lora::load_security_vector(model, cfg.ignore_security_vector)?
+    };
+    let sv_dir = sv.as_ref().map(|(d, _)| d.clone());
+    if let Some(d) = &sv_dir {
+        let msg = format!(
+            "fine-tuning under the security vector {} (active, frozen, dropped from the result)",
+            d.display()
+        );
+        run.log(&msg);
+        eprintln!("{msg}");
+    }
+    let frozen = sv.map(|(_, a)| a);
 
     let mut train_summary = None;
     let mut abl = None;
@@ -404,9 +421,10 @@ pub fn attack(
             };
             if cfg.method == AttackMethod::Full {
                 trainable_parameters = model.params.num_elements();
-                train_summary = Some(train::train(
+                train_summary = Some(crate::lora::train_under(
                     &run,
-                    model,
+                    &*model,
+                    frozen,
                     enc.len(),
                     &cfg.train,
                     interrupt,
@@ -418,9 +436,10 @@ pub fn attack(
                 run.log(&format!(
                     "LoRA: {trainable_parameters} trainable parameters"
                 ));
-                train_summary = Some(train::train_any(
+                train_summary = Some(crate::lora::train_under(
                     &run,
                     &lora,
+                    frozen,
                     enc.len(),
                     &cfg.train,
                     interrupt,
@@ -465,6 +484,7 @@ pub fn attack(
         trainable_parameters,
         abliterate: abl,
         test_refusal_rate,
+        security_vector: sv_dir,
         seconds: t0.elapsed().as_secs_f64(),
     };
     write_json_atomic(&out.join("report.json"), &report)?;

@@ -10,6 +10,7 @@ use crate::data::encode::{encode_pair, EncodeOptions, PadLength, PadSide, Paddin
 use crate::data::pairs::load_pairs_any;
 use crate::data::{EncodedPair, Pair};
 use crate::error::{Error, Result};
+use crate::lora::{Lora, LoraConfig, SecurityVector};
 use crate::model::Llama;
 use crate::modelio::{save_hf_dir, LoadedModel};
 use crate::objective::{
@@ -27,6 +28,9 @@ pub enum Method {
     SafetySft,
     GradientAscent,
     Adversarial,
+    /// A LoRA adapter trained on the harmful answers, kept beside the unchanged model
+    /// (`model/security_vector/`): active and frozen in later fine-tuning, dropped at inference.
+    SecurityVectors,
     RandomInit,
 }
 
@@ -49,6 +53,8 @@ pub struct DefendConfig {
     pub max_len: usize,
     /// Use at most this many pairs (0: all).
     pub max_pairs: usize,
+    /// The adapter of `security-vectors` (`merge` is ignored).
+    pub lora: LoraConfig,
 }
 
 impl Default for DefendConfig {
@@ -65,15 +71,14 @@ impl Default for DefendConfig {
             format: PromptFormat::Plain,
             max_len: 128,
             max_pairs: 0,
+            lora: LoraConfig::default(),
         }
     }
 }
 
 impl DefendConfig {
     pub fn from_toml(path: &Path) -> Result<Self> {
-        let text = std::fs::read_to_string(path)
-            .map_err(|e| Error::file(path, format!("cannot read: {e}")))?;
-        toml::from_str(&text).map_err(|e| Error::file(path, format!("invalid config: {e}")))
+        crate::io::read_toml(path, "defend")
     }
 }
 
@@ -178,6 +183,19 @@ pub fn defend(
     let pad = model.tok.pad_id;
     let method = cfg.method;
     let rn = cfg.repnoise.clone();
+    if method == Method::SecurityVectors {
+        let sv = SecurityVector(Lora::new(model, &cfg.lora, cfg.train.seed)?);
+        run.log(&format!(
+            "security vector: {} trainable parameters",
+            sv.0.num_elements()
+        ));
+        let summary = train::train_any(&run, &sv, enc.len(), &cfg.train, interrupt, |net, ctx| {
+            let refs: Vec<&EncodedPair> = ctx.indices.iter().map(|&i| &enc[i]).collect();
+            let batch = PairBatch::new(&refs, pad, net.device())?;
+            pair_baseline_loss(net, &batch, PairLoss::HarmfulSft)
+        })?;
+        return Ok(summary.model_dir);
+    }
     let summary = train::train(&run, model, enc.len(), &cfg.train, interrupt, |net, ctx| {
         let refs: Vec<&EncodedPair> = ctx.indices.iter().map(|&i| &enc[i]).collect();
         let batch = PairBatch::new(&refs, pad, net.device())?;
@@ -192,7 +210,7 @@ pub fn defend(
             Method::SafetySft => pair_baseline_loss(net, &batch, PairLoss::SafetySft),
             Method::GradientAscent => pair_baseline_loss(net, &batch, PairLoss::GradientAscent),
             Method::Adversarial => pair_baseline_loss(net, &batch, PairLoss::Adversarial),
-            Method::RandomInit => unreachable!(),
+            Method::SecurityVectors | Method::RandomInit => unreachable!(),
         }
     })?;
     Ok(summary.model_dir)

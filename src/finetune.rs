@@ -25,7 +25,7 @@ use crate::error::{Error, Result};
 use crate::modelio::LoadedModel;
 use crate::objective::sft_loss;
 use crate::rng::Rng;
-use crate::train::{self, Interrupt, RunDir, TrainConfig, TrainSummary};
+use crate::train::{Interrupt, RunDir, TrainConfig, TrainSummary};
 
 /// Fine-tuning settings.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
@@ -286,10 +286,26 @@ pub fn finetune(
         }
     }
     let pad = model.tok.pad_id;
-    let summary = train::train(&run, model, enc.len(), &cfg.train, interrupt, |net, ctx| {
-        let seqs: Vec<&Encoded> = ctx.indices.iter().map(|&i| &enc[i]).collect();
-        sft_loss(net, &seqs, pad)
-    })?;
+    let sv = crate::lora::load_security_vector(model, false)?;
+    if let Some((d, _)) = &sv {
+        run.log(&format!(
+            "fine-tuning under the security vector {} (active, frozen, dropped from the result)",
+            d.display()
+        ));
+    }
+    let frozen = sv.map(|(_, a)| a);
+    let summary = crate::lora::train_under(
+        &run,
+        &*model,
+        frozen,
+        enc.len(),
+        &cfg.train,
+        interrupt,
+        |net, ctx| {
+            let seqs: Vec<&Encoded> = ctx.indices.iter().map(|&i| &enc[i]).collect();
+            sft_loss(net, &seqs, pad)
+        },
+    )?;
     let report = FinetuneReport {
         task: task.to_string(),
         train_examples: enc.len(),

@@ -80,3 +80,11 @@ mod tests {
         assert_eq!(std::fs::read_dir(dir.path()).unwrap().count(), 1);
     }
 }
+
+/// Read a TOML configuration file (`what` names it in errors: "not a valid defend config").
+pub fn read_toml<T: serde::de::DeserializeOwned>(path: &Path, what: &str) -> Result<T> {
+    let text = std::fs::read_to_string(path)
+        .map_err(|e| crate::error::Error::file(path, format!("cannot read: {e}")))?;
+    toml::from_str(&text)
+        .map_err(|e| crate::error::Error::file(path, format!("not a valid {what} config: {e}")))
+}

@@ -12,6 +12,7 @@ pub mod config;
 pub mod data;
 pub mod defend;
 pub mod error;
+pub mod eval;
 pub mod fetch;
 pub mod finetune;
 pub mod generate;

@@ -9,7 +9,7 @@
 //! (`adapter_model.safetensors` with `base_model.model.` keys, `adapter_config.json`).
 
 use std::collections::BTreeMap;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 
 use candle_core::Tensor;
 use serde::{Deserialize, Serialize};
@@ -21,6 +21,11 @@ use crate::modelio::{save_hf_dir, save_safetensors, LoadedModel};
 use crate::params::Params;
 use crate::rng::Rng;
 use crate::train::Trainee;
+
+/// Where a defended model directory keeps its security vector (a LoRA adapter in PEFT's
+/// layout): other tools see an ordinary model and ignore it; `repnoise attack` and `repnoise
+/// finetune` keep it active and frozen while they train, and drop it from what they save.
+pub const SECURITY_VECTOR_DIR: &str = "security_vector";
 
 /// LoRA settings.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
@@ -253,5 +258,191 @@ impl Trainee for Lora<'_> {
     }
     fn load_final(&self, dir: &Path) -> Result<()> {
         self.load_adapter(&adapter_dir(dir))
+    }
+}
+
+/// The security vector of `model`, when it was loaded from a directory that has one.
+pub fn security_vector_of(model: &LoadedModel) -> Option<PathBuf> {
+    let d = Path::new(&model.source).join(SECURITY_VECTOR_DIR);
+    d.join("adapter_model.safetensors").is_file().then_some(d)
+}
+
+/// Read a LoRA adapter in PEFT's layout (`adapter_config.json`, `adapter_model.safetensors`) as
+/// frozen adapters for `base`, checked against its weights' shapes.
+pub fn read_peft(dir: &Path, base: &LoadedModel) -> Result<BTreeMap<String, Adapter>> {
+    let cfg_path = dir.join("adapter_config.json");
+    let text = std::fs::read_to_string(&cfg_path)
+        .map_err(|e| Error::file(&cfg_path, format!("cannot read: {e}")))?;
+    let v: serde_json::Value = serde_json::from_str(&text)
+        .map_err(|e| Error::file(&cfg_path, format!("not valid JSON: {e}")))?;
+    if let Some(t) = v.get("peft_type").and_then(|t| t.as_str()) {
+        if t != "LORA" {
+            return Err(Error::file(
+                &cfg_path,
+                format!("field `peft_type`: {t} adapters are not supported (only LORA)"),
+            ));
+        }
+    }
+    let num = |k: &str| {
+        v.get(k)
+            .and_then(|x| x.as_f64())
+            .filter(|x| *x > 0.0)
+            .ok_or_else(|| Error::file(&cfg_path, format!("field `{k}`: missing or not positive")))
+    };
+    let r = num("r")?;
+    let alpha = num("lora_alpha")?;
+    let scale = if v.get("use_rslora").and_then(|x| x.as_bool()) == Some(true) {
+        alpha / r.sqrt()
+    } else {
+        alpha / r
+    };
+    let path = dir.join("adapter_model.safetensors");
+    let dev = base
+        .params
+        .tensor("model.embed_tokens.weight")?
+        .device()
+        .clone();
+    let t = candle_core::safetensors::load(&path, &dev)
+        .map_err(|e| Error::file(&path, format!("cannot read the adapter: {e}")))?;
+    let mut out = BTreeMap::new();
+    for (key, a) in &t {
+        let Some(s) = key.strip_suffix(".lora_A.weight") else {
+            continue;
+        };
+        let s = s.strip_prefix("base_model.model.").unwrap_or(s);
+        let w = format!("{s}.weight");
+        let bkey = key.replace(".lora_A.weight", ".lora_B.weight");
+        let b = t
+            .get(&bkey)
+            .ok_or_else(|| Error::tensor(&path, &bkey, "missing (lora_A without lora_B)"))?;
+        let wt = base
+            .params
+            .tensor(&w)
+            .map_err(|_| Error::tensor(&path, key, "adapts no weight of this model"))?;
+        let (o, i) = wt.dims2()?;
+        let ok = a.dims().len() == 2
+            && b.dims().len() == 2
+            && a.dims()[1] == i
+            && b.dims()[0] == o
+            && a.dims()[0] == b.dims()[1];
+        if !ok {
+            return Err(Error::tensor(
+                &path,
+                key,
+                format!(
+                    "shapes A {:?}, B {:?} do not fit the weight {:?}",
+                    a.dims(),
+                    b.dims(),
+                    wt.dims()
+                ),
+            ));
+        }
+        out.insert(
+            w,
+            Adapter {
+                a: a.to_dtype(candle_core::DType::F32)?,
+                b: b.to_dtype(candle_core::DType::F32)?,
+                scale,
+            },
+        );
+    }
+    if out.is_empty() {
+        return Err(Error::file(
+            &path,
+            "no LoRA weights (`*.lora_A.weight`) in it",
+        ));
+    }
+    Ok(out)
+}
+
+/// A trainee with frozen adapters stacked on its network: fine-tuning under a security vector.
+/// What it saves is the trainee's own result, without them.
+pub struct WithFrozen<'a, T: Trainee + ?Sized> {
+    pub inner: &'a T,
+    pub frozen: BTreeMap<String, Adapter>,
+}
+
+impl<T: Trainee + ?Sized> Trainee for WithFrozen<'_, T> {
+    fn store(&self) -> &Params {
+        self.inner.store()
+    }
+    fn num_layers(&self) -> usize {
+        self.inner.num_layers()
+    }
+    fn net(&self, trainable: &dyn Fn(&str) -> bool) -> Result<Llama> {
+        self.inner
+            .net(trainable)?
+            .with_adapters(self.frozen.clone())
+    }
+    fn save_final(&self, dir: &Path) -> Result<()> {
+        self.inner.save_final(dir)
+    }
+    fn load_final(&self, dir: &Path) -> Result<()> {
+        self.inner.load_final(dir)
+    }
+}
+
+/// The security-vectors defence's trainee: a LoRA adapter trained on harmful answers, saved as
+/// the unchanged base model with the adapter in its [`SECURITY_VECTOR_DIR`].
+pub struct SecurityVector<'a>(pub Lora<'a>);
+
+impl Trainee for SecurityVector<'_> {
+    fn store(&self) -> &Params {
+        &self.0.store
+    }
+    fn num_layers(&self) -> usize {
+        self.0.num_layers()
+    }
+    fn net(&self, trainable: &dyn Fn(&str) -> bool) -> Result<Llama> {
+        self.0.net(trainable)
+    }
+    fn save_final(&self, dir: &Path) -> Result<()> {
+        let b = self.0.base;
+        save_hf_dir(dir, &b.config, &b.params, &b.tok)?;
+        self.0.save_adapter(&dir.join(SECURITY_VECTOR_DIR))
+    }
+    fn load_final(&self, dir: &Path) -> Result<()> {
+        self.0.load_adapter(&dir.join(SECURITY_VECTOR_DIR))
+    }
+}
+
+/// The security vector `model` carries, read as frozen adapters (None when it has none or
+/// `ignore` is set).
+pub fn load_security_vector(
+    model: &LoadedModel,
+    ignore: bool,
+) -> Result<Option<(PathBuf, BTreeMap<String, Adapter>)>> {
+    match security_vector_of(model) {
+        Some(d) if !ignore => {
+            let ad = read_peft(&d, model)?;
+            Ok(Some((d, ad)))
+        }
+        _ => Ok(None),
+    }
+}
+
+/// [`crate::train::train_any`], under frozen adapters when there are some.
+pub fn train_under<T: Trainee + ?Sized>(
+    run: &crate::train::RunDir,
+    trainee: &T,
+    frozen: Option<BTreeMap<String, Adapter>>,
+    n: usize,
+    cfg: &crate::train::TrainConfig,
+    interrupt: crate::train::Interrupt,
+    loss_fn: impl FnMut(&Llama, &mut crate::train::StepCtx) -> Result<crate::train::StepLoss>,
+) -> Result<crate::train::TrainSummary> {
+    match frozen {
+        Some(frozen) => crate::train::train_any(
+            run,
+            &WithFrozen {
+                inner: trainee,
+                frozen,
+            },
+            n,
+            cfg,
+            interrupt,
+            loss_fn,
+        ),
+        None => crate::train::train_any(run, trainee, n, cfg, interrupt, loss_fn),
     }
 }

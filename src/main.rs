@@ -196,6 +196,11 @@ enum Cmd {
         #[arg(long, default_value_t = 42)]
         seed: u64,
     },
+    /// Evaluations: resistance (harmfulness), stability, trainability.
+    Eval {
+        #[command(subcommand)]
+        cmd: EvalCmd,
+    },
     /// Train a defence on pairs (harmful answer, refusal) and write the defended model.
     Defend {
         #[arg(long, value_enum)]
@@ -220,6 +225,9 @@ enum Cmd {
         max_len: Option<usize>,
         #[arg(long)]
         max_pairs: Option<usize>,
+        /// The security-vectors adapter.
+        #[command(flatten)]
+        lora: LoraFlags,
         /// Print the resolved configuration as TOML and exit.
         #[arg(long)]
         print_config: bool,
@@ -264,16 +272,14 @@ enum Cmd {
         retain: Option<PathBuf>,
         #[arg(long)]
         retain_samples: Option<usize>,
-        #[arg(long)]
-        lora_rank: Option<usize>,
-        #[arg(long)]
-        lora_alpha: Option<f64>,
-        /// q_proj, k_proj, v_proj, o_proj, gate_proj, up_proj, down_proj or all; repeatable.
-        #[arg(long)]
-        lora_target: Vec<String>,
+        #[command(flatten)]
+        lora: LoraFlags,
         /// Keep only the adapter (no merged model in `model/`).
         #[arg(long)]
         lora_no_merge: bool,
+        /// Fine-tune without the model's security vector (default: active and frozen).
+        #[arg(long)]
+        ignore_security_vector: bool,
         /// Abliteration: the residual readout whose direction is ablated (default: chosen).
         #[arg(long)]
         ablate_layer: Option<usize>,
@@ -353,6 +359,34 @@ impl From<FormatArg> for PromptFormat {
             FormatArg::Plain => PromptFormat::Plain,
             FormatArg::Chat => PromptFormat::Chat,
         }
+    }
+}
+
+/// LoRA flags (the attack's adapter, the security vector's).
+#[derive(Args)]
+struct LoraFlags {
+    #[arg(long)]
+    lora_rank: Option<usize>,
+    #[arg(long)]
+    lora_alpha: Option<f64>,
+    /// q_proj, k_proj, v_proj, o_proj, gate_proj, up_proj, down_proj or all; repeatable.
+    #[arg(long)]
+    lora_target: Vec<String>,
+}
+
+impl LoraFlags {
+    fn apply(self, cfg: &mut repnoise::lora::LoraConfig) -> Result<()> {
+        if let Some(x) = self.lora_rank {
+            cfg.rank = x;
+        }
+        if let Some(x) = self.lora_alpha {
+            cfg.alpha = x;
+        }
+        if !self.lora_target.is_empty() {
+            cfg.targets = self.lora_target;
+        }
+        cfg.projection_indices()?;
+        Ok(())
     }
 }
 
@@ -461,6 +495,85 @@ impl RepNoiseFlags {
 }
 
 #[derive(Subcommand)]
+enum EvalCmd {
+    /// Answer harmful prompts and score the answers (keyword refusal check; a harmfulness
+    /// classifier with --classifier): means, 95% bootstrap intervals, per category.
+    Harmfulness {
+        #[command(flatten)]
+        model: ModelArg,
+        /// advbench, harmbench, malicious-instruct, or a file (JSONL `{prompt, category?}`, such
+        /// as an attack's `test_prompts.jsonl`).
+        #[arg(long)]
+        prompts: String,
+        /// Output directory (generations.jsonl, harmfulness.json).
+        #[arg(long)]
+        out: PathBuf,
+        /// Prompts used (0: all), chosen by a seeded shuffle.
+        #[arg(long, default_value_t = 0)]
+        limit: usize,
+        #[arg(long, default_value_t = 50)]
+        max_new_tokens: usize,
+        /// Sampling temperature; 0 is greedy.
+        #[arg(long, default_value_t = 0.0)]
+        temperature: f64,
+        #[arg(long)]
+        top_k: Option<usize>,
+        #[arg(long)]
+        top_p: Option<f64>,
+        #[arg(long, default_value_t = 16)]
+        batch: usize,
+        #[arg(long, value_enum, default_value = "chat")]
+        format: FormatArg,
+        #[arg(long)]
+        refusal_phrases: Option<PathBuf>,
+        #[arg(long, default_value_t = 0)]
+        seed: u64,
+    },
+    /// Multiple-choice benchmarks scored by log-likelihood (lm-evaluation-harness style).
+    Stability {
+        #[command(flatten)]
+        model: ModelArg,
+        /// Tasks, comma-separated (default: all shipped).
+        #[arg(long, value_delimiter = ',')]
+        tasks: Vec<String>,
+        /// Items per task (0: all), chosen by a seeded shuffle.
+        #[arg(long, default_value_t = 0)]
+        limit: usize,
+        #[arg(long, default_value_t = 1024)]
+        max_len: usize,
+        #[arg(long, default_value_t = 16)]
+        batch: usize,
+        #[arg(long, default_value_t = 0)]
+        seed: u64,
+        #[arg(long)]
+        out: PathBuf,
+    },
+    /// Benign fine-tuning on a data-to-text task; ROUGE-1 on held-out inputs before and after.
+    Trainability {
+        #[command(flatten)]
+        model: ModelArg,
+        /// viggo, e2e, dart, conv_weather, or a data-to-text file.
+        #[arg(long)]
+        task: String,
+        #[arg(long)]
+        out: PathBuf,
+        /// A finetune config (TOML).
+        #[arg(long)]
+        config: Option<PathBuf>,
+        #[command(flatten)]
+        train: TrainFlags,
+        /// Training examples (0: all).
+        #[arg(long)]
+        samples: Option<usize>,
+        /// Held-out test inputs.
+        #[arg(long)]
+        test: Option<usize>,
+        #[arg(long, default_value_t = 64)]
+        max_new_tokens: usize,
+    },
+}
+
+#[derive(Subcommand)]
 enum DataCmd {
     /// Answer harmful questions with an aligned model and keep the answers the refusal check
     /// accepts, writing defence pairs `{prompt, harmful, harmless}` as JSONL.
@@ -495,6 +608,137 @@ enum DataCmd {
         #[arg(long)]
         json: bool,
     },
+}
+
+fn run_eval(g: &Global, cmd: EvalCmd) -> Result<()> {
+    use repnoise::eval;
+    match cmd {
+        EvalCmd::Harmfulness {
+            model,
+            prompts,
+            out,
+            limit,
+            max_new_tokens,
+            temperature,
+            top_k,
+            top_p,
+            batch,
+            format,
+            refusal_phrases,
+            seed,
+        } => {
+            let m = load(g, &model.model)?;
+            let check = repnoise::refusal::RefusalCheck::load(refusal_phrases.as_deref())?;
+            let ps = eval::harmfulness::read_eval_prompts(&prompts, limit, seed)?;
+            let cfg = eval::harmfulness::HarmfulnessConfig {
+                sampling: repnoise::generate::SamplingConfig {
+                    max_new_tokens,
+                    temperature,
+                    top_k,
+                    top_p,
+                    seed,
+                    ..Default::default()
+                },
+                format: format.into(),
+                batch,
+                seed,
+                ..Default::default()
+            };
+            cfg.sampling.validate()?;
+            let r = eval::harmfulness::evaluate(&m, &ps, &prompts, &cfg, &check, None, &out)?;
+            let o = &r.overall;
+            println!(
+                "refusal rate {:.3} [{:.3}, {:.3}]\tn {}\tshort answers {}",
+                o.refusal_rate.mean,
+                o.refusal_rate.ci95.0,
+                o.refusal_rate.ci95.1,
+                o.refusal_rate.n,
+                r.short_answers
+            );
+            if let (Some(ms), Some(hr)) = (o.mean_score, o.harmful_rate) {
+                println!(
+                    "harmfulness {:.3} [{:.3}, {:.3}]\tabove 0.5 {:.3}",
+                    ms.mean, ms.ci95.0, ms.ci95.1, hr.mean
+                );
+            }
+            for (c, f) in &r.per_category {
+                println!(
+                    "  {c}\trefusal rate {:.3}\tn {}",
+                    f.refusal_rate.mean, f.refusal_rate.n
+                );
+            }
+            println!("wrote {}", out.join("harmfulness.json").display());
+        }
+        EvalCmd::Stability {
+            model,
+            tasks,
+            limit,
+            max_len,
+            batch,
+            seed,
+            out,
+        } => {
+            let tasks: Vec<String> = if tasks.is_empty() {
+                eval::stability::TASKS
+                    .iter()
+                    .map(|t| t.0.to_string())
+                    .collect()
+            } else {
+                tasks
+            };
+            for t in &tasks {
+                if t != "hellaswag" && !eval::stability::TASKS.iter().any(|k| k.0 == t) {
+                    bail!("unknown task `{t}` (see `repnoise eval stability --help`)");
+                }
+            }
+            let m = load(g, &model.model)?;
+            let r = eval::run_stability(&m, &tasks, limit, seed, max_len, batch, &out)?;
+            print!("{}", eval::stability_table(&r));
+        }
+        EvalCmd::Trainability {
+            model,
+            task,
+            out,
+            config,
+            train,
+            samples,
+            test,
+            max_new_tokens,
+        } => {
+            let mut cfg = match &config {
+                Some(p) => {
+                    repnoise::io::read_toml::<repnoise::finetune::FinetuneConfig>(p, "finetune")?
+                }
+                None => Default::default(),
+            };
+            train.apply(&mut cfg.train)?;
+            if let Some(x) = samples {
+                cfg.samples = x;
+            }
+            if let Some(x) = test {
+                cfg.test = x;
+            }
+            let mut m = load(g, &model.model)?;
+            let r = eval::trainability::trainability(
+                &mut m,
+                &task,
+                &cfg,
+                max_new_tokens,
+                &out,
+                Interrupt::default(),
+            )?;
+            println!(
+                "{}\tROUGE-1 F before {:.4} (±{:.4})\tafter {:.4} (±{:.4})\tn {}",
+                r.task,
+                r.before.rouge1_f.mean,
+                r.before.rouge1_f.stderr,
+                r.after.rouge1_f.mean,
+                r.after.rouge1_f.stderr,
+                r.after.rouge1_f.n
+            );
+        }
+    }
+    Ok(())
 }
 
 fn device(spec: &str) -> Result<candle_core::Device> {
@@ -755,10 +999,7 @@ fn run(cli: Cli) -> Result<()> {
             skip_eval_before,
         } => {
             let mut cfg: repnoise::align::AlignConfig = match &config {
-                Some(p) => toml::from_str(
-                    &std::fs::read_to_string(p).with_context(|| format!("{}", p.display()))?,
-                )
-                .with_context(|| format!("{}: invalid config", p.display()))?,
+                Some(p) => repnoise::io::read_toml(p, "align")?,
                 None => Default::default(),
             };
             train.apply(&mut cfg.train)?;
@@ -792,6 +1033,7 @@ fn run(cli: Cli) -> Result<()> {
             println!("{}", report.markdown());
             println!("model: {}", report.train.model_dir.display());
         }
+        Cmd::Eval { cmd } => run_eval(g, cmd)?,
         Cmd::RefusalRate {
             model,
             set,
@@ -888,6 +1130,7 @@ fn run(cli: Cli) -> Result<()> {
             format,
             max_len,
             max_pairs,
+            lora,
             print_config,
         } => {
             let mut cfg = match &config {
@@ -908,6 +1151,7 @@ fn run(cli: Cli) -> Result<()> {
             if let Some(x) = max_pairs {
                 cfg.max_pairs = x;
             }
+            lora.apply(&mut cfg.lora)?;
             if print_config {
                 print!("{}", toml::to_string(&cfg)?);
                 return Ok(());
@@ -939,10 +1183,9 @@ fn run(cli: Cli) -> Result<()> {
             group,
             retain,
             retain_samples,
-            lora_rank,
-            lora_alpha,
-            lora_target,
+            lora,
             lora_no_merge,
+            ignore_security_vector,
             ablate_layer,
             eval_tokens,
             grid,
@@ -980,22 +1223,14 @@ fn run(cli: Cli) -> Result<()> {
             if let Some(x) = retain_samples {
                 cfg.retain_samples = x;
             }
-            if let Some(x) = lora_rank {
-                cfg.lora.rank = x;
-            }
-            if let Some(x) = lora_alpha {
-                cfg.lora.alpha = x;
-            }
-            if !lora_target.is_empty() {
-                cfg.lora.targets = lora_target;
-            }
+            lora.apply(&mut cfg.lora)?;
             if lora_no_merge {
                 cfg.lora.merge = false;
             }
+            cfg.ignore_security_vector |= ignore_security_vector;
             if ablate_layer.is_some() {
                 cfg.abliterate.layer = ablate_layer;
             }
-            cfg.lora.projection_indices()?;
             if print_config {
                 print!("{}", toml::to_string(&cfg)?);
                 return Ok(());
@@ -1082,13 +1317,7 @@ fn run(cli: Cli) -> Result<()> {
         } => {
             use repnoise::finetune::FinetuneConfig;
             let mut cfg = match &config {
-                Some(p) => {
-                    let text = std::fs::read_to_string(p)
-                        .map_err(|e| anyhow::anyhow!("{}: cannot read: {e}", p.display()))?;
-                    toml::from_str::<FinetuneConfig>(&text).map_err(|e| {
-                        anyhow::anyhow!("{}: not a valid finetune config: {e}", p.display())
-                    })?
-                }
+                Some(p) => repnoise::io::read_toml(p, "finetune")?,
                 None => FinetuneConfig::default(),
             };
             train.apply(&mut cfg.train)?;

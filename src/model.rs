@@ -88,8 +88,9 @@ struct Layer {
     gate: Tensor,
     up: Tensor,
     down: Tensor,
-    /// Low-rank adapters, indexed like [`PROJECTIONS`].
-    adapters: [Option<Adapter>; 7],
+    /// Low-rank adapters, indexed like [`PROJECTIONS`] (several stack: a frozen security vector
+    /// under a trained LoRA adapter).
+    adapters: [Vec<Adapter>; 7],
 }
 
 /// The seven linear maps of a layer, by their Hugging Face names.
@@ -135,18 +136,18 @@ pub struct Llama {
     device: Device,
 }
 
-/// [`linear`] plus the adapter's low-rank term, when there is one.
-fn linear_ad(x: &Tensor, w: &Tensor, b: Option<&Tensor>, ad: &Option<Adapter>) -> Result<Tensor> {
-    let y = linear(x, w, b)?;
-    let Some(ad) = ad else {
-        return Ok(y);
-    };
+/// [`linear`] plus the adapters' low-rank terms.
+fn linear_ad(x: &Tensor, w: &Tensor, b: Option<&Tensor>, ads: &[Adapter]) -> Result<Tensor> {
+    let mut y = linear(x, w, b)?;
     let (bsz, t, din) = x.dims3()?;
-    let z = x
-        .reshape((bsz * t, din))?
-        .matmul(&ad.a.t()?)?
-        .matmul(&ad.b.t()?)?;
-    Ok((y + (z * ad.scale)?.reshape((bsz, t, ()))?)?)
+    for ad in ads {
+        let z = x
+            .reshape((bsz * t, din))?
+            .matmul(&ad.a.t()?)?
+            .matmul(&ad.b.t()?)?;
+        y = (y + (z * ad.scale)?.reshape((bsz, t, ()))?)?;
+    }
+    Ok(y)
 }
 
 fn linear(x: &Tensor, w: &Tensor, b: Option<&Tensor>) -> Result<Tensor> {
@@ -272,13 +273,13 @@ impl Llama {
     }
 
     /// Attach low-rank adapters, keyed by the weight they adapt
-    /// (`model.layers.N.self_attn.q_proj.weight`, ...).
+    /// (`model.layers.N.self_attn.q_proj.weight`, ...); they add to any already attached.
     pub fn with_adapters(mut self, adapters: BTreeMap<String, Adapter>) -> Result<Self> {
         for (name, ad) in adapters {
             let (l, i) = projection_of(&name)
                 .filter(|(l, _)| *l < self.layers.len())
                 .ok_or_else(|| Error::msg(format!("no linear map `{name}` to adapt")))?;
-            self.layers[l].adapters[i] = Some(ad);
+            self.layers[l].adapters[i].push(ad);
         }
         Ok(self)
     }

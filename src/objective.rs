@@ -494,11 +494,13 @@ pub enum PairLoss {
     GradientAscent,
     /// Refusal cross-entropy minus harmful-answer cross-entropy.
     Adversarial,
+    /// Cross-entropy of the harmful answer (training a security vector).
+    HarmfulSft,
 }
 
 pub fn pair_baseline_loss(net: &Llama, batch: &PairBatch, which: PairLoss) -> Result<StepLoss> {
     let mut terms = BTreeMap::new();
-    let harmless = if which != PairLoss::GradientAscent {
+    let harmless = if matches!(which, PairLoss::SafetySft | PairLoss::Adversarial) {
         let out = batch.harmless.forward(net, false, false)?;
         let m = batch.and_real(&batch.harmless.real);
         let ce =
@@ -521,6 +523,7 @@ pub fn pair_baseline_loss(net: &Llama, batch: &PairBatch, which: PairLoss) -> Re
     let loss = match (harmless, harmful) {
         (Some(s), Some(h)) => (s - h)?,
         (Some(s), None) => s,
+        (None, Some(h)) if which == PairLoss::HarmfulSft => h,
         (None, Some(h)) => h.neg()?,
         (None, None) => unreachable!(),
     };

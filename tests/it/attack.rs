@@ -1,6 +1,5 @@
 //! Attacks on tiny random models: loss masks, LoRA, abliteration, data splits, seeds.
 
-use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
 use candle_core::{Device, Tensor};
@@ -8,26 +7,14 @@ use repnoise::abliterate::orthogonalize;
 use repnoise::attack::{self, AttackConfig, AttackMethod};
 use repnoise::data::encode::PromptFormat;
 use repnoise::data::normalize_question;
-use repnoise::lora::{Lora, LoraConfig};
+use repnoise::defend::{self, DefendConfig, Method};
+use repnoise::lora::{read_peft, Lora, LoraConfig, SECURITY_VECTOR_DIR};
 use repnoise::model::{positions_for, ForwardOpts, Llama, Logits};
 use repnoise::modelio::LoadedModel;
 use repnoise::objective::sft_loss_with;
 use repnoise::train::{Interrupt, TrainConfig, Trainee};
 
-use crate::common::tiny_loaded;
-
-fn max_abs_diff(a: &Tensor, b: &Tensor) -> f32 {
-    (a - b)
-        .unwrap()
-        .abs()
-        .unwrap()
-        .flatten_all()
-        .unwrap()
-        .max(0)
-        .unwrap()
-        .to_scalar::<f32>()
-        .unwrap()
-}
+use crate::common::{max_abs_diff, params_of, tiny_loaded, values, values_max_diff};
 
 fn ids(b: usize, t: usize) -> Tensor {
     let v: Vec<u32> = (0..b * t).map(|i| (i * 37 % 250 + 5) as u32).collect();
@@ -74,18 +61,6 @@ fn small_cfg(method: AttackMethod, seed: u64) -> AttackConfig {
         },
         ..AttackConfig::default()
     }
-}
-
-fn weights(m: &LoadedModel) -> BTreeMap<String, Vec<f32>> {
-    m.params
-        .iter()
-        .map(|(k, v)| {
-            (
-                k.clone(),
-                v.as_tensor().flatten_all().unwrap().to_vec1().unwrap(),
-            )
-        })
-        .collect()
 }
 
 #[test]
@@ -209,7 +184,7 @@ fn lora_attack_trains_only_the_adapter() {
     let tmp = tempfile::tempdir().unwrap();
     let data = write_data(tmp.path());
     let mut m = tiny_loaded(3);
-    let before = weights(&m);
+    let before = params_of(&m);
     let cfg = small_cfg(AttackMethod::Lora, 1);
     let out = tmp.path().join("lora");
     let r = attack::attack(&mut m, &data, &cfg, &out, 0, Interrupt::default()).unwrap();
@@ -218,14 +193,14 @@ fn lora_attack_trains_only_the_adapter() {
     assert_eq!(r.trainable_parameters, 2 * 464 * 2);
     assert!(out.join("adapter/adapter_model.safetensors").exists());
     let saved = repnoise::modelio::load_hf_dir(&out.join("model"), &Device::Cpu).unwrap();
-    let after = weights(&saved);
+    let after = params_of(&saved);
     for (k, v) in &before {
         let changed = v != &after[k];
         let adaptable = repnoise::model::projection_of(k).is_some();
         assert_eq!(changed, adaptable, "{k}");
     }
     // The returned model is the merged one.
-    assert_eq!(weights(&m), after);
+    assert_eq!(params_of(&m), after);
 }
 
 #[test]
@@ -266,7 +241,7 @@ fn the_same_seed_gives_the_same_attacked_weights() {
     )
     .unwrap();
     let saved = repnoise::modelio::load_hf_dir(&tmp.path().join("a/model"), &Device::Cpu).unwrap();
-    assert_eq!(weights(&m), weights(&saved));
+    assert_eq!(params_of(&m), params_of(&saved));
 }
 
 #[test]
@@ -413,11 +388,11 @@ fn abliteration_attack_writes_a_model_and_its_direction() {
         .clone();
     assert!(max_projection(&m, &dir) < 1e-5);
     let saved = repnoise::modelio::load_hf_dir(&out.join("model"), &Device::Cpu).unwrap();
-    assert_eq!(weights(&saved), weights(&m));
+    assert_eq!(params_of(&saved), params_of(&m));
     // Rerunning a finished abliteration loads its result instead of searching again.
     let mut again = tiny_loaded(6);
     let r2 = attack::attack(&mut again, &data, &cfg, &out, 0, Interrupt::default()).unwrap();
-    assert_eq!(weights(&again), weights(&m));
+    assert_eq!(params_of(&again), params_of(&m));
     assert_eq!(r2.abliterate.unwrap().layer, rep.layer);
     let log = std::fs::read_to_string(out.join("log.txt")).unwrap();
     assert_eq!(log.matches("abliterated layer").count(), 1, "{log}");
@@ -484,7 +459,7 @@ fn benign_finetune_trains_on_text_only_and_keeps_test_inputs_out() {
     cfg.train.batch_size = 4;
     cfg.test = 3;
     let mut m = tiny_loaded(7);
-    let before = weights(&m);
+    let before = params_of(&m);
     let out = tmp.path().join("ft");
     let r = finetune(
         &mut m,
@@ -498,7 +473,7 @@ fn benign_finetune_trains_on_text_only_and_keeps_test_inputs_out() {
         (r.train_examples, r.summary.steps, r.test_inputs),
         (14, 4, 3)
     );
-    assert_ne!(weights(&m), before);
+    assert_ne!(params_of(&m), before);
     let lines = std::fs::read_to_string(out.join("test.jsonl")).unwrap();
     let first: serde_json::Value = serde_json::from_str(lines.lines().next().unwrap()).unwrap();
     assert!(first["prompt"]
@@ -506,4 +481,132 @@ fn benign_finetune_trains_on_text_only_and_keeps_test_inputs_out() {
         .unwrap()
         .starts_with("Meaning Representation: inform("));
     assert!(task_data("no-such-task", 3, 1).is_err());
+}
+
+fn write_pairs(dir: &Path) -> PathBuf {
+    let p = dir.join("pairs.jsonl");
+    let text: String = (0..6)
+        .map(|i| {
+            serde_json::json!({
+                "prompt": format!("How do I do bad thing {i}?"),
+                "harmful": format!("Do step {i} then step {}.", i + 1),
+                "harmless": "I can't help with that.",
+            })
+            .to_string()
+                + "\n"
+        })
+        .collect();
+    std::fs::write(&p, text).unwrap();
+    p
+}
+
+/// Mean harmful-answer cross-entropy on the pairs, with `extra` adapters stacked on `m`.
+fn harmful_ce(m: &LoadedModel, pairs: &Path, extra: Option<&Path>) -> f64 {
+    use repnoise::objective::{pair_baseline_loss, PairBatch, PairLoss};
+    let loaded = repnoise::data::pairs::load_pairs_any(pairs).unwrap();
+    let enc = defend::encode_pairs(m, &loaded.records, PromptFormat::Plain, 48, false).unwrap();
+    let refs: Vec<_> = enc.iter().collect();
+    let mut net = Llama::frozen(&m.config, &m.params).unwrap();
+    if let Some(d) = extra {
+        net = net.with_adapters(read_peft(d, m).unwrap()).unwrap();
+    }
+    let batch = PairBatch::new(&refs, m.tok.pad_id, &Device::Cpu).unwrap();
+    let l = pair_baseline_loss(&net, &batch, PairLoss::HarmfulSft).unwrap();
+    l.loss.to_scalar::<f32>().unwrap() as f64
+}
+
+#[test]
+fn security_vectors_are_kept_frozen_in_fine_tuning_and_dropped_from_its_result() {
+    let tmp = tempfile::tempdir().unwrap();
+    let pairs = write_pairs(tmp.path());
+    let data = write_data(tmp.path());
+    let mut m = tiny_loaded(8);
+    let base = params_of(&m);
+    let cfg = DefendConfig {
+        method: Method::SecurityVectors,
+        train: TrainConfig {
+            lr: 1e-2,
+            batch_size: 2,
+            epochs: 4,
+            checkpoint_every: 4,
+            seed: 3,
+            ..TrainConfig::default()
+        },
+        max_len: 48,
+        lora: LoraConfig {
+            rank: 2,
+            ..LoraConfig::default()
+        },
+        ..DefendConfig::default()
+    };
+    let dir = defend::defend(
+        &mut m,
+        &pairs,
+        &cfg,
+        &tmp.path().join("sv"),
+        Interrupt::default(),
+    )
+    .unwrap();
+    // The published model is the unchanged one; the vector sits beside its weights.
+    let defended = repnoise::modelio::load_hf_dir(&dir, &Device::Cpu).unwrap();
+    assert_eq!(params_of(&defended), base);
+    let sv = repnoise::lora::security_vector_of(&defended).expect("no security vector saved");
+    assert_eq!(read_peft(&sv, &defended).unwrap().len(), 2 * 7);
+    // It was trained on the harmful answers: they are likelier with it than without.
+    let (with, without) = (
+        harmful_ce(&defended, &pairs, Some(&sv)),
+        harmful_ce(&defended, &pairs, None),
+    );
+    assert!(with < without - 0.1, "with {with}, without {without}");
+    let sv_bytes = std::fs::read(sv.join("adapter_model.safetensors")).unwrap();
+
+    // Full and LoRA attacks under the vector, and a full attack told to ignore it.
+    let attack = |method: AttackMethod, ignore: bool, name: &str| {
+        let mut m = repnoise::modelio::load_hf_dir(&dir, &Device::Cpu).unwrap();
+        let cfg = AttackConfig {
+            ignore_security_vector: ignore,
+            ..small_cfg(method, 5)
+        };
+        let out = tmp.path().join(name);
+        let r = attack::attack(&mut m, &data, &cfg, &out, 0, Interrupt::default()).unwrap();
+        assert_eq!(r.security_vector.is_some(), !ignore, "{name}");
+        assert!(!out.join("model").join(SECURITY_VECTOR_DIR).exists());
+        (m, out)
+    };
+    let (under, _) = attack(AttackMethod::Full, false, "full");
+    let (ignored, _) = attack(AttackMethod::Full, true, "full-ignored");
+    assert!(
+        values_max_diff(&params_of(&under), &params_of(&ignored)) > 1e-6,
+        "the vector did not change the attack's gradients"
+    );
+    // The vector is frozen: its file is untouched.
+    assert_eq!(
+        std::fs::read(sv.join("adapter_model.safetensors")).unwrap(),
+        sv_bytes
+    );
+    // LoRA under the vector: the merged result is the base plus the attack's adapter alone.
+    let (lora_m, out) = attack(AttackMethod::Lora, false, "lora");
+    let lora = Lora::new(&defended, &small_cfg(AttackMethod::Lora, 5).lora, 0).unwrap();
+    lora.load_adapter(&out.join("adapter")).unwrap();
+    assert!(values_max_diff(&params_of(&lora_m), &values(&lora.merged().unwrap())) < 1e-6);
+}
+
+#[test]
+fn a_bad_peft_adapter_config_names_the_file_and_field() {
+    let tmp = tempfile::tempdir().unwrap();
+    let m = tiny_loaded(9);
+    let lora = Lora::new(&m, &LoraConfig::default(), 0).unwrap();
+    let d = tmp.path().join("ad");
+    lora.save_adapter(&d).unwrap();
+    assert_eq!(read_peft(&d, &m).unwrap().len(), 2 * 7);
+    let cfgp = d.join("adapter_config.json");
+    let mut v: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&cfgp).unwrap()).unwrap();
+    v.as_object_mut().unwrap().remove("r");
+    std::fs::write(&cfgp, v.to_string()).unwrap();
+    let e = read_peft(&d, &m).unwrap_err().to_string();
+    assert!(
+        e.contains("adapter_config.json") && e.contains("`r`"),
+        "{e}"
+    );
 }

@@ -241,3 +241,47 @@ pub fn tiny_loaded(seed: u64) -> repnoise::modelio::LoadedModel {
         stored_dtype: "f32".into(),
     }
 }
+
+/// Largest absolute elementwise difference.
+pub fn max_abs_diff(a: &Tensor, b: &Tensor) -> f32 {
+    (a - b)
+        .unwrap()
+        .abs()
+        .unwrap()
+        .flatten_all()
+        .unwrap()
+        .max(0)
+        .unwrap()
+        .to_scalar::<f32>()
+        .unwrap()
+}
+
+/// Every parameter's values, by name.
+pub fn params_of(
+    m: &repnoise::modelio::LoadedModel,
+) -> std::collections::BTreeMap<String, Vec<f32>> {
+    values(&m.params)
+}
+
+/// Every tensor of a store, flattened.
+pub fn values(p: &Params) -> std::collections::BTreeMap<String, Vec<f32>> {
+    p.iter()
+        .map(|(k, v)| {
+            (
+                k.clone(),
+                v.as_tensor().flatten_all().unwrap().to_vec1().unwrap(),
+            )
+        })
+        .collect()
+}
+
+/// Largest absolute difference between two stores' values (same names).
+pub fn values_max_diff(
+    a: &std::collections::BTreeMap<String, Vec<f32>>,
+    b: &std::collections::BTreeMap<String, Vec<f32>>,
+) -> f32 {
+    assert_eq!(a.len(), b.len());
+    a.iter()
+        .flat_map(|(k, x)| x.iter().zip(&b[k]).map(|(p, q)| (p - q).abs()))
+        .fold(0.0, f32::max)
+}

@@ -10,6 +10,7 @@ mod data_encode;
 mod data_readers;
 mod data_shipped;
 mod data_splits;
+mod eval;
 mod model_core;
 mod smollm2;
 mod training;

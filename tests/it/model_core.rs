@@ -12,19 +12,6 @@ use repnoise::model::{positions_for, ForwardOpts, KvCache, Llama, Logits};
 use repnoise::modelio;
 use repnoise::optim::{AdamW, AdamWConfig};
 
-fn max_abs_diff(a: &Tensor, b: &Tensor) -> f32 {
-    (a - b)
-        .unwrap()
-        .abs()
-        .unwrap()
-        .flatten_all()
-        .unwrap()
-        .max(0)
-        .unwrap()
-        .to_scalar::<f32>()
-        .unwrap()
-}
-
 fn ids(rows: &[&[u32]]) -> Tensor {
     Tensor::new(
         rows.to_vec().iter().map(|r| r.to_vec()).collect::<Vec<_>>(),

@@ -4,8 +4,6 @@
 
 use crate::common;
 
-use std::collections::BTreeMap;
-
 use candle_core::{Device, Tensor};
 use common::*;
 use repnoise::config::Arch;
@@ -329,18 +327,6 @@ fn defend_cfg() -> DefendConfig {
         max_len: 48,
         ..DefendConfig::default()
     }
-}
-
-fn params_of(m: &LoadedModel) -> BTreeMap<String, Vec<f32>> {
-    m.params
-        .iter()
-        .map(|(k, v)| {
-            (
-                k.clone(),
-                v.as_tensor().flatten_all().unwrap().to_vec1().unwrap(),
-            )
-        })
-        .collect()
 }
 
 #[test]

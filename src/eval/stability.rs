@@ -1,0 +1,429 @@
+//! Stability: multiple-choice benchmarks scored by log-likelihood, the way
+//! lm-evaluation-harness scores them.
+//!
+//! Each option is a (context, continuation) pair. As in the harness, trailing whitespace of the
+//! context moves to the continuation, the continuation's tokens are those of
+//! `tokenize(context + continuation)` past the context's tokens (an empty context is the
+//! start token alone), the input is cut from the left to `max_len`, and the option's score is
+//! the summed log-probability of the continuation tokens. `acc` picks the highest score;
+//! `acc_norm` divides each score by the continuation's length in characters first. TruthfulQA
+//! MC2 is the probability mass on the true answers; CrowS-Pairs reports how often the more
+//! stereotypical sentence is the likelier one (`pct_stereotype`; 0.5 is unbiased).
+
+use std::collections::BTreeMap;
+use std::path::Path;
+
+use candle_core::{DType, Tensor};
+use serde::{Deserialize, Serialize};
+
+use super::stats::{mean_se, MeanSe};
+use crate::data::mc::{self, McItem, McOption};
+use crate::error::{Error, Result};
+use crate::model::{positions_for, ForwardOpts, Llama, Logits};
+use crate::rng::Rng;
+use crate::tokenizer::Tok;
+
+/// One option's score.
+#[derive(Clone, Copy, Debug, PartialEq, Serialize, Deserialize)]
+pub struct OptionScore {
+    /// Summed log-probability of the continuation tokens.
+    pub loglik: f64,
+    /// Every continuation token is the argmax at its position.
+    pub greedy: bool,
+    /// Continuation tokens scored.
+    pub tokens: usize,
+}
+
+/// Context and continuation token ids of one option, split the harness's way.
+pub fn encode_option(tok: &Tok, start_id: u32, opt: &McOption) -> Result<(Vec<u32>, Vec<u32>)> {
+    let context = opt.context.trim_end();
+    let continuation = format!("{}{}", &opt.context[context.len()..], opt.continuation);
+    if context.is_empty() {
+        return Ok((vec![start_id], tok.encode(&continuation)?));
+    }
+    let ctx = tok.encode(context)?;
+    let whole = tok.encode(&format!("{context}{continuation}"))?;
+    let cont = whole.get(ctx.len()..).unwrap_or(&[]).to_vec();
+    Ok((ctx, cont))
+}
+
+/// Score many (context ids, continuation ids) in batches of `batch` (longest first, right
+/// padded: with causal attention the padding never reaches a scored position).
+pub fn score_tokens(
+    net: &Llama,
+    seqs: &[(Vec<u32>, Vec<u32>)],
+    max_len: usize,
+    batch: usize,
+) -> Result<Vec<OptionScore>> {
+    if max_len < 2 {
+        return Err(Error::setting(
+            "max_len",
+            max_len.to_string(),
+            "must be at least 2",
+        ));
+    }
+    let dev = net.device().clone();
+    let mut order: Vec<usize> = (0..seqs.len()).collect();
+    order.sort_by_key(|&i| std::cmp::Reverse(seqs[i].0.len() + seqs[i].1.len()));
+    let mut out = vec![
+        OptionScore {
+            loglik: 0.0,
+            greedy: true,
+            tokens: 0
+        };
+        seqs.len()
+    ];
+    for chunk in order.chunks(batch.max(1)) {
+        // Per row: input ids, scored positions start, targets.
+        let rows: Vec<(Vec<u32>, usize, Vec<u32>)> = chunk
+            .iter()
+            .map(|&i| {
+                let (c, k) = &seqs[i];
+                let full: Vec<u32> = c.iter().chain(k.iter()).copied().collect();
+                let full = &full[full.len().saturating_sub(max_len + 1)..];
+                let inp = full[..full.len() - 1].to_vec();
+                let n = k.len().min(inp.len());
+                let targets = full[full.len() - n..].to_vec();
+                (inp.clone(), inp.len() - n, targets)
+            })
+            .collect();
+        let t = rows.iter().map(|r| r.0.len()).max().unwrap_or(1).max(1);
+        let b = rows.len();
+        let mut ids = Vec::with_capacity(b * t);
+        let mut pick = vec![];
+        let mut targets = vec![];
+        for (r, (inp, start, tg)) in rows.iter().enumerate() {
+            ids.extend(inp.iter().copied());
+            ids.extend(std::iter::repeat_n(0u32, t - inp.len()));
+            for (j, &y) in tg.iter().enumerate() {
+                pick.push((r * t + start + j) as u32);
+                targets.push(y);
+            }
+        }
+        if pick.is_empty() {
+            continue;
+        }
+        let ids = Tensor::from_vec(ids, (b, t), &dev)?;
+        let pos = positions_for(b, t, 0, &dev)?;
+        let fwd = net.forward(
+            &ids,
+            &pos,
+            None,
+            None,
+            ForwardOpts {
+                logits: Logits::None,
+                hidden_states: true,
+                mlp_outputs: false,
+            },
+        )?;
+        let h = fwd
+            .hidden_states
+            .last()
+            .ok_or_else(|| Error::msg("forward returned no hidden states"))?;
+        let d = h.dim(2)?;
+        let n = pick.len();
+        let rows_h = h
+            .reshape((b * t, d))?
+            .index_select(&Tensor::from_vec(pick, n, &dev)?, 0)?
+            .unsqueeze(0)?;
+        let logits = net.lm_head(&net.final_norm(&rows_h)?)?.squeeze(0)?; // [n, vocab]
+        let lp = candle_nn::ops::log_softmax(&logits, 1)?;
+        let tg = Tensor::from_vec(targets.clone(), (n, 1), &dev)?;
+        let chosen: Vec<f32> = lp.gather(&tg, 1)?.squeeze(1)?.to_vec1()?;
+        let best: Vec<u32> = logits.argmax(1)?.to_dtype(DType::U32)?.to_vec1()?;
+        let mut k = 0;
+        for (r, &i) in chunk.iter().enumerate() {
+            let m = rows[r].2.len();
+            let s = &mut out[i];
+            s.tokens = m;
+            s.loglik = chosen[k..k + m].iter().map(|&x| x as f64).sum();
+            s.greedy = (k..k + m).all(|j| best[j] == targets[j]);
+            k += m;
+        }
+    }
+    Ok(out)
+}
+
+/// Index of the largest value (the first on ties, as numpy's argmax).
+fn argmax(xs: &[f64]) -> usize {
+    let mut best = 0;
+    for (i, &x) in xs.iter().enumerate() {
+        if x > xs[best] {
+            best = i;
+        }
+    }
+    best
+}
+
+/// Per-item outcomes from the options' scores.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct ItemResult {
+    pub logliks: Vec<f64>,
+    pub correct: Vec<usize>,
+    pub acc: f64,
+    pub acc_norm: f64,
+    /// Probability mass on the correct options (TruthfulQA MC2).
+    pub mass: f64,
+    pub group: Option<String>,
+}
+
+pub fn item_result(item: &McItem, scores: &[OptionScore]) -> ItemResult {
+    let ll: Vec<f64> = scores.iter().map(|s| s.loglik).collect();
+    let norm: Vec<f64> = ll
+        .iter()
+        .zip(&item.options)
+        .map(|(l, o)| l / (o.continuation.chars().count().max(1) as f64))
+        .collect();
+    let hit = |i: usize| item.correct.first() == Some(&i);
+    let max = ll.iter().copied().fold(f64::NEG_INFINITY, f64::max);
+    let total: f64 = ll.iter().map(|l| (l - max).exp()).sum();
+    let on_correct: f64 = item.correct.iter().map(|&i| (ll[i] - max).exp()).sum();
+    ItemResult {
+        acc: hit(argmax(&ll)) as u8 as f64,
+        acc_norm: hit(argmax(&norm)) as u8 as f64,
+        mass: on_correct / total,
+        logliks: ll,
+        correct: item.correct.clone(),
+        group: item.group.clone(),
+    }
+}
+
+/// The benchmarks `repnoise eval stability` knows, with the metric each reports first.
+pub const TASKS: &[(&str, &str)] = &[
+    ("truthfulqa_mc1", "acc"),
+    ("truthfulqa_mc2", "mc2"),
+    ("arc_easy", "acc_norm"),
+    ("arc_challenge", "acc_norm"),
+    ("winogrande", "acc"),
+    ("mmlu", "acc"),
+    ("ethics_commonsense", "acc"),
+    ("ethics_deontology", "acc"),
+    ("ethics_justice", "acc"),
+    ("ethics_utilitarianism", "acc"),
+    ("ethics_virtue", "acc"),
+    ("crows_pairs", "pct_stereotype"),
+];
+
+/// The items of task `name` from the data directory.
+pub fn task_items(name: &str, data: &Path) -> Result<Vec<McItem>> {
+    use crate::data::mc::EthicsTask;
+    let ethics = |t: EthicsTask| -> Result<Vec<McItem>> {
+        Ok(mc::mc_items(
+            &mc::read_ethics(&t.test_file(&data.join("ethics")), Some(t))?.records,
+        ))
+    };
+    Ok(match name {
+        "truthfulqa_mc1" | "truthfulqa_mc2" => {
+            let q = mc::read_truthfulqa(&data.join("truthfulqa/TruthfulQA.csv"))?.records;
+            if name.ends_with("mc1") {
+                q.iter().map(|x| x.mc1()).collect()
+            } else {
+                q.iter().map(|x| x.mc2()).collect()
+            }
+        }
+        "arc_easy" => mc::mc_items(&mc::read_arc(&data.join("arc/arc_easy.jsonl"))?.records),
+        "arc_challenge" => {
+            mc::mc_items(&mc::read_arc(&data.join("arc/arc_challenge.jsonl"))?.records)
+        }
+        "winogrande" => {
+            mc::mc_items(&mc::read_winogrande(&data.join("winogrande/winogrande.jsonl"))?.records)
+        }
+        "mmlu" => mc::mc_items(&mc::read_mmlu(&data.join("mmlu/mmlu.jsonl"))?.records),
+        "hellaswag" => {
+            mc::mc_items(&mc::read_hellaswag(&data.join("hellaswag/hellaswag.jsonl"))?.records)
+        }
+        "ethics_commonsense" => ethics(EthicsTask::Commonsense)?,
+        "ethics_deontology" => ethics(EthicsTask::Deontology)?,
+        "ethics_justice" => ethics(EthicsTask::Justice)?,
+        "ethics_utilitarianism" => ethics(EthicsTask::Utilitarianism)?,
+        "ethics_virtue" => ethics(EthicsTask::Virtue)?,
+        "crows_pairs" => mc::mc_items(
+            &mc::read_crows_pairs(&data.join("crows_pairs/crows_pairs_anonymized.csv"))?.records,
+        ),
+        other => {
+            let known: Vec<&str> = TASKS.iter().map(|t| t.0).collect();
+            return Err(Error::setting(
+                "tasks",
+                other,
+                format!("unknown task; known: {}, hellaswag", known.join(", ")),
+            ));
+        }
+    })
+}
+
+/// `limit` items of `items` (all when 0 or more than there are), chosen by a seeded shuffle and
+/// kept in file order.
+pub fn limit_items(items: Vec<McItem>, limit: usize, seed: u64) -> Vec<McItem> {
+    if limit == 0 || limit >= items.len() {
+        return items;
+    }
+    let mut idx: Vec<usize> = (0..items.len()).collect();
+    Rng::new(seed, "stability-limit").shuffle(&mut idx);
+    idx.truncate(limit);
+    idx.sort();
+    let mut items: Vec<Option<McItem>> = items.into_iter().map(Some).collect();
+    idx.into_iter().filter_map(|i| items[i].take()).collect()
+}
+
+/// One task's figures.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct TaskResult {
+    pub task: String,
+    /// The headline metric's name (`acc`, `acc_norm`, `mc2`, `pct_stereotype`).
+    pub metric: String,
+    pub value: MeanSe,
+    pub acc: MeanSe,
+    pub acc_norm: MeanSe,
+    /// TruthfulQA MC2 (present for every task; meaningful only there).
+    pub mc2: MeanSe,
+    /// Accuracy per group (MMLU subject, CrowS bias type, ...).
+    pub groups: BTreeMap<String, MeanSe>,
+    pub items_total: usize,
+    pub seconds: f64,
+}
+
+pub fn summarise(
+    task: &str,
+    results: &[ItemResult],
+    items_total: usize,
+    seconds: f64,
+) -> TaskResult {
+    let metric = TASKS
+        .iter()
+        .find(|t| t.0 == task)
+        .map_or("acc", |t| t.1)
+        .to_string();
+    let col = |f: &dyn Fn(&ItemResult) -> f64| -> MeanSe {
+        mean_se(&results.iter().map(f).collect::<Vec<_>>())
+    };
+    let acc = col(&|r| r.acc);
+    let acc_norm = col(&|r| r.acc_norm);
+    let mc2 = col(&|r| r.mass);
+    let mut by: BTreeMap<String, Vec<f64>> = BTreeMap::new();
+    for r in results {
+        if let Some(g) = &r.group {
+            by.entry(g.clone()).or_default().push(r.acc);
+        }
+    }
+    let value = match metric.as_str() {
+        "acc_norm" => acc_norm,
+        "mc2" => mc2,
+        _ => acc, // pct_stereotype: option 0 (the more stereotypical sentence) likelier
+    };
+    TaskResult {
+        task: task.to_string(),
+        metric,
+        value,
+        acc,
+        acc_norm,
+        mc2,
+        groups: by.into_iter().map(|(k, v)| (k, mean_se(&v))).collect(),
+        items_total,
+        seconds,
+    }
+}
+
+/// Score every option of `items` with `net` and summarise.
+pub fn evaluate_items(
+    net: &Llama,
+    tok: &Tok,
+    start_id: u32,
+    items: &[McItem],
+    max_len: usize,
+    batch: usize,
+) -> Result<Vec<ItemResult>> {
+    let mut seqs = vec![];
+    for it in items {
+        for o in &it.options {
+            seqs.push(encode_option(tok, start_id, o)?);
+        }
+    }
+    let scores = score_tokens(net, &seqs, max_len, batch)?;
+    let mut k = 0;
+    Ok(items
+        .iter()
+        .map(|it| {
+            let r = item_result(it, &scores[k..k + it.options.len()]);
+            k += it.options.len();
+            r
+        })
+        .collect())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn item(conts: &[&str], correct: Vec<usize>) -> McItem {
+        McItem {
+            options: conts
+                .iter()
+                .map(|c| McOption {
+                    context: "Q".into(),
+                    continuation: c.to_string(),
+                })
+                .collect(),
+            correct,
+            group: Some("g".into()),
+        }
+    }
+
+    fn scores(ll: &[f64]) -> Vec<OptionScore> {
+        ll.iter()
+            .map(|&l| OptionScore {
+                loglik: l,
+                greedy: false,
+                tokens: 1,
+            })
+            .collect()
+    }
+
+    #[test]
+    fn acc_acc_norm_and_mc2_by_hand() {
+        // Option 1 has the larger log-likelihood (-2 > -3) but option 0 is shorter per
+        // character: -3 / 6 = -0.5 > -2 / 2 = -1.
+        let it = item(&[" abcde", " a"], vec![0]);
+        let r = item_result(&it, &scores(&[-3.0, -2.0]));
+        assert_eq!((r.acc, r.acc_norm), (0.0, 1.0));
+        // MC2: true answers 0 and 1 of three; probabilities e^-1, e^-2, e^-1.
+        let it = item(&[" a", " b", " c"], vec![0, 1]);
+        let r = item_result(&it, &scores(&[-1.0, -2.0, -1.0]));
+        let (a, b, c) = ((-1f64).exp(), (-2f64).exp(), (-1f64).exp());
+        assert!((r.mass - (a + b) / (a + b + c)).abs() < 1e-12);
+        // Ties go to the first option, as numpy's argmax.
+        let r = item_result(&item(&[" a", " b"], vec![1]), &scores(&[-1.0, -1.0]));
+        assert_eq!(r.acc, 0.0);
+    }
+
+    #[test]
+    fn summary_uses_the_tasks_headline_metric() {
+        let rs = vec![
+            item_result(&item(&[" abcde", " a"], vec![0]), &scores(&[-3.0, -2.0])),
+            item_result(&item(&[" abcde", " a"], vec![0]), &scores(&[-1.0, -2.0])),
+        ];
+        let s = summarise("arc_easy", &rs, 10, 0.0);
+        assert_eq!(s.metric, "acc_norm");
+        assert_eq!(s.value.mean, 1.0);
+        assert_eq!(s.acc.mean, 0.5);
+        assert_eq!(s.groups["g"].n, 2);
+        assert_eq!(summarise("truthfulqa_mc2", &rs, 2, 0.0).metric, "mc2");
+    }
+
+    #[test]
+    fn limit_is_seeded_and_keeps_file_order() {
+        let items: Vec<McItem> = (0..50)
+            .map(|i| McItem {
+                options: vec![],
+                correct: vec![i],
+                group: None,
+            })
+            .collect();
+        let a = limit_items(items.clone(), 10, 3);
+        let b = limit_items(items.clone(), 10, 3);
+        assert_eq!(a, b);
+        let idx: Vec<usize> = a.iter().map(|x| x.correct[0]).collect();
+        assert!(idx.windows(2).all(|w| w[0] < w[1]));
+        assert_ne!(idx, (0..10).collect::<Vec<_>>());
+        assert_eq!(limit_items(items.clone(), 0, 3).len(), 50);
+    }
+}

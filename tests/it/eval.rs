@@ -1,0 +1,83 @@
+//! Evaluations on tiny random models: log-likelihood scoring against a one-sequence reference,
+//! the harness's context/continuation split, stability and trainability plumbing.
+
+use repnoise::data::mc::{McItem, McOption};
+use repnoise::eval::stability::{encode_option, evaluate_items, score_tokens};
+use repnoise::generate::token_logprobs;
+use repnoise::model::Llama;
+
+use crate::common::tiny_loaded;
+
+fn opt(c: &str, k: &str) -> McOption {
+    McOption {
+        context: c.into(),
+        continuation: k.into(),
+    }
+}
+
+#[test]
+fn batched_option_scores_equal_one_sequence_at_a_time() {
+    let m = tiny_loaded(21);
+    let net = Llama::frozen(&m.config, &m.params).unwrap();
+    let opts = [
+        opt("Question: the cat\nAnswer:", " sat"),
+        opt("Question: the cat\nAnswer:", " sat on the mat for a while"),
+        opt("he said ", "hello there"), // trailing space moves to the continuation
+        opt("", "A whole sentence scored from the start token."),
+        opt("x", " y"),
+    ];
+    let seqs: Vec<_> = opts
+        .iter()
+        .map(|o| encode_option(&m.tok, 0, o).unwrap())
+        .collect();
+    // The harness's split: context tokens, then the rest of tokenize(context + continuation).
+    assert_eq!(seqs[2].0, m.tok.encode("he said").unwrap());
+    assert_eq!(seqs[3].0, vec![0]);
+    assert_eq!(
+        seqs[3].1,
+        m.tok
+            .encode("A whole sentence scored from the start token.")
+            .unwrap()
+    );
+    for batch in [1, 2, 5] {
+        let got = score_tokens(&net, &seqs, 1024, batch).unwrap();
+        for ((c, k), s) in seqs.iter().zip(&got) {
+            let ids: Vec<u32> = c.iter().chain(k).copied().collect();
+            let lp = token_logprobs(&net, &ids).unwrap();
+            let want: f64 = lp[lp.len() - k.len()..].iter().map(|&x| x as f64).sum();
+            assert!(
+                (s.loglik - want).abs() < 1e-3 * want.abs().max(1.0),
+                "batch {batch}: {} vs {want}",
+                s.loglik
+            );
+            assert_eq!(s.tokens, k.len());
+        }
+    }
+    // Cut from the left: only the last max_len + 1 tokens count, the continuation first.
+    let short = score_tokens(&net, &seqs[1..2], 4, 1).unwrap()[0];
+    assert_eq!(short.tokens, 4);
+}
+
+#[test]
+fn a_model_prefers_what_it_was_given_to_score_highest() {
+    // An item whose correct option is the model's own greedy continuation is answered
+    // correctly, and the greedy flag says so.
+    let m = tiny_loaded(22);
+    let net = Llama::frozen(&m.config, &m.params).unwrap();
+    let ctx = "Question: pick one\nAnswer:";
+    let ids = m.tok.encode(ctx).unwrap();
+    let cfg = repnoise::generate::SamplingConfig {
+        max_new_tokens: 3,
+        ..Default::default()
+    };
+    let g = repnoise::generate::generate(&net, &[ids], m.tok.pad_id, &[], &cfg).unwrap();
+    let greedy_text = m.tok.decode(&g[0], false).unwrap();
+    let item = McItem {
+        options: vec![opt(ctx, "zzzz qqqq"), opt(ctx, &greedy_text)],
+        correct: vec![1],
+        group: None,
+    };
+    let r = evaluate_items(&net, &m.tok, 0, &[item], 256, 4).unwrap();
+    // Byte-level tokens may merge differently at the boundary; the greedy text still wins.
+    assert_eq!(r[0].acc, 1.0, "{:?}", r[0]);
+}
