@@ -739,9 +739,15 @@ impl Bert {
 }
 
 /// Save a store as a `BertForSequenceClassification` directory: `model.safetensors` (f32),
-/// `tokenizer.json` (verbatim) and `config.json` (written last: its presence marks a complete
-/// directory).
-pub fn save_dir(dir: &Path, cfg: &BertConfig, params: &Params, tokenizer_json: &str) -> Result<()> {
+/// `tokenizer.json` (verbatim) and `config.json` with `extra` keys added (written last: its
+/// presence marks a complete directory).
+pub fn save_dir(
+    dir: &Path,
+    cfg: &BertConfig,
+    params: &Params,
+    tokenizer_json: &str,
+    extra: &[(&str, Value)],
+) -> Result<()> {
     std::fs::create_dir_all(dir)
         .map_err(|e| Error::file(dir, format!("cannot create directory: {e}")))?;
     let tensors: Vec<(String, Tensor)> = params
@@ -750,5 +756,9 @@ pub fn save_dir(dir: &Path, cfg: &BertConfig, params: &Params, tokenizer_json: &
         .collect();
     crate::modelio::save_safetensors(&dir.join("model.safetensors"), &tensors)?;
     crate::io::write_atomic(&dir.join("tokenizer.json"), tokenizer_json.as_bytes())?;
-    crate::io::write_json_atomic(&dir.join("config.json"), &cfg.to_hf_json())
+    let mut config = cfg.to_hf_json();
+    for (k, v) in extra {
+        config[*k] = v.clone();
+    }
+    crate::io::write_json_atomic(&dir.join("config.json"), &config)
 }

@@ -144,6 +144,29 @@ impl Scores {
 pub const DEFAULT_MAX_LEN: usize = 256;
 /// Pairs per forward pass when scoring.
 pub const SCORE_BATCH: usize = 32;
+/// The `config.json` key a saved classifier keeps its token limit under (`transformers`
+/// ignores it; pass `max_length` to its tokenizer to score the same tokens).
+pub const MAX_LEN_KEY: &str = "repnoise_max_len";
+
+/// The token limit stored in a classifier's `config.json`, if any.
+fn saved_max_len(dir: &Path) -> Result<Option<usize>> {
+    let path = dir.join("config.json");
+    let text = std::fs::read_to_string(&path)
+        .map_err(|e| Error::file(&path, format!("cannot read: {e}")))?;
+    let v: serde_json::Value = serde_json::from_str(&text)
+        .map_err(|e| Error::file(&path, format!("not valid JSON: {e}")))?;
+    match v.get(MAX_LEN_KEY) {
+        None | Some(serde_json::Value::Null) => Ok(None),
+        Some(n) => match n.as_u64() {
+            Some(n) if n >= 2 => Ok(Some(n as usize)),
+            _ => Err(Error::field(
+                &path,
+                MAX_LEN_KEY,
+                format!("expected a whole number of at least 2, got {n}"),
+            )),
+        },
+    }
+}
 
 /// A loaded sequence classifier that scores answers for harmfulness.
 pub struct HarmClassifier {
@@ -174,8 +197,9 @@ impl HarmClassifier {
         }
         let harmful = resolve_harmful_label(harmful, &ck.config.id2label, ck.num_labels)?;
         let tokenizer = bert::tokenizer_from_json(&ck.tokenizer_json, &dir.join("tokenizer.json"))?;
+        let max_len = saved_max_len(dir)?.unwrap_or(DEFAULT_MAX_LEN);
         Ok(Self {
-            max_len: DEFAULT_MAX_LEN.min(ck.config.max_position_embeddings),
+            max_len: max_len.min(ck.config.max_position_embeddings),
             cfg: ck.config,
             params: ck.params,
             tokenizer,
@@ -235,9 +259,16 @@ impl HarmClassifier {
         Ok(out)
     }
 
-    /// Save as a Hugging Face `BertForSequenceClassification` directory.
+    /// Save as a Hugging Face `BertForSequenceClassification` directory (with the token limit
+    /// under [`MAX_LEN_KEY`], so a reloaded classifier scores the same tokens).
     pub fn save(&self, dir: &Path) -> Result<()> {
-        bert::save_dir(dir, &self.cfg, &self.params, &self.tokenizer_json)
+        bert::save_dir(
+            dir,
+            &self.cfg,
+            &self.params,
+            &self.tokenizer_json,
+            &[(MAX_LEN_KEY, self.max_len.into())],
+        )
     }
 }
 

@@ -518,7 +518,8 @@ enum ClassifierCmd {
         /// toxic, else index 1).
         #[arg(long, default_value = "auto")]
         harmful_label: String,
-        /// Token limit per scored text (default 256).
+        /// Token limit per scored text (default: the one the classifier was trained with, as
+        /// saved in its config.json, else 256).
         #[arg(long)]
         max_len: Option<usize>,
     },
