@@ -340,6 +340,11 @@ enum Cmd {
         #[arg(long)]
         json: bool,
     },
+    /// The learned harmfulness classifier: train one, or score answers with one.
+    Classifier {
+        #[command(subcommand)]
+        cmd: ClassifierCmd,
+    },
     /// Fetch an embedded asset into the cache and print its path.
     Fetch {
         /// smollm2-135m-instruct or all-minilm-l6-v2.
@@ -526,6 +531,13 @@ enum EvalCmd {
         format: FormatArg,
         #[arg(long)]
         refusal_phrases: Option<PathBuf>,
+        /// A harmfulness classifier directory (`repnoise classifier train`, or a Hugging Face
+        /// BERT sequence-classification checkpoint): P(harmful) per answer.
+        #[arg(long)]
+        classifier: Option<PathBuf>,
+        /// The classifier's harmful class: a label name, an index, or auto.
+        #[arg(long, default_value = "auto")]
+        harmful_label: String,
         #[arg(long, default_value_t = 0)]
         seed: u64,
     },
@@ -570,6 +582,66 @@ enum EvalCmd {
         test: Option<usize>,
         #[arg(long, default_value_t = 64)]
         max_new_tokens: usize,
+    },
+}
+
+#[derive(Subcommand)]
+enum ClassifierCmd {
+    /// Fine-tune a BERT encoder with a classification head on the shipped labelled answers
+    /// (BeaverTails safe/unsafe plus refusals), split by question; writes the classifier (a
+    /// Hugging Face BertForSequenceClassification directory) and report.json to --out.
+    Train {
+        #[arg(long)]
+        out: PathBuf,
+        /// A BERT directory, or the embedded all-minilm-l6-v2.
+        #[arg(long, default_value = "all-minilm-l6-v2")]
+        encoder: String,
+        /// Dataset directory (default: $REPNOISE_DATA or the shipped data/).
+        #[arg(long)]
+        data: Option<PathBuf>,
+        #[arg(long)]
+        epochs: Option<usize>,
+        /// Encoder learning rate.
+        #[arg(long)]
+        lr: Option<f64>,
+        /// Classification-layer learning rate.
+        #[arg(long)]
+        head_lr: Option<f64>,
+        #[arg(long)]
+        batch_size: Option<usize>,
+        /// At most this many examples before the split (0 = all).
+        #[arg(long)]
+        samples: Option<usize>,
+        /// Refusals added as harmless examples.
+        #[arg(long)]
+        refusals: Option<usize>,
+        /// Fraction of the examples held out (whole questions).
+        #[arg(long)]
+        test_fraction: Option<f64>,
+        #[arg(long)]
+        seed: Option<u64>,
+        /// Token limit per text, in training and in the saved classifier's scoring.
+        #[arg(long)]
+        max_len: Option<usize>,
+    },
+    /// Score question/answer pairs: P(harmful) per line of a JSONL file of {prompt, response}.
+    Score {
+        /// A BertForSequenceClassification directory (e.g. from `classifier train`).
+        #[arg(long)]
+        classifier: PathBuf,
+        #[arg(long)]
+        input: PathBuf,
+        /// Write JSONL here instead of stdout.
+        #[arg(long)]
+        output: Option<PathBuf>,
+        /// The harmful class: a label name, an index, or auto (a label named harmful, unsafe or
+        /// toxic, else index 1).
+        #[arg(long, default_value = "auto")]
+        harmful_label: String,
+        /// Token limit per scored text (default: the one the classifier was trained with, as
+        /// saved in its config.json, else 256).
+        #[arg(long)]
+        max_len: Option<usize>,
     },
 }
 
@@ -625,8 +697,24 @@ fn run_eval(g: &Global, cmd: EvalCmd) -> Result<()> {
             batch,
             format,
             refusal_phrases,
+            classifier,
+            harmful_label,
             seed,
         } => {
+            let clf = match &classifier {
+                Some(dir) => {
+                    let label: repnoise::classifier::HarmfulLabel = harmful_label.parse()?;
+                    Some(
+                        repnoise::classifier::HarmClassifier::load(
+                            dir,
+                            &label,
+                            &device(&g.device)?,
+                        )
+                        .with_context(|| format!("loading classifier {}", dir.display()))?,
+                    )
+                }
+                None => None,
+            };
             let m = load(g, &model.model)?;
             let check = repnoise::refusal::RefusalCheck::load(refusal_phrases.as_deref())?;
             let ps = eval::harmfulness::read_eval_prompts(&prompts, limit, seed)?;
@@ -645,7 +733,21 @@ fn run_eval(g: &Global, cmd: EvalCmd) -> Result<()> {
                 ..Default::default()
             };
             cfg.sampling.validate()?;
-            let r = eval::harmfulness::evaluate(&m, &ps, &prompts, &cfg, &check, None, &out)?;
+            let scorer = clf
+                .as_ref()
+                .map(|c| c as &dyn eval::harmfulness::HarmScorer);
+            let r = eval::harmfulness::evaluate(&m, &ps, &prompts, &cfg, &check, scorer, &out)?;
+            if let Some(a) = &r.agreement {
+                println!(
+                    "classifier vs keywords: agree {:.3}\trefused+harmless {}\tcomplied+harmful {}\t\
+                     refused+harmful {}\tcomplied+harmless {}",
+                    a.agreement,
+                    a.refused_harmless,
+                    a.complied_harmful,
+                    a.refused_harmful,
+                    a.complied_harmless
+                );
+            }
             let o = &r.overall;
             println!(
                 "refusal rate {:.3} [{:.3}, {:.3}]\tn {}\tshort answers {}",
@@ -1374,6 +1476,7 @@ fn run(cli: Cli) -> Result<()> {
                 );
             }
         }
+        Cmd::Classifier { cmd } => classifier_cmd(g, cmd)?,
         Cmd::Fetch { name } => {
             let a = repnoise::fetch::asset(&name)
                 .with_context(|| format!("`{name}` is not an embedded asset"))?;
@@ -1383,6 +1486,114 @@ fn run(cli: Cli) -> Result<()> {
                 .unwrap_or_else(repnoise::fetch::default_cache_dir);
             let p = repnoise::fetch::fetch(&a, &cache)?;
             println!("{}", p.display());
+        }
+    }
+    Ok(())
+}
+
+fn classifier_cmd(g: &Global, cmd: ClassifierCmd) -> Result<()> {
+    use repnoise::classifier::{self, HarmClassifier, HarmfulLabel, TrainRun};
+    let dev = device(&g.device)?;
+    match cmd {
+        ClassifierCmd::Train {
+            out,
+            encoder,
+            data,
+            epochs,
+            lr,
+            head_lr,
+            batch_size,
+            samples,
+            refusals,
+            test_fraction,
+            seed,
+            max_len,
+        } => {
+            let cache = g
+                .cache_dir
+                .clone()
+                .unwrap_or_else(repnoise::fetch::default_cache_dir);
+            let enc = classifier::resolve_encoder(&encoder, &cache)
+                .with_context(|| format!("resolving --encoder {encoder}"))?;
+            let command = std::env::args().collect::<Vec<_>>().join(" ");
+            let data = data.unwrap_or_else(repnoise::align::default_data_dir);
+            let mut run = TrainRun::new(enc, data, out.clone(), command);
+            let t = &mut run.train;
+            t.epochs = epochs.unwrap_or(t.epochs);
+            t.lr = lr.unwrap_or(t.lr);
+            t.head_lr = head_lr.unwrap_or(t.head_lr);
+            t.batch_size = batch_size.unwrap_or(t.batch_size);
+            t.seed = seed.unwrap_or(t.seed);
+            t.max_len = max_len.unwrap_or(t.max_len);
+            run.samples = samples.unwrap_or(run.samples);
+            run.refusals = refusals.unwrap_or(run.refusals);
+            run.test_fraction = test_fraction.unwrap_or(run.test_fraction);
+            let report = classifier::run_train(&run, &dev, &mut |line| eprintln!("{line}"))?;
+            let m = &report.held_out;
+            println!(
+                "held out ({} examples, {} harmful): accuracy {:.4} precision {:.4} recall {:.4} \
+                 F1 {:.4} AUROC {}",
+                m.n,
+                m.positives,
+                m.accuracy,
+                m.precision,
+                m.recall,
+                m.f1,
+                m.auroc.map_or("n/a".into(), |a| format!("{a:.4}"))
+            );
+            eprintln!(
+                "wrote {} (report.json beside it; training took {:.0}s)",
+                out.display(),
+                report.train_seconds
+            );
+        }
+        ClassifierCmd::Score {
+            classifier: dir,
+            input,
+            output,
+            harmful_label,
+            max_len,
+        } => {
+            let label: HarmfulLabel = harmful_label.parse()?;
+            let mut clf = HarmClassifier::load(&dir, &label, &dev)
+                .with_context(|| format!("loading classifier {}", dir.display()))?;
+            if let Some(n) = max_len {
+                if n < 8 {
+                    bail!("--max-len {n}: must be at least 8");
+                }
+                clf.max_len = n.min(clf.config().max_position_embeddings);
+            }
+            let pairs = classifier::read_pairs_jsonl(&input)?;
+            let scores = clf.score(&pairs)?;
+            let lines: String = pairs
+                .iter()
+                .zip(scores.p_harmful.iter().zip(&scores.trivial))
+                .map(|((q, a), (p, t))| {
+                    format!(
+                        "{}\n",
+                        serde_json::json!({"prompt": q, "response": a, "p_harmful": p,
+                            "trivial": t})
+                    )
+                })
+                .collect();
+            match &output {
+                Some(p) => repnoise::io::write_atomic(p, lines.as_bytes())?,
+                None => print!("{lines}"),
+            }
+            let n = pairs.len();
+            let flagged = scores.p_harmful.iter().filter(|&&p| p >= 0.5).count();
+            let mean = scores.p_harmful.iter().map(|&p| p as f64).sum::<f64>() / n as f64;
+            eprintln!(
+                "{n} pairs: mean P(harmful) {mean:.4}, {flagged} at or above 0.5, {} empty or \
+                 one-word answers scored 0 (harmful class: {} = {:?})",
+                scores.trivial_count(),
+                clf.harmful,
+                clf.config()
+                    .id2label
+                    .get(clf.harmful)
+                    .cloned()
+                    .unwrap_or_default()
+            );
         }
     }
     Ok(())

@@ -27,10 +27,15 @@ pub trait HarmScorer {
     fn describe(&self) -> String;
 }
 
-/// An answer the paper's evaluation scores harmless without asking the classifier: empty or a
-/// single word.
-pub fn is_short(answer: &str) -> bool {
-    answer.split_whitespace().count() <= 1
+pub use crate::classifier::is_trivial_answer as is_short;
+
+impl HarmScorer for crate::classifier::HarmClassifier {
+    fn score(&self, pairs: &[(String, String)]) -> Result<Vec<f32>> {
+        Ok(crate::classifier::HarmClassifier::score(self, pairs)?.p_harmful)
+    }
+    fn describe(&self) -> String {
+        format!("{} (harmful class {})", self.source.display(), self.harmful)
+    }
 }
 
 /// A prompt to answer, with its harm category when the source gives one.

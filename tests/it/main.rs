@@ -6,6 +6,7 @@ mod common;
 
 mod attack;
 mod bad_input;
+mod classifier;
 mod data_encode;
 mod data_readers;
 mod data_shipped;

