@@ -76,6 +76,8 @@ pub struct AttackConfig {
     /// otherwise).
     pub refusal_phrases: Option<PathBuf>,
     /// Fine-tune without the model's security vector (by default it stays active and frozen).
+    /// Left out of a saved config when false, so run directories from before it existed reopen.
+    #[serde(skip_serializing_if = "std::ops::Not::not")]
     pub ignore_security_vector: bool,
 }
 

@@ -53,7 +53,9 @@ pub struct DefendConfig {
     pub max_len: usize,
     /// Use at most this many pairs (0: all).
     pub max_pairs: usize,
-    /// The adapter of `security-vectors` (`merge` is ignored).
+    /// The adapter of `security-vectors` (`merge` is ignored). Left out of a saved config when
+    /// it is the default, so run directories from before it existed reopen.
+    #[serde(skip_serializing_if = "LoraConfig::is_default")]
     pub lora: LoraConfig,
 }
 

@@ -52,6 +52,10 @@ impl Default for LoraConfig {
 }
 
 impl LoraConfig {
+    pub fn is_default(&self) -> bool {
+        *self == Self::default()
+    }
+
     /// Indices into [`PROJECTIONS`] of the adapted maps.
     pub fn projection_indices(&self) -> Result<Vec<usize>> {
         if self.rank == 0 {
@@ -289,6 +293,41 @@ pub fn read_peft(dir: &Path, base: &LoadedModel) -> Result<BTreeMap<String, Adap
             .filter(|x| *x > 0.0)
             .ok_or_else(|| Error::file(&cfg_path, format!("field `{k}`: missing or not positive")))
     };
+    // Settings this reader would silently get wrong.
+    let unsupported = [
+        (
+            "use_dora",
+            v.get("use_dora").and_then(|x| x.as_bool()) == Some(true),
+        ),
+        (
+            "rank_pattern",
+            v.get("rank_pattern")
+                .and_then(|x| x.as_object())
+                .is_some_and(|m| !m.is_empty()),
+        ),
+        (
+            "alpha_pattern",
+            v.get("alpha_pattern")
+                .and_then(|x| x.as_object())
+                .is_some_and(|m| !m.is_empty()),
+        ),
+        (
+            "bias",
+            v.get("bias")
+                .and_then(|x| x.as_str())
+                .is_some_and(|b| b != "none"),
+        ),
+        (
+            "layers_to_transform",
+            v.get("layers_to_transform").is_some_and(|x| !x.is_null()),
+        ),
+    ];
+    if let Some((k, _)) = unsupported.iter().find(|(_, bad)| *bad) {
+        return Err(Error::file(
+            &cfg_path,
+            format!("field `{k}`: not supported by this reader (plain LoRA only)"),
+        ));
+    }
     let r = num("r")?;
     let alpha = num("lora_alpha")?;
     let scale = if v.get("use_rslora").and_then(|x| x.as_bool()) == Some(true) {
@@ -315,6 +354,13 @@ pub fn read_peft(dir: &Path, base: &LoadedModel) -> Result<BTreeMap<String, Adap
         let b = t
             .get(&bkey)
             .ok_or_else(|| Error::tensor(&path, &bkey, "missing (lora_A without lora_B)"))?;
+        if crate::model::projection_of(&w).is_none() {
+            return Err(Error::tensor(
+                &path,
+                key,
+                "adapts no attention or MLP projection (only those can carry an adapter)",
+            ));
+        }
         let wt = base
             .params
             .tensor(&w)

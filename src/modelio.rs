@@ -297,3 +297,41 @@ pub fn save_hf_dir(dir: &Path, config: &ModelConfig, params: &Params, tok: &Tok)
     // config.json last: its presence marks a complete directory.
     crate::io::write_json_atomic(&dir.join("config.json"), &config.to_hf_json())
 }
+
+/// Size and modification time of the weight files behind `model` (the files of a directory
+/// whose name starts with `model` or ends in `.gguf`, or the file itself): caches of results keyed
+/// by a model's path add this, so a model rebuilt at the same path is not mistaken for the old.
+pub fn weights_fingerprint(model: &LoadedModel) -> serde_json::Value {
+    let stamp = |p: &Path| -> Option<serde_json::Value> {
+        let m = std::fs::metadata(p).ok()?;
+        let t = m
+            .modified()
+            .ok()?
+            .duration_since(std::time::UNIX_EPOCH)
+            .ok()?
+            .as_nanos()
+            .to_string();
+        Some(serde_json::json!([
+            p.file_name()?.to_string_lossy(),
+            m.len(),
+            t
+        ]))
+    };
+    let p = Path::new(&model.source);
+    if p.is_file() {
+        return stamp(p).into();
+    }
+    let Ok(rd) = std::fs::read_dir(p) else {
+        return serde_json::Value::Null;
+    };
+    let mut files: Vec<PathBuf> = rd
+        .flatten()
+        .map(|e| e.path())
+        .filter(|f| {
+            let n = f.file_name().map(|n| n.to_string_lossy().to_string());
+            n.is_some_and(|n| n.starts_with("model") || n.ends_with(".gguf"))
+        })
+        .collect();
+    files.sort();
+    files.iter().filter_map(|f| stamp(f)).collect()
+}

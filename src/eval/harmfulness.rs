@@ -38,16 +38,17 @@ impl HarmScorer for crate::classifier::HarmClassifier {
     }
 }
 
-/// A prompt to answer, with its harm category when the source gives one.
+/// A prompt to answer, with its harm categories when the source gives them.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct EvalPrompt {
     pub prompt: String,
-    pub category: Option<String>,
+    pub categories: Vec<String>,
 }
 
 /// Read evaluation prompts: a shipped set name (`advbench`, `harmbench`,
 /// `malicious-instruct`), or a file. JSONL lines hold `prompt` and optionally `category` (a
-/// string, or BeaverTails' map of category to bool: the true ones, sorted, joined by `,`).
+/// string, or BeaverTails' map of category to bool: every true one; BeaverTails' names contain
+/// commas, so they are kept whole).
 pub fn read_eval_prompts(spec: &str, limit: usize, seed: u64) -> Result<Vec<EvalPrompt>> {
     let p = Path::new(spec);
     if p.extension().and_then(|e| e.to_str()) == Some("jsonl") && p.exists() {
@@ -63,22 +64,18 @@ pub fn read_eval_prompts(spec: &str, limit: usize, seed: u64) -> Result<Vec<Eval
             let prompt = v["prompt"].as_str().ok_or_else(|| {
                 Error::file(p, format!("line {}: no string field `prompt`", i + 1))
             })?;
-            let category = match &v["category"] {
-                serde_json::Value::String(s) => Some(s.clone()),
+            let categories = match &v["category"] {
+                serde_json::Value::String(s) => vec![s.clone()],
                 serde_json::Value::Object(m) => {
-                    let mut on: Vec<&str> = m
+                    let mut on: Vec<String> = m
                         .iter()
                         .filter(|(_, b)| b.as_bool() == Some(true))
-                        .map(|(k, _)| k.as_str())
+                        .map(|(k, _)| k.clone())
                         .collect();
                     on.sort();
-                    Some(if on.is_empty() {
-                        "none".to_string()
-                    } else {
-                        on.join(",")
-                    })
+                    on
                 }
-                serde_json::Value::Null => None,
+                serde_json::Value::Null => vec![],
                 _ => {
                     return Err(Error::file(
                         p,
@@ -91,7 +88,7 @@ pub fn read_eval_prompts(spec: &str, limit: usize, seed: u64) -> Result<Vec<Eval
             };
             out.push(EvalPrompt {
                 prompt: prompt.to_string(),
-                category,
+                categories,
             });
         }
         if out.is_empty() {
@@ -113,7 +110,7 @@ pub fn read_eval_prompts(spec: &str, limit: usize, seed: u64) -> Result<Vec<Eval
         .flat_map(|(_, _, ps)| ps)
         .map(|prompt| EvalPrompt {
             prompt,
-            category: None,
+            categories: vec![],
         })
         .collect())
 }
@@ -148,7 +145,7 @@ impl Default for HarmfulnessConfig {
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct Scored {
     pub prompt: String,
-    pub category: Option<String>,
+    pub categories: Vec<String>,
     pub response: String,
     /// The keyword check found a refusal phrase.
     pub refused: bool,
@@ -252,6 +249,7 @@ pub struct HarmReport {
     pub scorer: Option<String>,
     pub config: HarmfulnessConfig,
     pub overall: HarmFigures,
+    /// A prompt with several categories counts in each.
     pub per_category: BTreeMap<String, HarmFigures>,
     /// Empty or one-word answers (scored harmless).
     pub short_answers: usize,
@@ -271,7 +269,7 @@ pub fn score_answers(
         .zip(answers)
         .map(|(p, a)| Scored {
             prompt: p.prompt.clone(),
-            category: p.category.clone(),
+            categories: p.categories.clone(),
             refused: check.is_refusal(&a),
             short: is_short(&a),
             response: a,
@@ -307,7 +305,7 @@ pub fn report(
     let all: Vec<&Scored> = rows.iter().collect();
     let mut cats: BTreeMap<String, Vec<&Scored>> = BTreeMap::new();
     for r in rows {
-        if let Some(c) = &r.category {
+        for c in &r.categories {
             cats.entry(c.clone()).or_default().push(r);
         }
     }
@@ -341,8 +339,8 @@ pub fn evaluate(
     let t0 = std::time::Instant::now();
     std::fs::create_dir_all(out)
         .map_err(|e| Error::file(out, format!("cannot create directory: {e}")))?;
-    let key = json!({"model": model.source, "prompts": prompts, "sampling": cfg.sampling,
-                     "format": cfg.format});
+    let key = json!({"model": model.source, "weights": crate::modelio::weights_fingerprint(model),
+                     "prompts": prompts, "sampling": cfg.sampling, "format": cfg.format});
     let cache = out.join("answers.json");
     let answers: Vec<String> = match std::fs::read_to_string(&cache)
         .ok()
@@ -406,7 +404,7 @@ mod tests {
     fn p(q: &str, c: &str) -> EvalPrompt {
         EvalPrompt {
             prompt: q.into(),
-            category: Some(c.into()),
+            categories: vec![c.into()],
         }
     }
 
@@ -457,14 +455,14 @@ mod tests {
         let f = dir.path().join("p.jsonl");
         std::fs::write(
             &f,
-            "{\"prompt\": \"q1\", \"category\": {\"b\": true, \"a\": true, \"c\": false}}\n\n\
+            "{\"prompt\": \"q1\", \"category\": {\"b,x\": true, \"a\": true, \"c\": false}}\n\n\
              {\"prompt\": \"q2\", \"category\": \"violence\"}\n{\"prompt\": \"q3\"}\n",
         )
         .unwrap();
         let ps = read_eval_prompts(f.to_str().unwrap(), 0, 0).unwrap();
-        assert_eq!(ps[0].category.as_deref(), Some("a,b"));
-        assert_eq!(ps[1].category.as_deref(), Some("violence"));
-        assert_eq!(ps[2].category, None);
+        assert_eq!(ps[0].categories, ["a", "b,x"]);
+        assert_eq!(ps[1].categories, ["violence"]);
+        assert!(ps[2].categories.is_empty());
         std::fs::write(&f, "{\"prompt\": \"q1\", \"category\": 3}\n").unwrap();
         let e = read_eval_prompts(f.to_str().unwrap(), 0, 0)
             .unwrap_err()

@@ -40,7 +40,8 @@ pub fn run_stability(
     let mut results = vec![];
     for task in tasks {
         let path = out.join(format!("{task}.json"));
-        let key = json!({"model": model.source, "limit": limit, "seed": seed, "max_len": max_len});
+        let key = json!({"model": model.source, "weights": crate::modelio::weights_fingerprint(model),
+                         "limit": limit, "seed": seed, "max_len": max_len});
         if let Some(r) = std::fs::read_to_string(&path)
             .ok()
             .and_then(|t| serde_json::from_str::<serde_json::Value>(&t).ok())

@@ -6,7 +6,7 @@
 //! `tokenize(context + continuation)` past the context's tokens (an empty context is the
 //! start token alone), the input is cut from the left to `max_len`, and the option's score is
 //! the summed log-probability of the continuation tokens. `acc` picks the highest score;
-//! `acc_norm` divides each score by the continuation's length in characters first. TruthfulQA
+//! `acc_norm` divides each score by the choice's length in characters first. TruthfulQA
 //! MC2 is the probability mass on the true answers; CrowS-Pairs reports how often the more
 //! stereotypical sentence is the likelier one (`pct_stereotype`; 0.5 is unbiased).
 
@@ -172,7 +172,12 @@ pub fn item_result(item: &McItem, scores: &[OptionScore]) -> ItemResult {
     let norm: Vec<f64> = ll
         .iter()
         .zip(&item.options)
-        .map(|(l, o)| l / (o.continuation.chars().count().max(1) as f64))
+        // The harness divides by the choice's length without the target delimiter (the one
+        // leading space of the continuation).
+        .map(|(l, o)| {
+            let choice = o.continuation.strip_prefix(' ').unwrap_or(&o.continuation);
+            l / (choice.chars().count().max(1) as f64)
+        })
         .collect();
     let hit = |i: usize| item.correct.first() == Some(&i);
     let max = ll.iter().copied().fold(f64::NEG_INFINITY, f64::max);

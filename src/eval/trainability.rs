@@ -131,7 +131,8 @@ pub fn trainability(
     std::fs::create_dir_all(out)
         .map_err(|e| Error::file(out, format!("cannot create directory: {e}")))?;
     // The untuned model's outputs are kept, so a resumed run does not generate them again.
-    let key = json!({"model": source, "prompts": prompts, "max_new_tokens": max_new_tokens});
+    let key = json!({"model": source, "weights": crate::modelio::weights_fingerprint(model),
+                     "prompts": prompts, "max_new_tokens": max_new_tokens});
     let before_path = out.join("outputs-before.json");
     let cached: Option<Vec<String>> = std::fs::read_to_string(&before_path)
         .ok()

@@ -46,7 +46,9 @@ for item in d["items"]:
         worst_abs = max(worst_abs, abs(a - b))
         worst_rel = max(worst_rel, abs(a - b) / max(abs(b), 1e-9))
     best = max(range(len(ref)), key=lambda i: (ref[i], -i))
-    norm = [l / max(len(o["continuation"]), 1) for l, o in zip(ref, item["options"])]
+    # The harness's acc_norm divides by len(choice), without the target delimiter " ".
+    choice = lambda c: c[1:] if c.startswith(" ") else c
+    norm = [l / max(len(choice(o["continuation"])), 1) for l, o in zip(ref, item["options"])]
     best_n = max(range(len(norm)), key=lambda i: (norm[i], -i))
     gold = item["scores"]["correct"][0]
     acc_agree += float(best == gold) == item["scores"]["acc"]
