@@ -307,21 +307,8 @@ enum Cmd {
         task: String,
         #[arg(long)]
         out: PathBuf,
-        #[arg(long)]
-        config: Option<PathBuf>,
         #[command(flatten)]
-        train: TrainFlags,
-        /// Training examples (0: all).
-        #[arg(long)]
-        samples: Option<usize>,
-        /// Test inputs kept (0: all of the test file).
-        #[arg(long)]
-        test: Option<usize>,
-        #[arg(long)]
-        max_len: Option<usize>,
-        /// The prompt, with `{input}` for the structured input.
-        #[arg(long)]
-        template: Option<String>,
+        ft: FinetuneFlags,
     },
     /// The RepNoise loss terms on pairs as one batch, with no update.
     Loss {
@@ -364,6 +351,50 @@ impl From<FormatArg> for PromptFormat {
             FormatArg::Plain => PromptFormat::Plain,
             FormatArg::Chat => PromptFormat::Chat,
         }
+    }
+}
+
+/// Benign fine-tuning flags (`finetune`, `eval trainability`); each overrides the config file.
+#[derive(Args)]
+struct FinetuneFlags {
+    /// A finetune config (TOML).
+    #[arg(long)]
+    config: Option<PathBuf>,
+    #[command(flatten)]
+    train: TrainFlags,
+    /// Training examples (0: all).
+    #[arg(long)]
+    samples: Option<usize>,
+    /// Test inputs kept (0: all of the test file).
+    #[arg(long)]
+    test: Option<usize>,
+    #[arg(long)]
+    max_len: Option<usize>,
+    /// The prompt, with `{input}` for the structured input.
+    #[arg(long)]
+    template: Option<String>,
+}
+
+impl FinetuneFlags {
+    fn resolve(self) -> Result<repnoise::finetune::FinetuneConfig> {
+        let mut cfg = match &self.config {
+            Some(p) => repnoise::io::read_toml(p, "finetune")?,
+            None => repnoise::finetune::FinetuneConfig::default(),
+        };
+        self.train.apply(&mut cfg.train)?;
+        if let Some(x) = self.samples {
+            cfg.samples = x;
+        }
+        if let Some(x) = self.test {
+            cfg.test = x;
+        }
+        if let Some(x) = self.max_len {
+            cfg.max_len = x;
+        }
+        if let Some(x) = self.template {
+            cfg.template = x;
+        }
+        Ok(cfg)
     }
 }
 
@@ -569,17 +600,8 @@ enum EvalCmd {
         task: String,
         #[arg(long)]
         out: PathBuf,
-        /// A finetune config (TOML).
-        #[arg(long)]
-        config: Option<PathBuf>,
         #[command(flatten)]
-        train: TrainFlags,
-        /// Training examples (0: all).
-        #[arg(long)]
-        samples: Option<usize>,
-        /// Held-out test inputs.
-        #[arg(long)]
-        test: Option<usize>,
+        ft: FinetuneFlags,
         #[arg(long, default_value_t = 64)]
         max_new_tokens: usize,
     },
@@ -801,25 +823,10 @@ fn run_eval(g: &Global, cmd: EvalCmd) -> Result<()> {
             model,
             task,
             out,
-            config,
-            train,
-            samples,
-            test,
+            ft,
             max_new_tokens,
         } => {
-            let mut cfg = match &config {
-                Some(p) => {
-                    repnoise::io::read_toml::<repnoise::finetune::FinetuneConfig>(p, "finetune")?
-                }
-                None => Default::default(),
-            };
-            train.apply(&mut cfg.train)?;
-            if let Some(x) = samples {
-                cfg.samples = x;
-            }
-            if let Some(x) = test {
-                cfg.test = x;
-            }
+            let cfg = ft.resolve()?;
             let mut m = load(g, &model.model)?;
             let r = eval::trainability::trainability(
                 &mut m,
@@ -1410,31 +1417,9 @@ fn run(cli: Cli) -> Result<()> {
             model,
             task,
             out,
-            config,
-            train,
-            samples,
-            test,
-            max_len,
-            template,
+            ft,
         } => {
-            use repnoise::finetune::FinetuneConfig;
-            let mut cfg = match &config {
-                Some(p) => repnoise::io::read_toml(p, "finetune")?,
-                None => FinetuneConfig::default(),
-            };
-            train.apply(&mut cfg.train)?;
-            if let Some(x) = samples {
-                cfg.samples = x;
-            }
-            if let Some(x) = test {
-                cfg.test = x;
-            }
-            if let Some(x) = max_len {
-                cfg.max_len = x;
-            }
-            if let Some(x) = template {
-                cfg.template = x;
-            }
+            let cfg = ft.resolve()?;
             let mut m = load(g, &model.model)?;
             let r = repnoise::finetune::finetune(&mut m, &task, &cfg, &out, Interrupt::default())?;
             println!(
