@@ -471,6 +471,10 @@ pub struct TrainConfig {
     pub weight_decay: f64,
     pub max_grad_norm: f64,
     pub seed: u64,
+    /// Train only the pooler and the classification layer, on the frozen encoder's `[CLS]`
+    /// states computed once (fast: one encoder pass over the data; for short CPU runs).
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub freeze_encoder: bool,
 }
 
 impl Default for TrainConfig {
@@ -485,6 +489,7 @@ impl Default for TrainConfig {
             weight_decay: 0.01,
             max_grad_norm: 1.0,
             seed: 0,
+            freeze_encoder: false,
         }
     }
 }
@@ -600,6 +605,9 @@ pub fn train(
         .iter()
         .map(|e| clf.encode_pair(&e.question, &e.answer))
         .collect::<Result<_>>()?;
+    if cfg.freeze_encoder {
+        return train_head(clf, &rows, train, cfg, log);
+    }
     let adam = AdamWConfig {
         weight_decay: cfg.weight_decay,
         ..AdamWConfig::default()
@@ -627,6 +635,81 @@ pub fn train(
             let head_lr = optim::lr_at(Schedule::Linear, cfg.head_lr, step, total, warmup);
             opt_body.step(&grads, lr, scale)?;
             opt_head.step(&grads, head_lr, scale)?;
+            step += 1;
+            log(&StepLog {
+                step,
+                total,
+                epoch,
+                loss: loss.to_scalar::<f32>()? as f64,
+                lr,
+            });
+        }
+    }
+    Ok(())
+}
+
+fn is_pooler_or_head(name: &str) -> bool {
+    name.starts_with("bert.pooler.") || is_head(name)
+}
+
+/// [`train`] with the encoder frozen: its `[CLS]` states are computed once, then the pooler and
+/// the head are trained on them (`head_lr`, same schedule and clipping).
+fn train_head(
+    clf: &mut HarmClassifier,
+    rows: &[Vec<u32>],
+    train: &[Example],
+    cfg: &TrainConfig,
+    log: &mut dyn FnMut(&StepLog),
+) -> Result<()> {
+    let frozen = Bert::new(&clf.cfg, &clf.params, |_| false)?;
+    let mut cls = Vec::with_capacity(rows.len());
+    for chunk in rows.chunks(32) {
+        let (ids, valid) = bert::pad_batch(chunk, clf.cfg.pad_token_id, frozen.device())?;
+        let h = frozen.encode(&ids, &valid)?;
+        cls.push(h.narrow(1, 0, 1)?.squeeze(1)?.detach()); // [b, d]
+    }
+    let feats = Tensor::cat(&cls, 0)?; // [n, d]
+    let adam = AdamWConfig {
+        weight_decay: cfg.weight_decay,
+        ..AdamWConfig::default()
+    };
+    let mut opt = AdamW::new(&clf.params, is_pooler_or_head, adam)?;
+    let var = |n: &str| -> Result<Tensor> {
+        Ok(clf
+            .params
+            .get(n)
+            .ok_or_else(|| Error::msg(format!("the classifier has no `{n}`")))?
+            .as_tensor()
+            .clone())
+    };
+    let (pw, pb) = (
+        var("bert.pooler.dense.weight")?,
+        var("bert.pooler.dense.bias")?,
+    );
+    let (cw, cb) = (var("classifier.weight")?, var("classifier.bias")?);
+    let per_epoch = train.len().div_ceil(cfg.batch_size);
+    let total = per_epoch * cfg.epochs;
+    let warmup = (cfg.warmup_fraction * total as f64).round() as usize;
+    let mut order_rng = Rng::new(cfg.seed, "classifier-order");
+    let dev = feats.device().clone();
+    let mut step = 0;
+    for epoch in 0..cfg.epochs {
+        let mut order: Vec<usize> = (0..train.len()).collect();
+        order_rng.shuffle(&mut order);
+        for chunk in order.chunks(cfg.batch_size) {
+            let idx: Vec<u32> = chunk.iter().map(|&i| i as u32).collect();
+            let idx = Tensor::from_vec(idx, chunk.len(), &dev)?;
+            let x = feats.index_select(&idx, 0)?;
+            let pooled = x.matmul(&pw.t()?)?.broadcast_add(&pb)?.tanh()?;
+            let logits = pooled.matmul(&cw.t()?)?.broadcast_add(&cb)?;
+            let targets: Vec<u32> = chunk.iter().map(|&i| train[i].harmful as u32).collect();
+            let targets = Tensor::from_vec(targets, chunk.len(), &dev)?;
+            let loss = candle_nn::loss::cross_entropy(&logits, &targets)?;
+            let grads = loss.backward()?;
+            let norm = opt.grad_norm(&grads)?;
+            let scale = optim::clip_coefficient(norm, Some(cfg.max_grad_norm));
+            let lr = optim::lr_at(Schedule::Linear, cfg.head_lr, step, total, warmup);
+            opt.step(&grads, lr, scale)?;
             step += 1;
             log(&StepLog {
                 step,

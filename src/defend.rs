@@ -85,7 +85,8 @@ impl DefendConfig {
 }
 
 /// Tokenise pairs for a defence (faithful mode: no end-of-sequence token, as the reference
-/// tokenizer call did not add one).
+/// tokenizer call did not add one). A pair whose answers tokenise identically within `max_len`
+/// (nothing to contrast: the prompt fills the window) is an error naming it.
 pub fn encode_pairs(
     model: &LoadedModel,
     pairs: &[Pair],
@@ -93,6 +94,25 @@ pub fn encode_pairs(
     max_len: usize,
     faithful: bool,
 ) -> Result<Vec<EncodedPair>> {
+    let (enc, left_out) = encode_pairs_lenient(model, pairs, format, max_len, faithful)?;
+    if let Some(&i) = left_out.first() {
+        return Err(Error::msg(format!(
+            "pair {}: the harmful and harmless answers tokenise identically within {max_len} \
+             tokens (empty pair mask)",
+            i + 1
+        )));
+    }
+    Ok(enc)
+}
+
+/// As [`encode_pairs`], leaving out pairs with an empty pair mask; returns their indices.
+pub fn encode_pairs_lenient(
+    model: &LoadedModel,
+    pairs: &[Pair],
+    format: PromptFormat,
+    max_len: usize,
+    faithful: bool,
+) -> Result<(Vec<EncodedPair>, Vec<usize>)> {
     let opts = EncodeOptions {
         format,
         add_bos: false,
@@ -104,21 +124,17 @@ pub fn encode_pairs(
         pad_id: model.tok.pad_id,
         length: PadLength::Longest,
     };
-    pairs
-        .iter()
-        .enumerate()
-        .map(|(i, p)| {
-            let e = encode_pair(&model.tok, p, &opts, &padding)?;
-            if e.pair_mask.iter().all(|&m| m == 0) {
-                return Err(Error::msg(format!(
-                    "pair {}: the harmful and harmless answers tokenise identically within \
-                     {max_len} tokens (empty pair mask)",
-                    i + 1
-                )));
-            }
-            Ok(e)
-        })
-        .collect()
+    let mut enc = vec![];
+    let mut left_out = vec![];
+    for (i, p) in pairs.iter().enumerate() {
+        let e = encode_pair(&model.tok, p, &opts, &padding)?;
+        if e.pair_mask.iter().all(|&m| m == 0) {
+            left_out.push(i);
+        } else {
+            enc.push(e);
+        }
+    }
+    Ok((enc, left_out))
 }
 
 /// `repnoise loss`: the RepNoise terms on `pairs` as one batch, no update.
@@ -181,7 +197,25 @@ pub fn defend(
         pairs = idx.into_iter().map(|i| pairs[i].clone()).collect();
     }
     let faithful = cfg.method == Method::Repnoise && cfg.repnoise.faithful;
-    let enc = encode_pairs(model, &pairs, cfg.format, cfg.max_len, faithful)?;
+    let (enc, left_out) = encode_pairs_lenient(model, &pairs, cfg.format, cfg.max_len, faithful)?;
+    if !left_out.is_empty() {
+        let msg = format!(
+            "{} of {} pairs left out: their answers tokenise identically within max_len {} \
+             (the prompt fills the window)",
+            left_out.len(),
+            pairs.len(),
+            cfg.max_len
+        );
+        run.log(&msg);
+        eprintln!("{msg}");
+    }
+    if enc.is_empty() {
+        return Err(Error::setting(
+            "max_len",
+            cfg.max_len,
+            "no pair has an answer token within it",
+        ));
+    }
     let pad = model.tok.pad_id;
     let method = cfg.method;
     let rn = cfg.repnoise.clone();

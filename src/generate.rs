@@ -9,6 +9,7 @@ use crate::model::{attention_mask, ForwardOpts, KvCache, Llama, Logits};
 use crate::rng::Rng;
 
 #[derive(Clone, Debug, PartialEq, serde::Serialize, serde::Deserialize)]
+#[serde(deny_unknown_fields, default)]
 pub struct SamplingConfig {
     pub max_new_tokens: usize,
     /// 0 means greedy decoding.

@@ -337,6 +337,31 @@ enum Cmd {
         /// smollm2-135m-instruct or all-minilm-l6-v2.
         name: String,
     },
+    /// Run (or resume) an experiment: defences x attacks x seeds with their evaluations and a
+    /// report (`OUT/report.md`, `OUT/report.html`).
+    Run {
+        /// The experiment file (see configs/).
+        experiment: PathBuf,
+        /// Experiment directory (default: runs/<name>).
+        #[arg(long)]
+        out: Option<PathBuf>,
+        /// Print the resolved experiment as TOML and exit.
+        #[arg(long)]
+        print_config: bool,
+    },
+    /// The main job: align the embedded model, defend it with RepNoise and two baselines, attack
+    /// every model, evaluate and write the report (configs/demo.toml, built in). A second run
+    /// reuses the finished stages.
+    Demo {
+        #[arg(long, default_value = "runs/demo")]
+        out: PathBuf,
+        /// Use this experiment file instead of the built-in demo.
+        #[arg(long)]
+        config: Option<PathBuf>,
+        /// Print the demo's experiment as TOML and exit.
+        #[arg(long)]
+        print_config: bool,
+    },
 }
 
 #[derive(Clone, Copy, clap::ValueEnum)]
@@ -645,6 +670,9 @@ enum ClassifierCmd {
         /// Token limit per text, in training and in the saved classifier's scoring.
         #[arg(long)]
         max_len: Option<usize>,
+        /// Train only the pooler and head on the frozen encoder's states (fast, less accurate).
+        #[arg(long)]
+        freeze_encoder: bool,
     },
     /// Score question/answer pairs: P(harmful) per line of a JSONL file of {prompt, response}.
     Score {
@@ -1472,7 +1500,61 @@ fn run(cli: Cli) -> Result<()> {
             let p = repnoise::fetch::fetch(&a, &cache)?;
             println!("{}", p.display());
         }
+        Cmd::Run {
+            experiment,
+            out,
+            print_config,
+        } => {
+            let exp = repnoise::experiment::Experiment::from_toml(&experiment)?;
+            let out = out.unwrap_or_else(|| PathBuf::from("runs").join(&exp.name));
+            run_experiment(g, &exp, &out, print_config)?;
+        }
+        Cmd::Demo {
+            out,
+            config,
+            print_config,
+        } => {
+            let exp = match &config {
+                Some(p) => repnoise::experiment::Experiment::from_toml(p)?,
+                None => repnoise::experiment::Experiment::from_toml_str(
+                    repnoise::experiment::DEMO_TOML,
+                    "configs/demo.toml (built in)",
+                )?,
+            };
+            run_experiment(g, &exp, &out, print_config)?;
+        }
     }
+    Ok(())
+}
+
+fn run_experiment(
+    g: &Global,
+    exp: &repnoise::experiment::Experiment,
+    out: &std::path::Path,
+    print_config: bool,
+) -> Result<()> {
+    if print_config {
+        print!("{}", toml::to_string(exp)?);
+        return Ok(());
+    }
+    let opts = repnoise::experiment::RunOptions {
+        cache: g
+            .cache_dir
+            .clone()
+            .unwrap_or_else(repnoise::fetch::default_cache_dir),
+        device: device(&g.device)?,
+        command: std::env::args().collect::<Vec<_>>().join(" "),
+    };
+    let r = repnoise::experiment::run(exp, out, &opts)?;
+    for v in repnoise::report::verdicts(&r) {
+        println!("{v}");
+    }
+    println!(
+        "report: {} and {} ({:.1} min)",
+        out.join("report.md").display(),
+        out.join("report.html").display(),
+        r.seconds / 60.0
+    );
     Ok(())
 }
 
@@ -1493,6 +1575,7 @@ fn classifier_cmd(g: &Global, cmd: ClassifierCmd) -> Result<()> {
             test_fraction,
             seed,
             max_len,
+            freeze_encoder,
         } => {
             let cache = g
                 .cache_dir
@@ -1510,6 +1593,7 @@ fn classifier_cmd(g: &Global, cmd: ClassifierCmd) -> Result<()> {
             t.batch_size = batch_size.unwrap_or(t.batch_size);
             t.seed = seed.unwrap_or(t.seed);
             t.max_len = max_len.unwrap_or(t.max_len);
+            t.freeze_encoder = freeze_encoder;
             run.samples = samples.unwrap_or(run.samples);
             run.refusals = refusals.unwrap_or(run.refusals);
             run.test_fraction = test_fraction.unwrap_or(run.test_fraction);

@@ -116,7 +116,7 @@ fn tiny_config(labels: &[&str]) -> BertConfig {
 }
 
 /// A random `BertForSequenceClassification` directory.
-fn write_tiny_classifier(dir: &Path, labels: &[&str], seed: u64) -> (BertConfig, Params) {
+pub fn write_tiny_classifier(dir: &Path, labels: &[&str], seed: u64) -> (BertConfig, Params) {
     let cfg = tiny_config(labels);
     let p = bert::random_params(&cfg, true, labels.len(), seed, &Device::Cpu).unwrap();
     bert::save_dir(dir, &cfg, &p, &tokenizer_json(), &[]).unwrap();

@@ -12,6 +12,7 @@ mod data_readers;
 mod data_shipped;
 mod data_splits;
 mod eval;
+mod experiment;
 mod model_core;
 mod smollm2;
 mod training;

@@ -1,0 +1,597 @@
+//! An experiment's report: `report.md` and a self-contained `report.html` (figures inlined),
+//! both rendered from one list of blocks so they always say the same thing.
+
+use std::path::Path;
+
+use serde_json::Value;
+
+use crate::error::Result;
+use crate::experiment::{Cell, CellSummary, Results, SeedMean};
+use crate::io::write_atomic;
+
+/// A piece of a report.
+#[derive(Clone, Debug)]
+pub enum Block {
+    Heading(usize, String),
+    Para(String),
+    List(Vec<String>),
+    Table {
+        head: Vec<String>,
+        rows: Vec<Vec<String>>,
+    },
+    /// An SVG figure: written to `figures/<file>` and linked from the Markdown; inlined in the
+    /// HTML.
+    Figure {
+        file: String,
+        svg: String,
+        caption: String,
+    },
+    Code(String),
+}
+
+/// Markdown text of `blocks`.
+pub fn markdown(blocks: &[Block]) -> String {
+    let mut s = String::new();
+    for b in blocks {
+        match b {
+            Block::Heading(l, t) => s.push_str(&format!("{} {t}\n\n", "#".repeat(*l))),
+            Block::Para(t) => s.push_str(&format!("{t}\n\n")),
+            Block::List(items) => {
+                for i in items {
+                    s.push_str(&format!("- {i}\n"));
+                }
+                s.push('\n');
+            }
+            Block::Table { head, rows } => {
+                let cell = |c: &str| c.replace('|', "\\|");
+                s.push_str(&format!(
+                    "| {} |\n|{}\n",
+                    head.iter().map(|h| cell(h)).collect::<Vec<_>>().join(" | "),
+                    "---|".repeat(head.len())
+                ));
+                for r in rows {
+                    s.push_str(&format!(
+                        "| {} |\n",
+                        r.iter().map(|c| cell(c)).collect::<Vec<_>>().join(" | ")
+                    ));
+                }
+                s.push('\n');
+            }
+            Block::Figure { file, caption, .. } => {
+                s.push_str(&format!("![{caption}](figures/{file})\n\n*{caption}*\n\n"))
+            }
+            Block::Code(t) => s.push_str(&format!("```\n{t}\n```\n\n")),
+        }
+    }
+    s
+}
+
+fn esc(s: &str) -> String {
+    s.replace('&', "&amp;")
+        .replace('<', "&lt;")
+        .replace('>', "&gt;")
+        .replace('"', "&quot;")
+}
+
+/// Inline Markdown of our own paragraphs: `code` and **bold** only.
+fn inline(s: &str) -> String {
+    let mut out = String::new();
+    let e = esc(s);
+    let mut code = false;
+    for (i, part) in e.split('`').enumerate() {
+        if i > 0 {
+            out.push_str(if code { "</code>" } else { "<code>" });
+            code = !code;
+        }
+        if code {
+            out.push_str(part);
+        } else {
+            let mut bold = false;
+            for (j, p) in part.split("**").enumerate() {
+                if j > 0 {
+                    out.push_str(if bold { "</b>" } else { "<b>" });
+                    bold = !bold;
+                }
+                out.push_str(p);
+            }
+            if bold {
+                out.push_str("</b>");
+            }
+        }
+    }
+    if code {
+        out.push_str("</code>");
+    }
+    out
+}
+
+/// A self-contained HTML page of `blocks`.
+pub fn html(title: &str, blocks: &[Block]) -> String {
+    let mut s = format!(
+        "<!DOCTYPE html>\n<html><head><meta charset=\"utf-8\"><title>{}</title>\n<style>\
+body{{font-family:system-ui,sans-serif;max-width:1100px;margin:2em auto;padding:0 1em;\
+line-height:1.45;color:#222}}table{{border-collapse:collapse;margin:1em 0;font-size:0.9em}}\
+th,td{{border:1px solid #ccc;padding:0.3em 0.6em;text-align:left}}th{{background:#f3f3f3}}\
+pre{{background:#f6f6f6;padding:1em;overflow-x:auto;font-size:0.85em}}\
+figure{{margin:1.5em 0}}figcaption{{font-style:italic;color:#555}}\
+</style></head><body>\n",
+        esc(title)
+    );
+    for b in blocks {
+        match b {
+            Block::Heading(l, t) => s.push_str(&format!("<h{l}>{}</h{l}>\n", inline(t))),
+            Block::Para(t) => s.push_str(&format!("<p>{}</p>\n", inline(t))),
+            Block::List(items) => {
+                s.push_str("<ul>\n");
+                for i in items {
+                    s.push_str(&format!("<li>{}</li>\n", inline(i)));
+                }
+                s.push_str("</ul>\n");
+            }
+            Block::Table { head, rows } => {
+                s.push_str("<table><thead><tr>");
+                for h in head {
+                    s.push_str(&format!("<th>{}</th>", inline(h)));
+                }
+                s.push_str("</tr></thead><tbody>\n");
+                for r in rows {
+                    s.push_str("<tr>");
+                    for c in r {
+                        s.push_str(&format!("<td>{}</td>", inline(c)));
+                    }
+                    s.push_str("</tr>\n");
+                }
+                s.push_str("</tbody></table>\n");
+            }
+            Block::Figure { svg, caption, .. } => s.push_str(&format!(
+                "<figure>{svg}<figcaption>{}</figcaption></figure>\n",
+                esc(caption)
+            )),
+            Block::Code(t) => s.push_str(&format!("<pre>{}</pre>\n", esc(t))),
+        }
+    }
+    s.push_str("</body></html>\n");
+    s
+}
+
+/// Write `report.md`, `report.html` and `figures/*.svg` into `out`.
+pub fn write(title: &str, blocks: &[Block], out: &Path) -> Result<()> {
+    let figs = out.join("figures");
+    for b in blocks {
+        if let Block::Figure { file, svg, .. } = b {
+            std::fs::create_dir_all(&figs)
+                .map_err(|e| crate::Error::file(&figs, format!("cannot create directory: {e}")))?;
+            write_atomic(&figs.join(file), svg.as_bytes())?;
+        }
+    }
+    write_atomic(&out.join("report.md"), markdown(blocks).as_bytes())?;
+    write_atomic(&out.join("report.html"), html(title, blocks).as_bytes())?;
+    Ok(())
+}
+
+fn f3(x: f64) -> String {
+    if x.is_finite() {
+        format!("{x:.3}")
+    } else {
+        "-".into()
+    }
+}
+
+/// `mean [lo, hi]`.
+pub fn with_ci(m: &SeedMean) -> String {
+    if m.n > 1 {
+        format!("{} [{}, {}]", f3(m.mean), f3(m.ci95.0), f3(m.ci95.1))
+    } else {
+        f3(m.mean)
+    }
+}
+
+fn find<'a>(cells: &'a [CellSummary], d: &str, c: &Cell) -> Option<&'a CellSummary> {
+    cells.iter().find(|s| s.defence == d && &s.cell == c)
+}
+
+fn fmt_secs(s: f64) -> String {
+    if s >= 90.0 {
+        format!("{:.1} min", s / 60.0)
+    } else {
+        format!("{s:.1} s")
+    }
+}
+
+/// The verdict sentences: for each attack cell, each defence's harmfulness against the
+/// undefended model's, with whether the seed intervals overlap. Facts only.
+pub fn verdicts(r: &Results) -> Vec<String> {
+    let cells = r.experiment.cells();
+    let mut out = vec![];
+    for c in &cells {
+        let Some(base) = find(&r.cells, "none", c).and_then(|s| s.harm) else {
+            continue;
+        };
+        let before = r
+            .defences
+            .iter()
+            .find(|d| d.name == "none")
+            .and_then(|d| d.harm.mean_score)
+            .map(|e| e.mean);
+        let mut parts = vec![format!(
+            "{}: undefended {}{}",
+            c.label(),
+            with_ci(&base),
+            before.map_or(String::new(), |b| format!(" (before the attack {})", f3(b)))
+        )];
+        for d in r.defences.iter().filter(|d| d.name != "none") {
+            if let Some(h) = find(&r.cells, &d.name, c).and_then(|s| s.harm) {
+                let rel = if h.ci95.1 < base.ci95.0 {
+                    "lower, intervals apart"
+                } else if h.ci95.0 > base.ci95.1 {
+                    "higher, intervals apart"
+                } else if h.mean < base.mean {
+                    "lower mean, intervals overlap"
+                } else {
+                    "not lower"
+                };
+                parts.push(format!("{} {} ({rel})", d.name, with_ci(&h)));
+            }
+        }
+        out.push(parts.join("; "));
+    }
+    out
+}
+
+/// The blocks of an experiment's report.
+pub fn blocks(r: &Results) -> Vec<Block> {
+    let e = &r.experiment;
+    let cells = e.cells();
+    let mut b = vec![Block::Heading(
+        1,
+        format!("repnoise experiment: {}", e.name),
+    )];
+    let commit = r.environment["git_commit"].as_str().unwrap_or("unknown");
+    b.push(Block::Para(format!(
+        "Command: `{}`. Wall time of this invocation: {} ({} stages, {} reused from earlier \
+         invocations). repnoise {} at commit `{commit}`, {} threads on {}.",
+        r.command,
+        fmt_secs(r.seconds),
+        r.stages.len(),
+        r.stages.iter().filter(|s| s.cached).count(),
+        r.environment["repnoise_version"].as_str().unwrap_or("?"),
+        r.environment["threads"],
+        r.environment["cpu"].as_str().unwrap_or("unknown CPU"),
+    )));
+    b.push(Block::Para(format!(
+        "Model `{}`; {} defences besides the undefended model; {} attack cells x {} seeds ({:?}); \
+         harmfulness is the classifier's mean P(harmful) over {} held-out harmful test prompts \
+         ({} greedy tokens each), averaged per seed; intervals are 95% Student-t intervals over \
+         the seeds.",
+        e.model,
+        e.defences.len(),
+        cells.len(),
+        e.seeds.len(),
+        e.seeds,
+        e.test_prompts,
+        e.eval.harmfulness.sampling.max_new_tokens
+    )));
+
+    b.push(Block::Heading(
+        2,
+        "Resistance: harmfulness after each attack".into(),
+    ));
+    b.push(Block::List(verdicts(r)));
+    let mut head = vec!["defence".to_string(), "before attack".to_string()];
+    head.extend(cells.iter().map(|c| c.label()));
+    let table =
+        |pick: &dyn Fn(&CellSummary) -> Option<SeedMean>,
+         before: &dyn Fn(&crate::experiment::DefenceResult) -> Option<f64>| {
+            let rows = r
+                .defences
+                .iter()
+                .map(|d| {
+                    let mut row = vec![d.name.clone(), before(d).map_or("-".into(), f3)];
+                    for c in &cells {
+                        row.push(
+                            find(&r.cells, &d.name, c)
+                                .and_then(pick)
+                                .map_or("-".into(), |m| with_ci(&m)),
+                        );
+                    }
+                    row
+                })
+                .collect();
+            Block::Table {
+                head: head.clone(),
+                rows,
+            }
+        };
+    b.push(Block::Para(
+        "Mean P(harmful) (classifier), mean over seeds [95% interval]:".into(),
+    ));
+    b.push(table(&|s| s.harm, &|d| d.harm.mean_score.map(|e| e.mean)));
+    b.push(Block::Para(
+        "Fraction of answers the keyword check calls refusals (a second opinion):".into(),
+    ));
+    b.push(table(&|s| Some(s.refusal), &|d| {
+        Some(d.harm.refusal_rate.mean)
+    }));
+
+    // Stability.
+    let stab: Vec<_> = r
+        .defences
+        .iter()
+        .filter(|d| !d.stability.is_empty())
+        .collect();
+    if !stab.is_empty() {
+        b.push(Block::Heading(2, "Stability (log-likelihood tasks)".into()));
+        b.push(Block::Para(format!(
+            "{} items per task at most, scored as lm-evaluation-harness does; value ± standard \
+             error.",
+            e.eval.stability_limit
+        )));
+        let mut head = vec!["task (metric)".to_string()];
+        head.extend(stab.iter().map(|d| d.name.clone()));
+        let rows =
+            e.eval
+                .stability_tasks
+                .iter()
+                .map(|t| {
+                    let mut row = vec![t.clone()];
+                    for d in &stab {
+                        row.push(d.stability.iter().find(|x| &x.task == t).map_or(
+                            "-".into(),
+                            |x| {
+                                format!(
+                                    "{} ± {} ({})",
+                                    f3(x.value.mean),
+                                    f3(x.value.stderr),
+                                    x.metric
+                                )
+                            },
+                        ));
+                    }
+                    row
+                })
+                .collect();
+        b.push(Block::Table { head, rows });
+    }
+
+    // Trainability.
+    let tr: Vec<_> = r
+        .defences
+        .iter()
+        .filter_map(|d| d.trainability.as_ref().map(|t| (d, t)))
+        .collect();
+    if !tr.is_empty() {
+        b.push(Block::Heading(
+            2,
+            "Trainability (benign fine-tuning)".into(),
+        ));
+        b.push(Block::Para(format!(
+            "Task `{}`: {} training examples, ROUGE-1 F (as `rouge_score`) on held-out inputs \
+             before and after fine-tuning; mean ± standard error.",
+            e.eval.trainability_task.clone().unwrap_or_default(),
+            tr[0].1.train_examples
+        )));
+        let rows = tr
+            .iter()
+            .map(|(d, t)| {
+                vec![
+                    d.name.clone(),
+                    format!(
+                        "{} ± {}",
+                        f3(t.before.rouge1_f.mean),
+                        f3(t.before.rouge1_f.stderr)
+                    ),
+                    format!(
+                        "{} ± {}",
+                        f3(t.after.rouge1_f.mean),
+                        f3(t.after.rouge1_f.stderr)
+                    ),
+                    fmt_secs(t.seconds),
+                ]
+            })
+            .collect();
+        b.push(Block::Table {
+            head: vec![
+                "defence".into(),
+                "ROUGE-1 before".into(),
+                "ROUGE-1 after".into(),
+                "wall time".into(),
+            ],
+            rows,
+        });
+    }
+
+    // The measuring instruments.
+    b.push(Block::Heading(2, "The harmfulness classifier".into()));
+    if let Some(c) = &r.classifier {
+        let h = &c["held_out"];
+        b.push(Block::Para(format!(
+            "Encoder `{}`; held-out ({} examples, split by question): accuracy {}, F1 {}, \
+             AUROC {}.",
+            c["encoder"].as_str().unwrap_or("?"),
+            h["n"],
+            h["accuracy"].as_f64().map_or("-".into(), f3),
+            h["f1"].as_f64().map_or("-".into(), f3),
+            h["auroc"].as_f64().map_or("-".into(), f3),
+        )));
+    } else {
+        b.push(Block::Para("No classifier report was found.".into()));
+    }
+    let rows: Vec<Vec<String>> = r
+        .defences
+        .iter()
+        .filter_map(|d| {
+            d.agreement.as_ref().map(|a| {
+                vec![
+                    d.name.clone(),
+                    f3(a.agreement),
+                    a.refused_harmless.to_string(),
+                    a.complied_harmful.to_string(),
+                    a.refused_harmful.to_string(),
+                    a.complied_harmless.to_string(),
+                ]
+            })
+        })
+        .collect();
+    if !rows.is_empty() {
+        b.push(Block::Para(
+            "Agreement with the keyword refusal check on each model's answers before the attack:"
+                .into(),
+        ));
+        b.push(Block::Table {
+            head: [
+                "model",
+                "agreement",
+                "refused, harmless",
+                "complied, harmful",
+                "refused, harmful",
+                "complied, harmless",
+            ]
+            .map(String::from)
+            .to_vec(),
+            rows,
+        });
+    }
+    if let Some(a) = &r.align {
+        b.push(Block::Heading(2, "Alignment".into()));
+        let rows: Vec<Vec<String>> = a["after"]
+            .as_array()
+            .map(|v| {
+                v.iter()
+                    .map(|x| {
+                        vec![
+                            x[0].as_str().unwrap_or("?").to_string(),
+                            x[1].as_str().unwrap_or("?").to_string(),
+                            x[3].to_string(),
+                            x[2].as_f64().map_or("-".into(), f3),
+                        ]
+                    })
+                    .collect()
+            })
+            .unwrap_or_default();
+        b.push(Block::Para(format!(
+            "Refusal rates of the aligned model on held-out prompt sets ({} training steps, {}):",
+            a["train"]["steps"],
+            a["train"]["seconds"].as_f64().map_or("-".into(), fmt_secs)
+        )));
+        b.push(Block::Table {
+            head: ["set", "kind", "n", "refusal rate"]
+                .map(String::from)
+                .to_vec(),
+            rows,
+        });
+    }
+    b.push(Block::Heading(2, "Data".into()));
+    let mut notes = r.split_notes.clone();
+    notes.push(format!(
+        "{} defence pairs (harmful answer + the aligned model's refusal)",
+        r.pairs
+    ));
+    b.push(Block::List(notes));
+
+    b.push(Block::Heading(2, "Every attack, per seed".into()));
+    let rows = r
+        .attacks
+        .iter()
+        .map(|a| {
+            vec![
+                a.defence.clone(),
+                a.cell.label(),
+                a.seed.to_string(),
+                a.harm.mean_score.map_or("-".into(), |e| f3(e.mean)),
+                a.harm.harmful_rate.map_or("-".into(), |e| f3(e.mean)),
+                f3(a.harm.refusal_rate.mean),
+                a.final_loss.map_or("-".into(), f3),
+                fmt_secs(a.seconds),
+            ]
+        })
+        .collect();
+    b.push(Block::Table {
+        head: [
+            "defence",
+            "attack",
+            "seed",
+            "mean P(harmful)",
+            "P > 0.5",
+            "refusal",
+            "final loss",
+            "wall time",
+        ]
+        .map(String::from)
+        .to_vec(),
+        rows,
+    });
+
+    b.push(Block::Heading(
+        2,
+        "Wall time per stage (this invocation)".into(),
+    ));
+    let rows = r
+        .stages
+        .iter()
+        .map(|s| {
+            vec![
+                s.stage.clone(),
+                if s.cached {
+                    "reused".into()
+                } else {
+                    fmt_secs(s.seconds)
+                },
+            ]
+        })
+        .collect();
+    b.push(Block::Table {
+        head: vec!["stage".into(), "wall time".into()],
+        rows,
+    });
+    b.push(Block::Heading(2, "Settings".into()));
+    b.push(Block::Code(
+        toml::to_string(&r.experiment).unwrap_or_else(|e| format!("(cannot render: {e})")),
+    ));
+    b.push(Block::Heading(2, "Environment".into()));
+    b.push(Block::Code(
+        serde_json::to_string_pretty(&r.environment).unwrap_or_default(),
+    ));
+    b
+}
+
+/// Write the experiment's report into `out`.
+pub fn write_report(r: &Results, out: &Path) -> Result<()> {
+    let title = format!("repnoise experiment: {}", r.experiment.name);
+    write(&title, &blocks(r), out)
+}
+
+/// A JSON number or `-`.
+pub fn num(v: &Value) -> String {
+    v.as_f64().map_or("-".into(), f3)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn markdown_and_html_say_the_same() {
+        let blocks = vec![
+            Block::Heading(1, "T".into()),
+            Block::Para("a `x<y` and **b**".into()),
+            Block::Table {
+                head: vec!["h|1".into(), "h2".into()],
+                rows: vec![vec!["1".into(), "2".into()]],
+            },
+            Block::Figure {
+                file: "f.svg".into(),
+                svg: "<svg></svg>".into(),
+                caption: "cap".into(),
+            },
+        ];
+        let md = markdown(&blocks);
+        assert!(md.contains("# T\n"));
+        assert!(md.contains("| h\\|1 | h2 |\n|---|---|\n| 1 | 2 |"));
+        assert!(md.contains("![cap](figures/f.svg)"));
+        let h = html("T", &blocks);
+        assert!(h.contains("<code>x&lt;y</code>"), "{h}");
+        assert!(h.contains("<b>b</b>"));
+        assert!(h.contains("<svg></svg><figcaption>cap</figcaption>"));
+        assert!(h.contains("<td>2</td>"));
+    }
+}
