@@ -51,16 +51,22 @@ pub fn train_steps(
     let mut phases = [0f64; 3];
     for s in 0..warmup + steps {
         let ids = random_batch(m, batch, seq, s as u64)?;
-        let mask = Tensor::ones((batch, seq), DType::F32, ids.device())?;
+        let dev = ids.device().clone();
+        let mask = Tensor::ones((batch, seq), DType::F32, &dev)?;
         let t0 = Instant::now();
         let net = Llama::trainable(&m.config, &m.params)?;
         let logits = net.logits(&ids)?;
         let loss = masked_next_token_ce(&logits, &ids, &mask)?;
+        // On an accelerator the ops only queue work: wait for it at each phase boundary so the
+        // phases are timed, not their launches (a no-op on the CPU).
+        dev.synchronize()?;
         let t1 = Instant::now();
         let grads = loss.backward()?;
+        dev.synchronize()?;
         let t2 = Instant::now();
         let norm = opt.grad_norm(&grads)?;
         opt.step(&grads, 1e-5, clip_coefficient(norm, Some(1.0)))?;
+        dev.synchronize()?;
         let t3 = Instant::now();
         losses.push(loss.to_scalar::<f32>()?);
         if s >= warmup {
