@@ -28,6 +28,7 @@ pub mod objective;
 pub mod ops;
 pub mod optim;
 pub mod params;
+pub mod plot;
 pub mod refusal;
 pub mod rng;
 pub mod tokenizer;
