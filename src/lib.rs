@@ -5,6 +5,7 @@
 
 pub mod abliterate;
 pub mod align;
+pub mod analysis;
 pub mod attack;
 pub mod bench;
 pub mod bert;
