@@ -193,9 +193,13 @@ pub fn encode_samples(
             .map(|p| (p.prompt.clone(), f(p).clone()))
             .collect()
     };
+    let encode = |what: &str, qa: Vec<(String, String)>| {
+        encode_sft(model, &qa, format, max_len, false)
+            .map_err(|e| Error::msg(format!("{what} samples ({format:?} format): {e}")))
+    };
     Ok(Samples {
-        harmful: encode_sft(model, &side(|p| &p.harmful), format, max_len, false)?,
-        harmless: encode_sft(model, &side(|p| &p.harmless), format, max_len, false)?,
+        harmful: encode("harmful", side(|p| &p.harmful))?,
+        harmless: encode("harmless", side(|p| &p.harmless))?,
     })
 }
 

@@ -77,6 +77,50 @@ fn axis_range(values: impl Iterator<Item = f64>) -> (f64, f64) {
     (lo - 0.05 * span, hi + 0.05 * span)
 }
 
+/// A tick label: integers without a decimal point, other values with at most four decimals.
+fn tick(v: &f64) -> String {
+    let v = *v;
+    if v == 0.0 {
+        return "0".into();
+    }
+    if (v - v.round()).abs() < 1e-9 * v.abs().max(1.0) && v.abs() < 1e9 {
+        return format!("{:.0}", v);
+    }
+    if v.abs() >= 1e-3 && v.abs() < 1e6 {
+        let s = format!("{v:.4}");
+        return s.trim_end_matches('0').trim_end_matches('.').to_string();
+    }
+    format!("{v:.2e}")
+}
+
+/// The corner of the plot with the fewest points near it, for the legend (it covers about a
+/// third of the width and a quarter of the height).
+fn legend_corner(points: &[(f64, f64)], x: (f64, f64), y: (f64, f64)) -> SeriesLabelPosition {
+    let fx = |v: f64| (v - x.0) / (x.1 - x.0);
+    let fy = |v: f64| (v - y.0) / (y.1 - y.0);
+    let corners = [
+        (SeriesLabelPosition::UpperRight, true, true),
+        (SeriesLabelPosition::UpperLeft, false, true),
+        (SeriesLabelPosition::LowerRight, true, false),
+        (SeriesLabelPosition::LowerLeft, false, false),
+    ];
+    let crowd = |right: bool, upper: bool| {
+        points
+            .iter()
+            .filter(|p| finite(p))
+            .filter(|(px, py)| {
+                let (a, b) = (fx(*px), fy(*py));
+                (if right { a > 0.6 } else { a < 0.4 }) && (if upper { b > 0.7 } else { b < 0.3 })
+            })
+            .count()
+    };
+    corners
+        .into_iter()
+        .min_by_key(|(_, r, u)| crowd(*r, *u))
+        .map(|(c, _, _)| c)
+        .unwrap_or(SeriesLabelPosition::UpperRight)
+}
+
 fn finite(p: &(f64, f64)) -> bool {
     p.0.is_finite() && p.1.is_finite()
 }
@@ -137,10 +181,14 @@ fn axes<'a, 'b>(
         .map_err(|e| chart_err(title)(e.to_string()))
 }
 
-fn legend<'a, 'b: 'a>(chart: &mut Chart<'a, 'b>, title: &str) -> Result<()> {
+fn legend<'a, 'b: 'a>(
+    chart: &mut Chart<'a, 'b>,
+    title: &str,
+    corner: SeriesLabelPosition,
+) -> Result<()> {
     chart
         .configure_series_labels()
-        .position(SeriesLabelPosition::UpperRight)
+        .position(corner)
         .background_style(WHITE.mix(0.85))
         .border_style(BLACK.mix(0.5))
         .label_font((FONT, 14))
@@ -165,6 +213,8 @@ pub fn line_chart(title: &str, x_label: &str, y_label: &str, series: &[Series]) 
             .configure_mesh()
             .x_desc(x_label)
             .y_desc(y_label)
+            .x_label_formatter(&tick)
+            .y_label_formatter(&tick)
             .label_style((FONT, 13))
             .axis_desc_style((FONT, 15))
             .draw()
@@ -196,7 +246,8 @@ pub fn line_chart(title: &str, x_label: &str, y_label: &str, series: &[Series]) 
                 .map_err(|e| err(e.to_string()))?;
         }
         if !series.is_empty() {
-            legend(&mut chart, title)?;
+            let pts: Vec<(f64, f64)> = all().copied().collect();
+            legend(&mut chart, title, legend_corner(&pts, x, y))?;
         }
         Ok(())
     })
@@ -219,6 +270,8 @@ pub fn scatter(title: &str, x_label: &str, y_label: &str, groups: &[Series]) -> 
             .configure_mesh()
             .x_desc(x_label)
             .y_desc(y_label)
+            .x_label_formatter(&tick)
+            .y_label_formatter(&tick)
             .label_style((FONT, 13))
             .axis_desc_style((FONT, 15))
             .draw()
@@ -237,7 +290,8 @@ pub fn scatter(title: &str, x_label: &str, y_label: &str, groups: &[Series]) -> 
                 .legend(move |(x, y)| Circle::new((x + 8, y), 4, c.filled()));
         }
         if !groups.is_empty() {
-            legend(&mut chart, title)?;
+            let pts: Vec<(f64, f64)> = all().copied().collect();
+            legend(&mut chart, title, legend_corner(&pts, x, y))?;
         }
         Ok(())
     })
@@ -292,6 +346,7 @@ pub fn bar_chart(
             .x_labels(ng.max(1))
             .x_label_formatter(&name_at)
             .y_desc(y_label)
+            .y_label_formatter(&tick)
             .label_style((FONT, 13))
             .axis_desc_style((FONT, 15))
             .draw()
@@ -336,7 +391,21 @@ pub fn bar_chart(
                 .map_err(|e| err(e.to_string()))?;
         }
         if !bars.is_empty() {
-            legend(&mut chart, title)?;
+            // A bar fills its column from the base up to its value (or interval top).
+            let mut pts = vec![];
+            for (j, b) in bars.iter().enumerate() {
+                for (g, (v, ci)) in b.values.iter().enumerate() {
+                    let xc = g as f64 - 0.4 + (j as f64 + 0.5) * width;
+                    let top = ci.map_or(*v, |(lo, hi)| v.max(lo).max(hi));
+                    if top.is_finite() {
+                        let steps = 8;
+                        for k in 0..=steps {
+                            pts.push((xc, base + (top - base) * k as f64 / steps as f64));
+                        }
+                    }
+                }
+            }
+            legend(&mut chart, title, legend_corner(&pts, x, y))?;
         }
         Ok(())
     })
@@ -480,6 +549,23 @@ mod tests {
             e.contains("short") && e.contains("1 values for 2 groups"),
             "{e}"
         );
+    }
+
+    #[test]
+    fn ticks_and_legend_corner() {
+        assert_eq!(tick(&5.0), "5");
+        assert_eq!(tick(&-20.0), "-20");
+        assert_eq!(tick(&0.25), "0.25");
+        assert_eq!(tick(&0.0), "0");
+        assert_eq!(tick(&1.5e-7), "1.50e-7");
+        // Points crowd the upper right: the legend goes elsewhere.
+        let pts: Vec<(f64, f64)> = (0..10).map(|i| (0.9 + 0.01 * i as f64, 0.9)).collect();
+        let c = legend_corner(&pts, (0.0, 1.0), (0.0, 1.0));
+        assert!(!matches!(c, SeriesLabelPosition::UpperRight));
+        assert!(matches!(
+            legend_corner(&[], (0.0, 1.0), (0.0, 1.0)),
+            SeriesLabelPosition::UpperRight
+        ));
     }
 
     #[test]
