@@ -75,6 +75,7 @@ pub struct Experiment {
     pub defences: Vec<DefenceSpec>,
     pub attacks: Vec<AttackSpec>,
     pub eval: EvalSpec,
+    pub analysis: AnalysisSpec,
 }
 
 impl Default for Experiment {
@@ -93,8 +94,53 @@ impl Default for Experiment {
             defences: vec![],
             attacks: vec![],
             eval: EvalSpec::default(),
+            analysis: AnalysisSpec::default(),
         }
     }
+}
+
+/// The paper's analyses on the defended models (and weight distances to the attacked ones).
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct AnalysisSpec {
+    pub enabled: bool,
+    /// Defences analysed (empty: all, `none` included).
+    pub on: Vec<String>,
+    /// Defence pairs used (0: all), chosen with `seed`.
+    pub pairs: usize,
+    pub max_len: usize,
+    pub format: PromptFormat,
+    /// Probe seeds (train/test splits).
+    pub probe_seeds: Vec<u64>,
+    pub seed: u64,
+}
+
+impl Default for AnalysisSpec {
+    fn default() -> Self {
+        Self {
+            enabled: true,
+            on: vec![],
+            pairs: 64,
+            max_len: 128,
+            format: PromptFormat::Chat,
+            probe_seeds: vec![1, 2, 3],
+            seed: 0,
+        }
+    }
+}
+
+/// One model's analyses.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct ModelAnalysis {
+    pub defence: String,
+    /// Weight distance by layer from the aligned model (absent for `none`).
+    pub l2_from_aligned: Option<Vec<crate::analysis::LayerDistance>>,
+    /// Mean log-probability of the harmful answers read out at every layer.
+    pub logit_lens: Vec<f64>,
+    /// PCA of the last layer's mean answer activations: harmful rows first.
+    pub pca: crate::analysis::Pca,
+    pub pca_harmful: usize,
+    pub probes: Vec<crate::analysis::LayerProbe>,
 }
 
 /// Defence pairs: harmful questions with their harmful answers, and the aligned model's own
@@ -282,12 +328,13 @@ impl Experiment {
             }
         }
         for (what, list) in [
-            ("stability_on", &self.eval.stability_on),
-            ("trainability_on", &self.eval.trainability_on),
+            ("eval.stability_on", &self.eval.stability_on),
+            ("eval.trainability_on", &self.eval.trainability_on),
+            ("analysis.on", &self.analysis.on),
         ] {
             for n in list {
                 if !names.contains(n) {
-                    return Err(format!("eval.{what}: no defence named {n:?}"));
+                    return Err(format!("{what}: no defence named {n:?}"));
                 }
             }
         }
@@ -450,6 +497,9 @@ pub struct AttackResult {
     pub seed: u64,
     pub harm: HarmFigures,
     pub final_loss: Option<f64>,
+    /// Weight distance by layer from the defended model (first seed of each cell only).
+    #[serde(default)]
+    pub l2_from_defended: Option<Vec<crate::analysis::LayerDistance>>,
     pub seconds: f64,
 }
 
@@ -476,6 +526,7 @@ pub struct Results {
     pub defences: Vec<DefenceResult>,
     pub attacks: Vec<AttackResult>,
     pub cells: Vec<CellSummary>,
+    pub analyses: Vec<ModelAnalysis>,
     pub stages: Vec<StageTime>,
     pub seconds: f64,
     pub environment: Value,
@@ -674,7 +725,7 @@ pub fn run(exp: &Experiment, out: &Path, opts: &RunOptions) -> Result<Results> {
     let mut st = Stages {
         path: out.join("stages.jsonl"),
         list: vec![],
-        total: 5 + 3 * names.len() + n_attacks,
+        total: 5 + 4 * names.len() + n_attacks,
         done: 0,
         t0,
     };
@@ -933,7 +984,39 @@ pub fn run(exp: &Experiment, out: &Path, opts: &RunOptions) -> Result<Results> {
         });
     }
 
-    // 7. Attacks.
+    // 7. Analyses of the defended models.
+    let mut analyses = vec![];
+    if exp.analysis.enabled {
+        let an = &exp.analysis;
+        let pairs = crate::data::pairs::load_pairs_any(&pairs_path)?.records;
+        let pairs = crate::analysis::select_pairs(&pairs, an.pairs, an.seed);
+        let aligned = load(&aligned_dir, opts)?;
+        for name in names
+            .iter()
+            .filter(|n| an.on.is_empty() || an.on.contains(n))
+        {
+            let (mdir, _, _) = model_dirs[name].clone();
+            let key = key_of(
+                &json!({"model": mdir, "aligned": aligned_dir, "pairs": pairs_key,
+                "analysis": an}),
+            );
+            let path = out.join("analysis").join(format!("{name}-{key}.json"));
+            let cached = read_json::<ModelAnalysis>(&path);
+            let c = cached.is_some();
+            let a = st.run(&format!("analyses of {name}"), c, || match cached {
+                Some(a) => Ok(a),
+                None => {
+                    let m = load(&mdir, opts)?;
+                    let a = analyse(name, &m, &aligned, &pairs, an)?;
+                    write_json_atomic(&path, &a)?;
+                    Ok(a)
+                }
+            })?;
+            analyses.push(a);
+        }
+    }
+
+    // 8. Attacks.
     let mut attack_results = vec![];
     for name in &names {
         let (mdir, _, _) = model_dirs[name].clone();
@@ -984,6 +1067,7 @@ pub fn run(exp: &Experiment, out: &Path, opts: &RunOptions) -> Result<Results> {
         defences: defence_results,
         attacks: attack_results,
         cells: cell_summaries,
+        analyses,
         stages: st.list.clone(),
         seconds: t0.elapsed().as_secs_f64(),
         environment: crate::train::environment(),
@@ -1038,16 +1122,64 @@ fn attack_one(
         Some(clf),
         &dir.join("harm"),
     )?;
+    let l2_from_defended = if Some(&seed) == exp.seeds.first() {
+        let before = load(model_dir, opts)?;
+        Some(crate::analysis::l2_by_layer(
+            &before.params,
+            &m.params,
+            m.config.num_layers,
+        )?)
+    } else {
+        None
+    };
     Ok(AttackResult {
         defence: defence.to_string(),
         cell: cell.clone(),
         seed,
         harm: harm.overall,
+        l2_from_defended,
         final_loss: rep
             .train
             .as_ref()
             .and_then(|t| t.final_terms.get("loss").copied()),
         seconds: t0.elapsed().as_secs_f64(),
+    })
+}
+
+/// L2 distance from the aligned model, logit lens, PCA and probes of one model.
+pub fn analyse(
+    name: &str,
+    m: &LoadedModel,
+    aligned: &LoadedModel,
+    pairs: &[crate::data::pairs::Pair],
+    an: &AnalysisSpec,
+) -> Result<ModelAnalysis> {
+    use crate::analysis::{self, Pool};
+    let l2 = if name == "none" {
+        None
+    } else {
+        Some(analysis::l2_by_layer(
+            &aligned.params,
+            &m.params,
+            m.config.num_layers,
+        )?)
+    };
+    let samples = analysis::encode_samples(m, pairs, an.format, an.max_len)?;
+    let lens = analysis::logit_lens(m, &samples.harmful, 8)?;
+    let acts_h = analysis::mean_activations(m, &samples.harmful, None, Pool::Answer, 8)?;
+    let acts_s = analysis::mean_activations(m, &samples.harmless, None, Pool::Answer, 8)?;
+    let last = acts_h.len() - 1;
+    let mut rows = acts_h[last].clone();
+    rows.extend(acts_s[last].iter().cloned());
+    let pca = analysis::pca(&rows, 2)?;
+    let probes = analysis::probes_by_layer(&acts_h, &acts_s, &an.probe_seeds)?;
+    Ok(ModelAnalysis {
+        defence: name.to_string(),
+        l2_from_aligned: l2,
+        logit_lens: lens,
+        pca,
+        pca_harmful: acts_h[last].len(),
+        probes,
     })
 }
 

@@ -5,6 +5,7 @@
 
 pub mod abliterate;
 pub mod align;
+pub mod analysis;
 pub mod attack;
 pub mod bench;
 pub mod bert;
@@ -29,6 +30,7 @@ pub mod objective;
 pub mod ops;
 pub mod optim;
 pub mod params;
+pub mod plot;
 pub mod refusal;
 pub mod report;
 pub mod rng;

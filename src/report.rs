@@ -313,6 +313,10 @@ pub fn blocks(r: &Results) -> Vec<Block> {
         Some(d.harm.refusal_rate.mean)
     }));
 
+    if let Some(fig) = harm_figure(r) {
+        b.push(fig);
+    }
+
     // Stability.
     let stab: Vec<_> = r
         .defences
@@ -399,6 +403,8 @@ pub fn blocks(r: &Results) -> Vec<Block> {
             rows,
         });
     }
+
+    b.extend(analysis_blocks(r));
 
     // The measuring instruments.
     b.push(Block::Heading(2, "The harmfulness classifier".into()));
@@ -551,6 +557,183 @@ pub fn blocks(r: &Results) -> Vec<Block> {
     b.push(Block::Code(
         serde_json::to_string_pretty(&r.environment).unwrap_or_default(),
     ));
+    b
+}
+
+/// Grouped bars: mean P(harmful) per attack cell (and before any attack), one bar per defence,
+/// with the seed intervals.
+fn harm_figure(r: &Results) -> Option<Block> {
+    let cells = r.experiment.cells();
+    let mut groups = vec!["before attack".to_string()];
+    groups.extend(cells.iter().map(|c| c.label()));
+    let bars: Vec<crate::plot::BarSeries> = r
+        .defences
+        .iter()
+        .map(|d| {
+            let mut values = vec![(
+                d.harm.mean_score.map_or(f64::NAN, |e| e.mean),
+                d.harm.mean_score.map(|e| e.ci95),
+            )];
+            for c in &cells {
+                values.push(match find(&r.cells, &d.name, c).and_then(|s| s.harm) {
+                    Some(m) => (m.mean, (m.n > 1).then_some(m.ci95)),
+                    None => (f64::NAN, None),
+                });
+            }
+            crate::plot::BarSeries {
+                name: d.name.clone(),
+                values,
+            }
+        })
+        .collect();
+    let svg = crate::plot::bar_chart(
+        "Harmfulness before and after each attack",
+        "mean P(harmful)",
+        &groups,
+        &bars,
+    )
+    .ok()?;
+    Some(Block::Figure {
+        file: "harmfulness.svg".into(),
+        svg,
+        caption: "Mean P(harmful) on the held-out test prompts; bars after an attack are means \
+                  over seeds with 95% intervals (before the attack: bootstrap interval over \
+                  prompts)."
+            .into(),
+    })
+}
+
+/// The analyses' figures and a short table.
+fn analysis_blocks(r: &Results) -> Vec<Block> {
+    use crate::analysis;
+    let mut b = vec![];
+    if r.analyses.is_empty() {
+        return b;
+    }
+    b.push(Block::Heading(2, "Analyses".into()));
+    b.push(Block::Para(format!(
+        "On {} defence pairs (harmful answer vs the aligned model's refusal), {} format, up to \
+         {} tokens.",
+        r.experiment.analysis.pairs,
+        format!("{:?}", r.experiment.analysis.format).to_lowercase(),
+        r.experiment.analysis.max_len
+    )));
+    let l2: Vec<(String, Vec<analysis::LayerDistance>)> = r
+        .analyses
+        .iter()
+        .filter_map(|a| a.l2_from_aligned.clone().map(|l| (a.defence.clone(), l)))
+        .collect();
+    if let Ok(svg) = analysis::plot_l2(&l2, false) {
+        if !l2.is_empty() {
+            b.push(Block::Figure {
+                file: "l2-from-aligned.svg".into(),
+                svg,
+                caption: "L2 distance by layer between the aligned model's weights and each \
+                          defended model's."
+                    .into(),
+            });
+        }
+    }
+    // Defended -> attacked, for the strongest cell (largest lr, then samples), first seed.
+    let strongest = r
+        .experiment
+        .cells()
+        .into_iter()
+        .filter(|c| c.samples > 0)
+        .max_by(|a, b| (a.lr, a.samples).partial_cmp(&(b.lr, b.samples)).unwrap());
+    if let Some(c) = strongest {
+        let runs: Vec<(String, Vec<analysis::LayerDistance>)> = r
+            .attacks
+            .iter()
+            .filter(|a| a.cell == c)
+            .filter_map(|a| a.l2_from_defended.clone().map(|l| (a.defence.clone(), l)))
+            .collect();
+        if !runs.is_empty() {
+            if let Ok(svg) = analysis::plot_l2(&runs, false) {
+                b.push(Block::Figure {
+                    file: "l2-attack.svg".into(),
+                    svg,
+                    caption: format!(
+                        "L2 distance by layer that the attack ({}, first seed) moved each model.",
+                        c.label()
+                    ),
+                });
+            }
+        }
+    }
+    let lens: Vec<(String, Vec<f64>)> = r
+        .analyses
+        .iter()
+        .map(|a| (a.defence.clone(), a.logit_lens.clone()))
+        .collect();
+    if let Ok(svg) = analysis::plot_logit_lens(&lens) {
+        b.push(Block::Figure {
+            file: "logit-lens.svg".into(),
+            svg,
+            caption: "Logit lens: mean log-probability of the harmful answers read out at every \
+                      layer (0 = embeddings)."
+                .into(),
+        });
+    }
+    let probes: Vec<(String, Vec<analysis::LayerProbe>)> = r
+        .analyses
+        .iter()
+        .map(|a| (a.defence.clone(), a.probes.clone()))
+        .collect();
+    if let Ok(svg) = analysis::plot_probes(&probes) {
+        b.push(Block::Figure {
+            file: "probes.svg".into(),
+            svg,
+            caption: format!(
+                "Held-out accuracy of a logistic-regression probe separating harmful from \
+                 harmless mean answer activations, by layer (mean over seeds {:?}).",
+                r.experiment.analysis.probe_seeds
+            ),
+        });
+    }
+    for a in &r.analyses {
+        if let Ok(svg) = analysis::plot_pca(&a.pca, a.pca_harmful, &format!("PCA, {}", a.defence)) {
+            b.push(Block::Figure {
+                file: format!("pca-{}.svg", a.defence),
+                svg,
+                caption: format!(
+                    "{}: last-layer mean answer activations on the first two principal \
+                     components (explained variance {}).",
+                    a.defence,
+                    a.pca
+                        .explained_variance_ratio
+                        .iter()
+                        .map(|x| f3(*x))
+                        .collect::<Vec<_>>()
+                        .join(", ")
+                ),
+            });
+        }
+    }
+    let rows = r
+        .analyses
+        .iter()
+        .map(|a| {
+            let n = a.logit_lens.len();
+            vec![
+                a.defence.clone(),
+                a.logit_lens.get(n / 2).map_or("-".into(), |x| f3(*x)),
+                a.logit_lens.last().map_or("-".into(), |x| f3(*x)),
+                a.l2_from_aligned.as_ref().map_or("-".into(), |l| {
+                    f3(l.iter().map(|d| d.l2 * d.l2).sum::<f64>().sqrt())
+                }),
+            ]
+        })
+        .collect();
+    b.push(Block::Table {
+        head: vec![
+            "model".into(),
+            "logit lens, middle layer".into(),
+            "logit lens, last layer".into(),
+            "total L2 from aligned".into(),
+        ],
+        rows,
+    });
     b
 }
 

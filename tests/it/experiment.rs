@@ -82,6 +82,12 @@ batch_size = 2
 warmup_ratio = 0.0
 checkpoint_every = 0
 
+[analysis]
+format = "plain"
+pairs = 6
+max_len = 80
+probe_seeds = [1, 2]
+
 [eval.harmfulness]
 format = "plain"
 batch = 4
@@ -141,6 +147,12 @@ fn experiment_runs_once_reuses_its_stages_and_redoes_only_what_is_missing() {
     assert_eq!(first.defences.len(), 2);
     assert!(first.cells.iter().all(|c| c.harm.unwrap().n == 2));
     assert!(ran(&first.stages).len() >= 8 + 2, "{:?}", first.stages);
+    assert_eq!(first.analyses.len(), 2);
+    assert!(first.analyses[0].l2_from_aligned.is_none());
+    let l2 = first.analyses[1].l2_from_aligned.as_ref().unwrap();
+    assert!(l2.iter().any(|d| d.l2 > 0.0), "the defence moved no weight");
+    assert!(out.join("figures").join("harmfulness.svg").exists());
+    assert!(out.join("figures").join("logit-lens.svg").exists());
     let md = std::fs::read_to_string(out.join("report.md")).unwrap();
     assert!(
         md.contains("| sft |") && md.contains("full lr 1e-3 n 4"),
