@@ -529,6 +529,9 @@ pub struct Results {
     pub analyses: Vec<ModelAnalysis>,
     pub stages: Vec<StageTime>,
     pub seconds: f64,
+    /// Every invocation's stage times so far (`stages.jsonl`), this one included.
+    #[serde(default)]
+    pub all_stages: Vec<StageTime>,
     pub environment: Value,
     pub command: String,
 }
@@ -1070,6 +1073,13 @@ pub fn run(exp: &Experiment, out: &Path, opts: &RunOptions) -> Result<Results> {
         analyses,
         stages: st.list.clone(),
         seconds: t0.elapsed().as_secs_f64(),
+        all_stages: std::fs::read_to_string(&st.path)
+            .map(|t| {
+                t.lines()
+                    .filter_map(|l| serde_json::from_str::<StageTime>(l).ok())
+                    .collect()
+            })
+            .unwrap_or_default(),
         environment: crate::train::environment(),
         command: opts.command.clone(),
     };

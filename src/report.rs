@@ -247,13 +247,21 @@ pub fn blocks(r: &Results) -> Vec<Block> {
         format!("repnoise experiment: {}", e.name),
     )];
     let commit = r.environment["git_commit"].as_str().unwrap_or("unknown");
+    let computed: f64 = r
+        .all_stages
+        .iter()
+        .filter(|s| !s.cached)
+        .map(|s| s.seconds)
+        .sum();
     b.push(Block::Para(format!(
         "Command: `{}`. Wall time of this invocation: {} ({} stages, {} reused from earlier \
-         invocations). repnoise {} at commit `{commit}`, {} threads on {}.",
+         invocations); computing every stage took {} over all invocations. repnoise {} at \
+         commit `{commit}`, {} threads on {}.",
         r.command,
         fmt_secs(r.seconds),
         r.stages.len(),
         r.stages.iter().filter(|s| s.cached).count(),
+        fmt_secs(computed),
         r.environment["repnoise_version"].as_str().unwrap_or("?"),
         r.environment["threads"],
         r.environment["cpu"].as_str().unwrap_or("unknown CPU"),
@@ -527,26 +535,34 @@ pub fn blocks(r: &Results) -> Vec<Block> {
         rows,
     });
 
-    b.push(Block::Heading(
-        2,
-        "Wall time per stage (this invocation)".into(),
-    ));
+    b.push(Block::Heading(2, "Wall time per stage".into()));
     let rows = r
         .stages
         .iter()
         .map(|s| {
+            let when_computed = r
+                .all_stages
+                .iter()
+                .rev()
+                .find(|x| !x.cached && x.stage == s.stage)
+                .map_or("-".into(), |x| fmt_secs(x.seconds));
             vec![
                 s.stage.clone(),
+                when_computed,
                 if s.cached {
                     "reused".into()
                 } else {
-                    fmt_secs(s.seconds)
+                    "computed".into()
                 },
             ]
         })
         .collect();
     b.push(Block::Table {
-        head: vec!["stage".into(), "wall time".into()],
+        head: vec![
+            "stage".into(),
+            "wall time when computed".into(),
+            "this invocation".into(),
+        ],
         rows,
     });
     b.push(Block::Heading(2, "Settings".into()));
