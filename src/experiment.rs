@@ -5,7 +5,8 @@
 //!
 //! ```text
 //! OUT/experiment.toml          the resolved experiment, as run
-//! OUT/split.json               held-out test prompts, defence and attack questions (disjoint)
+//! OUT/split-<key>.json         held-out test prompts, defence and attack questions (disjoint)
+//! OUT/data/attack-<key>.jsonl  the attack's records
 //! OUT/align-<key>/             the aligned model (an `align` run directory)
 //! OUT/classifier-<key>/        the harmfulness classifier (a `classifier train` directory)
 //! OUT/pairs-<key>.jsonl        defence pairs: harmful answers + the aligned model's refusals
@@ -605,7 +606,9 @@ fn read_json<T: serde::de::DeserializeOwned>(path: &Path) -> Option<T> {
 
 /// The split of the harmful data into test prompts, defence questions and attack questions,
 /// disjoint by normalised question; the attack's records are written to a file of their own.
-pub fn split_data(exp: &Experiment, out: &Path) -> Result<DataSplit> {
+/// `key` names the attack file (`OUT/data/attack-<key>.jsonl`), so splits of other settings
+/// never share it.
+pub fn split_data(exp: &Experiment, out: &Path, key: &str) -> Result<DataSplit> {
     let path = exp
         .data
         .clone()
@@ -677,7 +680,7 @@ pub fn split_data(exp: &Experiment, out: &Path) -> Result<DataSplit> {
         attack.len(),
         splits.duplicates_dropped
     ));
-    let attack_file = out.join("data").join("attack.jsonl");
+    let attack_file = out.join("data").join(format!("attack-{key}.jsonl"));
     std::fs::create_dir_all(out.join("data"))
         .map_err(|e| Error::file(out, format!("cannot create data directory: {e}")))?;
     let lines: String = attack
@@ -744,7 +747,7 @@ pub fn run(exp: &Experiment, out: &Path, opts: &RunOptions) -> Result<Results> {
         st.run("split the harmful data", is_cached, || match cached {
             Some(s) => Ok(s),
             None => {
-                let s = split_data(exp, out)?;
+                let s = split_data(exp, out, &split_key)?;
                 write_json_atomic(&split_path, &s)?;
                 Ok(s)
             }
