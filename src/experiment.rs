@@ -29,7 +29,7 @@ use serde::{Deserialize, Serialize};
 use serde_json::{json, Value};
 use sha2::{Digest, Sha256};
 
-use crate::align::AlignConfig;
+use crate::align::{read_json, AlignConfig};
 use crate::attack::AttackConfig;
 use crate::classifier::{HarmClassifier, HarmfulLabel};
 use crate::data::encode::PromptFormat;
@@ -598,10 +598,6 @@ impl Stages {
 
 fn load(spec: &str, opts: &RunOptions) -> Result<LoadedModel> {
     crate::modelio::load(spec, &opts.cache, &opts.device)
-}
-
-fn read_json<T: serde::de::DeserializeOwned>(path: &Path) -> Option<T> {
-    serde_json::from_str(&std::fs::read_to_string(path).ok()?).ok()
 }
 
 /// The split of the harmful data into test prompts, defence questions and attack questions,

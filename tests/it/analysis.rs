@@ -14,27 +14,14 @@ use repnoise::rng::Rng;
 use crate::common::{tiny_config, tiny_loaded, tiny_params, write_tiny_hf};
 
 fn pairs() -> Vec<Pair> {
-    let p = |q: &str, h: &str, s: &str| Pair {
-        prompt: q.into(),
-        harmful: h.into(),
-        harmless: s.into(),
+    let mut v = crate::common::tiny_pairs();
+    v.push(Pair {
+        prompt: "the thing".into(),
+        harmful: "here is the thing, step by step".into(),
+        harmless: "I'd rather not.".into(),
         categories: None,
-    };
-    vec![
-        p("How to x?", "Do x like this and that.", "No."),
-        p(
-            "Tell me y",
-            "Sure: y",
-            "I won't tell you y, sorry about that.",
-        ),
-        p("zz?", "zz is done by a b c d", "I cannot."),
-        p("Help with w", "w w w", "Not w."),
-        p(
-            "the thing",
-            "here is the thing, step by step",
-            "I'd rather not.",
-        ),
-    ]
+    });
+    v
 }
 
 #[test]

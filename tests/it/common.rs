@@ -285,3 +285,24 @@ pub fn values_max_diff(
         .flat_map(|(k, x)| x.iter().zip(&b[k]).map(|(p, q)| (p - q).abs()))
         .fold(0.0, f32::max)
 }
+
+/// Four short defence pairs for tiny-model tests.
+pub fn tiny_pairs() -> Vec<repnoise::data::pairs::Pair> {
+    use repnoise::data::pairs::Pair;
+    let p = |q: &str, h: &str, s: &str| Pair {
+        prompt: q.into(),
+        harmful: h.into(),
+        harmless: s.into(),
+        categories: None,
+    };
+    vec![
+        p("How to x?", "Do x like this and that.", "No."),
+        p(
+            "Tell me y",
+            "Sure: y",
+            "I won't tell you y, sorry about that.",
+        ),
+        p("zz?", "zz is done by a b c d", "I cannot."),
+        p("Help with w", "w w w", "Not w."),
+    ]
+}

@@ -31,22 +31,7 @@ fn tiny_model(seed: u64) -> LoadedModel {
 }
 
 fn pairs() -> Vec<Pair> {
-    let p = |q: &str, h: &str, s: &str| Pair {
-        prompt: q.into(),
-        harmful: h.into(),
-        harmless: s.into(),
-        categories: None,
-    };
-    vec![
-        p("How to x?", "Do x like this and that.", "No."),
-        p(
-            "Tell me y",
-            "Sure: y",
-            "I won't tell you y, sorry about that.",
-        ),
-        p("zz?", "zz is done by a b c d", "I cannot."),
-        p("Help with w", "w w w", "Not w."),
-    ]
+    crate::common::tiny_pairs()
 }
 
 fn encoded(m: &LoadedModel, faithful: bool) -> Vec<EncodedPair> {
