@@ -5,7 +5,7 @@
 use candle_core::Tensor;
 
 use crate::error::{Error, Result};
-use crate::model::{attention_mask, ForwardOpts, KvCache, Llama, Logits};
+use crate::model::{attention_mask, ForwardOpts, KvCache, Llama, Logits, MASKED};
 use crate::rng::Rng;
 
 #[derive(Clone, Debug, PartialEq, serde::Serialize, serde::Deserialize)]
@@ -170,19 +170,21 @@ pub fn generate(
             cfg.max_new_tokens
         )));
     }
-    // Left padding.
-    let mut ids = Vec::with_capacity(b * len);
-    let mut pos = Vec::with_capacity(b * len);
-    let mut key_valid: Vec<Vec<bool>> = Vec::with_capacity(b);
-    let mut next_pos = Vec::with_capacity(b);
-    for p in prompts {
-        let pad = len - p.len();
-        ids.extend(std::iter::repeat_n(pad_id, pad).chain(p.iter().copied()));
-        pos.extend(std::iter::repeat_n(0u32, pad).chain(0..p.len() as u32));
-        key_valid.push((0..len).map(|j| j >= pad).collect());
-        next_pos.push(p.len() as u32);
+    if cfg.max_new_tokens == 0 {
+        return Ok(vec![vec![]; b]);
     }
-    let mut cache = KvCache::new(model.config().num_layers);
+    // Left padding: row r holds `len - |p_r|` padding keys, then its prompt at positions
+    // 0..|p_r|. The prompts are prefilled packed into one sequence (see `packed_prefill`), so
+    // padding and a prefix shared by every prompt (a chat template's system turn) cost nothing.
+    let mut key_valid: Vec<Vec<bool>> = prompts
+        .iter()
+        .map(|p| (0..len).map(|j| j >= len - p.len()).collect())
+        .collect();
+    let mut next_pos: Vec<u32> = prompts.iter().map(|p| p.len() as u32).collect();
+    let started = std::time::Instant::now();
+    let (mut cache, mut logits) = packed_prefill(model, prompts, len)?;
+    cache.reserve(cfg.max_new_tokens)?;
+    let prefill_s = started.elapsed().as_secs_f64();
     let mut rng = Rng::new(cfg.seed, "sampling");
     let mut history: Vec<Vec<u32>> = prompts.to_vec();
     let mut out: Vec<Vec<u32>> = vec![vec![]; b];
@@ -191,26 +193,16 @@ pub fn generate(
         logits: Logits::Last,
         ..Default::default()
     };
-    let mut step_ids = Tensor::from_vec(ids, (b, len), &dev)?;
-    let mut step_pos = Tensor::from_vec(pos, (b, len), &dev)?;
-    let mut past = 0;
-    for _ in 0..cfg.max_new_tokens {
-        let t = step_ids.dim(1)?;
-        let mask = attention_mask(b, t, past, Some(&key_valid), &dev)?;
-        let fwd = model.forward(&step_ids, &step_pos, Some(&mask), Some(&mut cache), opts)?;
-        past += t;
-        let logits = fwd
-            .logits
-            .ok_or_else(|| Error::msg("no logits"))?
-            .squeeze(1)?
-            .to_vec2::<f32>()?;
+    let mut past = len;
+    let mut steps = 1usize;
+    for step in 0..cfg.max_new_tokens {
         let mut next = Vec::with_capacity(b);
-        for (r, mut row) in logits.into_iter().enumerate() {
+        for (r, row) in logits.iter_mut().enumerate() {
             if done[r] {
                 next.push(pad_id);
                 continue;
             }
-            let tok = choose_token(&mut row, &history[r], cfg, &mut rng);
+            let tok = choose_token(row, &history[r], cfg, &mut rng);
             out[r].push(tok);
             history[r].push(tok);
             if stop_ids.contains(&tok) {
@@ -218,20 +210,132 @@ pub fn generate(
             }
             next.push(tok);
         }
-        if done.iter().all(|&d| d) {
+        if done.iter().all(|&d| d) || step + 1 == cfg.max_new_tokens {
             break;
         }
         for kv in key_valid.iter_mut() {
             kv.push(true);
         }
-        let positions: Vec<u32> = next_pos.clone();
+        let step_ids = Tensor::from_vec(next, (b, 1), &dev)?;
+        let step_pos = Tensor::from_vec(next_pos.clone(), (b, 1), &dev)?;
         for p in next_pos.iter_mut() {
             *p += 1;
         }
-        step_ids = Tensor::from_vec(next, (b, 1), &dev)?;
-        step_pos = Tensor::from_vec(positions, (b, 1), &dev)?;
+        let mask = attention_mask(b, 1, past, Some(&key_valid), &dev)?;
+        let fwd = model.forward(&step_ids, &step_pos, Some(&mask), Some(&mut cache), opts)?;
+        past += 1;
+        steps += 1;
+        logits = fwd
+            .logits
+            .ok_or_else(|| Error::msg("no logits"))?
+            .squeeze(1)?
+            .to_vec2::<f32>()?;
     }
+    let decode_s = started.elapsed().as_secs_f64() - prefill_s;
+    tracing::debug!(
+        rows = b,
+        prompt_len = len,
+        steps,
+        prefill_s,
+        decode_ms_per_step = 1e3 * decode_s / (steps.saturating_sub(1)).max(1) as f64,
+        "generate"
+    );
     Ok(out)
+}
+
+/// Most tokens one packed prefill holds (its attention scores are `heads x n x n`); more rows
+/// are prefilled in several packs.
+const PACK_TOKENS: usize = 1024;
+
+/// Prefill every prompt at once, packed into single-row sequences: the prefix all prompts share
+/// once, then each prompt's remaining tokens, each attending to the prefix and to itself only
+/// (at the positions it would have alone). Returns the KV cache unpacked into the left-padded
+/// layout `[b, kvh, len, hd]` and each row's next-token logits. Compared with prefilling the
+/// padded batch, the padding and the repeated prefix are never computed.
+fn packed_prefill(
+    model: &Llama,
+    prompts: &[Vec<u32>],
+    len: usize,
+) -> Result<(KvCache, Vec<Vec<f32>>)> {
+    let dev = model.device().clone();
+    let min_len = prompts.iter().map(Vec::len).min().unwrap_or(1);
+    let first = &prompts[0];
+    let lcp = (0..first.len())
+        .take_while(|&j| prompts.iter().all(|p| p.get(j) == Some(&first[j])))
+        .count();
+    // Every row keeps at least its last token, whose logits are needed.
+    let shared = lcp.min(min_len - 1);
+    let mut packs: Vec<std::ops::Range<usize>> = vec![];
+    let mut start = 0;
+    let mut n = shared;
+    for (r, p) in prompts.iter().enumerate() {
+        let s = p.len() - shared;
+        if r > start && n + s > PACK_TOKENS {
+            packs.push(start..r);
+            start = r;
+            n = shared;
+        }
+        n += s;
+    }
+    packs.push(start..prompts.len());
+
+    let mut caches = Vec::with_capacity(packs.len());
+    let mut logits = Vec::with_capacity(prompts.len());
+    for pack in packs {
+        let rows = &prompts[pack];
+        let mut ids: Vec<u32> = rows[0][..shared].to_vec();
+        let mut pos: Vec<u32> = (0..shared as u32).collect();
+        // Segment of each packed token: None for the shared prefix, Some(row) otherwise.
+        let mut seg: Vec<Option<usize>> = vec![None; shared];
+        let mut starts = Vec::with_capacity(rows.len());
+        for (r, p) in rows.iter().enumerate() {
+            starts.push(ids.len());
+            ids.extend_from_slice(&p[shared..]);
+            pos.extend(shared as u32..p.len() as u32);
+            seg.extend(std::iter::repeat_n(Some(r), p.len() - shared));
+        }
+        let n = ids.len();
+        let mut mask = vec![0f32; n * n];
+        for i in 0..n {
+            for j in 0..n {
+                let ok = j <= i && (seg[j].is_none() || seg[j] == seg[i]);
+                if !ok {
+                    mask[i * n + j] = MASKED;
+                }
+            }
+        }
+        let mut cache = KvCache::new(model.config().num_layers);
+        let fwd = model.forward(
+            &Tensor::from_vec(ids, (1, n), &dev)?,
+            &Tensor::from_vec(pos, (1, n), &dev)?,
+            Some(&Tensor::from_vec(mask, (1, 1, n, n), &dev)?),
+            Some(&mut cache),
+            ForwardOpts {
+                logits: Logits::None,
+                ..Default::default()
+            },
+        )?;
+        let last: Vec<u32> = rows
+            .iter()
+            .zip(&starts)
+            .map(|(p, &st)| (st + p.len() - shared - 1) as u32)
+            .collect();
+        let h = fwd
+            .residual
+            .index_select(&Tensor::new(last.as_slice(), &dev)?, 1)?; // [1, rows, d]
+        let lg = model.lm_head(&model.final_norm(&h)?)?.squeeze(0)?; // [rows, vocab]
+        logits.extend(lg.to_vec2::<f32>()?);
+        // Row r of the left-padded cache: padding (any cached position: masked), the shared
+        // prefix, then its own segment.
+        let mut index = Vec::with_capacity(rows.len() * len);
+        for (p, &st) in rows.iter().zip(&starts) {
+            index.extend(std::iter::repeat_n(0u32, len - p.len()));
+            index.extend(0..shared as u32);
+            index.extend(st as u32..(st + p.len() - shared) as u32);
+        }
+        caches.push(cache.gather_rows(&index, rows.len(), len)?);
+    }
+    Ok((KvCache::cat_rows(caches)?, logits))
 }
 
 /// `log p(ids[i+1] | ids[..=i])` for `i` in `0..len-1`, from one forward pass.

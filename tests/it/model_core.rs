@@ -93,6 +93,43 @@ fn batched_left_padded_generation_equals_one_by_one() {
     assert_eq!(&seq[prompts[1].len()..], batched[1].as_slice());
 }
 
+/// Prompts sharing a prefix (as a chat template's system turn) are prefilled packed, the prefix
+/// once; 50 rows of 24-41 tokens need two packs of at most 1024 tokens. Each row must still
+/// decode exactly as it would alone.
+#[test]
+fn generation_with_a_shared_prefix_over_two_packs_equals_one_by_one() {
+    let cfg = tiny_config(Arch::Llama, true);
+    let p = tiny_params(&cfg, 3);
+    let m = Llama::frozen(&cfg, &p).unwrap();
+    let prefix = [1u32, 9, 30, 200, 17, 5, 88, 41, 3, 2];
+    let prompts: Vec<Vec<u32>> = (0..50u32)
+        .map(|r| {
+            let mut v = prefix.to_vec();
+            v.extend((0..14 + r % 18).map(|j| 10 + (r * 7 + j * 13) % 250));
+            v
+        })
+        .collect();
+    let total: usize = prompts.iter().map(|p| p.len() - prefix.len()).sum();
+    assert!(
+        total + prefix.len() > 1024,
+        "the test needs two packs ({total})"
+    );
+    let sc = SamplingConfig {
+        max_new_tokens: 6,
+        ..Default::default()
+    };
+    let batched = generate::generate(&m, &prompts, 0, &[], &sc).unwrap();
+    for (i, pr) in prompts.iter().enumerate().step_by(3) {
+        let single = generate::generate(&m, &[pr.clone()], 0, &[], &sc).unwrap();
+        assert_eq!(batched[i], single[0], "row {i}");
+    }
+    // A stop token ends one row while the others go on.
+    let stop = batched[5][2];
+    let stopped = generate::generate(&m, &prompts, 0, &[stop], &sc).unwrap();
+    assert_eq!(stopped[5].last(), Some(&stop));
+    assert!(stopped[5].len() <= 3);
+}
+
 #[test]
 fn saved_hf_dir_reloads_with_identical_logits() {
     for (arch, tie) in [
