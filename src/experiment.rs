@@ -1022,6 +1022,8 @@ pub fn run(exp: &Experiment, out: &Path, opts: &RunOptions) -> Result<Results> {
     let mut attack_results = vec![];
     for name in &names {
         let (mdir, _, _) = model_dirs[name].clone();
+        // Loaded once, when the first attack on it runs; each attack trains a copy.
+        let mut defended: Option<LoadedModel> = None;
         for a in &exp.attacks {
             let akey = key_of(
                 &json!({"model": mdir, "data": split_key, "attack": a.config,
@@ -1041,8 +1043,12 @@ pub fn run(exp: &Experiment, out: &Path, opts: &RunOptions) -> Result<Results> {
                     let r = st.run(&label, c, || match cached {
                         Some(r) => Ok(r),
                         None => {
+                            if defended.is_none() {
+                                defended = Some(load(&mdir, opts)?);
+                            }
+                            let base = defended.as_ref().expect("loaded above");
                             let r = attack_one(
-                                name, &mdir, a, cell, seed, &split, exp, &check, &clf, &dir, opts,
+                                name, base, a, cell, seed, &split, exp, &check, &clf, &dir,
                             )?;
                             write_json_atomic(&rpath, &r)?;
                             if !exp.keep_attacked_models {
@@ -1094,7 +1100,7 @@ fn load_classifier(dir: &Path, label: &HarmfulLabel, device: &Device) -> Result<
 #[allow(clippy::too_many_arguments)]
 fn attack_one(
     defence: &str,
-    model_dir: &str,
+    defended: &LoadedModel,
     spec: &AttackSpec,
     cell: &Cell,
     seed: u64,
@@ -1103,17 +1109,24 @@ fn attack_one(
     check: &RefusalCheck,
     clf: &HarmClassifier,
     dir: &Path,
-    opts: &RunOptions,
 ) -> Result<AttackResult> {
     let t0 = Instant::now();
     let mut cfg = spec.config.clone();
     cfg.test_prompts = 0; // the experiment's own held-out prompts are used
     cfg.train.seed = seed;
+    // Scored in memory; written only when the experiment keeps attacked models.
+    cfg.train.save_model = exp.keep_attacked_models;
     if cell.samples > 0 {
         cfg.train.lr = cell.lr;
         cfg.samples = cell.samples;
     }
-    let mut m = load(model_dir, opts)?;
+    let mut m = LoadedModel {
+        config: defended.config.clone(),
+        params: defended.params.deep_clone()?,
+        tok: defended.tok.clone(),
+        source: defended.source.clone(),
+        stored_dtype: defended.stored_dtype.clone(),
+    };
     let rep = crate::attack::attack(
         &mut m,
         &split.attack_file,
@@ -1132,9 +1145,8 @@ fn attack_one(
         &dir.join("harm"),
     )?;
     let l2_from_defended = if Some(&seed) == exp.seeds.first() {
-        let before = load(model_dir, opts)?;
         Some(crate::analysis::l2_by_layer(
-            &before.params,
+            &defended.params,
             &m.params,
             m.config.num_layers,
         )?)

@@ -184,6 +184,55 @@ impl CeRows {
     }
 }
 
+impl CeRows {
+    /// The mean over `hiddens` of [`Self::ce`] (no double norm), computed by stacking their
+    /// rows and reading them out together: one LM-head product and one LM-head gradient per
+    /// chunk of at most [`LENS_ROWS`] rows, instead of one per hidden state, whose gradients
+    /// (a full `[vocab, d]` matrix each) candle would otherwise sum one by one.
+    pub fn ce_mean(&self, net: &Llama, hiddens: &[Tensor]) -> Result<Tensor> {
+        let n = self.count();
+        if n == 0 {
+            return Err(Error::msg("the loss mask selects no tokens"));
+        }
+        if hiddens.is_empty() {
+            return Err(Error::msg("no hidden states to read out"));
+        }
+        let layers = hiddens.len();
+        let dev = hiddens[0].device();
+        let vocab = net.config().vocab_size;
+        let const_part = self.constant as f64 * (vocab as f64).ln();
+        if self.rows.is_empty() {
+            return Ok(Tensor::new(const_part as f32 / n as f32, dev)?);
+        }
+        let idx = Tensor::new(self.rows.as_slice(), dev)?;
+        let per_chunk = (LENS_ROWS / self.rows.len()).max(1);
+        let mut total: Option<Tensor> = None;
+        for chunk in hiddens.chunks(per_chunk) {
+            let picked = chunk
+                .iter()
+                .map(|h| {
+                    let (b, t, d) = h.dims3()?;
+                    Ok(h.reshape((b * t, d))?.index_select(&idx, 0)?)
+                })
+                .collect::<Result<Vec<_>>>()?;
+            let h = Tensor::cat(&picked, 0)?.unsqueeze(0)?; // [1, chunk * rows, d]
+            let logits = net.lm_head(&net.final_norm(&h)?)?.squeeze(0)?;
+            let targets = self.targets.repeat(chunk.len());
+            let s = row_nll(&logits, targets)?.sum_all()?;
+            total = Some(match total {
+                None => s,
+                Some(t) => (t + s)?,
+            });
+        }
+        let total = total.expect("at least one chunk");
+        Ok((((total / layers as f64)? + const_part)? / n as f64)?)
+    }
+}
+
+/// Most rows [`CeRows::ce_mean`] reads out through the LM head at once (their logits take
+/// `rows x vocab` floats, kept for the backward pass either way).
+const LENS_ROWS: usize = 4096;
+
 /// Biased squared MMD between the rows of `x` and `y` (`[n, f]` each) with a sum of five
 /// Gaussian kernels: bandwidths `base * 2^i`, `i = 0..4`, where `base` is the mean pairwise
 /// squared distance of the stacked points (off-diagonal mean, no gradient) divided by
@@ -418,11 +467,7 @@ pub fn repnoise_loss(
             (sum / (hs.len() + 1) as f64)?
         } else {
             // One readout per hidden state; the last readout is the model's own logits.
-            let mut sum = rows_h.ce(net, &hs[0], false)?;
-            for h in &hs[1..] {
-                sum = (sum + rows_h.ce(net, h, false)?)?;
-            }
-            (sum / hs.len() as f64)?
+            rows_h.ce_mean(net, hs)?
         };
         harmful_ce_v = scalar(&harm)?;
         if !cfg.no_ascent {

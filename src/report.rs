@@ -246,7 +246,11 @@ pub fn blocks(r: &Results) -> Vec<Block> {
         1,
         format!("repnoise experiment: {}", e.name),
     )];
-    let commit = r.environment["git_commit"].as_str().unwrap_or("unknown");
+    // The binary's build commit when recorded (older results only have the checkout's).
+    let commit = r.environment["build_commit"]
+        .as_str()
+        .or(r.environment["git_commit"].as_str())
+        .unwrap_or("unknown");
     let computed: f64 = r
         .all_stages
         .iter()

@@ -61,6 +61,15 @@ pub struct TrainConfig {
     pub keep_checkpoints: usize,
     /// Plain progress lines every this many steps when no terminal is attached.
     pub log_every: usize,
+    /// Write the final model (not a setting of the result, so never serialised): a caller that
+    /// uses the trained model in memory and discards it turns this off. A finished run without
+    /// its model is trained again when reopened (same seed, same result).
+    #[serde(skip, default = "yes")]
+    pub save_model: bool,
+}
+
+fn yes() -> bool {
+    true
 }
 
 impl Default for TrainConfig {
@@ -79,6 +88,7 @@ impl Default for TrainConfig {
             checkpoint_every: 50,
             keep_checkpoints: 1,
             log_every: 10,
+            save_model: true,
         }
     }
 }
@@ -377,6 +387,9 @@ pub fn environment() -> Value {
     json!({
         "repnoise_version": env!("CARGO_PKG_VERSION"),
         "git_commit": commit,
+        // The commit this binary was built from (`-dirty`: with uncommitted changes); it can
+        // differ from the checkout's `git_commit` above.
+        "build_commit": Some(env!("REPNOISE_BUILD_COMMIT")).filter(|c| !c.is_empty()),
         "os": std::env::consts::OS,
         "arch": std::env::consts::ARCH,
         "cpu": cpu,
@@ -484,9 +497,12 @@ pub fn train_any<T: Trainee + ?Sized>(
         return Err(Error::msg("no training examples"));
     }
     if let Some(s) = run.done() {
-        model.load_final(&run.model_dir())?;
-        run.log("run already complete; loaded its final result");
-        return Ok(s);
+        if run.model_dir().exists() {
+            model.load_final(&run.model_dir())?;
+            run.log("run already complete; loaded its final result");
+            return Ok(s);
+        }
+        run.log("run complete but its final model was not kept: training it again");
     }
     let freeze = Freeze::parse(&cfg.freeze, model.num_layers())?;
     let trainable = |name: &str| freeze.trainable(name);
@@ -635,7 +651,9 @@ pub fn train_any<T: Trainee + ?Sized>(
     }
     let seconds = t_run.elapsed().as_secs_f64();
     let model_dir = run.model_dir();
-    model.save_final(&model_dir)?;
+    if cfg.save_model {
+        model.save_final(&model_dir)?;
+    }
     let summary = TrainSummary {
         steps: total,
         examples: n,

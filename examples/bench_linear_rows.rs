@@ -1,0 +1,30 @@
+//! Micro-benchmark: a linear map `x w^T` with few rows (decoding) written two ways, on SmolLM2's
+//! shapes: `x.matmul(w.t())` and `w.matmul(x.t()).t()` (what `model::linear` uses up to 64 rows).
+//! Run: `cargo run --release --example bench_linear_rows`
+use candle_core::{Device, Tensor};
+use std::time::Instant;
+
+fn best_ms(mut f: impl FnMut() -> candle_core::Result<Tensor>) -> anyhow::Result<f64> {
+    f()?;
+    let mut best = f64::MAX;
+    for _ in 0..20 {
+        let t0 = Instant::now();
+        f()?;
+        best = best.min(t0.elapsed().as_secs_f64());
+    }
+    Ok(best * 1e3)
+}
+
+fn main() -> anyhow::Result<()> {
+    let dev = Device::Cpu;
+    for (k, n) in [(576usize, 1536usize), (1536, 576), (576, 576), (576, 49152)] {
+        for m in [4usize, 12, 32, 64, 512] {
+            let x = Tensor::randn(0f32, 1.0, (m, k), &dev)?;
+            let w = Tensor::randn(0f32, 1.0, (n, k), &dev)?;
+            let a = best_ms(|| x.matmul(&w.t()?))?;
+            let b = best_ms(|| w.matmul(&x.t()?)?.t()?.contiguous())?;
+            println!("rows {m:>3}, {k}x{n}: x w^T {a:.3} ms, (w x^T)^T {b:.3} ms");
+        }
+    }
+    Ok(())
+}
