@@ -3,10 +3,16 @@ model, shapes, data and thread count as `repnoise bench`, printing one JSON line
 
 Usage: bench/.venv/bin/python bench/reference.py WHAT MODEL_DIR [--batch B] [--seq T]
        [--steps N] [--warmup W] [--new-tokens K]
-WHAT: train-step | generate | score
+WHAT: train-step | lora-step | repnoise-step | generate | score
+
+repnoise-step is the authors' RepNoise loss as shared/docs/ALGORITHM.md and docs/REPNOISE.md
+describe it (written from that description, not copied): MLP outputs caught by forward hooks,
+the logit lens over every position and the full vocabulary for every hidden state, masked
+cross-entropies with the logits multiplied by the mask, the 5-kernel MMD against Gaussian noise.
 """
-import argparse, json, resource, time
+import argparse, json, math, resource, time
 import torch
+import torch.nn.functional as F
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 # The same prompts as `repnoise bench generate` (src/main.rs BENCH_PROMPTS).
@@ -38,33 +44,130 @@ tok = AutoTokenizer.from_pretrained(a.model)
 vocab = model.config.vocab_size
 gen = torch.Generator().manual_seed(0)
 
-def batch(seed):
-    g = torch.Generator().manual_seed(seed)
-    return torch.randint(256, vocab, (a.batch, a.seq), generator=g)
+# src/bench.rs synthetic_token: ordinary tokens spread over the vocabulary.
+def synthetic_token(step, r, i, offset):
+    return 256 + ((step * 131 + r) * 7919 + i * 104729 + offset) % (vocab - 256)
 
-times, extra = [], {}
-if a.what == "train-step":
-    model.train()
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-5, weight_decay=0.0)
-    losses, ph = [], [0.0, 0.0, 0.0]
+def batch(seed):
+    # The same tokens as `repnoise bench` (src/bench.rs random_batch).
+    return torch.tensor([[synthetic_token(seed, r, i, 13) for i in range(a.seq)] for r in range(a.batch)])
+
+def timed_steps(params, lr, loss_of):
+    """warmup + steps optimizer steps of loss_of(step) -> (loss, record): forward and loss,
+    backward, clipping at 1.0, AdamW (no weight decay), timed as `repnoise bench` times them."""
+    opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
+    times, records, ph = [], [], [0.0, 0.0, 0.0]
     for s in range(a.warmup + a.steps):
-        ids = batch(s)
         t0 = time.perf_counter()
-        out = model(input_ids=ids, labels=ids)
+        loss, record = loss_of(s)
         t1 = time.perf_counter()
-        out.loss.backward()
+        loss.backward()
         t2 = time.perf_counter()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
         opt.step()
         opt.zero_grad(set_to_none=True)
         t3 = time.perf_counter()
-        losses.append(out.loss.item())
+        records.append(record)
         if s >= a.warmup:
             times.append(t3 - t0)
             for i, d in enumerate((t1 - t0, t2 - t1, t3 - t2)):
                 ph[i] += d
     n = max(len(times), 1)
-    extra = {"losses": losses, "forward_s": ph[0] / n, "backward_s": ph[1] / n, "optimizer_s": ph[2] / n}
+    return times, records, {"forward_s": ph[0] / n, "backward_s": ph[1] / n, "optimizer_s": ph[2] / n}
+
+def lm_step(s):
+    ids = batch(s)
+    out = model(input_ids=ids, labels=ids)
+    return out.loss, out.loss.item()
+
+# The synthetic pairs of `repnoise bench repnoise-step` (src/bench.rs synthetic_pairs).
+
+def synthetic_pairs(step):
+    p = a.seq // 2
+    def seqs(answer):
+        return torch.tensor([[synthetic_token(step, r, i, 13 if i < p else answer) for i in range(a.seq)]
+                             for r in range(a.batch)])
+    return seqs(77), seqs(5077)
+
+def masked_ce(logits, labels, mask):
+    # The reference code's masked cross-entropy: logits and labels multiplied by the mask, label
+    # id 0 ignored, then shifted.
+    logits = logits * mask.unsqueeze(-1)
+    labels = (labels * mask).masked_fill(labels * mask == 0, -100)
+    return F.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]), labels[:, 1:].reshape(-1),
+                           ignore_index=-100)
+
+def mmd(x, y, kernel_mul=2.0, kernel_num=5):
+    # Biased MMD with a sum of 5 Gaussian kernels, the bandwidth from the detached mean distance.
+    n = x.shape[0] + y.shape[0]
+    total = torch.cat([x, y], 0)
+    d2 = ((total.unsqueeze(0) - total.unsqueeze(1)) ** 2).sum(2)
+    bw = d2.detach().sum() / (n * n - n) / kernel_mul ** (kernel_num // 2)
+    k = sum(torch.exp(-d2 / (bw * kernel_mul ** i)) for i in range(kernel_num))
+    b = x.shape[0]
+    return (k[:b, :b] + k[b:, b:] - k[:b, b:] - k[b:, :b]).mean()
+
+times, extra = [], {}
+if a.what in ("train-step", "lora-step"):
+    model.train()
+    lr = 1e-5
+    if a.what == "lora-step":
+        import peft
+        model = peft.get_peft_model(model, peft.LoraConfig(
+            r=8, lora_alpha=16, lora_dropout=0.0, bias="none", task_type="CAUSAL_LM",
+            target_modules=["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]))
+        lr = 1e-4
+        extra["trainable_params"] = sum(p.numel() for p in model.parameters() if p.requires_grad)
+        extra["peft"] = peft.__version__
+    params = [p for p in model.parameters() if p.requires_grad]
+    times, losses, ph = timed_steps(params, lr, lm_step)
+    extra.update(ph, losses=losses)
+elif a.what == "repnoise-step":
+    model.train()
+    alpha, beta = 1.0, 0.001
+    layers = model.model.layers
+    acts = {}
+    for i, layer in enumerate(layers):
+        layer.mlp.register_forward_hook(lambda mod, inp, out, i=i: acts.__setitem__(i, out))
+    mask = torch.zeros(a.batch, a.seq, dtype=torch.long)
+    mask[:, a.seq // 2:] = 1
+    mf = mask.unsqueeze(-1).float()
+    attn = torch.ones(a.batch, a.seq, dtype=torch.long)
+    # The authors' transformers returned the final hidden state after the final norm; make that
+    # so whatever this version returns (checked once, outside the timing).
+    with torch.no_grad():
+        h0, _ = synthetic_pairs(0)
+        o = model(h0, attention_mask=attn, output_hidden_states=True)
+        last_normed = torch.allclose(model.lm_head(o.hidden_states[-1]), o.logits, atol=1e-4)
+        del o
+    gen_noise = torch.Generator().manual_seed(0)
+
+    def rn_step(s):
+        h_ids, s_ids = synthetic_pairs(s)
+        harmless = masked_ce(model(s_ids, attention_mask=attn).logits, s_ids, mask)
+        acts.clear()
+        out_h = model(h_ids, attention_mask=attn, output_hidden_states=True)
+        hs = list(out_h.hidden_states)
+        if not last_normed:
+            hs[-1] = model.model.norm(hs[-1])
+        total = masked_ce(out_h.logits, h_ids, mask)
+        for h in hs:
+            total = total + masked_ce(model.lm_head(model.model.norm(h)), h_ids, mask)
+        harm = total / (len(hs) + 1)
+        noise = 0.0
+        for i in range(len(layers)):
+            x = acts[i] * mf
+            y = torch.randn(x.shape, generator=gen_noise) * mf
+            noise = noise + mmd(x.reshape(a.batch, -1), y.reshape(a.batch, -1))
+        noise = noise / len(layers)
+        loss = harmless + beta * noise - alpha * torch.log(harm + 1)
+        return loss, {"harmless_ce": harmless.item(), "harmful_ce": harm.item(),
+                      "noise_mmd": noise.item(), "loss": loss.item(),
+                      "mask_positions": int(mask.sum())}
+
+    params = [p for p in model.parameters() if p.requires_grad]
+    times, terms, ph = timed_steps(params, 2e-5, rn_step)
+    extra.update(ph, terms=terms, last_hidden_state_normed=bool(last_normed))
 elif a.what == "generate":
     model.eval()
     tok.padding_side = "left"

@@ -1,12 +1,15 @@
 #!/usr/bin/env bash
-# Side-by-side benchmarks: repnoise and the reference (PyTorch + transformers) on the same model,
-# shapes and data, in one run on one machine. Results: bench/out/results.jsonl and
-# bench/out/table.md (copied by hand into docs/BENCHMARKS.md with the machine description).
+# Side-by-side benchmarks: repnoise and the reference (PyTorch + transformers, PEFT for LoRA, the
+# authors' RepNoise loss) on the same model, shapes and data, in one run on one machine.
+# Results: bench/out/results.jsonl (the side-by-side shapes), bench/out/scaling.jsonl (more
+# shapes of the step benchmarks), bench/out/table.md (the tables of docs/BENCHMARKS.md, copied
+# there by hand with the machine description) and bench/out/scaling-*.svg (the charts).
 #
-# Usage: bash bench/run.sh [STEPS]     (STEPS timed repetitions per benchmark, default 5)
+# Usage: bash bench/run.sh [STEPS]     (STEPS timed repetitions per benchmark, default 3;
+#                                       the scaling shapes use 2)
 set -euo pipefail
 cd "$(dirname "$0")/.."
-STEPS=${1:-5}
+STEPS=${1:-3}
 bash bench/setup.sh
 cargo build --release -q
 BIN=target/release/repnoise
@@ -17,19 +20,40 @@ MODEL="$OUT/smollm2-hf"
 [ -f "$MODEL/config.json" ] || "$BIN" convert --model smollm2-135m-instruct --out "$MODEL"
 PY=bench/.venv/bin/python
 : > "$OUT/results.jsonl"
+: > "$OUT/scaling.jsonl"
 "$BIN" bench matmul --model "$MODEL" --steps 5 >> "$OUT/results.jsonl"
-run() {  # run WHAT EXTRA_ARGS...
-  echo "== $1 (repnoise)" >&2
-  "$BIN" bench "$1" --model "$MODEL" --steps "$STEPS" "${@:2}" >> "$OUT/results.jsonl"
-  echo "== $1 (pytorch)" >&2
-  "$PY" bench/reference.py "$1" "$MODEL" --steps "$STEPS" "${@:2}" >> "$OUT/results.jsonl"
+run() {  # run FILE STEPS WHAT [--ours-only] EXTRA_ARGS...
+  local file=$1 steps=$2 what=$3; shift 3
+  local ref=1
+  if [ "${1:-}" = --ours-only ]; then ref=0; shift; fi
+  echo "== $what $* (repnoise)" >&2
+  "$BIN" bench "$what" --model "$MODEL" --steps "$steps" "$@" >> "$file"
+  if [ $ref = 1 ]; then
+    echo "== $what $* (pytorch)" >&2
+    "$PY" bench/reference.py "$what" "$MODEL" --steps "$steps" "$@" >> "$file"
+  fi
 }
-run train-step --batch 4 --seq 128
-run generate --batch 8 --new-tokens 64
-run score --batch 4 --seq 128
+R="$OUT/results.jsonl"
+run "$R" "$STEPS" train-step --batch 4 --seq 128
+run "$R" "$STEPS" lora-step --batch 4 --seq 128
+run "$R" "$STEPS" repnoise-step --batch 4 --seq 128
+run "$R" "$STEPS" generate --batch 8 --new-tokens 64
+run "$R" "$STEPS" score --batch 4 --seq 128
+# Scaling: time per step against sequence length (batch 4) and batch size (128 tokens).
+S="$OUT/scaling.jsonl"
+for shape in "4 64" "4 256" "1 128" "2 128" "8 128"; do
+  set -- $shape
+  run "$S" 2 train-step --batch "$1" --seq "$2"
+done
+for shape in "4 64" "4 256" "2 128" "8 128"; do
+  set -- $shape
+  run "$S" 2 repnoise-step --ours-only --batch "$1" --seq "$2"
+done
+cat "$R" "$S" > "$OUT/all.jsonl"
+"$BIN" bench plot --results "$OUT/all.jsonl" --out "$OUT"
 {
   echo "Machine: $(lscpu | sed -n 's/Model name: *//p'), $(nproc) cores, $(free -g | awk '/Mem:/{print $2}') GiB; $(date -u +%Y-%m-%d)"
-  echo "Command: bash bench/run.sh $STEPS"
+  echo "Command: bash bench/run.sh $STEPS (build $(git rev-parse --short HEAD)$(git diff --quiet HEAD -- src Cargo.toml Cargo.lock || echo -dirty))"
   echo
-  python3 bench/report.py "$OUT/results.jsonl"
+  python3 bench/report.py "$R" "$S"
 } | tee "$OUT/table.md"

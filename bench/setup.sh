@@ -4,7 +4,7 @@
 # by CI's tests. About 3 GB (PyPI's torch wheel is the CUDA build; it runs on CPU).
 set -euo pipefail
 cd "$(dirname "$0")"
-if [ ! -x .venv/bin/python ] || ! .venv/bin/python -c "import torch, transformers, gguf" 2>/dev/null; then
+if [ ! -x .venv/bin/python ] || ! .venv/bin/python -c "import torch, transformers, gguf, peft" 2>/dev/null; then
   python3 -m venv .venv
   .venv/bin/pip install -q --disable-pip-version-check -r requirements.txt
 fi

@@ -1,17 +1,22 @@
-//! Micro-benchmarks of the hot paths (training step, generation, scoring), printed as JSON so
-//! `bench/run.sh` can put them beside the PyTorch reference measured in the same run.
+//! Micro-benchmarks of the hot paths (full and LoRA fine-tuning steps, the RepNoise step,
+//! generation, scoring), printed as JSON so `bench/run.sh` can put them beside the PyTorch
+//! reference measured in the same run.
 
 use std::time::Instant;
 
 use candle_core::{DType, Tensor};
 
+use crate::data::encode::EncodedPair;
+use crate::data::Encoded;
 use crate::error::Result;
 use crate::generate::{self, SamplingConfig};
 use crate::loss::masked_next_token_ce;
 use crate::model::Llama;
 use crate::modelio::LoadedModel;
+use crate::objective::{repnoise_loss, PairBatch, RepNoiseConfig, RepNoiseTerms};
 use crate::optim::{clip_coefficient, AdamW, AdamWConfig};
 use crate::rng::Rng;
+use crate::train::Trainee;
 
 /// Peak resident memory of this process so far, in bytes (Linux `VmHWM`).
 pub fn peak_rss_bytes() -> Option<u64> {
@@ -21,12 +26,12 @@ pub fn peak_rss_bytes() -> Option<u64> {
     Some(kb * 1024)
 }
 
+/// The token batch of step `seed`: [`synthetic_token`]s (the reference side draws the same
+/// ones, so both start from the same loss).
 fn random_batch(m: &LoadedModel, batch: usize, seq: usize, seed: u64) -> Result<Tensor> {
-    let mut rng = Rng::new(seed, "bench-batch");
-    // Ordinary tokens only (skip the first 256 ids, which hold specials in SmolLM2).
     let v = m.config.vocab_size;
     let ids: Vec<u32> = (0..batch * seq)
-        .map(|_| (256 + rng.below(v - 256)) as u32)
+        .map(|k| synthetic_token(v, seed as usize, k / seq, k % seq, 13))
         .collect();
     Ok(Tensor::from_vec(
         ids,
@@ -35,40 +40,40 @@ fn random_batch(m: &LoadedModel, batch: usize, seq: usize, seed: u64) -> Result<
     )?)
 }
 
-/// Full fine-tuning steps (forward, masked CE on every token, backward, clip, AdamW).
-/// Returns the seconds of each step, warm-up excluded.
-pub fn train_steps(
-    m: &LoadedModel,
-    batch: usize,
-    seq: usize,
+/// Seconds of each timed step, the loss of every step (warm-up included), and the seconds spent
+/// in forward+loss, backward and optimizer (clip + AdamW), summed over the timed steps.
+pub type StepTimes<L> = (Vec<f64>, Vec<L>, [f64; 3]);
+
+/// Times `warmup + steps` optimizer steps of `loss_of(net, step)`: forward and loss, backward,
+/// clipping at 1.0 and AdamW at `lr` over every variable of `trainee`.
+fn timed_steps<T: Trainee + ?Sized, L>(
+    trainee: &T,
+    lr: f64,
     steps: usize,
     warmup: usize,
-) -> Result<(Vec<f64>, Vec<f32>, [f64; 3])> {
-    let mut opt = AdamW::new(&m.params, |_| true, AdamWConfig::default())?;
+    mut loss_of: impl FnMut(&Llama, usize) -> Result<(Tensor, L)>,
+) -> Result<StepTimes<L>> {
+    let mut opt = AdamW::new(trainee.store(), |_| true, AdamWConfig::default())?;
     let mut times = vec![];
     let mut losses = vec![];
-    // Seconds in forward+loss, backward, and optimizer (clip + AdamW), summed over timed steps.
     let mut phases = [0f64; 3];
     for s in 0..warmup + steps {
-        let ids = random_batch(m, batch, seq, s as u64)?;
-        let dev = ids.device().clone();
-        let mask = Tensor::ones((batch, seq), DType::F32, &dev)?;
         let t0 = Instant::now();
-        let net = Llama::trainable(&m.config, &m.params)?;
-        let logits = net.logits(&ids)?;
-        let loss = masked_next_token_ce(&logits, &ids, &mask)?;
+        let net = trainee.net(&|_| true)?;
+        let (loss, record) = loss_of(&net, s)?;
         // On an accelerator the ops only queue work: wait for it at each phase boundary so the
         // phases are timed, not their launches (a no-op on the CPU).
+        let dev = net.device().clone();
         dev.synchronize()?;
         let t1 = Instant::now();
         let grads = loss.backward()?;
         dev.synchronize()?;
         let t2 = Instant::now();
         let norm = opt.grad_norm(&grads)?;
-        opt.step(&grads, 1e-5, clip_coefficient(norm, Some(1.0)))?;
+        opt.step(&grads, lr, clip_coefficient(norm, Some(1.0)))?;
         dev.synchronize()?;
         let t3 = Instant::now();
-        losses.push(loss.to_scalar::<f32>()?);
+        losses.push(record);
         if s >= warmup {
             times.push((t3 - t0).as_secs_f64());
             phases[0] += (t1 - t0).as_secs_f64();
@@ -77,6 +82,82 @@ pub fn train_steps(
         }
     }
     Ok((times, losses, phases))
+}
+
+/// Fine-tuning steps on random token batches (next-token CE on every token) of `trainee`: the
+/// model itself (full fine-tuning, lr 1e-5) or a LoRA adapter on it (lr 1e-4).
+pub fn train_steps<T: Trainee + ?Sized>(
+    trainee: &T,
+    m: &LoadedModel,
+    lr: f64,
+    batch: usize,
+    seq: usize,
+    steps: usize,
+    warmup: usize,
+) -> Result<StepTimes<f32>> {
+    timed_steps(trainee, lr, steps, warmup, |net, s| {
+        let ids = random_batch(m, batch, seq, s as u64)?;
+        let mask = Tensor::ones((batch, seq), DType::F32, ids.device())?;
+        let logits = net.logits(&ids)?;
+        let loss = masked_next_token_ce(&logits, &ids, &mask)?;
+        let v = loss.to_scalar::<f32>()?;
+        Ok((loss, v))
+    })
+}
+
+/// Token `i` of row `r` of the synthetic pair batch of step `step` (`bench/reference.py` has
+/// the same formula): ordinary tokens (ids >= 256) spread over the vocabulary, `offset` telling
+/// the prompt (13), the harmful answer (77) and the refusal (5077) apart.
+pub fn synthetic_token(vocab: usize, step: usize, r: usize, i: usize, offset: usize) -> u32 {
+    (256 + ((step * 131 + r) * 7919 + i * 104_729 + offset) % (vocab - 256)) as u32
+}
+
+/// `batch` synthetic pairs of `seq` tokens: a shared prompt of `seq / 2` tokens, then answers
+/// that differ at every position, so the pair mask is the answer span.
+pub fn synthetic_pairs(vocab: usize, batch: usize, seq: usize, step: usize) -> Vec<EncodedPair> {
+    let p = seq / 2;
+    let seq_of = |r: usize, answer: usize| Encoded {
+        ids: (0..seq)
+            .map(|i| synthetic_token(vocab, step, r, i, if i < p { 13 } else { answer }))
+            .collect(),
+        loss_mask: (0..seq).map(|i| (i >= p) as u8).collect(),
+        attention_mask: vec![1; seq],
+    };
+    (0..batch)
+        .map(|r| EncodedPair {
+            harmful: seq_of(r, 77),
+            harmless: seq_of(r, 5077),
+            pair_mask: (0..seq).map(|i| (i >= p) as u8).collect(),
+        })
+        .collect()
+}
+
+/// RepNoise defence steps on synthetic pairs with the paper's settings (alpha 1, beta 0.001,
+/// AdamW lr 2e-5) in faithful mode, the reference code's arithmetic, so the loss terms can be
+/// compared with the reference implementation's.
+pub fn repnoise_steps(
+    m: &LoadedModel,
+    batch: usize,
+    seq: usize,
+    steps: usize,
+    warmup: usize,
+) -> Result<StepTimes<RepNoiseTerms>> {
+    let cfg = RepNoiseConfig {
+        faithful: true,
+        ..Default::default()
+    };
+    let mut rng = Rng::new(0, "bench-noise");
+    let dev = m
+        .params
+        .tensor("model.embed_tokens.weight")?
+        .device()
+        .clone();
+    timed_steps(m, 2e-5, steps, warmup, |net, s| {
+        let pairs = synthetic_pairs(m.config.vocab_size, batch, seq, s);
+        let refs: Vec<&EncodedPair> = pairs.iter().collect();
+        let pb = PairBatch::new(&refs, m.tok.pad_id, &dev)?;
+        repnoise_loss(net, &pb, &cfg, &mut rng)
+    })
 }
 
 /// Batched greedy generation of exactly `new_tokens` tokens per row (no early stop).
@@ -136,15 +217,134 @@ pub fn matmul_peak_gflops(reps: usize) -> Result<f64> {
     Ok(2.0 * (n as f64).powi(3) / best / 1e9)
 }
 
-/// FLOPs of one full fine-tuning step (forward + backward = 3x forward): 2 per parameter per
-/// token for the matrices (the tied LM head counted once, as it is used once) plus attention's
-/// two `t x t` products per layer.
-pub fn train_step_flops(cfg: &crate::config::ModelConfig, batch: usize, seq: usize) -> f64 {
+/// FLOPs of one forward pass over `batch x seq` tokens: 2 per matrix parameter per token (the
+/// tied LM head counted once, as it is used once; norms left out) plus attention's two `t x t`
+/// products per layer.
+pub fn forward_flops(cfg: &crate::config::ModelConfig, batch: usize, seq: usize) -> f64 {
     let tokens = (batch * seq) as f64;
     let params = cfg.num_params() as f64 - (cfg.num_layers * 2 + 1) as f64 * cfg.hidden_size as f64;
     let attn = 2.0
         * 2.0
         * (batch * cfg.num_heads * seq * seq * cfg.head_dim) as f64
         * cfg.num_layers as f64;
-    3.0 * (2.0 * params * tokens + attn)
+    2.0 * params * tokens + attn
+}
+
+/// FLOPs of one full fine-tuning step: forward + backward = 3x the forward pass.
+pub fn train_step_flops(cfg: &crate::config::ModelConfig, batch: usize, seq: usize) -> f64 {
+    3.0 * forward_flops(cfg, batch, seq)
+}
+
+/// FLOPs of one LoRA step: the forward pass and the backward pass through the activations (2x
+/// the forward); the frozen weights get no gradient and the adapters' own products are
+/// negligible at rank 8.
+pub fn lora_step_flops(cfg: &crate::config::ModelConfig, batch: usize, seq: usize) -> f64 {
+    2.0 * forward_flops(cfg, batch, seq)
+}
+
+/// The arithmetic a RepNoise step needs at the least (forward + backward = 3x forward of each
+/// product): both sequences through the decoder layers, and the LM head only at the rows the
+/// losses read: `harmless_rows` for the refusal's cross-entropy, `harmful_rows` for each of
+/// `readouts` logit-lens readouts. Recomputation (the chunked LM-head loss recomputes its
+/// logits in the backward pass) is overhead, not counted.
+pub fn repnoise_step_flops(
+    cfg: &crate::config::ModelConfig,
+    batch: usize,
+    seq: usize,
+    harmless_rows: usize,
+    harmful_rows: usize,
+    readouts: usize,
+) -> f64 {
+    let head = 2.0 * (cfg.vocab_size * cfg.hidden_size) as f64;
+    let body = forward_flops(cfg, batch, seq) - head * (batch * seq) as f64;
+    3.0 * (2.0 * body + head * (harmless_rows + readouts * harmful_rows) as f64)
+}
+
+/// Scaling charts from the JSON lines of earlier bench runs: for each step benchmark, the median
+/// seconds per step against sequence length (at batch 4) and against batch size (at 128
+/// tokens), one line per implementation. Returns `(file name, SVG)`; a benchmark with fewer
+/// than two shapes gets no chart.
+pub fn scaling_charts(results: &std::path::Path) -> Result<Vec<(String, String)>> {
+    use crate::error::Error;
+    use crate::plot::{line_chart, Series};
+    use std::collections::BTreeMap;
+    let text = std::fs::read_to_string(results)
+        .map_err(|e| Error::file(results, format!("cannot read: {e}")))?;
+    // (what, impl) -> [(batch, seq, median seconds)]
+    type Shapes = Vec<(usize, usize, f64)>;
+    let mut by: BTreeMap<(String, String), Shapes> = BTreeMap::new();
+    for (i, line) in text.lines().enumerate() {
+        if line.trim().is_empty() {
+            continue;
+        }
+        let v: serde_json::Value = serde_json::from_str(line)
+            .map_err(|e| Error::file(results, format!("line {}: not valid JSON: {e}", i + 1)))?;
+        let field = |k: &str| {
+            v.get(k)
+                .ok_or_else(|| Error::file(results, format!("line {}: no field `{k}`", i + 1)))
+        };
+        let what = field("what")?.as_str().unwrap_or_default().to_string();
+        if !what.ends_with("-step") {
+            continue;
+        }
+        let imp = field("impl")?.as_str().unwrap_or_default().to_string();
+        let num = |k: &str| -> Result<usize> {
+            field(k)?.as_u64().map(|x| x as usize).ok_or_else(|| {
+                Error::file(results, format!("line {}: `{k}` is not a count", i + 1))
+            })
+        };
+        let mut secs: Vec<f64> = field("seconds")?
+            .as_array()
+            .map(|a| a.iter().filter_map(|x| x.as_f64()).collect())
+            .unwrap_or_default();
+        if secs.is_empty() {
+            continue;
+        }
+        secs.sort_by(f64::total_cmp);
+        let n = secs.len();
+        let median = if n % 2 == 1 {
+            secs[n / 2]
+        } else {
+            (secs[n / 2 - 1] + secs[n / 2]) / 2.0
+        };
+        by.entry((what, imp))
+            .or_default()
+            .push((num("batch")?, num("seq")?, median));
+    }
+    let whats: Vec<String> = by.keys().map(|k| k.0.clone()).collect();
+    let mut whats = whats;
+    whats.dedup();
+    let mut out = vec![];
+    for what in whats {
+        for (axis, fixed_batch) in [
+            ("sequence length (tokens, batch 4)", true),
+            ("batch size (128 tokens)", false),
+        ] {
+            let series: Vec<Series> = by
+                .iter()
+                .filter(|((w, _), _)| *w == what)
+                .map(|((_, imp), pts)| {
+                    let mut p: Vec<(f64, f64)> = pts
+                        .iter()
+                        .filter(|(b, t, _)| if fixed_batch { *b == 4 } else { *t == 128 })
+                        .map(|&(b, t, s)| (if fixed_batch { t } else { b } as f64, s))
+                        .collect();
+                    p.sort_by(|a, b| a.0.total_cmp(&b.0));
+                    p.dedup_by(|a, b| a.0 == b.0);
+                    Series::new(imp.clone(), p)
+                })
+                .collect();
+            if series.iter().all(|s| s.points.len() < 2) {
+                continue;
+            }
+            let tag = if fixed_batch { "seq" } else { "batch" };
+            let title = format!(
+                "{what}: seconds per step vs {}",
+                axis.split(' ').next().unwrap_or(tag)
+            );
+            let svg = line_chart(&title, axis, "seconds per step (median)", &series)?;
+            out.push((format!("scaling-{what}-{tag}.svg"), svg));
+        }
+    }
+    Ok(out)
 }

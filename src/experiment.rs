@@ -1120,13 +1120,7 @@ fn attack_one(
         cfg.train.lr = cell.lr;
         cfg.samples = cell.samples;
     }
-    let mut m = LoadedModel {
-        config: defended.config.clone(),
-        params: defended.params.deep_clone()?,
-        tok: defended.tok.clone(),
-        source: defended.source.clone(),
-        stored_dtype: defended.stored_dtype.clone(),
-    };
+    let mut m = defended.deep_clone()?;
     let rep = crate::attack::attack(
         &mut m,
         &split.attack_file,

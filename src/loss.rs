@@ -7,9 +7,9 @@
 //! SmolLM2 step on the 2-core machine (see docs/BENCHMARKS.md); it remains the path on other
 //! devices and the reference in the tests.
 
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 
-use candle_core::{CpuStorage, CustomOp1, CustomOp3, Layout, Shape, Tensor, D};
+use candle_core::{CpuStorage, CustomOp1, CustomOp2, CustomOp3, Layout, Shape, Tensor, D};
 use rayon::prelude::*;
 
 use crate::error::{Error, Result};
@@ -153,6 +153,352 @@ pub fn row_nll_composed(logits: &Tensor, targets: &[u32]) -> Result<Tensor> {
     Ok((picked.neg()? * Tensor::new(keep.as_slice(), dev)?)?)
 }
 
+/// Rows of `h` that [`linear_row_nll`] turns into logits at a time (a chunk's logits take
+/// `rows x vocab` floats: 200 MB for SmolLM2's 49,152-token vocabulary; 1024 was the quickest
+/// of 512-4096 in `cargo run --release --example bench_lm_head_loss`).
+pub const LINEAR_NLL_CHUNK: usize = 1024;
+
+/// Per-row negative log-likelihood of `targets` under the logits `h w^T` (`h` `[n, d]`, `w`
+/// `[vocab, d]`), differentiable with respect to both, fused so that the `[n, vocab]` logits,
+/// their log-softmax and their gradient never exist as tensors: the logits are computed
+/// [`LINEAR_NLL_CHUNK`] rows at a time, turned into probabilities in place, then into
+/// `softmax - onehot`, and multiplied out into both gradients at once while the chunk is at
+/// hand (when `h` or `w` carries a gradient). What stays for the backward pass is those
+/// gradients for a gradient of 1 per row, `[n, d]` and `[vocab, d]`; the backward scales them,
+/// which is exact whenever every counted row receives the same gradient (a sum or mean of the
+/// losses, as every caller here takes). Any other incoming gradient makes the backward
+/// recompute the logits chunk by chunk. Rows whose target is [`IGNORE`] give 0 and no gradient.
+/// Other devices than the CPU use the composed path.
+pub fn linear_row_nll(h: &Tensor, w: &Tensor, targets: Vec<u32>) -> Result<Tensor> {
+    linear_row_nll_with(h, w, targets, LINEAR_NLL_CHUNK)
+}
+
+/// [`linear_row_nll`] with the chunk size given (tests use small ones).
+pub fn linear_row_nll_with(
+    h: &Tensor,
+    w: &Tensor,
+    targets: Vec<u32>,
+    chunk: usize,
+) -> Result<Tensor> {
+    let (n, d) = h.dims2()?;
+    let (v, dw) = w.dims2()?;
+    if d != dw {
+        return Err(Error::msg(format!(
+            "hidden size {d} does not match the output matrix's {dw}"
+        )));
+    }
+    if targets.len() != n {
+        return Err(Error::msg(format!(
+            "{} targets for {n} rows",
+            targets.len()
+        )));
+    }
+    if let Some(bad) = targets.iter().find(|&&t| t != IGNORE && t as usize >= v) {
+        return Err(Error::msg(format!(
+            "target id {bad} is outside the vocabulary ({v})"
+        )));
+    }
+    let cpu_f32 = |t: &Tensor| t.device().is_cpu() && t.dtype() == candle_core::DType::F32;
+    if !cpu_f32(h) || !cpu_f32(w) {
+        return row_nll(&h.matmul(&w.t()?)?, targets);
+    }
+    let state = Arc::new(LinearNllState {
+        targets,
+        chunk: chunk.max(1),
+        eager: h.track_op() || w.track_op(),
+        unit_grads: Mutex::new(None),
+        dw: Mutex::new(None),
+    });
+    Ok(h.contiguous()?
+        .apply_op2(&w.contiguous()?, LinearRowNll(state))?)
+}
+
+/// What the forward of [`linear_row_nll`] leaves for its backward.
+struct LinearNllState {
+    targets: Vec<u32>,
+    chunk: usize,
+    /// Compute the gradients in the forward pass (some input carries a gradient).
+    eager: bool,
+    /// The gradients of `h` and `w` for a gradient of 1 on every row, from the forward.
+    unit_grads: Mutex<Option<(Vec<f32>, Vec<f32>)>>,
+    /// The gradient of `w`, handed from the backward's kernel to `bwd`.
+    dw: Mutex<Option<Vec<f32>>>,
+}
+
+/// `dst [m, n] = (accumulate ? dst : 0) + lhs [m, k] rhs [k, n]`, each operand given by its
+/// pointer and (row stride, column stride) in elements.
+///
+/// # Safety
+/// The pointers must cover the strided extents given, and `dst` must not alias the operands.
+#[allow(clippy::too_many_arguments)]
+unsafe fn gemm_f32(
+    (m, n, k): (usize, usize, usize),
+    dst: *mut f32,
+    dst_rs: usize,
+    accumulate: bool,
+    lhs: (*const f32, usize, usize),
+    rhs: (*const f32, usize, usize),
+) {
+    gemm::gemm(
+        m,
+        n,
+        k,
+        dst,
+        1,
+        dst_rs as isize,
+        accumulate,
+        lhs.0,
+        lhs.2 as isize,
+        lhs.1 as isize,
+        rhs.0,
+        rhs.2 as isize,
+        rhs.1 as isize,
+        1.0,
+        1.0,
+        false,
+        false,
+        false,
+        gemm::Parallelism::Rayon(rayon::current_num_threads()),
+    )
+}
+
+impl LinearNllState {
+    /// The probabilities of rows `start..start + len`, `softmax(h w^T)`, computed into a fresh
+    /// buffer, and each row's loss (0 for ignored rows, whose buffer row holds raw logits).
+    fn probabilities(
+        &self,
+        h: &[f32],
+        w: &[f32],
+        (v, d): (usize, usize),
+        start: usize,
+        len: usize,
+    ) -> (Vec<f32>, Vec<f32>) {
+        let mut buf = vec![0f32; len * v];
+        // SAFETY: buf is [len, v]; h[start..] holds len rows of d; w is [v, d], read as its
+        // transpose [d, v] (row stride 1, column stride d).
+        unsafe {
+            gemm_f32(
+                (len, v, d),
+                buf.as_mut_ptr(),
+                v,
+                false,
+                (h[start * d..].as_ptr(), d, 1),
+                (w.as_ptr(), 1, d),
+            )
+        };
+        let targets = &self.targets[start..start + len];
+        let nll = buf
+            .par_chunks_mut(v)
+            .zip(targets.par_iter())
+            .map(|(row, &t)| {
+                if t == IGNORE {
+                    return 0.0;
+                }
+                let target = row[t as usize];
+                let max = row.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+                let mut sum = 0f64;
+                for z in row.iter_mut() {
+                    *z = (*z - max).exp();
+                    sum += *z as f64;
+                }
+                let inv = (1.0 / sum) as f32;
+                for z in row.iter_mut() {
+                    *z *= inv;
+                }
+                (max as f64 + sum.ln() - target as f64) as f32
+            })
+            .collect();
+        (buf, nll)
+    }
+
+    /// Turns the probabilities of rows `start..` into their loss gradient, `grad[r] *
+    /// (softmax - onehot)` (0 for ignored rows), and adds its products into `dh` (rows
+    /// `start..`) and `dw` (`accumulate`: added to what is there).
+    #[allow(clippy::too_many_arguments)]
+    fn backprop_chunk(
+        &self,
+        mut g: Vec<f32>,
+        grad: &[f32],
+        (h, w): (&[f32], &[f32]),
+        (v, d): (usize, usize),
+        start: usize,
+        (dh, dw): (&mut [f32], &mut [f32]),
+        accumulate: bool,
+    ) {
+        let len = g.len() / v;
+        let targets = &self.targets[start..start + len];
+        g.par_chunks_mut(v)
+            .zip(targets.par_iter().zip(grad))
+            .for_each(|(row, (&t, &gv))| {
+                if t == IGNORE || gv == 0.0 {
+                    row.fill(0.0);
+                } else {
+                    if gv != 1.0 {
+                        for z in row.iter_mut() {
+                            *z *= gv;
+                        }
+                    }
+                    row[t as usize] -= gv;
+                }
+            });
+        // SAFETY: g is [len, v]; w is [v, d]; dh[start..] holds len rows of d; dw is [v, d];
+        // h[start..] holds len rows of d; g is read transposed as [v, len].
+        unsafe {
+            gemm_f32(
+                (len, d, v),
+                dh[start * d..].as_mut_ptr(),
+                d,
+                false,
+                (g.as_ptr(), v, 1),
+                (w.as_ptr(), d, 1),
+            );
+            gemm_f32(
+                (v, d, len),
+                dw.as_mut_ptr(),
+                d,
+                accumulate,
+                (g.as_ptr(), 1, v),
+                (h[start * d..].as_ptr(), d, 1),
+            );
+        }
+    }
+}
+
+/// The graph node of [`linear_row_nll`].
+struct LinearRowNll(Arc<LinearNllState>);
+
+/// The backward kernel of [`linear_row_nll`]: returns the gradient of `h` and leaves the
+/// gradient of `w` in the state.
+struct LinearRowNllGrad(Arc<LinearNllState>);
+
+impl CustomOp2 for LinearRowNll {
+    fn name(&self) -> &'static str {
+        "linear-row-nll"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+    ) -> candle_core::Result<(CpuStorage, Shape)> {
+        let st = &self.0;
+        let (n, d) = l1.shape().dims2()?;
+        let v = l2.shape().dims2()?.0;
+        let h = slice_f32(s1, l1, "linear-row-nll h")?;
+        let w = slice_f32(s2, l2, "linear-row-nll w")?;
+        let mut out = Vec::with_capacity(n);
+        let (mut dh, mut dw) = if st.eager {
+            (vec![0f32; n * d], vec![0f32; v * d])
+        } else {
+            (vec![], vec![])
+        };
+        let ones = vec![1f32; st.chunk.min(n)];
+        for (c, start) in (0..n).step_by(st.chunk).enumerate() {
+            let len = st.chunk.min(n - start);
+            let (probs, nll) = st.probabilities(h, w, (v, d), start, len);
+            out.extend(nll);
+            if st.eager {
+                st.backprop_chunk(
+                    probs,
+                    &ones[..len],
+                    (h, w),
+                    (v, d),
+                    start,
+                    (&mut dh, &mut dw),
+                    c > 0,
+                );
+            }
+        }
+        if st.eager {
+            *st.unit_grads.lock().expect("linear-row-nll state") = Some((dh, dw));
+        }
+        Ok((CpuStorage::F32(out), Shape::from(n)))
+    }
+
+    fn bwd(
+        &self,
+        h: &Tensor,
+        w: &Tensor,
+        _res: &Tensor,
+        grad_res: &Tensor,
+    ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>)> {
+        let grad_res = grad_res.contiguous()?;
+        let dh = h.apply_op3_no_bwd(w, &grad_res, &LinearRowNllGrad(self.0.clone()))?;
+        let dw = self
+            .0
+            .dw
+            .lock()
+            .expect("linear-row-nll state")
+            .take()
+            .ok_or_else(|| candle_core::Error::Msg("linear-row-nll: no gradient".into()))?;
+        let dw = Tensor::from_vec(dw, w.shape(), w.device())?;
+        Ok((Some(dh), Some(dw)))
+    }
+}
+
+impl CustomOp3 for LinearRowNllGrad {
+    fn name(&self) -> &'static str {
+        "linear-row-nll-grad"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+        s3: &CpuStorage,
+        l3: &Layout,
+    ) -> candle_core::Result<(CpuStorage, Shape)> {
+        let st = &self.0;
+        let (n, d) = l1.shape().dims2()?;
+        let v = l2.shape().dims2()?.0;
+        let h = slice_f32(s1, l1, "linear-row-nll-grad h")?;
+        let w = slice_f32(s2, l2, "linear-row-nll-grad w")?;
+        let gr = slice_f32(s3, l3, "linear-row-nll-grad grad")?;
+        // One gradient value for every counted row: scale the gradients the forward made.
+        let mut counted = gr
+            .iter()
+            .zip(&st.targets)
+            .filter(|(_, &t)| t != IGNORE)
+            .map(|(g, _)| *g);
+        let first = counted.next().unwrap_or(0.0);
+        let uniform = counted.all(|g| g == first);
+        let unit = st.unit_grads.lock().expect("linear-row-nll state").take();
+        let (dh, dw) = match unit {
+            Some((mut dh, mut dw)) if uniform => {
+                if first != 1.0 {
+                    dh.par_iter_mut().for_each(|x| *x *= first);
+                    dw.par_iter_mut().for_each(|x| *x *= first);
+                }
+                (dh, dw)
+            }
+            _ => {
+                let mut dh = vec![0f32; n * d];
+                let mut dw = vec![0f32; v * d];
+                for (c, start) in (0..n).step_by(st.chunk).enumerate() {
+                    let len = st.chunk.min(n - start);
+                    let g = st.probabilities(h, w, (v, d), start, len).0;
+                    st.backprop_chunk(
+                        g,
+                        &gr[start..start + len],
+                        (h, w),
+                        (v, d),
+                        start,
+                        (&mut dh, &mut dw),
+                        c > 0,
+                    );
+                }
+                (dh, dw)
+            }
+        };
+        *st.dw.lock().expect("linear-row-nll state") = Some(dw);
+        Ok((CpuStorage::F32(dh), Shape::from((n, d))))
+    }
+}
+
 /// Next-token cross-entropy averaged over the positions where `mask` is non-zero (weighted by
 /// it).
 ///
@@ -220,6 +566,63 @@ mod tests {
             for (p, q) in ra.iter().zip(rb) {
                 assert!((p - q).abs() < 1e-6, "{p} vs {q}");
             }
+        }
+    }
+
+    #[test]
+    fn fused_linear_nll_equals_the_unfused_one_in_value_and_gradient() {
+        let dev = Device::Cpu;
+        let mut rng = crate::rng::Rng::new(1, "t");
+        let (n, d, v) = (11, 6, 40);
+        let h = Var::from_vec(rng.normal_vec(n * d, 1.0), (n, d), &dev).unwrap();
+        let w = Var::from_vec(rng.normal_vec(v * d, 1.0), (v, d), &dev).unwrap();
+        let targets = vec![3, IGNORE, 39, 0, 17, 5, 8, 8, IGNORE, 1, 22];
+        // Uniform row weights (the gradients made in the forward pass, scaled) and per-row
+        // weights (the backward recomputes the logits), so every row's share is checked.
+        let uniform = Tensor::new(&[0.37f32; 11], &dev).unwrap();
+        let varied: Vec<f32> = (0..n).map(|i| 0.5 + i as f32 * 0.25).collect();
+        let varied = Tensor::new(varied.as_slice(), &dev).unwrap();
+        let logits = h.as_tensor().matmul(&w.as_tensor().t().unwrap()).unwrap();
+        let unfused = row_nll_composed(&logits, &targets).unwrap();
+        let want_v: Vec<f32> = unfused.to_vec1().unwrap();
+        for wt in [&uniform, &varied] {
+            let g0 = (&unfused * wt)
+                .unwrap()
+                .sum_all()
+                .unwrap()
+                .backward()
+                .unwrap();
+            for chunk in [1, 4, 11, 64] {
+                let fused =
+                    linear_row_nll_with(h.as_tensor(), w.as_tensor(), targets.clone(), chunk)
+                        .unwrap();
+                let got_v: Vec<f32> = fused.to_vec1().unwrap();
+                for (p, q) in got_v.iter().zip(&want_v) {
+                    assert!((p - q).abs() < 1e-5, "chunk {chunk}: {p} vs {q}");
+                }
+                let g1 = (fused * wt).unwrap().sum_all().unwrap().backward().unwrap();
+                for var in [&h, &w] {
+                    let a = g0.get(var.as_tensor()).unwrap();
+                    let b = g1.get(var.as_tensor()).unwrap();
+                    let diff = (a - b)
+                        .unwrap()
+                        .abs()
+                        .unwrap()
+                        .max_all()
+                        .unwrap()
+                        .to_scalar::<f32>()
+                        .unwrap();
+                    assert!(diff < 1e-5, "chunk {chunk}: gradient differs by {diff}");
+                }
+            }
+        }
+        // Untracked inputs: values only.
+        let frozen =
+            linear_row_nll_with(&h.as_tensor().detach(), &w.as_tensor().detach(), targets, 4)
+                .unwrap();
+        let got_v: Vec<f32> = frozen.to_vec1().unwrap();
+        for (p, q) in got_v.iter().zip(&want_v) {
+            assert!((p - q).abs() < 1e-5, "untracked: {p} vs {q}");
         }
     }
 

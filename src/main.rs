@@ -124,7 +124,8 @@ enum Cmd {
     Bench {
         #[command(flatten)]
         model: ModelArg,
-        /// train-step, generate, score or matmul (this machine's f32 matmul GFLOP/s).
+        /// train-step, lora-step, repnoise-step, generate, score, matmul (this machine's f32
+        /// matmul GFLOP/s), or plot (scaling charts from --results into --out).
         what: String,
         #[arg(long, default_value_t = 4)]
         batch: usize,
@@ -137,6 +138,12 @@ enum Cmd {
         /// New tokens per row (generate).
         #[arg(long, default_value_t = 64)]
         new_tokens: usize,
+        /// Results file (JSON lines of earlier bench runs) to plot.
+        #[arg(long)]
+        results: Option<PathBuf>,
+        /// Directory the charts are written to (plot).
+        #[arg(long)]
+        out: Option<PathBuf>,
     },
     /// Make an instruct model refuse harmful requests (the aligned starting model), and report
     /// refusal rates on held-out harmful and benign prompts before and after.
@@ -1183,19 +1190,60 @@ fn run(cli: Cli) -> Result<()> {
             steps,
             warmup,
             new_tokens,
+            results,
+            out,
         } => {
+            if what == "plot" {
+                let (Some(results), Some(out)) = (results, out) else {
+                    bail!("bench plot needs --results FILE and --out DIR");
+                };
+                for (name, svg) in repnoise::bench::scaling_charts(&results)? {
+                    let path = out.join(name);
+                    repnoise::io::write_atomic(&path, svg.as_bytes())?;
+                    eprintln!("wrote {}", path.display());
+                }
+                return Ok(());
+            }
             let m = load(g, &model.model)?;
+            let phases = |ph: [f64; 3], n: usize| {
+                let n = n.max(1) as f64;
+                serde_json::json!({"forward_s": ph[0] / n, "backward_s": ph[1] / n,
+                    "optimizer_s": ph[2] / n})
+            };
             let (times, extra) = match what.as_str() {
                 "train-step" => {
                     let (t, losses, ph) =
-                        repnoise::bench::train_steps(&m, batch, seq, steps, warmup)?;
-                    let n = t.len().max(1) as f64;
+                        repnoise::bench::train_steps(&m, &m, 1e-5, batch, seq, steps, warmup)?;
                     let flops = repnoise::bench::train_step_flops(&m.config, batch, seq);
-                    (
-                        t,
-                        serde_json::json!({"losses": losses, "forward_s": ph[0] / n,
-                        "backward_s": ph[1] / n, "optimizer_s": ph[2] / n, "step_flops": flops}),
-                    )
+                    let mut e = phases(ph, t.len());
+                    e["losses"] = serde_json::json!(losses);
+                    e["step_flops"] = serde_json::json!(flops);
+                    (t, e)
+                }
+                "lora-step" => {
+                    let lora = repnoise::lora::Lora::new(&m, &Default::default(), 0)?;
+                    let (t, losses, ph) =
+                        repnoise::bench::train_steps(&lora, &m, 1e-4, batch, seq, steps, warmup)?;
+                    let flops = repnoise::bench::lora_step_flops(&m.config, batch, seq);
+                    let mut e = phases(ph, t.len());
+                    e["losses"] = serde_json::json!(losses);
+                    e["step_flops"] = serde_json::json!(flops);
+                    e["trainable_params"] = serde_json::json!(lora.num_elements());
+                    (t, e)
+                }
+                "repnoise-step" => {
+                    let (t, terms, ph) =
+                        repnoise::bench::repnoise_steps(&m, batch, seq, steps, warmup)?;
+                    // Faithful rows: the answer span minus its first prediction (a constant).
+                    let rows = terms.first().map_or(0, |x| x.mask_positions - batch);
+                    let readouts = m.config.num_layers + 2;
+                    let flops = repnoise::bench::repnoise_step_flops(
+                        &m.config, batch, seq, rows, rows, readouts,
+                    );
+                    let mut e = phases(ph, t.len());
+                    e["terms"] = serde_json::json!(terms);
+                    e["step_flops"] = serde_json::json!(flops);
+                    (t, e)
                 }
                 "generate" => {
                     let prompts = bench_prompts(&m, batch)?;
@@ -1211,7 +1259,10 @@ fn run(cli: Cli) -> Result<()> {
                     let g = repnoise::bench::matmul_peak_gflops(steps)?;
                     (vec![], serde_json::json!({"gflops": g}))
                 }
-                other => bail!("bench {other}: expected train-step, generate or score"),
+                other => bail!(
+                    "bench {other}: expected train-step, lora-step, repnoise-step, generate, \
+                     score, matmul or plot"
+                ),
             };
             println!(
                 "{}",

@@ -27,6 +27,19 @@ pub struct LoadedModel {
     pub stored_dtype: String,
 }
 
+impl LoadedModel {
+    /// A copy with its own weight storage (training it leaves `self` unchanged).
+    pub fn deep_clone(&self) -> Result<Self> {
+        Ok(Self {
+            config: self.config.clone(),
+            params: self.params.deep_clone()?,
+            tok: self.tok.clone(),
+            source: self.source.clone(),
+            stored_dtype: self.stored_dtype.clone(),
+        })
+    }
+}
+
 /// Where a `--model` argument points.
 #[derive(Clone, Debug, PartialEq)]
 pub enum ModelSource {

@@ -17,7 +17,7 @@ use serde::{Deserialize, Serialize};
 use crate::data::encode::{pad_to, EncodedPair, PadSide};
 use crate::data::Encoded;
 use crate::error::{Error, Result};
-use crate::loss::row_nll;
+use crate::loss::linear_row_nll;
 use crate::model::{attention_mask, positions_for, ForwardOpts, ForwardOut, Llama, Logits};
 use crate::rng::Rng;
 use crate::train::StepLoss;
@@ -158,37 +158,17 @@ impl CeRows {
     /// Mean cross-entropy of reading `hidden` `[b, t, d]` out through the final norm (twice
     /// when `double_norm`) and the LM head at these rows.
     pub fn ce(&self, net: &Llama, hidden: &Tensor, double_norm: bool) -> Result<Tensor> {
-        let n = self.count();
-        if n == 0 {
-            return Err(Error::msg("the loss mask selects no tokens"));
-        }
-        let dev = hidden.device();
-        let vocab = net.config().vocab_size;
-        let const_part = self.constant as f64 * (vocab as f64).ln();
-        if self.rows.is_empty() {
-            return Ok(Tensor::new(const_part as f32 / n as f32, dev)?);
-        }
-        let (b, t, d) = hidden.dims3()?;
-        let idx = Tensor::new(self.rows.as_slice(), dev)?;
-        let h = hidden
-            .reshape((b * t, d))?
-            .index_select(&idx, 0)?
-            .unsqueeze(0)?;
-        let mut h = net.final_norm(&h)?;
         if double_norm {
-            h = net.final_norm(&h)?;
+            self.ce_mean(net, &[net.final_norm(hidden)?])
+        } else {
+            self.ce_mean(net, std::slice::from_ref(hidden))
         }
-        let logits = net.lm_head(&h)?.squeeze(0)?;
-        let nll = row_nll(&logits, self.targets.clone())?;
-        Ok(((nll.sum_all()? + const_part)? / n as f64)?)
     }
-}
 
-impl CeRows {
-    /// The mean over `hiddens` of [`Self::ce`] (no double norm), computed by stacking their
-    /// rows and reading them out together: one LM-head product and one LM-head gradient per
-    /// chunk of at most [`LENS_ROWS`] rows, instead of one per hidden state, whose gradients
-    /// (a full `[vocab, d]` matrix each) candle would otherwise sum one by one.
+    /// The mean over `hiddens` of [`Self::ce`] (no double norm). The rows of every hidden
+    /// state are stacked and read out together through [`linear_row_nll`], which never holds
+    /// more than a chunk of full-vocabulary logits and gives the LM head one gradient, not one
+    /// per hidden state (candle would sum `[vocab, d]` gradients one by one).
     pub fn ce_mean(&self, net: &Llama, hiddens: &[Tensor]) -> Result<Tensor> {
         let n = self.count();
         if n == 0 {
@@ -205,33 +185,20 @@ impl CeRows {
             return Ok(Tensor::new(const_part as f32 / n as f32, dev)?);
         }
         let idx = Tensor::new(self.rows.as_slice(), dev)?;
-        let per_chunk = (LENS_ROWS / self.rows.len()).max(1);
-        let mut total: Option<Tensor> = None;
-        for chunk in hiddens.chunks(per_chunk) {
-            let picked = chunk
-                .iter()
-                .map(|h| {
-                    let (b, t, d) = h.dims3()?;
-                    Ok(h.reshape((b * t, d))?.index_select(&idx, 0)?)
-                })
-                .collect::<Result<Vec<_>>>()?;
-            let h = Tensor::cat(&picked, 0)?.unsqueeze(0)?; // [1, chunk * rows, d]
-            let logits = net.lm_head(&net.final_norm(&h)?)?.squeeze(0)?;
-            let targets = self.targets.repeat(chunk.len());
-            let s = row_nll(&logits, targets)?.sum_all()?;
-            total = Some(match total {
-                None => s,
-                Some(t) => (t + s)?,
-            });
-        }
-        let total = total.expect("at least one chunk");
+        let picked = hiddens
+            .iter()
+            .map(|h| {
+                let (b, t, d) = h.dims3()?;
+                Ok(h.reshape((b * t, d))?.index_select(&idx, 0)?)
+            })
+            .collect::<Result<Vec<_>>>()?;
+        let h = Tensor::cat(&picked, 0)?; // [layers * rows, d]
+        let h = net.final_norm(&h)?;
+        let targets = self.targets.repeat(layers);
+        let total = linear_row_nll(&h, net.lm_head_weight(), targets)?.sum_all()?;
         Ok((((total / layers as f64)? + const_part)? / n as f64)?)
     }
 }
-
-/// Most rows [`CeRows::ce_mean`] reads out through the LM head at once (their logits take
-/// `rows x vocab` floats, kept for the backward pass either way).
-const LENS_ROWS: usize = 4096;
 
 /// Biased squared MMD between the rows of `x` and `y` (`[n, f]` each) with a sum of five
 /// Gaussian kernels: bandwidths `base * 2^i`, `i = 0..4`, where `base` is the mean pairwise
@@ -460,11 +427,10 @@ pub fn repnoise_loss(
         } else if faithful {
             // transformers' hidden states end with the *normed* final state, and the lens
             // norms it again; the final logits' own cross-entropy is added to the sum.
-            let mut sum = rows_h.ce(net, &hs[last], false)?;
-            for (i, h) in hs.iter().enumerate() {
-                sum = (sum + rows_h.ce(net, h, i == last)?)?;
-            }
-            (sum / (hs.len() + 1) as f64)?
+            // Read out together: every hidden state, then the last one normed once more.
+            let mut all = hs.clone();
+            all.push(net.final_norm(&hs[last])?);
+            rows_h.ce_mean(net, &all)?
         } else {
             // One readout per hidden state; the last readout is the model's own logits.
             rows_h.ce_mean(net, hs)?

@@ -148,7 +148,7 @@ impl Params {
         let mut p = Params::new();
         for (k, v) in &self.vars {
             p.vars
-                .insert(k.clone(), Var::from_tensor(&v.as_tensor().copy()?)?);
+                .insert(k.clone(), Var::from_tensor(&v.as_tensor().detach())?);
         }
         Ok(p)
     }
