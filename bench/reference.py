@@ -188,13 +188,17 @@ elif a.what == "generate":
         tps.append(a.batch * a.new_tokens / dt)
     extra = {"tokens_per_second": tps}
 elif a.what == "score":
+    # Per-token log-likelihood of every next token and the greedy flags, as lm-eval-harness's
+    # loglikelihood requests do (and `repnoise`'s stability benchmarks).
     model.eval()
     for r in range(a.steps + 1):
         ids = batch(1000 + r)
         t0 = time.perf_counter()
         with torch.no_grad():
-            lp = torch.log_softmax(model(input_ids=ids).logits, -1)
-            lp.sum().item()
+            logits = model(input_ids=ids[:, :-1]).logits
+            lp = torch.log_softmax(logits, -1).gather(-1, ids[:, 1:].unsqueeze(-1)).squeeze(-1)
+            greedy = (logits.argmax(-1) == ids[:, 1:]).all(-1)
+            lp.sum(-1).tolist(), greedy.tolist()
         if r > 0:
             times.append(time.perf_counter() - t0)
 else:

@@ -12,6 +12,8 @@ cd "$(dirname "$0")/.."
 STEPS=${1:-3}
 bash bench/setup.sh
 cargo build --release -q
+# The build measured (the tree may change while the harness runs).
+BUILD="$(git rev-parse --short HEAD)$(git diff --quiet HEAD -- src vendor Cargo.toml Cargo.lock || echo -dirty)"
 BIN=target/release/repnoise
 OUT=bench/out
 mkdir -p "$OUT"
@@ -53,7 +55,7 @@ cat "$R" "$S" > "$OUT/all.jsonl"
 "$BIN" bench plot --results "$OUT/all.jsonl" --out "$OUT"
 {
   echo "Machine: $(lscpu | sed -n 's/Model name: *//p'), $(nproc) cores, $(free -g | awk '/Mem:/{print $2}') GiB; $(date -u +%Y-%m-%d)"
-  echo "Command: bash bench/run.sh $STEPS (build $(git rev-parse --short HEAD)$(git diff --quiet HEAD -- src Cargo.toml Cargo.lock || echo -dirty))"
+  echo "Command: bash bench/run.sh $STEPS (build $BUILD)"
   echo
   python3 bench/report.py "$R" "$S"
 } | tee "$OUT/table.md"

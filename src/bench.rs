@@ -182,16 +182,21 @@ pub fn generation(
     Ok(times)
 }
 
-/// Log-likelihood scoring: one forward pass over `batch x seq` tokens with log-softmax.
+/// Log-likelihood scoring as the stability benchmarks do it (`eval::stability::score_tokens`):
+/// each of `batch` sequences of `seq` tokens scored after its first token, i.e. the
+/// log-probability of every next token and whether greedy decoding would have produced it.
 pub fn scoring(m: &LoadedModel, batch: usize, seq: usize, reps: usize) -> Result<Vec<f64>> {
     let net = Llama::frozen(&m.config, &m.params)?;
     let mut times = vec![];
     for r in 0..reps + 1 {
-        let ids = random_batch(m, batch, seq, 1000 + r as u64)?;
+        let ids: Vec<Vec<u32>> = random_batch(m, batch, seq, 1000 + r as u64)?.to_vec2()?;
+        let seqs: Vec<(Vec<u32>, Vec<u32>)> = ids
+            .into_iter()
+            .map(|row| (row[..1].to_vec(), row[1..].to_vec()))
+            .collect();
         let t0 = Instant::now();
-        let logits = net.logits(&ids)?;
-        let lp = candle_nn::ops::log_softmax(&logits, candle_core::D::Minus1)?;
-        let _ = lp.sum_all()?.to_scalar::<f32>()?;
+        let scores = crate::eval::stability::score_tokens(&net, &seqs, seq, batch)?;
+        std::hint::black_box(&scores);
         if r > 0 {
             times.push(t0.elapsed().as_secs_f64());
         }
@@ -337,11 +342,12 @@ pub fn scaling_charts(results: &std::path::Path) -> Result<Vec<(String, String)>
             if series.iter().all(|s| s.points.len() < 2) {
                 continue;
             }
-            let tag = if fixed_batch { "seq" } else { "batch" };
-            let title = format!(
-                "{what}: seconds per step vs {}",
-                axis.split(' ').next().unwrap_or(tag)
-            );
+            let (tag, name) = if fixed_batch {
+                ("seq", "sequence length")
+            } else {
+                ("batch", "batch size")
+            };
+            let title = format!("{what}: seconds per step vs {name}");
             let svg = line_chart(&title, axis, "seconds per step (median)", &series)?;
             out.push((format!("scaling-{what}-{tag}.svg"), svg));
         }

@@ -205,7 +205,8 @@ pub fn linear_row_nll_with(
     let state = Arc::new(LinearNllState {
         targets,
         chunk: chunk.max(1),
-        eager: h.track_op() || w.track_op(),
+        grad_h: h.track_op(),
+        grad_w: w.track_op(),
         unit_grads: Mutex::new(None),
         dw: Mutex::new(None),
     });
@@ -217,8 +218,9 @@ pub fn linear_row_nll_with(
 struct LinearNllState {
     targets: Vec<u32>,
     chunk: usize,
-    /// Compute the gradients in the forward pass (some input carries a gradient).
-    eager: bool,
+    /// Which inputs carry a gradient (and get theirs computed, in the forward pass).
+    grad_h: bool,
+    grad_w: bool,
     /// The gradients of `h` and `w` for a gradient of 1 on every row, from the forward.
     unit_grads: Mutex<Option<(Vec<f32>, Vec<f32>)>>,
     /// The gradient of `w`, handed from the backward's kernel to `bwd`.
@@ -313,7 +315,8 @@ impl LinearNllState {
 
     /// Turns the probabilities of rows `start..` into their loss gradient, `grad[r] *
     /// (softmax - onehot)` (0 for ignored rows), and adds its products into `dh` (rows
-    /// `start..`) and `dw` (`accumulate`: added to what is there).
+    /// `start..`) and `dw` (`accumulate`: added to what is there), each only when its input
+    /// carries a gradient (the other buffer may be empty).
     #[allow(clippy::too_many_arguments)]
     fn backprop_chunk(
         &self,
@@ -343,23 +346,29 @@ impl LinearNllState {
             });
         // SAFETY: g is [len, v]; w is [v, d]; dh[start..] holds len rows of d; dw is [v, d];
         // h[start..] holds len rows of d; g is read transposed as [v, len].
-        unsafe {
-            gemm_f32(
-                (len, d, v),
-                dh[start * d..].as_mut_ptr(),
-                d,
-                false,
-                (g.as_ptr(), v, 1),
-                (w.as_ptr(), d, 1),
-            );
-            gemm_f32(
-                (v, d, len),
-                dw.as_mut_ptr(),
-                d,
-                accumulate,
-                (g.as_ptr(), 1, v),
-                (h[start * d..].as_ptr(), d, 1),
-            );
+        if self.grad_h {
+            unsafe {
+                gemm_f32(
+                    (len, d, v),
+                    dh[start * d..].as_mut_ptr(),
+                    d,
+                    false,
+                    (g.as_ptr(), v, 1),
+                    (w.as_ptr(), d, 1),
+                )
+            };
+        }
+        if self.grad_w {
+            unsafe {
+                gemm_f32(
+                    (v, d, len),
+                    dw.as_mut_ptr(),
+                    d,
+                    accumulate,
+                    (g.as_ptr(), 1, v),
+                    (h[start * d..].as_ptr(), d, 1),
+                )
+            };
         }
     }
 }
@@ -389,17 +398,15 @@ impl CustomOp2 for LinearRowNll {
         let h = slice_f32(s1, l1, "linear-row-nll h")?;
         let w = slice_f32(s2, l2, "linear-row-nll w")?;
         let mut out = Vec::with_capacity(n);
-        let (mut dh, mut dw) = if st.eager {
-            (vec![0f32; n * d], vec![0f32; v * d])
-        } else {
-            (vec![], vec![])
-        };
+        let eager = st.grad_h || st.grad_w;
+        let mut dh = vec![0f32; if st.grad_h { n * d } else { 0 }];
+        let mut dw = vec![0f32; if st.grad_w { v * d } else { 0 }];
         let ones = vec![1f32; st.chunk.min(n)];
         for (c, start) in (0..n).step_by(st.chunk).enumerate() {
             let len = st.chunk.min(n - start);
             let (probs, nll) = st.probabilities(h, w, (v, d), start, len);
             out.extend(nll);
-            if st.eager {
+            if eager {
                 st.backprop_chunk(
                     probs,
                     &ones[..len],
@@ -411,7 +418,7 @@ impl CustomOp2 for LinearRowNll {
                 );
             }
         }
-        if st.eager {
+        if eager {
             *st.unit_grads.lock().expect("linear-row-nll state") = Some((dh, dw));
         }
         Ok((CpuStorage::F32(out), Shape::from(n)))
@@ -433,8 +440,12 @@ impl CustomOp2 for LinearRowNll {
             .expect("linear-row-nll state")
             .take()
             .ok_or_else(|| candle_core::Error::Msg("linear-row-nll: no gradient".into()))?;
-        let dw = Tensor::from_vec(dw, w.shape(), w.device())?;
-        Ok((Some(dh), Some(dw)))
+        let dw = if self.0.grad_w {
+            Some(Tensor::from_vec(dw, w.shape(), w.device())?)
+        } else {
+            None
+        };
+        Ok((self.0.grad_h.then_some(dh), dw))
     }
 }
 
@@ -476,8 +487,8 @@ impl CustomOp3 for LinearRowNllGrad {
                 (dh, dw)
             }
             _ => {
-                let mut dh = vec![0f32; n * d];
-                let mut dw = vec![0f32; v * d];
+                let mut dh = vec![0f32; if st.grad_h { n * d } else { 0 }];
+                let mut dw = vec![0f32; if st.grad_w { v * d } else { 0 }];
                 for (c, start) in (0..n).step_by(st.chunk).enumerate() {
                     let len = st.chunk.min(n - start);
                     let g = st.probabilities(h, w, (v, d), start, len).0;
@@ -495,6 +506,7 @@ impl CustomOp3 for LinearRowNllGrad {
             }
         };
         *st.dw.lock().expect("linear-row-nll state") = Some(dw);
+        let dh = if st.grad_h { dh } else { vec![0f32; n * d] };
         Ok((CpuStorage::F32(dh), Shape::from((n, d))))
     }
 }
@@ -569,6 +581,17 @@ mod tests {
         }
     }
 
+    fn max_abs_diff(a: &Tensor, b: &Tensor) -> f32 {
+        (a - b)
+            .unwrap()
+            .abs()
+            .unwrap()
+            .max_all()
+            .unwrap()
+            .to_scalar::<f32>()
+            .unwrap()
+    }
+
     #[test]
     fn fused_linear_nll_equals_the_unfused_one_in_value_and_gradient() {
         let dev = Device::Cpu;
@@ -604,16 +627,30 @@ mod tests {
                 for var in [&h, &w] {
                     let a = g0.get(var.as_tensor()).unwrap();
                     let b = g1.get(var.as_tensor()).unwrap();
-                    let diff = (a - b)
-                        .unwrap()
-                        .abs()
-                        .unwrap()
-                        .max_all()
-                        .unwrap()
-                        .to_scalar::<f32>()
-                        .unwrap();
+                    let diff = max_abs_diff(a, b);
                     assert!(diff < 1e-5, "chunk {chunk}: gradient differs by {diff}");
                 }
+            }
+        }
+        // A frozen output matrix: the gradient of h only.
+        let w_frozen = w.as_tensor().detach();
+        let logits = h.as_tensor().matmul(&w_frozen.t().unwrap()).unwrap();
+        let g0 = (row_nll_composed(&logits, &targets).unwrap() * &varied)
+            .unwrap()
+            .sum_all()
+            .unwrap()
+            .backward()
+            .unwrap();
+        for wt in [&uniform, &varied] {
+            let fused = linear_row_nll_with(h.as_tensor(), &w_frozen, targets.clone(), 4).unwrap();
+            let g1 = (fused * wt).unwrap().sum_all().unwrap().backward().unwrap();
+            assert!(g1.get(&w_frozen).is_none());
+            if std::ptr::eq(wt, &varied) {
+                let diff = max_abs_diff(
+                    g0.get(h.as_tensor()).unwrap(),
+                    g1.get(h.as_tensor()).unwrap(),
+                );
+                assert!(diff < 1e-5, "frozen w: gradient of h differs by {diff}");
             }
         }
         // Untracked inputs: values only.

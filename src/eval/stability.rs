@@ -19,6 +19,7 @@ use serde::{Deserialize, Serialize};
 use super::stats::{mean_se, MeanSe};
 use crate::data::mc::{self, McItem, McOption};
 use crate::error::{Error, Result};
+use crate::loss::row_nll;
 use crate::model::{positions_for, ForwardOpts, Llama, Logits};
 use crate::rng::Rng;
 use crate::tokenizer::Tok;
@@ -127,9 +128,8 @@ pub fn score_tokens(
             .index_select(&Tensor::from_vec(pick, n, &dev)?, 0)?
             .unsqueeze(0)?;
         let logits = net.lm_head(&net.final_norm(&rows_h)?)?.squeeze(0)?; // [n, vocab]
-        let lp = candle_nn::ops::log_softmax(&logits, 1)?;
-        let tg = Tensor::from_vec(targets.clone(), (n, 1), &dev)?;
-        let chosen: Vec<f32> = lp.gather(&tg, 1)?.squeeze(1)?.to_vec1()?;
+                                                                          // log p(target) = -NLL, from the fused row cross-entropy (one pass per row).
+        let chosen: Vec<f32> = row_nll(&logits, targets.clone())?.neg()?.to_vec1()?;
         let best: Vec<u32> = logits.argmax(1)?.to_dtype(DType::U32)?.to_vec1()?;
         let mut k = 0;
         for (r, &i) in chunk.iter().enumerate() {

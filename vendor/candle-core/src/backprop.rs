@@ -400,6 +400,7 @@ impl Tensor {
                         let lhs_grad = grad.slice_scatter0(&rhs.zeros_like()?, *start_rhs)?;
                         grads.accumulate(lhs, &lhs_grad)?;
                     }
+                    Op::Gather(arg, _, _) if !arg.track_op() => {}
                     Op::Gather(arg, indexes, dim) => {
                         let sum_grad = grads.or_insert(arg)?;
                         *sum_grad = sum_grad.scatter_add(indexes, &grad, *dim)?;
@@ -424,6 +425,7 @@ impl Tensor {
                         let src_grad = grad.index_select(indexes, *dim)?;
                         grads.accumulate(src, &src_grad)?;
                     }
+                    Op::IndexSelect(arg, _, _) if !arg.track_op() => {}
                     Op::IndexSelect(arg, indexes, dim) => {
                         let sum_grad = grads.or_insert(arg)?;
                         // index_select accepts strided ids but index_add requires contiguous ones.
@@ -434,11 +436,16 @@ impl Tensor {
                         // Skipping checks, the op went ok, we can skip
                         // the matmul size checks for now.
 
-                        let lhs_grad = grad.matmul(&rhs.t()?)?;
-                        grads.accumulate(lhs, &lhs_grad)?;
-
-                        let rhs_grad = lhs.t()?.matmul(&grad)?;
-                        grads.accumulate(rhs, &rhs_grad)?;
+                        // repnoise patch: no product for an operand without a gradient (a
+                        // frozen weight), whose gradient nothing would read.
+                        if lhs.track_op() {
+                            let lhs_grad = grad.matmul(&rhs.t()?)?;
+                            grads.accumulate(lhs, &lhs_grad)?;
+                        }
+                        if rhs.track_op() {
+                            let rhs_grad = lhs.t()?.matmul(&grad)?;
+                            grads.accumulate(rhs, &rhs_grad)?;
+                        }
                     }
                     Op::Cat(args, dim) => {
                         let mut start_idx = 0;
@@ -711,6 +718,12 @@ impl GradStore {
     /// (repnoise patch: upstream allocated zeros and added to them, two extra full passes and
     /// an allocation per graph node.)
     fn accumulate(&mut self, tensor: &Tensor, grad: &Tensor) -> Result<()> {
+        // repnoise patch: a tensor that neither is a variable nor derives from one (a frozen
+        // weight, a constant mask) is not in the backward graph: its gradient would be kept
+        // to the end and never read.
+        if !tensor.track_op() {
+            return Ok(());
+        }
         match self.0.entry(tensor.id()) {
             Entry::Occupied(mut entry) => {
                 let sum = entry.get().add(grad)?;
