@@ -127,8 +127,8 @@ pub fn score_tokens(
             .reshape((b * t, d))?
             .index_select(&Tensor::from_vec(pick, n, &dev)?, 0)?
             .unsqueeze(0)?;
-        let logits = net.lm_head(&net.final_norm(&rows_h)?)?.squeeze(0)?; // [n, vocab]
-                                                                          // log p(target) = -NLL, from the fused row cross-entropy (one pass per row).
+        // Logits [n, vocab]; log p(target) = -NLL, from the fused row cross-entropy.
+        let logits = net.lm_head(&net.final_norm(&rows_h)?)?.squeeze(0)?;
         let chosen: Vec<f32> = row_nll(&logits, targets.clone())?.neg()?.to_vec1()?;
         let best: Vec<u32> = logits.argmax(1)?.to_dtype(DType::U32)?.to_vec1()?;
         let mut k = 0;
