@@ -46,7 +46,36 @@ fn raise_exception(msg: String) -> std::result::Result<String, minijinja::Error>
     ))
 }
 
-/// Render `template` for `messages` to text.
+/// Instructions a chat template may execute per rendering (minijinja's fuel): a template comes
+/// with the model, from whoever published it; this bounds its loops.
+pub const TEMPLATE_FUEL: u64 = 5_000_000;
+/// Most bytes a rendering may produce.
+pub const TEMPLATE_MAX_OUTPUT: usize = 16 << 20;
+
+/// A writer that refuses to grow past `limit` bytes.
+struct Capped {
+    buf: Vec<u8>,
+    limit: usize,
+    overflowed: bool,
+}
+
+impl std::io::Write for Capped {
+    fn write(&mut self, b: &[u8]) -> std::io::Result<usize> {
+        if self.buf.len() + b.len() > self.limit {
+            self.overflowed = true;
+            return Err(std::io::Error::other("output cap"));
+        }
+        self.buf.extend_from_slice(b);
+        Ok(b.len())
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+/// Render `template` for `messages` to text, sandboxed: minijinja without a loader (no
+/// `include`, `import` or `extends` reaches a file), no filesystem or network functions, its
+/// fuel ([`TEMPLATE_FUEL`]) and an output cap ([`TEMPLATE_MAX_OUTPUT`]).
 pub fn render_text(
     template: &str,
     tok: &Tok,
@@ -56,18 +85,36 @@ pub fn render_text(
     let mut env = minijinja::Environment::new();
     env.set_unknown_method_callback(minijinja_contrib::pycompat::unknown_method_callback);
     env.add_function("raise_exception", raise_exception);
+    env.set_fuel(Some(TEMPLATE_FUEL));
     env.add_template("chat", template)
         .map_err(|e| Error::msg(format!("chat template does not parse: {e}")))?;
     let t = env
         .get_template("chat")
         .map_err(|e| Error::msg(format!("chat template: {e}")))?;
-    t.render(minijinja::context! {
-        messages => messages,
-        add_generation_prompt => add_generation_prompt,
-        bos_token => tok.bos_token.clone().unwrap_or_default(),
-        eos_token => tok.eos_token.clone().unwrap_or_default(),
-    })
-    .map_err(|e| Error::msg(format!("chat template failed to render: {e}")))
+    let mut out = Capped {
+        buf: vec![],
+        limit: TEMPLATE_MAX_OUTPUT,
+        overflowed: false,
+    };
+    t.render_captured_to(
+        minijinja::context! {
+            messages => messages,
+            add_generation_prompt => add_generation_prompt,
+            bos_token => tok.bos_token.clone().unwrap_or_default(),
+            eos_token => tok.eos_token.clone().unwrap_or_default(),
+        },
+        &mut out,
+    )
+    .map_err(|e| {
+        let e = if out.overflowed {
+            format!("its output exceeds {TEMPLATE_MAX_OUTPUT} bytes")
+        } else {
+            format!("{e:#}")
+        };
+        Error::msg(format!("chat template failed to render: {e}"))
+    })?;
+    String::from_utf8(out.buf)
+        .map_err(|e| Error::msg(format!("chat template rendered invalid UTF-8: {e}")))
 }
 
 /// Render a conversation to ids with the assistant-only mask.
@@ -110,4 +157,53 @@ pub fn render(tok: &Tok, messages: &[Message], add_generation_prompt: bool) -> R
         ids,
         assistant_mask,
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn tok() -> Tok {
+        Tok::from_json_str(&crate::fuzzing::byte_tokenizer(), None).unwrap()
+    }
+
+    fn render(t: &str) -> Result<String> {
+        render_text(t, &tok(), &[Message::user("hi")], true)
+    }
+
+    #[test]
+    fn templates_render_in_a_sandbox() {
+        assert_eq!(
+            render("{% for m in messages %}{{ m.role }}:{{ m.content }}{% endfor %}").unwrap(),
+            "user:hi"
+        );
+        // No file is reachable: include/import/extends have no loader.
+        for t in [
+            "{% include '/etc/passwd' %}",
+            "{% import '/etc/hostname' as h %}",
+            "{% extends '../../../../etc/passwd' %}",
+        ] {
+            let e = render(t).unwrap_err().to_string();
+            assert!(e.contains("chat template failed to render"), "{t}: {e}");
+            assert!(!e.contains("root:"), "{t}: {e}");
+        }
+        // Unbounded work is stopped: nested loops run out of fuel, output is capped.
+        let e = render(
+            "{% for i in range(100000) %}{% for j in range(100000) %}{% endfor %}{% endfor %}",
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(e.contains("fuel"), "{e}");
+        let e = render("{% set s = 'x' * 100000 %}{% for i in range(1000) %}{{ s }}{% endfor %}")
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("exceeds"), "{e}");
+        let e = render("{{ 'x' * 100000000000 }}").unwrap_err().to_string();
+        assert!(e.contains("too large"), "{e}");
+        // A template can refuse a conversation, and says why.
+        let e = render("{{ raise_exception('no system role') }}")
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("no system role"), "{e}");
+    }
 }

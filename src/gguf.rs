@@ -209,6 +209,10 @@ pub fn load(path: &Path, device: &Device) -> Result<GgufModel> {
     config.validate(path)?;
 
     let mut params = Params::new();
+    let wanted: std::collections::HashMap<String, Vec<usize>> =
+        crate::params::expected_shapes(&config)
+            .into_iter()
+            .collect();
     let mut names: Vec<&String> = content.tensor_infos.keys().collect();
     names.sort();
     for name in names {
@@ -219,6 +223,20 @@ pub fn load(path: &Path, device: &Device) -> Result<GgufModel> {
             }
             return Err(Error::tensor(path, name, "unknown GGUF tensor name"));
         };
+        // The header's shape must be the config's before anything is read or allocated: a
+        // header can claim any size (and dimensions whose product overflows).
+        let dims = content.tensor_infos[name].shape.dims();
+        match wanted.get(&hf) {
+            Some(w) if w.as_slice() == dims => {}
+            Some(w) => {
+                return Err(Error::tensor(
+                    path,
+                    name,
+                    format!("the header gives shape {dims:?}, the config wants {w:?}"),
+                ))
+            }
+            None => return Err(Error::tensor(path, name, "not a tensor of this model")),
+        }
         let q = content
             .tensor(&mut reader, name, &Device::Cpu)
             .map_err(|e| Error::tensor(path, name, format!("unreadable: {e}")))?;

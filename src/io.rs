@@ -38,6 +38,7 @@ pub fn write_atomic_with(
         fill(&mut w)?;
         let f = w.into_inner().map_err(|e| e.into_error())?;
         f.sync_all()?;
+        crate::fault::point("atomic.tmp");
         std::fs::rename(&tmp, path)
     })();
     if let Err(e) = result {

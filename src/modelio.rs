@@ -298,6 +298,7 @@ pub fn save_hf_dir(dir: &Path, config: &ModelConfig, params: &Params, tok: &Tok)
         .map(|(name, _)| Ok((name.clone(), params.tensor(&name)?.clone())))
         .collect::<Result<_>>()?;
     save_safetensors(&dir.join("model.safetensors"), &tensors)?;
+    crate::fault::point("model.weights");
     tok.save(dir)?;
     let mut gen = serde_json::json!({"_from_model_config": true});
     if let Some(b) = config.bos_token_id {

@@ -68,6 +68,8 @@ struct Update<'a> {
     bc1: f32,
     bc2_sqrt: f32,
     moments: Mutex<(&'a mut [f32], &'a mut [f32])>,
+    /// Set when the update leaves a NaN or infinite weight.
+    non_finite: std::sync::atomic::AtomicBool,
 }
 
 impl candle_core::InplaceOp2 for Update<'_> {
@@ -103,16 +105,29 @@ impl candle_core::InplaceOp2 for Update<'_> {
             .zip(m.par_chunks_mut(CHUNK))
             .zip(v.par_chunks_mut(CHUNK))
             .for_each(|(((w, g), m), v)| {
+                let mut finite = true;
                 for i in 0..w.len() {
                     let gi = g[i] * self.grad_scale;
                     m[i] = self.beta1 * m[i] + self.one_minus_beta1 * gi;
                     v[i] = self.beta2 * v[i] + self.one_minus_beta2 * gi * gi;
                     let denom = v[i].sqrt() / self.bc2_sqrt + self.eps;
                     w[i] = w[i] * decay_mul - step_size * m[i] / denom;
+                    finite &= w[i].is_finite();
+                }
+                if !finite {
+                    self.non_finite
+                        .store(true, std::sync::atomic::Ordering::Relaxed);
                 }
             });
         Ok(())
     }
+}
+
+/// The error of an update that left NaN or infinite weights.
+fn non_finite_weight(name: &str) -> Error {
+    Error::msg(format!(
+        "the update left NaN or infinite values in `{name}`"
+    ))
 }
 
 impl AdamW {
@@ -172,6 +187,38 @@ impl AdamW {
         Ok(total.sqrt())
     }
 
+    /// When [`AdamW::grad_norm`] is not finite, the parameter to blame: the first whose gradient
+    /// holds a NaN or an infinity, else (finite values whose squares overflow) the one with the
+    /// largest gradient. `None` when every gradient is finite and small.
+    pub fn non_finite_grad(&self, grads: &GradStore) -> Result<Option<String>> {
+        let mut largest: Option<(f64, &str)> = None;
+        for s in &self.slots {
+            let Some(g) = grads.get(s.var.as_tensor()) else {
+                continue;
+            };
+            let max = g
+                .abs()?
+                .flatten_all()?
+                .max(0)?
+                .to_dtype(DType::F64)?
+                .to_scalar::<f64>()?;
+            let sum = g.sum_all()?.to_dtype(DType::F64)?.to_scalar::<f64>()?;
+            if !max.is_finite() || !sum.is_finite() {
+                return Ok(Some(format!("{} (holds NaN or infinite values)", s.name)));
+            }
+            if largest.is_none_or(|(m, _)| max > m) {
+                largest = Some((max, &s.name));
+            }
+        }
+        let total = self.grad_norm(grads)?;
+        Ok(match largest {
+            Some((m, name)) if !total.is_finite() => Some(format!(
+                "{name} (largest entry {m:e}: the squared norm overflows)"
+            )),
+            _ => None,
+        })
+    }
+
     /// One update at learning rate `lr`, gradients multiplied by `grad_scale` (the clipping
     /// coefficient from [`clip_coefficient`]). Variables without a gradient are left alone.
     pub fn step(&mut self, grads: &GradStore, lr: f64, grad_scale: f64) -> Result<()> {
@@ -200,10 +247,14 @@ impl AdamW {
                         bc1: bc1 as f32,
                         bc2_sqrt: bc2.sqrt() as f32,
                         moments: Mutex::new((m.as_mut_slice(), v.as_mut_slice())),
+                        non_finite: false.into(),
                     };
                     s.var.as_tensor().inplace_op2(&g, &op).map_err(|e| {
                         Error::msg(format!("AdamW update of `{}` failed: {e}", s.name))
                     })?;
+                    if op.non_finite.into_inner() {
+                        return Err(non_finite_weight(&s.name));
+                    }
                 }
                 Moments::Dev { m, v } => {
                     let g = (g * grad_scale)?;
@@ -212,6 +263,10 @@ impl AdamW {
                     let denom = ((nv.sqrt()? / bc2.sqrt())? + c.eps)?;
                     let w = s.var.as_tensor();
                     let w = ((w * (1.0 - lr * decay))? - ((&nm / denom)? * (lr / bc1))?)?;
+                    let sum = w.sum_all()?.to_dtype(DType::F64)?.to_scalar::<f64>()?;
+                    if !sum.is_finite() {
+                        return Err(non_finite_weight(&s.name));
+                    }
                     s.var.set(&w)?;
                     *m = nm;
                     *v = nv;

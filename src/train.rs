@@ -246,7 +246,17 @@ impl RunDir {
                 .map_err(|e| Error::file(&cfg_path, format!("cannot read: {e}")))?;
             let old: Value = serde_json::from_str(&text)
                 .map_err(|e| Error::file(&cfg_path, format!("not valid JSON: {e}")))?;
-            if &old != config {
+            // A directory whose run never took a step (it stopped on a bad setting, say) holds
+            // nothing to keep: the new configuration replaces the old.
+            let started = ["metrics.jsonl", "checkpoints", "DONE", "model"]
+                .iter()
+                .any(|f| {
+                    let p = path.join(f);
+                    p.is_dir() || std::fs::metadata(&p).is_ok_and(|m| m.len() > 0)
+                });
+            if &old != config && !started {
+                write_json_atomic(&cfg_path, config)?;
+            } else if &old != config {
                 let diff = diff_keys(&old, config, "");
                 return Err(Error::file(
                     &cfg_path,
@@ -316,7 +326,13 @@ impl RunDir {
             .append(true)
             .open(&p)
             .map_err(|e| Error::file(&p, format!("cannot open: {e}")))?;
-        writeln!(f, "{v}").map_err(|e| Error::file(&p, format!("cannot write: {e}")))
+        let line = format!("{v}\n");
+        if crate::fault::armed("metrics.partial") {
+            let _ = f.write_all(&line.as_bytes()[..line.len() / 2]);
+            crate::fault::kill_now();
+        }
+        f.write_all(line.as_bytes())
+            .map_err(|e| Error::file(&p, format!("cannot write: {e}")))
     }
 
     /// Keep only the metric lines of steps `<= step` (the rest came after the checkpoint).
@@ -499,6 +515,8 @@ pub fn train_any<T: Trainee + ?Sized>(
     if let Some(s) = run.done() {
         if run.model_dir().exists() {
             model.load_final(&run.model_dir())?;
+            // A crash after the DONE marker can leave the superseded checkpoints.
+            let _ = std::fs::remove_dir_all(run.checkpoints());
             run.log("run already complete; loaded its final result");
             return Ok(s);
         }
@@ -582,9 +600,17 @@ pub fn train_any<T: Trainee + ?Sized>(
             .to_dtype(candle_core::DType::F64)?
             .to_scalar::<f64>()?;
         if !loss_v.is_finite() {
-            let msg = format!(
-                "step {step}: the loss is {loss_v} (terms {:?}); stopping. The last good \
-                 checkpoint is kept in {}",
+            let bad: Vec<&str> = out
+                .terms
+                .iter()
+                .filter(|(_, v)| !v.is_finite())
+                .map(|(k, _)| k.as_str())
+                .collect();
+            let msg =
+                format!(
+                "step {step}: the loss is {loss_v} (not finite: {}; terms {:?}); stopping. The \
+                 last good checkpoint is kept in {}",
+                if bad.is_empty() { "the total".into() } else { bad.join(", ") },
                 out.terms,
                 run.checkpoints().display()
             );
@@ -594,15 +620,26 @@ pub fn train_any<T: Trainee + ?Sized>(
         let grads = out.loss.backward()?;
         let norm = opt.grad_norm(&grads)?;
         if !norm.is_finite() {
+            let culprit = opt
+                .non_finite_grad(&grads)?
+                .unwrap_or_else(|| "no single parameter".into());
             let msg = format!(
-                "step {step}: the gradient norm is {norm}; stopping. The last good checkpoint \
-                 is kept in {}",
+                "step {step}: the gradient norm is {norm}; the gradient of {culprit}; stopping. \
+                 The last good checkpoint is kept in {}",
                 run.checkpoints().display()
             );
             run.log(&msg);
             return Err(Error::msg(msg));
         }
-        opt.step(&grads, lr, clip_coefficient(norm, cfg.max_grad_norm))?;
+        if let Err(e) = opt.step(&grads, lr, clip_coefficient(norm, cfg.max_grad_norm)) {
+            let msg = format!(
+                "step {step}: {e}; stopping. The weights in memory are spoilt; the last good \
+                 checkpoint is kept in {}",
+                run.checkpoints().display()
+            );
+            run.log(&msg);
+            return Err(Error::msg(msg));
+        }
         drop(grads);
         let secs = t0.elapsed().as_secs_f64();
         let mut line = serde_json::Map::new();
@@ -664,6 +701,7 @@ pub fn train_any<T: Trainee + ?Sized>(
         model_dir,
     };
     write_json_atomic(&run.path.join("DONE"), &summary)?;
+    crate::fault::point("done.marker");
     // The final model supersedes the checkpoints.
     let _ = std::fs::remove_dir_all(run.checkpoints());
     run.log(&format!(
@@ -685,19 +723,23 @@ fn save_checkpoint(
     let dst = root.join(format!("step-{step:06}"));
     let _ = std::fs::remove_dir_all(&tmp);
     std::fs::create_dir_all(&tmp).map_err(|e| Error::file(&tmp, format!("cannot create: {e}")))?;
+    crate::fault::point("checkpoint.dir");
     let weights: Vec<(String, Tensor)> = store
         .iter()
         .map(|(k, v)| (k.clone(), v.as_tensor().clone()))
         .collect();
     save_safetensors(&tmp.join("model.safetensors"), &weights)?;
+    crate::fault::point("checkpoint.weights");
     save_safetensors(&tmp.join("optimizer.safetensors"), &opt.state_tensors()?)?;
     write_json_atomic(
         &tmp.join("state.json"),
         &json!({"step": step, "optimizer_step": opt.step}),
     )?;
     write_atomic(&tmp.join("COMPLETE"), b"ok\n")?;
+    crate::fault::point("checkpoint.marker");
     let _ = std::fs::remove_dir_all(&dst);
     std::fs::rename(&tmp, &dst).map_err(|e| Error::file(&dst, format!("cannot rename: {e}")))?;
+    crate::fault::point("checkpoint.renamed");
     run.log(&format!("checkpoint at step {step}"));
     let all = run.complete_checkpoints();
     if all.len() > keep {
@@ -777,6 +819,24 @@ mod tests {
         assert_ne!(epoch_order(42, 0, 10), epoch_order(42, 1, 10));
         assert_ne!(epoch_order(42, 0, 10), epoch_order(43, 0, 10));
         assert_eq!(batch_indices(&cfg, 10, 3).len(), 1);
+    }
+
+    #[test]
+    fn a_run_directory_without_progress_takes_a_new_configuration() {
+        let tmp = tempfile::tempdir().unwrap();
+        let a = json!({"lr": 1.0});
+        let b = json!({"lr": 2.0});
+        RunDir::open(tmp.path(), &a).unwrap();
+        // Stopped before its first step (a bad setting): the corrected run may use the directory.
+        let run = RunDir::open(tmp.path(), &b).unwrap();
+        run.append_metrics(&json!({"step": 1})).unwrap();
+        // Once a step is recorded, another configuration is refused, naming the difference.
+        let e = RunDir::open(tmp.path(), &a).err().unwrap().to_string();
+        assert!(
+            e.contains("another configuration") && e.contains("lr"),
+            "{e}"
+        );
+        RunDir::open(tmp.path(), &b).unwrap();
     }
 
     #[test]

@@ -14,6 +14,8 @@ mod data_shipped;
 mod data_splits;
 mod eval;
 mod experiment;
+mod fuzz;
 mod model_core;
+mod reliability;
 mod smollm2;
 mod training;
