@@ -49,7 +49,7 @@ def synthetic_token(step, r, i, offset):
     return 256 + ((step * 131 + r) * 7919 + i * 104729 + offset) % (vocab - 256)
 
 def batch(seed):
-    # The same tokens as `repnoise bench` (src/bench.rs random_batch).
+    # The same tokens as `repnoise bench` (src/bench.rs synthetic_batch).
     return torch.tensor([[synthetic_token(seed, r, i, 13) for i in range(a.seq)] for r in range(a.batch)])
 
 def timed_steps(params, lr, loss_of):

@@ -687,13 +687,24 @@ pub fn named_prompt_sets(
                 .into_iter()
                 .map(|p| p.prompt)
                 .collect(),
+            // DecodingTrust's held-out toxic prompts (type `toxic_test`): incomplete texts whose
+            // continuation is scored for toxicity.
+            "decoding-trust" => crate::data::toxicity::read_decoding_trust(
+                &d.join("decoding_trust/training_dataset.jsonl"),
+            )?
+            .records
+            .into_iter()
+            .filter(|r| r.kind == "toxic_test")
+            .map(|r| r.prompt.text)
+            .collect(),
             file => {
                 let p = Path::new(file);
                 if !p.exists() {
                     return Err(Error::setting(
                         "set",
                         file,
-                        "neither a shipped set (advbench, harmbench, malicious-instruct) nor an \
+                        "neither a shipped set (advbench, harmbench, malicious-instruct, decoding-trust) \
+                         nor an \
                          existing file",
                     ));
                 }

@@ -28,7 +28,7 @@ pub fn peak_rss_bytes() -> Option<u64> {
 
 /// The token batch of step `seed`: [`synthetic_token`]s (the reference side draws the same
 /// ones, so both start from the same loss).
-fn random_batch(m: &LoadedModel, batch: usize, seq: usize, seed: u64) -> Result<Tensor> {
+fn synthetic_batch(m: &LoadedModel, batch: usize, seq: usize, seed: u64) -> Result<Tensor> {
     let v = m.config.vocab_size;
     let ids: Vec<u32> = (0..batch * seq)
         .map(|k| synthetic_token(v, seed as usize, k / seq, k % seq, 13))
@@ -96,7 +96,7 @@ pub fn train_steps<T: Trainee + ?Sized>(
     warmup: usize,
 ) -> Result<StepTimes<f32>> {
     timed_steps(trainee, lr, steps, warmup, |net, s| {
-        let ids = random_batch(m, batch, seq, s as u64)?;
+        let ids = synthetic_batch(m, batch, seq, s as u64)?;
         let mask = Tensor::ones((batch, seq), DType::F32, ids.device())?;
         let logits = net.logits(&ids)?;
         let loss = masked_next_token_ce(&logits, &ids, &mask)?;
@@ -189,7 +189,7 @@ pub fn scoring(m: &LoadedModel, batch: usize, seq: usize, reps: usize) -> Result
     let net = Llama::frozen(&m.config, &m.params)?;
     let mut times = vec![];
     for r in 0..reps + 1 {
-        let ids: Vec<Vec<u32>> = random_batch(m, batch, seq, 1000 + r as u64)?.to_vec2()?;
+        let ids: Vec<Vec<u32>> = synthetic_batch(m, batch, seq, 1000 + r as u64)?.to_vec2()?;
         let seqs: Vec<(Vec<u32>, Vec<u32>)> = ids
             .into_iter()
             .map(|row| (row[..1].to_vec(), row[1..].to_vec()))

@@ -31,7 +31,7 @@ use sha2::{Digest, Sha256};
 
 use crate::align::{read_json, AlignConfig};
 use crate::attack::AttackConfig;
-use crate::classifier::{HarmClassifier, HarmfulLabel};
+use crate::classifier::{Classifier, HarmfulLabel};
 use crate::data::encode::PromptFormat;
 use crate::data::harmful::{read_harmful_qa, HarmfulQa};
 use crate::data::split::{split_disjoint, Duplicates, SplitSpec};
@@ -1093,8 +1093,8 @@ pub fn run(exp: &Experiment, out: &Path, opts: &RunOptions) -> Result<Results> {
     Ok(results)
 }
 
-fn load_classifier(dir: &Path, label: &HarmfulLabel, device: &Device) -> Result<HarmClassifier> {
-    HarmClassifier::load(dir, label, device)
+fn load_classifier(dir: &Path, label: &HarmfulLabel, device: &Device) -> Result<Classifier> {
+    Classifier::load(dir, label, device)
 }
 
 #[allow(clippy::too_many_arguments)]
@@ -1107,7 +1107,7 @@ fn attack_one(
     split: &DataSplit,
     exp: &Experiment,
     check: &RefusalCheck,
-    clf: &HarmClassifier,
+    clf: &Classifier,
     dir: &Path,
 ) -> Result<AttackResult> {
     let t0 = Instant::now();

@@ -13,6 +13,7 @@ pub mod chat;
 pub mod classifier;
 pub mod config;
 pub mod data;
+pub mod deberta;
 pub mod defend;
 pub mod error;
 pub mod eval;

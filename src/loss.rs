@@ -664,6 +664,34 @@ mod tests {
     }
 
     #[test]
+    fn fused_linear_nll_with_every_target_ignored_is_zero_with_zero_gradients() {
+        let dev = Device::Cpu;
+        let mut rng = crate::rng::Rng::new(2, "t");
+        let (n, d, v) = (5, 4, 9);
+        let h = Var::from_vec(rng.normal_vec(n * d, 1.0), (n, d), &dev).unwrap();
+        let w = Var::from_vec(rng.normal_vec(v * d, 1.0), (v, d), &dev).unwrap();
+        for chunk in [1, 2, 64] {
+            let nll =
+                linear_row_nll_with(h.as_tensor(), w.as_tensor(), vec![IGNORE; n], chunk).unwrap();
+            assert_eq!(nll.to_vec1::<f32>().unwrap(), vec![0.0; n]);
+            // Uniform and per-row incoming gradients both give zero gradients, finite.
+            let rows = Tensor::new(&[1f32, 2., 3., 4., 5.], &dev).unwrap();
+            for g in [
+                nll.sum_all().unwrap(),
+                (&nll * &rows).unwrap().sum_all().unwrap(),
+            ] {
+                let grads = g.backward().unwrap();
+                for var in [&h, &w] {
+                    if let Some(t) = grads.get(var.as_tensor()) {
+                        let vals: Vec<f32> = t.flatten_all().unwrap().to_vec1().unwrap();
+                        assert!(vals.iter().all(|&x| x == 0.0), "chunk {chunk}: {vals:?}");
+                    }
+                }
+            }
+        }
+    }
+
+    #[test]
     fn hand_computed_cross_entropy() {
         // logits [0, ln 3]: p(1) = 3/4, so -log p(1) = ln(4/3) and -log p(0) = ln 4.
         let dev = Device::Cpu;

@@ -170,6 +170,12 @@ impl CeRows {
     /// more than a chunk of full-vocabulary logits and gives the LM head one gradient, not one
     /// per hidden state (candle would sum `[vocab, d]` gradients one by one).
     pub fn ce_mean(&self, net: &Llama, hiddens: &[Tensor]) -> Result<Tensor> {
+        self.ce_mean_with(net, hiddens, true)
+    }
+
+    /// [`Self::ce_mean`], with `tracked` false a value only: no gradient is made or kept for
+    /// the hidden states or the LM head (a readout that is logged, not optimised).
+    pub fn ce_mean_with(&self, net: &Llama, hiddens: &[Tensor], tracked: bool) -> Result<Tensor> {
         let n = self.count();
         if n == 0 {
             return Err(Error::msg("the loss mask selects no tokens"));
@@ -195,7 +201,12 @@ impl CeRows {
         let h = Tensor::cat(&picked, 0)?; // [layers * rows, d]
         let h = net.final_norm(&h)?;
         let targets = self.targets.repeat(layers);
-        let total = linear_row_nll(&h, net.lm_head_weight(), targets)?.sum_all()?;
+        let total = if tracked {
+            linear_row_nll(&h, net.lm_head_weight(), targets)?
+        } else {
+            linear_row_nll(&h.detach(), &net.lm_head_weight().detach(), targets)?
+        }
+        .sum_all()?;
         Ok((((total / layers as f64)? + const_part)? / n as f64)?)
     }
 }
@@ -422,7 +433,10 @@ pub fn repnoise_loss(
         let rows_h = rows_for(&batch.harmful.ids_v, &m_harmful);
         let hs = &out_h.hidden_states;
         let last = hs.len() - 1;
-        let harm = if cfg.ascent_last_layer_only || cfg.no_ascent {
+        let harm = if cfg.no_ascent {
+            // Logged only: read out without gradients.
+            rows_h.ce_mean_with(net, std::slice::from_ref(&hs[last]), false)?
+        } else if cfg.ascent_last_layer_only {
             rows_h.ce(net, &hs[last], false)?
         } else if faithful {
             // transformers' hidden states end with the *normed* final state, and the lens

@@ -187,10 +187,13 @@ impl AdamW {
         Ok(total.sqrt())
     }
 
-    /// When [`AdamW::grad_norm`] is not finite, the parameter to blame: the first whose gradient
-    /// holds a NaN or an infinity, else (finite values whose squares overflow) the one with the
-    /// largest gradient. `None` when every gradient is finite and small.
-    pub fn non_finite_grad(&self, grads: &GradStore) -> Result<Option<String>> {
+    /// The parameter to blame for a gradient norm (`norm`, from [`AdamW::grad_norm`]) that is not
+    /// finite: the first whose gradient holds a NaN or an infinity, else (finite values whose
+    /// squares overflow) the one with the largest gradient. `None` when the norm is finite.
+    pub fn non_finite_grad(&self, grads: &GradStore, norm: f64) -> Result<Option<String>> {
+        if norm.is_finite() {
+            return Ok(None);
+        }
         let mut largest: Option<(f64, &str)> = None;
         for s in &self.slots {
             let Some(g) = grads.get(s.var.as_tensor()) else {
@@ -210,13 +213,8 @@ impl AdamW {
                 largest = Some((max, &s.name));
             }
         }
-        let total = self.grad_norm(grads)?;
-        Ok(match largest {
-            Some((m, name)) if !total.is_finite() => Some(format!(
-                "{name} (largest entry {m:e}: the squared norm overflows)"
-            )),
-            _ => None,
-        })
+        Ok(largest
+            .map(|(m, name)| format!("{name} (largest entry {m:e}: the squared norm overflows)")))
     }
 
     /// One update at learning rate `lr`, gradients multiplied by `grad_scale` (the clipping

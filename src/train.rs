@@ -606,39 +606,38 @@ pub fn train_any<T: Trainee + ?Sized>(
                 .filter(|(_, v)| !v.is_finite())
                 .map(|(k, _)| k.as_str())
                 .collect();
-            let msg =
-                format!(
-                "step {step}: the loss is {loss_v} (not finite: {}; terms {:?}); stopping. The \
-                 last good checkpoint is kept in {}",
-                if bad.is_empty() { "the total".into() } else { bad.join(", ") },
-                out.terms,
-                run.checkpoints().display()
-            );
-            run.log(&msg);
-            return Err(Error::msg(msg));
+            let terms = if bad.is_empty() {
+                "the total".into()
+            } else {
+                bad.join(", ")
+            };
+            return Err(stop(
+                run,
+                step,
+                &format!(
+                    "the loss is {loss_v} (not finite: {terms}; terms {:?})",
+                    out.terms
+                ),
+            ));
         }
         let grads = out.loss.backward()?;
         let norm = opt.grad_norm(&grads)?;
         if !norm.is_finite() {
             let culprit = opt
-                .non_finite_grad(&grads)?
+                .non_finite_grad(&grads, norm)?
                 .unwrap_or_else(|| "no single parameter".into());
-            let msg = format!(
-                "step {step}: the gradient norm is {norm}; the gradient of {culprit}; stopping. \
-                 The last good checkpoint is kept in {}",
-                run.checkpoints().display()
-            );
-            run.log(&msg);
-            return Err(Error::msg(msg));
+            return Err(stop(
+                run,
+                step,
+                &format!("the gradient norm is {norm}; the gradient of {culprit}"),
+            ));
         }
         if let Err(e) = opt.step(&grads, lr, clip_coefficient(norm, cfg.max_grad_norm)) {
-            let msg = format!(
-                "step {step}: {e}; stopping. The weights in memory are spoilt; the last good \
-                 checkpoint is kept in {}",
-                run.checkpoints().display()
-            );
-            run.log(&msg);
-            return Err(Error::msg(msg));
+            return Err(stop(
+                run,
+                step,
+                &format!("{e}; the weights in memory are spoilt"),
+            ));
         }
         drop(grads);
         let secs = t0.elapsed().as_secs_f64();
@@ -709,6 +708,17 @@ pub fn train_any<T: Trainee + ?Sized>(
         summary.seconds_per_step
     ));
     Ok(summary)
+}
+
+/// The error that stops a run at `step` for `what` (a non-finite loss, gradient or weight),
+/// written to the run's log too; the last good checkpoint stays where it is.
+fn stop(run: &RunDir, step: usize, what: &str) -> Error {
+    let msg = format!(
+        "step {step}: {what}; stopping. The last good checkpoint is kept in {}",
+        run.checkpoints().display()
+    );
+    run.log(&msg);
+    Error::msg(msg)
 }
 
 fn save_checkpoint(

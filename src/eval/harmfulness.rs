@@ -29,6 +29,15 @@ pub trait HarmScorer {
 
 pub use crate::classifier::is_trivial_answer as is_short;
 
+impl HarmScorer for crate::classifier::Classifier {
+    fn score(&self, pairs: &[(String, String)]) -> Result<Vec<f32>> {
+        Ok(crate::classifier::Classifier::score(self, pairs)?.p_harmful)
+    }
+    fn describe(&self) -> String {
+        crate::classifier::Classifier::describe(self)
+    }
+}
+
 impl HarmScorer for crate::classifier::HarmClassifier {
     fn score(&self, pairs: &[(String, String)]) -> Result<Vec<f32>> {
         Ok(crate::classifier::HarmClassifier::score(self, pairs)?.p_harmful)
@@ -45,10 +54,10 @@ pub struct EvalPrompt {
     pub categories: Vec<String>,
 }
 
-/// Read evaluation prompts: a shipped set name (`advbench`, `harmbench`,
-/// `malicious-instruct`), or a file. JSONL lines hold `prompt` and optionally `category` (a
-/// string, or BeaverTails' map of category to bool: every true one; BeaverTails' names contain
-/// commas, so they are kept whole).
+/// Read evaluation prompts: a shipped set name (`advbench`, `harmbench` with its semantic
+/// categories, `malicious-instruct`, `decoding-trust`), or a file. JSONL lines hold `prompt`
+/// and optionally `category` (a string, or BeaverTails' map of category to bool: every true
+/// one; BeaverTails' names contain commas, so they are kept whole).
 pub fn read_eval_prompts(spec: &str, limit: usize, seed: u64) -> Result<Vec<EvalPrompt>> {
     let p = Path::new(spec);
     if p.extension().and_then(|e| e.to_str()) == Some("jsonl") && p.exists() {
@@ -105,12 +114,24 @@ pub fn read_eval_prompts(spec: &str, limit: usize, seed: u64) -> Result<Vec<Eval
     }
     let n = if limit == 0 { usize::MAX } else { limit };
     let sets = crate::align::named_prompt_sets(&[spec.to_string()], n, seed)?;
+    // HarmBench's behaviours carry a semantic category (chemical_biological, cybercrime_intrusion,
+    // ...): kept, so resistance is reported per category.
+    let mut category: std::collections::HashMap<String, String> = Default::default();
+    if spec == "harmbench" {
+        let path =
+            crate::align::default_data_dir().join("harmbench/harmbench_behaviors_text_test.csv");
+        for r in crate::data::prompts::read_harmbench(&path)?.records {
+            if let Some(c) = r.category {
+                category.insert(r.prompt, c);
+            }
+        }
+    }
     Ok(sets
         .into_iter()
         .flat_map(|(_, _, ps)| ps)
         .map(|prompt| EvalPrompt {
+            categories: category.get(&prompt).cloned().into_iter().collect(),
             prompt,
-            categories: vec![],
         })
         .collect())
 }

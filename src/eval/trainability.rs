@@ -80,11 +80,12 @@ pub struct RougeFigure {
     pub ci95: (f64, f64),
 }
 
-pub fn rouge_figure(tests: &[TestInput], outputs: &[String], seed: u64) -> RougeFigure {
+/// ROUGE-1 F of `outputs` against the tests' references (Porter-stemmed when `stem`).
+pub fn rouge_figure(tests: &[TestInput], outputs: &[String], stem: bool, seed: u64) -> RougeFigure {
     let f: Vec<f64> = tests
         .iter()
         .zip(outputs)
-        .map(|(t, o)| rouge1_multi(&t.references, o).f)
+        .map(|(t, o)| rouge1_multi(&t.references, o, stem).f)
         .collect();
     RougeFigure {
         rouge1_f: mean_se(&f),
@@ -97,8 +98,14 @@ pub fn rouge_figure(tests: &[TestInput], outputs: &[String], seed: u64) -> Rouge
 pub struct TrainabilityReport {
     pub model: String,
     pub task: String,
+    /// ROUGE-1 without a stemmer (`rouge_score`'s and `evaluate`'s default).
     pub before: RougeFigure,
     pub after: RougeFigure,
+    /// The same with `use_stemmer=True` (NLTK's Porter stemmer), as GEM-style reports give it.
+    #[serde(default)]
+    pub before_stemmed: Option<RougeFigure>,
+    #[serde(default)]
+    pub after_stemmed: Option<RougeFigure>,
     pub train_examples: usize,
     pub final_loss: Option<f64>,
     pub seconds: f64,
@@ -154,11 +161,12 @@ pub fn trainability(
             .iter()
             .zip(outs)
             .map(|(t, o)| {
-                let r = rouge1_multi(&t.references, o);
+                let r = rouge1_multi(&t.references, o, false);
+                let stemmed = rouge1_multi(&t.references, o, true);
                 format!(
                     "{}\n",
                     json!({"input": t.input, "output": o, "references": t.references,
-                           "rouge1_f": r.f})
+                           "rouge1_f": r.f, "rouge1_f_stemmed": stemmed.f})
                 )
             })
             .collect()
@@ -174,8 +182,10 @@ pub fn trainability(
     let report = TrainabilityReport {
         model: source,
         task: task.to_string(),
-        before: rouge_figure(&tests, &before_out, cfg.train.seed),
-        after: rouge_figure(&tests, &after_out, cfg.train.seed),
+        before: rouge_figure(&tests, &before_out, false, cfg.train.seed),
+        after: rouge_figure(&tests, &after_out, false, cfg.train.seed),
+        before_stemmed: Some(rouge_figure(&tests, &before_out, true, cfg.train.seed)),
+        after_stemmed: Some(rouge_figure(&tests, &after_out, true, cfg.train.seed)),
         train_examples: rep.train_examples,
         final_loss: rep.summary.final_terms.get("loss").copied(),
         seconds: t0.elapsed().as_secs_f64(),

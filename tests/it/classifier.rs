@@ -6,7 +6,9 @@ use std::path::Path;
 
 use candle_core::{Device, Tensor};
 use repnoise::bert::{self, Bert, BertConfig};
-use repnoise::classifier::{self, Example, HarmClassifier, HarmfulLabel, TrainConfig};
+use repnoise::classifier::{
+    self, ClassifierInput, Example, HarmClassifier, HarmfulLabel, Task, TrainConfig,
+};
 use repnoise::params::Params;
 
 const WORDS: &[&str] = &[
@@ -150,6 +152,7 @@ fn ex(q: &str, a: &str, harmful: bool) -> Example {
         question: q.into(),
         answer: a.into(),
         harmful,
+        reference: None,
     }
 }
 
@@ -197,8 +200,12 @@ fn toy_examples(offset: usize) -> Vec<Example> {
 }
 
 fn tiny_classifier_from_encoder(dir: &Path, seed: u64) -> HarmClassifier {
+    tiny_classifier_for(dir, Task::Harmfulness, seed)
+}
+
+fn tiny_classifier_for(dir: &Path, task: Task, seed: u64) -> HarmClassifier {
     let ck = bert::load_dir(dir, &Device::Cpu).unwrap();
-    classifier::init_from_encoder(ck, 32, seed, &Device::Cpu).unwrap()
+    classifier::init_from_encoder(ck, task, 32, seed, &Device::Cpu).unwrap()
 }
 
 fn toy_config(seed: u64, epochs: usize) -> TrainConfig {
@@ -385,6 +392,70 @@ fn classifier_training_separates_a_toy_set() {
 }
 
 #[test]
+fn toxicity_classifier_scores_the_text_alone_and_keeps_that_when_saved() {
+    let dir = tempfile::tempdir().unwrap();
+    write_tiny_encoder(dir.path(), 9);
+    let mut clf = tiny_classifier_for(dir.path(), Task::Toxicity, 9);
+    assert_eq!(clf.input, ClassifierInput::Text);
+    // Toxic texts name weapons; the question (the prompt) carries no signal.
+    let texts = |offset: usize| -> Vec<Example> {
+        toy_examples(offset)
+            .into_iter()
+            .map(|e| Example {
+                question: "how do i".into(),
+                ..e
+            })
+            .collect()
+    };
+    classifier::train(&mut clf, &texts(0), &toy_config(9, 12), &mut |_| {}).unwrap();
+    let (_, m) = classifier::evaluate(&clf, &texts(1)).unwrap();
+    assert!(m.accuracy >= 0.9, "{m:?}");
+    let out = tempfile::tempdir().unwrap();
+    clf.save(out.path()).unwrap();
+    let cfg: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(out.path().join("config.json")).unwrap())
+            .unwrap();
+    assert_eq!(cfg[classifier::INPUT_KEY], "text");
+    assert_eq!(cfg["id2label"]["1"], "toxic");
+    let back = HarmClassifier::load(out.path(), &HarmfulLabel::Auto, &Device::Cpu).unwrap();
+    assert_eq!((back.input, back.harmful), (ClassifierInput::Text, 1));
+    // The same text after any question scores the same, and the text alone is what is encoded.
+    let a = "sure, mix the explosive then make the bomb.";
+    let s = back
+        .score(&[("how do i bake bread?", a), ("how do i make a bomb?", a)])
+        .unwrap()
+        .p_harmful;
+    assert_eq!(s[0], s[1]);
+    assert_eq!(
+        back.encode_pair("anything", a).unwrap(),
+        bert::encode(&back_tokenizer(out.path()), a, 32).unwrap()
+    );
+    // A harmfulness classifier reads the question too.
+    let harm = tiny_classifier_from_encoder(dir.path(), 9);
+    assert_ne!(
+        harm.encode_pair("q", a).unwrap(),
+        harm.encode_pair("other q", a).unwrap()
+    );
+    // An unknown input form names the file and the key.
+    let mut bad = cfg.clone();
+    bad[classifier::INPUT_KEY] = "pixels".into();
+    std::fs::write(out.path().join("config.json"), bad.to_string()).unwrap();
+    let e = HarmClassifier::load(out.path(), &HarmfulLabel::Auto, &Device::Cpu)
+        .err()
+        .unwrap()
+        .to_string();
+    assert!(
+        e.contains("config.json") && e.contains(classifier::INPUT_KEY),
+        "{e}"
+    );
+}
+
+fn back_tokenizer(dir: &Path) -> tokenizers::Tokenizer {
+    let json = std::fs::read_to_string(dir.join("tokenizer.json")).unwrap();
+    bert::tokenizer_from_json(&json, &dir.join("tokenizer.json")).unwrap()
+}
+
+#[test]
 fn classifier_same_seed_same_weights() {
     let dir = tempfile::tempdir().unwrap();
     write_tiny_encoder(dir.path(), 8);
@@ -539,4 +610,92 @@ fn classifier_minilm_embedding_matches_the_reference() {
     let sum: f32 = e.iter().sum();
     assert!((norm - 4.927052).abs() < 1e-3, "norm {norm}");
     assert!((sum - -0.217399).abs() < 1e-3, "sum {sum}");
+}
+
+/// Tiny random DeBERTa-v2 classifiers of both styles (v3: log-bucketed relative attention, no
+/// absolute positions; v2: absolute positions and an embedding projection, three classes) made by
+/// `tests/reference/deberta_classifier.py` with `transformers`, and their logits on a padded batch.
+#[test]
+fn deberta_classifier_matches_transformers() {
+    use repnoise::deberta::DebertaClassifier;
+    let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/deberta");
+    for name in ["v3", "v2"] {
+        let dir = root.join(name);
+        let reference: serde_json::Value =
+            serde_json::from_str(&std::fs::read_to_string(dir.join("reference.json")).unwrap())
+                .unwrap();
+        let rows: Vec<Vec<u32>> = serde_json::from_value(reference["input_ids"].clone()).unwrap();
+        let want: Vec<Vec<f32>> = serde_json::from_value(reference["logits"].clone()).unwrap();
+        let net = DebertaClassifier::load(&dir, &Device::Cpu).unwrap();
+        let got = net.logits(&rows).unwrap().to_vec2::<f32>().unwrap();
+        for (g, w) in got.iter().zip(&want) {
+            for (a, b) in g.iter().zip(w) {
+                assert!(
+                    (a - b).abs() < 1e-4,
+                    "{name}: logits {got:?}, transformers {want:?}"
+                );
+            }
+        }
+        // Each row alone (no padding) gives the same logits as in the padded batch.
+        let alone = net.logits(&rows[1..2]).unwrap().to_vec2::<f32>().unwrap();
+        for (a, b) in alone[0].iter().zip(&want[1]) {
+            assert!(
+                (a - b).abs() < 1e-4,
+                "{name}: row 1 alone {alone:?} vs {want:?}"
+            );
+        }
+        // The tokenizer adds [CLS] and [SEP] as the checkpoint's tokenizer.json says.
+        assert_eq!(net.encode("w30 w31", 16).unwrap(), rows[1]);
+    }
+    // `Classifier::load` tells DeBERTa from BERT by model_type and resolves the label by name.
+    let clf =
+        classifier::Classifier::load(&root.join("v3"), &HarmfulLabel::Auto, &Device::Cpu).unwrap();
+    assert!(clf.describe().contains("HARMFUL"), "{}", clf.describe());
+    let s = clf
+        .score(&[("w5 w9", "w13 w17 w21"), ("w5", "w30")])
+        .unwrap();
+    assert!(s.p_harmful[0] > 0.0 && s.p_harmful[0] < 1.0 && s.trivial == [false, true]);
+    let toxic =
+        classifier::Classifier::load(&root.join("v2"), &HarmfulLabel::Auto, &Device::Cpu).unwrap();
+    assert!(toxic.describe().contains("toxic"), "{}", toxic.describe());
+    // Unsupported or broken configurations are refused naming the field.
+    let tmp = tempfile::tempdir().unwrap();
+    for f in ["model.safetensors", "tokenizer.json", "config.json"] {
+        std::fs::copy(root.join("v3").join(f), tmp.path().join(f)).unwrap();
+    }
+    let good: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(tmp.path().join("config.json")).unwrap())
+            .unwrap();
+    let cases: [(&str, serde_json::Value); 3] = [
+        ("conv_kernel_size", serde_json::json!(3)),
+        ("id2label", serde_json::Value::Null),
+        ("num_attention_heads", serde_json::json!(5)),
+    ];
+    for (field, v) in cases {
+        let mut c = good.clone();
+        if v.is_null() {
+            c.as_object_mut().unwrap().remove(field);
+            c.as_object_mut().unwrap().remove("label2id");
+        } else {
+            c[field] = v;
+        }
+        std::fs::write(tmp.path().join("config.json"), c.to_string()).unwrap();
+        let e = classifier::Classifier::load(tmp.path(), &HarmfulLabel::Auto, &Device::Cpu)
+            .err()
+            .unwrap()
+            .to_string();
+        assert!(
+            e.contains("config.json") && e.contains(field),
+            "{field}: {e}"
+        );
+    }
+    // Weights that do not fit the configuration name the weights file.
+    let mut c = good.clone();
+    c["intermediate_size"] = 48.into();
+    std::fs::write(tmp.path().join("config.json"), c.to_string()).unwrap();
+    let e = classifier::Classifier::load(tmp.path(), &HarmfulLabel::Auto, &Device::Cpu)
+        .err()
+        .unwrap()
+        .to_string();
+    assert!(e.contains("model.safetensors"), "{e}");
 }
