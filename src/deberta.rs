@@ -11,7 +11,7 @@ use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 
 use candle_core::safetensors::Load;
-use candle_core::{DType, Device, Tensor, D};
+use candle_core::{DType, Device, Tensor};
 use candle_transformers::models::debertav2::{Config, DebertaV2SeqClassificationModel};
 
 use crate::error::{Error, Result};
@@ -103,13 +103,7 @@ impl DebertaClassifier {
 
     /// P(class `class`) of each row (softmax over classes; sigmoid for a one-logit head).
     pub fn probs(&self, rows: &[Vec<u32>], class: usize) -> Result<Vec<f32>> {
-        let logits = self.logits(rows)?;
-        let probs = if logits.dim(1)? == 1 {
-            candle_nn::ops::sigmoid(&logits)?
-        } else {
-            candle_nn::ops::softmax(&logits, D::Minus1)?
-        };
-        Ok(probs.narrow(1, class, 1)?.flatten_all()?.to_vec1()?)
+        crate::classifier::class_probs(&self.logits(rows)?, class)
     }
 }
 

@@ -195,6 +195,7 @@ impl CeRows {
             .iter()
             .map(|h| {
                 let (b, t, d) = h.dims3()?;
+                let h = if tracked { h.clone() } else { h.detach() };
                 Ok(h.reshape((b * t, d))?.index_select(&idx, 0)?)
             })
             .collect::<Result<Vec<_>>>()?;

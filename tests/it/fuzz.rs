@@ -194,6 +194,43 @@ fn dataset_readers_survive_mutations() {
     fuzz("dataset", fuzzing::dataset, &seeds, 3000);
 }
 
+/// Inputs that crashed a libFuzzer run (`fuzz/run.sh`, docs/RELIABILITY.md), replayed: each is
+/// now rejected with an error.
+#[test]
+fn crashes_found_by_libfuzzer_stay_fixed() {
+    let dir = Path::new("tests/fixtures/fuzz/dataset");
+    let mut n = 0;
+    for f in std::fs::read_dir(dir).unwrap().flatten() {
+        fuzzing::dataset(&std::fs::read(f.path()).unwrap()); // a panic fails the test
+        n += 1;
+    }
+    assert!(n >= 1);
+    // A Parquet column chunk with a negative start: the parquet crate asserts on it.
+    let bytes = std::fs::read(dir.join("parquet-negative-column-start")).unwrap();
+    let (kind, ext) = fuzzing::DATASET_FORMATS[bytes[0] as usize % fuzzing::DATASET_FORMATS.len()];
+    assert_eq!(ext, "parquet");
+    let tmp = tempfile::tempdir().unwrap();
+    let p = tmp.path().join("data.parquet");
+    std::fs::write(&p, &bytes[1..]).unwrap();
+    let e = repnoise::data::stats::load(&p, kind)
+        .err()
+        .unwrap()
+        .to_string();
+    assert!(
+        e.contains("data.parquet") && e.contains("outside the file"),
+        "{e}"
+    );
+    // A dictionary-encoded page without its dictionary: the parquet crate panics while decoding.
+    let bytes = std::fs::read(dir.join("parquet-dictionary-page-missing")).unwrap();
+    std::fs::write(&p, &bytes[1..]).unwrap();
+    let (kind, _) = fuzzing::DATASET_FORMATS[bytes[0] as usize % fuzzing::DATASET_FORMATS.len()];
+    let e = repnoise::data::stats::load(&p, kind)
+        .err()
+        .unwrap()
+        .to_string();
+    assert!(e.contains("data.parquet") && e.contains("malformed"), "{e}");
+}
+
 #[test]
 fn config_parsers_survive_mutations() {
     let mut seeds: Vec<Vec<u8>> = std::fs::read_dir("configs")
