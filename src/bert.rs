@@ -13,7 +13,6 @@
 use std::collections::HashSet;
 use std::path::{Path, PathBuf};
 
-use candle_core::safetensors::Load;
 use candle_core::{Device, Tensor, D};
 use serde_json::{Map, Value};
 
@@ -386,24 +385,14 @@ pub fn load_dir(dir: &Path, device: &Device) -> Result<BertCheckpoint> {
             "missing: the directory needs model.safetensors (pickle checkpoints are refused)",
         ));
     }
-    let file = std::fs::File::open(&st_path)
-        .map_err(|e| Error::file(&st_path, format!("cannot open: {e}")))?;
-    // SAFETY: the file is mapped read-only and not modified while mapped by this process.
-    let mmap = unsafe { memmap2::Mmap::map(&file) }
-        .map_err(|e| Error::file(&st_path, format!("cannot map: {e}")))?;
-    let st = safetensors::SafeTensors::deserialize(&mmap)
-        .map_err(|e| Error::file(&st_path, format!("not a valid safetensors file: {e}")))?;
     let mut params = Params::new();
-    for (key, view) in st.tensors() {
+    crate::modelio::for_each_safetensor(&st_path, device, |key, t| {
         let name = canonical_name(&key);
-        if name.ends_with("position_ids") {
-            continue;
+        if !name.ends_with("position_ids") {
+            params.insert(name, t)?;
         }
-        let t: Tensor = view
-            .load(device)
-            .map_err(|e| Error::tensor(&st_path, &key, format!("cannot load: {e}")))?;
-        params.insert(name, t)?;
-    }
+        Ok(())
+    })?;
     let has_pooler = params.get("bert.pooler.dense.weight").is_some();
     let num_labels = match params.get("classifier.weight") {
         Some(w) => w.dims().first().copied().unwrap_or(0),

@@ -10,7 +10,6 @@
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 
-use candle_core::safetensors::Load;
 use candle_core::{DType, Device, Tensor};
 use candle_transformers::models::debertav2::{Config, DebertaV2SeqClassificationModel};
 
@@ -183,22 +182,12 @@ fn label_names(c: &Config, path: &Path) -> Result<Vec<String>> {
     Ok(labels)
 }
 
-/// Every tensor of a safetensors file (names as stored), each checked against the file's size
-/// by the safetensors reader before it is read.
+/// Every tensor of a safetensors file, names as stored.
 fn read_tensors(path: &Path, device: &Device) -> Result<HashMap<String, Tensor>> {
-    let file =
-        std::fs::File::open(path).map_err(|e| Error::file(path, format!("cannot open: {e}")))?;
-    // SAFETY: the file is mapped read-only and not modified while mapped by this process.
-    let mmap = unsafe { memmap2::Mmap::map(&file) }
-        .map_err(|e| Error::file(path, format!("cannot map: {e}")))?;
-    let st = safetensors::SafeTensors::deserialize(&mmap)
-        .map_err(|e| Error::file(path, format!("not a valid safetensors file: {e}")))?;
     let mut out = HashMap::new();
-    for (key, view) in st.tensors() {
-        let t: Tensor = view
-            .load(device)
-            .map_err(|e| Error::tensor(path, &key, format!("cannot load: {e}")))?;
+    crate::modelio::for_each_safetensor(path, device, |key, t| {
         out.insert(key, t);
-    }
+        Ok(())
+    })?;
     Ok(out)
 }

@@ -255,6 +255,30 @@ impl safetensors::View for &F32View {
 
 /// Write `tensors` as one f32 safetensors file (with `format: pt` metadata, which
 /// `transformers` expects), atomically.
+/// Every tensor of a safetensors file, mapped read-only: `f(name, tensor)` for each, loaded
+/// onto `device` (the reader checks each tensor's offsets against the file before it is read).
+/// Errors name the file, and the tensor when one fails to load.
+pub fn for_each_safetensor(
+    path: &Path,
+    device: &Device,
+    mut f: impl FnMut(String, Tensor) -> Result<()>,
+) -> Result<()> {
+    let file =
+        std::fs::File::open(path).map_err(|e| Error::file(path, format!("cannot open: {e}")))?;
+    // SAFETY: the file is mapped read-only and not modified while mapped by this process.
+    let mmap = unsafe { memmap2::Mmap::map(&file) }
+        .map_err(|e| Error::file(path, format!("cannot map: {e}")))?;
+    let st = safetensors::SafeTensors::deserialize(&mmap)
+        .map_err(|e| Error::file(path, format!("not a valid safetensors file: {e}")))?;
+    for (key, view) in st.tensors() {
+        let t: Tensor = view
+            .load(device)
+            .map_err(|e| Error::tensor(path, &key, format!("cannot load: {e}")))?;
+        f(key, t)?;
+    }
+    Ok(())
+}
+
 pub fn save_safetensors(path: &Path, tensors: &[(String, Tensor)]) -> Result<()> {
     let mut views = Vec::with_capacity(tensors.len());
     for (name, t) in tensors {
