@@ -4,16 +4,15 @@
 
 use std::time::Instant;
 
-use candle_core::{DType, Tensor};
+use candle_core::Tensor;
 
 use crate::data::encode::EncodedPair;
 use crate::data::Encoded;
 use crate::error::Result;
 use crate::generate::{self, SamplingConfig};
-use crate::loss::masked_next_token_ce;
 use crate::model::Llama;
 use crate::modelio::LoadedModel;
-use crate::objective::{repnoise_loss, PairBatch, RepNoiseConfig, RepNoiseTerms};
+use crate::objective::{repnoise_loss, sft_loss, PairBatch, RepNoiseConfig, RepNoiseTerms};
 use crate::optim::{clip_coefficient, AdamW, AdamWConfig};
 use crate::rng::Rng;
 use crate::train::Trainee;
@@ -66,7 +65,7 @@ fn timed_steps<T: Trainee + ?Sized, L>(
         let dev = net.device().clone();
         dev.synchronize()?;
         let t1 = Instant::now();
-        let grads = loss.backward()?;
+        let grads = loss.backward_owned()?;
         dev.synchronize()?;
         let t2 = Instant::now();
         let norm = opt.grad_norm(&grads)?;
@@ -84,8 +83,10 @@ fn timed_steps<T: Trainee + ?Sized, L>(
     Ok((times, losses, phases))
 }
 
-/// Fine-tuning steps on random token batches (next-token CE on every token) of `trainee`: the
-/// model itself (full fine-tuning, lr 1e-5) or a LoRA adapter on it (lr 1e-4).
+/// Fine-tuning steps on random token batches of `trainee`: the model itself (full fine-tuning,
+/// lr 1e-5) or a LoRA adapter on it (lr 1e-4). The loss is the attack's, [`sft_loss`] (the fused
+/// LM head and cross-entropy), with every token an answer token: next-token cross-entropy on
+/// every position.
 pub fn train_steps<T: Trainee + ?Sized>(
     trainee: &T,
     m: &LoadedModel,
@@ -96,12 +97,19 @@ pub fn train_steps<T: Trainee + ?Sized>(
     warmup: usize,
 ) -> Result<StepTimes<f32>> {
     timed_steps(trainee, lr, steps, warmup, |net, s| {
-        let ids = synthetic_batch(m, batch, seq, s as u64)?;
-        let mask = Tensor::ones((batch, seq), DType::F32, ids.device())?;
-        let logits = net.logits(&ids)?;
-        let loss = masked_next_token_ce(&logits, &ids, &mask)?;
-        let v = loss.to_scalar::<f32>()?;
-        Ok((loss, v))
+        let ids = synthetic_batch(m, batch, seq, s as u64)?.to_vec2::<u32>()?;
+        let seqs: Vec<Encoded> = ids
+            .into_iter()
+            .map(|ids| Encoded {
+                ids,
+                loss_mask: vec![1; seq],
+                attention_mask: vec![1; seq],
+            })
+            .collect();
+        let refs: Vec<&Encoded> = seqs.iter().collect();
+        let out = sft_loss(net, &refs, m.tok.pad_id)?;
+        let v = out.terms["ce"] as f32;
+        Ok((out.loss, v))
     })
 }
 

@@ -921,7 +921,8 @@ pub fn train(
             let batch: Vec<Vec<u32>> = chunk.iter().map(|&i| rows[i].clone()).collect();
             let labels: Vec<bool> = chunk.iter().map(|&i| train[i].harmful).collect();
             let loss = batch_loss(&net, &batch, &labels)?;
-            let grads = loss.backward()?;
+            let loss_v = loss.to_scalar::<f32>()? as f64;
+            let grads = loss.backward_owned()?;
             let norm =
                 (opt_body.grad_norm(&grads)?.powi(2) + opt_head.grad_norm(&grads)?.powi(2)).sqrt();
             let scale = optim::clip_coefficient(norm, Some(cfg.max_grad_norm));
@@ -934,7 +935,7 @@ pub fn train(
                 step,
                 total,
                 epoch,
-                loss: loss.to_scalar::<f32>()? as f64,
+                loss: loss_v,
                 lr,
             });
         }
@@ -999,7 +1000,8 @@ fn train_head(
             let targets: Vec<u32> = chunk.iter().map(|&i| train[i].harmful as u32).collect();
             let targets = Tensor::from_vec(targets, chunk.len(), &dev)?;
             let loss = candle_nn::loss::cross_entropy(&logits, &targets)?;
-            let grads = loss.backward()?;
+            let loss_v = loss.to_scalar::<f32>()? as f64;
+            let grads = loss.backward_owned()?;
             let norm = opt.grad_norm(&grads)?;
             let scale = optim::clip_coefficient(norm, Some(cfg.max_grad_norm));
             let lr = optim::lr_at(Schedule::Linear, cfg.head_lr, step, total, warmup);
@@ -1009,7 +1011,7 @@ fn train_head(
                 step,
                 total,
                 epoch,
-                loss: loss.to_scalar::<f32>()? as f64,
+                loss: loss_v,
                 lr,
             });
         }

@@ -620,7 +620,7 @@ pub fn train_any<T: Trainee + ?Sized>(
                 ),
             ));
         }
-        let grads = out.loss.backward()?;
+        let grads = out.loss.backward_owned()?;
         let norm = opt.grad_norm(&grads)?;
         if !norm.is_finite() {
             let culprit = opt

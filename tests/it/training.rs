@@ -162,6 +162,38 @@ fn ce_rows_equal_full_masked_logits_in_both_modes() {
     }
 }
 
+/// `backward_owned` (the patched candle's backward that releases each node once its gradient
+/// is passed on, what the training loop calls) gives every parameter the gradient `backward`
+/// gives, on the full RepNoise loss (fused LM head, MMD, custom ops).
+#[test]
+fn backward_owned_gives_the_gradients_of_backward() {
+    let m = tiny_model(4);
+    let net = Llama::trainable(&m.config, &m.params).unwrap();
+    let enc = encoded(&m, false);
+    let refs: Vec<&EncodedPair> = enc.iter().collect();
+    let pb = PairBatch::new(&refs, m.tok.pad_id, &Device::Cpu).unwrap();
+    let cfg = RepNoiseConfig::default();
+    let (a, _) = repnoise_loss(&net, &pb, &cfg, &mut Rng::new(0, "n")).unwrap();
+    let (b, _) = repnoise_loss(&net, &pb, &cfg, &mut Rng::new(0, "n")).unwrap();
+    assert_eq!(scalar(&a), scalar(&b));
+    let ga = a.backward().unwrap();
+    let gb = b.backward_owned().unwrap();
+    let mut compared = 0;
+    for (name, var) in m.params.iter() {
+        let (x, y) = (ga.get(var.as_tensor()), gb.get(var.as_tensor()));
+        assert_eq!(x.is_some(), y.is_some(), "{name}");
+        if let (Some(x), Some(y)) = (x, y) {
+            let (x, y): (Vec<f32>, Vec<f32>) = (
+                x.flatten_all().unwrap().to_vec1().unwrap(),
+                y.flatten_all().unwrap().to_vec1().unwrap(),
+            );
+            assert_eq!(x, y, "{name}");
+            compared += 1;
+        }
+    }
+    assert!(compared > 10, "only {compared} gradients");
+}
+
 #[test]
 fn repnoise_terms_combine_as_the_formula_says() {
     let m = tiny_model(2);

@@ -163,10 +163,22 @@ impl Tensor {
     }
 
     pub fn backward(&self) -> Result<GradStore> {
-        let sorted_nodes = self.sorted_nodes();
+        self.clone().backward_owned()
+    }
+
+    /// `backward` that takes the root by value (repnoise patch). Each graph node is released
+    /// as soon as its gradient has been passed on to its inputs, so when the caller holds no
+    /// other handle on the graph (the loss moved in, no intermediate kept), the forward
+    /// activations are freed during the backward pass, as PyTorch's autograd frees its saved
+    /// tensors, instead of all at its end.
+    pub fn backward_owned(self) -> Result<GradStore> {
+        let sorted_nodes: Vec<Tensor> = self.sorted_nodes().into_iter().cloned().collect();
         let mut grads = GradStore::new();
-        grads.insert(self, self.ones_like()?.contiguous()?);
-        for node in sorted_nodes.iter() {
+        grads.insert(&self, self.ones_like()?.contiguous()?);
+        drop(self);
+        for owned in sorted_nodes {
+            let owned_ref = &owned;
+            let node = &owned_ref;
             if node.is_variable() {
                 continue;
             }
