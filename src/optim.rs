@@ -14,8 +14,9 @@ use crate::params::Params;
 /// `n` zeros written into freshly allocated memory. `vec![0.0; n]` asks the allocator for
 /// zeroed memory, which for a large buffer is fresh pages the kernel maps to its shared zero
 /// page: the first update reads them, then each written page is copied and the TLB of every
-/// other core flushed. That cost 2.4-2.8k `perf` samples (about 2.5 s) in the first AdamW step
-/// of the embedded model (`perf record -g repnoise bench train-step`), every run. `black_box`
+/// other core flushed. That cost 2.4-2.8k `perf` samples at 499 Hz (about 5 CPU-seconds, both
+/// cores together) in the first AdamW step of the embedded model (`perf record -g -F 499
+/// repnoise bench train-step`), every run. `black_box`
 /// keeps the fill from being turned back into a zeroed allocation.
 fn written_zeros(n: usize) -> Vec<f32> {
     let mut v = Vec::with_capacity(n);

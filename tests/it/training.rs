@@ -194,6 +194,93 @@ fn backward_owned_gives_the_gradients_of_backward() {
     assert!(compared > 10, "only {compared} gradients");
 }
 
+/// Identity op that raises `dropped` when the graph node holding it is freed, and, in its
+/// backward, records whether `watch` (an op further down the graph) was freed by then.
+struct Probe {
+    dropped: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    watch: Option<std::sync::Arc<std::sync::atomic::AtomicBool>>,
+    seen: std::sync::Arc<std::sync::atomic::AtomicBool>,
+}
+
+impl Drop for Probe {
+    fn drop(&mut self) {
+        self.dropped
+            .store(true, std::sync::atomic::Ordering::SeqCst);
+    }
+}
+
+impl candle_core::CustomOp1 for Probe {
+    fn name(&self) -> &'static str {
+        "probe"
+    }
+    fn cpu_fwd(
+        &self,
+        s: &candle_core::CpuStorage,
+        l: &candle_core::Layout,
+    ) -> candle_core::Result<(candle_core::CpuStorage, candle_core::Shape)> {
+        let v = s.as_slice::<f32>()?;
+        let (a, b) = l.contiguous_offsets().expect("contiguous");
+        Ok((
+            candle_core::CpuStorage::F32(v[a..b].to_vec()),
+            l.shape().clone(),
+        ))
+    }
+    fn bwd(&self, _: &Tensor, _: &Tensor, grad: &Tensor) -> candle_core::Result<Option<Tensor>> {
+        if let Some(w) = &self.watch {
+            let freed = w.load(std::sync::atomic::Ordering::SeqCst);
+            self.seen.store(freed, std::sync::atomic::Ordering::SeqCst);
+        }
+        Ok(Some(grad.clone()))
+    }
+}
+
+/// `backward_owned` (the patched candle's backward, what the training loops call) frees each
+/// graph node once its gradient is passed on: in `x -> lower -> upper -> sum`, the `upper`
+/// node is gone by the time `lower`'s backward runs, whereas `backward(&self)` (the caller
+/// still holding the loss) keeps it to the end. Both give the same gradient.
+#[test]
+fn backward_owned_frees_nodes_during_the_pass() {
+    use std::sync::atomic::{AtomicBool, Ordering};
+    use std::sync::Arc;
+    let run = |owned: bool| {
+        let x = candle_core::Var::new(&[1f32, -2.0, 3.0], &Device::Cpu).unwrap();
+        let upper_dropped = Arc::new(AtomicBool::new(false));
+        let seen = Arc::new(AtomicBool::new(false));
+        let lower = x
+            .as_tensor()
+            .apply_op1(Probe {
+                dropped: Arc::new(AtomicBool::new(false)),
+                watch: Some(upper_dropped.clone()),
+                seen: seen.clone(),
+            })
+            .unwrap();
+        let upper = (lower * 2.0)
+            .unwrap()
+            .apply_op1(Probe {
+                dropped: upper_dropped.clone(),
+                watch: None,
+                seen: Arc::new(AtomicBool::new(false)),
+            })
+            .unwrap();
+        let loss = upper.sqr().unwrap().sum_all().unwrap();
+        drop(upper);
+        let grads = if owned {
+            loss.backward_owned().unwrap()
+        } else {
+            loss.backward().unwrap()
+        };
+        let g: Vec<f32> = grads.get(x.as_tensor()).unwrap().to_vec1().unwrap();
+        (seen.load(Ordering::SeqCst), g)
+    };
+    let (freed_owned, g_owned) = run(true);
+    let (freed_held, g_held) = run(false);
+    assert!(freed_owned, "backward_owned kept the upper node to the end");
+    assert!(!freed_held, "backward freed a node the caller still holds");
+    // d/dx (2x)^2 = 8x.
+    assert_eq!(g_owned, vec![8.0, -16.0, 24.0]);
+    assert_eq!(g_owned, g_held);
+}
+
 #[test]
 fn repnoise_terms_combine_as_the_formula_says() {
     let m = tiny_model(2);
