@@ -383,3 +383,60 @@ fn chat_render_masks_only_assistant_replies() {
     assert!(g.text.ends_with("<|im_start|>assistant\n"));
     assert!(g.assistant_mask.iter().all(|&m| m == 0));
 }
+
+/// The patched candle copies transposed matrices (the layout of a weight gradient from the
+/// product with `w.t()`) in tiles, on rayon's threads when large (`vendor/README.md`): every
+/// element lands where the strided layout says, for single and batched matrices, views that
+/// start inside their storage, and sizes that are not multiples of the tile.
+#[test]
+fn contiguous_copies_of_transposed_views_put_every_element_in_place() {
+    let dev = Device::Cpu;
+    for (b, r, c) in [
+        (1usize, 2usize, 3usize),
+        (3, 33, 70),
+        (1, 300, 257),
+        (2, 5, 1),
+    ] {
+        let data: Vec<f32> = (0..b * r * c + 7).map(|i| i as f32).collect();
+        // A [b, c, r] view starting 7 elements in, transposed to [b, r, c].
+        let base = Tensor::from_vec(data.clone(), b * r * c + 7, &dev)
+            .unwrap()
+            .narrow(0, 7, b * r * c)
+            .unwrap()
+            .reshape((b, c, r))
+            .unwrap();
+        let t = base.transpose(1, 2).unwrap();
+        assert!(!t.is_contiguous() || r == 1 || c == 1);
+        let got: Vec<f32> = t
+            .contiguous()
+            .unwrap()
+            .flatten_all()
+            .unwrap()
+            .to_vec1()
+            .unwrap();
+        let mut want = Vec::with_capacity(b * r * c);
+        for bi in 0..b {
+            for i in 0..r {
+                for j in 0..c {
+                    want.push(data[7 + bi * r * c + j * r + i]);
+                }
+            }
+        }
+        assert_eq!(got, want, "b {b}, r {r}, c {c}");
+        // A 2-D transpose of a row-strided matrix (a narrowed column range).
+        let wide_data: Vec<f32> = (0..c * (r + 4)).map(|i| i as f32).collect();
+        let wide = Tensor::from_vec(wide_data, (c, r + 4), &dev).unwrap();
+        let view = wide.narrow(1, 2, r).unwrap().t().unwrap();
+        let got: Vec<f32> = view
+            .contiguous()
+            .unwrap()
+            .flatten_all()
+            .unwrap()
+            .to_vec1()
+            .unwrap();
+        let want: Vec<f32> = (0..r)
+            .flat_map(|i| (0..c).map(move |j| (j * (r + 4) + 2 + i) as f32))
+            .collect();
+        assert_eq!(got, want, "row-strided r {r}, c {c}");
+    }
+}

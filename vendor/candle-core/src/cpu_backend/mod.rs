@@ -972,7 +972,95 @@ fn copy2d_<T: Copy>(
     }
 }
 
-fn copy_strided_src_<T: Copy>(src: &[T], dst: &mut [T], dst_offset: usize, src_l: &Layout) {
+/// repnoise patch: where `src_l` is a transposed matrix (or a batch of them), i.e. its last two
+/// dims `[r, c]` have strides `[1, sr]` with `sr >= r`, returns `(r, c, sr)` and each matrix's
+/// start offset. The element-by-element `StridedIndex` walk below copied such layouts (a weight
+/// gradient from the product with `w.t()`, made contiguous by the gradient store) at a few
+/// hundred million elements a second on one thread.
+fn transposed_matrices(l: &Layout) -> Option<(usize, usize, usize, Vec<usize>)> {
+    let dims = l.dims();
+    let strides = l.stride();
+    let n = dims.len();
+    if n < 2 {
+        return None;
+    }
+    let (r, c) = (dims[n - 2], dims[n - 1]);
+    let sr = strides[n - 1];
+    if r < 2 || c < 2 || strides[n - 2] != 1 || sr < r {
+        return None;
+    }
+    let batch: usize = dims[..n - 2].iter().product();
+    let mut offsets = Vec::with_capacity(batch);
+    let mut index = vec![0usize; n - 2];
+    for _ in 0..batch {
+        let off = l.start_offset()
+            + index
+                .iter()
+                .zip(strides)
+                .map(|(i, s)| i * s)
+                .sum::<usize>();
+        offsets.push(off);
+        for d in (0..n - 2).rev() {
+            index[d] += 1;
+            if index[d] < dims[d] {
+                break;
+            }
+            index[d] = 0;
+        }
+    }
+    Some((r, c, sr, offsets))
+}
+
+/// repnoise patch: `dst[i * c + j] = src[off + i + j * sr]` for each `[r, c]` matrix, in
+/// 32 x 32 tiles (both sides stay in cache), row tiles spread over rayon's threads when the
+/// matrix is large.
+fn copy_transposed<T: Copy + Send + Sync>(
+    src: &[T],
+    dst: &mut [T],
+    (r, c, sr): (usize, usize, usize),
+    offsets: &[usize],
+) {
+    use rayon::prelude::*;
+    const TILE: usize = 32;
+    let tile_rows = |(t, rows): (usize, &mut [T]), off: usize| {
+        let i0 = t * TILE;
+        let nr = rows.len() / c;
+        for j0 in (0..c).step_by(TILE) {
+            let j1 = (j0 + TILE).min(c);
+            for ii in 0..nr {
+                let row = &mut rows[ii * c..(ii + 1) * c];
+                let base = off + i0 + ii;
+                for j in j0..j1 {
+                    row[j] = src[base + j * sr];
+                }
+            }
+        }
+    };
+    for (b, &off) in offsets.iter().enumerate() {
+        let out = &mut dst[b * r * c..(b + 1) * r * c];
+        if r * c >= 1 << 16 {
+            out.par_chunks_mut(TILE * c)
+                .enumerate()
+                .for_each(|chunk| tile_rows(chunk, off));
+        } else {
+            out.chunks_mut(TILE * c)
+                .enumerate()
+                .for_each(|chunk| tile_rows(chunk, off));
+        }
+    }
+}
+
+fn copy_strided_src_<T: Copy + Send + Sync>(
+    src: &[T],
+    dst: &mut [T],
+    dst_offset: usize,
+    src_l: &Layout,
+) {
+    if let Some((r, c, sr, offsets)) = transposed_matrices(src_l) {
+        let n = offsets.len() * r * c;
+        copy_transposed(src, &mut dst[dst_offset..dst_offset + n], (r, c, sr), &offsets);
+        return;
+    }
     match src_l.strided_blocks() {
         crate::StridedBlocks::SingleBlock { start_offset, len } => dst
             [dst_offset..dst_offset + len]
@@ -1478,7 +1566,17 @@ impl Map2 for MatMul {
         let dst_rs = dst_strides[0];
         let dst_cs = dst_strides[1];
 
-        let mut dst = vec![T::zero(); b * m * n];
+        // repnoise patch: gemm overwrites the destination (`read_dst` is false), so it is not
+        // zero-filled first (the fill was a memset of every product's output, on one thread).
+        // With k == 0 gemm may write nothing: zeros then.
+        let mut dst: Vec<std::mem::MaybeUninit<T>> = if k == 0 {
+            vec![std::mem::MaybeUninit::new(T::zero()); b * m * n]
+        } else {
+            let mut v = Vec::with_capacity(b * m * n);
+            // SAFETY: MaybeUninit needs no initialisation.
+            unsafe { v.set_len(b * m * n) };
+            v
+        };
         let num_threads = crate::utils::get_num_threads();
         let parallelism = if num_threads > 1 {
             Parallelism::Rayon(num_threads)
@@ -1503,12 +1601,13 @@ impl Map2 for MatMul {
             let lhs_p = &lhs[step * a_skip..];
             let rhs_p = &rhs[step * b_skip..];
             let dst_p = &mut dst[step * c_skip..];
+            let dst_p: *mut T = dst_p.as_mut_ptr().cast();
             unsafe {
                 gemm(
                     /* m: usize = */ m,
                     /* n: usize = */ n,
                     /* k: usize = */ k,
-                    /* dst: *mut T = */ dst_p.as_mut_ptr(),
+                    /* dst: *mut T = */ dst_p,
                     /* dst_cs: isize = */ dst_cs as isize,
                     /* dst_rs: isize = */ dst_rs as isize,
                     /* read_dst: bool = */ false,
@@ -1527,6 +1626,12 @@ impl Map2 for MatMul {
                 )
             }
         }
+        // SAFETY: every element was written by gemm (or zeroed when k == 0), and
+        // MaybeUninit<T> has T's layout.
+        let dst = unsafe {
+            let mut dst = std::mem::ManuallyDrop::new(dst);
+            Vec::from_raw_parts(dst.as_mut_ptr().cast::<T>(), dst.len(), dst.capacity())
+        };
         Ok(dst)
     }
 
