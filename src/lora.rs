@@ -3,7 +3,7 @@
 //!
 //! Every adapted linear map `W [out, in]` gains `scale * B A` with `A [rank, in]` (initialised
 //! uniform in `±1/sqrt(in)`, PEFT's default) and `B [out, rank]` (zeros, so training starts from
-//! the unchanged model), `scale = alpha / rank`. The forward adds `scale * (x A^T) B^T` beside the
+//! the unchanged model), `scale = alpha / rank`. The forward adds `(scale * x A^T) B^T` beside the
 //! frozen `x W^T` (no full-size weight gradient is formed); [`Lora::merged`] folds the adapter
 //! into the weights for saving. The adapter is saved in PEFT's layout
 //! (`adapter_model.safetensors` with `base_model.model.` keys, `adapter_config.json`).

@@ -216,11 +216,10 @@ fn linear_ad(x: &Tensor, w: &Tensor, b: Option<&Tensor>, ads: &[Adapter]) -> Res
     let mut y = linear(x, w, b)?;
     let (bsz, t, din) = x.dims3()?;
     for ad in ads {
-        let z = x
-            .reshape((bsz * t, din))?
-            .matmul(&ad.a.t()?)?
-            .matmul(&ad.b.t()?)?;
-        y = (y + (z * ad.scale)?.reshape((bsz, t, ()))?)?;
+        // The scale goes on the rank-wide product (`[rows, r]`), not on the output: one pass
+        // over the output fewer, and candle's scalar multiply runs on one thread.
+        let z = (x.reshape((bsz * t, din))?.matmul(&ad.a.t()?)? * ad.scale)?.matmul(&ad.b.t()?)?;
+        y = (y + z.reshape((bsz, t, ()))?)?;
     }
     Ok(y)
 }
