@@ -391,6 +391,14 @@ fn chat_render_masks_only_assistant_replies() {
 #[test]
 fn contiguous_copies_of_transposed_views_put_every_element_in_place() {
     let dev = Device::Cpu;
+    let copied = |t: &Tensor| -> Vec<f32> {
+        t.contiguous()
+            .unwrap()
+            .flatten_all()
+            .unwrap()
+            .to_vec1()
+            .unwrap()
+    };
     for (b, r, c) in [
         (1usize, 2usize, 3usize),
         (3, 33, 70),
@@ -407,13 +415,7 @@ fn contiguous_copies_of_transposed_views_put_every_element_in_place() {
             .unwrap();
         let t = base.transpose(1, 2).unwrap();
         assert!(!t.is_contiguous() || r == 1 || c == 1);
-        let got: Vec<f32> = t
-            .contiguous()
-            .unwrap()
-            .flatten_all()
-            .unwrap()
-            .to_vec1()
-            .unwrap();
+        let got = copied(&t);
         let mut want = Vec::with_capacity(b * r * c);
         for bi in 0..b {
             for i in 0..r {
@@ -427,13 +429,7 @@ fn contiguous_copies_of_transposed_views_put_every_element_in_place() {
         let wide_data: Vec<f32> = (0..c * (r + 4)).map(|i| i as f32).collect();
         let wide = Tensor::from_vec(wide_data, (c, r + 4), &dev).unwrap();
         let view = wide.narrow(1, 2, r).unwrap().t().unwrap();
-        let got: Vec<f32> = view
-            .contiguous()
-            .unwrap()
-            .flatten_all()
-            .unwrap()
-            .to_vec1()
-            .unwrap();
+        let got = copied(&view);
         let want: Vec<f32> = (0..r)
             .flat_map(|i| (0..c).map(move |j| (j * (r + 4) + 2 + i) as f32))
             .collect();

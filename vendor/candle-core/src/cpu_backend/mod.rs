@@ -989,25 +989,9 @@ fn transposed_matrices(l: &Layout) -> Option<(usize, usize, usize, Vec<usize>)> 
     if r < 2 || c < 2 || strides[n - 2] != 1 || sr < r {
         return None;
     }
-    let batch: usize = dims[..n - 2].iter().product();
-    let mut offsets = Vec::with_capacity(batch);
-    let mut index = vec![0usize; n - 2];
-    for _ in 0..batch {
-        let off = l.start_offset()
-            + index
-                .iter()
-                .zip(strides)
-                .map(|(i, s)| i * s)
-                .sum::<usize>();
-        offsets.push(off);
-        for d in (0..n - 2).rev() {
-            index[d] += 1;
-            if index[d] < dims[d] {
-                break;
-            }
-            index[d] = 0;
-        }
-    }
+    // One start offset per matrix: the batch dims walked as any strided layout is.
+    let offsets =
+        crate::StridedIndex::new(&dims[..n - 2], &strides[..n - 2], l.start_offset()).collect();
     Some((r, c, sr, offsets))
 }
 
@@ -1568,7 +1552,8 @@ impl Map2 for MatMul {
 
         // repnoise patch: gemm overwrites the destination (`read_dst` is false), so it is not
         // zero-filled first (the fill was a memset of every product's output, on one thread).
-        // With k == 0 gemm may write nothing: zeros then.
+        // With k == 0 gemm 0.19 writes zeros itself; the zeros here keep that case from
+        // depending on it.
         let mut dst: Vec<std::mem::MaybeUninit<T>> = if k == 0 {
             vec![std::mem::MaybeUninit::new(T::zero()); b * m * n]
         } else {
