@@ -1,6 +1,8 @@
 //! Micro-benchmark: a linear map `x w^T` with few rows (decoding) written two ways, on SmolLM2's
-//! shapes: `x.matmul(w.t())` and `w.matmul(x.t()).t()` (what `model::linear` uses up to 64 rows).
-//! Run: `cargo run --release --example bench_linear_rows`
+//! shapes: `x.matmul(w.t())` and `w.matmul(x.t()).t()` (what `model::linear` uses from 17 to 64 rows).
+//! Up to 16 rows, both forms run as dot products (vendor/candle-core, `cpu_backend/dot_matmul.rs`);
+//! `CANDLE_DOT_MATMUL=0` sends them to gemm instead, for comparison.
+//! Run: `cargo run --release --example bench_linear_rows` (and again with `CANDLE_DOT_MATMUL=0`)
 use candle_core::{Device, Tensor};
 use std::time::Instant;
 
@@ -18,7 +20,7 @@ fn best_ms(mut f: impl FnMut() -> candle_core::Result<Tensor>) -> anyhow::Result
 fn main() -> anyhow::Result<()> {
     let dev = Device::Cpu;
     for (k, n) in [(576usize, 1536usize), (1536, 576), (576, 576), (576, 49152)] {
-        for m in [4usize, 12, 32, 64, 512] {
+        for m in [1usize, 4, 8, 12, 16, 24, 32, 64, 512] {
             let x = Tensor::randn(0f32, 1.0, (m, k), &dev)?;
             let w = Tensor::randn(0f32, 1.0, (n, k), &dev)?;
             let a = best_ms(|| x.matmul(&w.t()?))?;

@@ -227,10 +227,13 @@ fn linear_ad(x: &Tensor, w: &Tensor, b: Option<&Tensor>, ads: &[Adapter]) -> Res
 fn linear(x: &Tensor, w: &Tensor, b: Option<&Tensor>) -> Result<Tensor> {
     let (bsz, t, din) = x.dims3()?; // [b, t, in]
     let x = x.reshape((bsz * t, din))?;
-    // With few rows (decoding), the weight as the left operand packs faster in gemm: measured
-    // 20-45% quicker for SmolLM2's shapes at 4-64 rows, no different at 512
+    // Up to `MAX_NARROW` rows (decoding), `x w^T` is a stream of dot products through the
+    // weight on CPU (vendor/candle-core, `cpu_backend/dot_matmul.rs`). From there to 64 rows
+    // the weight as the left operand packs faster in gemm: measured 20-45% quicker for
+    // SmolLM2's shapes at 32-64 rows, no different at 512
     // (`cargo run --release --example bench_linear_rows`).
-    let y = if bsz * t <= 64 {
+    let rows = bsz * t;
+    let y = if rows > candle_core::cpu_backend::dot_matmul::MAX_NARROW && rows <= 64 {
         w.matmul(&x.t()?)?.t()?
     } else {
         x.matmul(&w.t()?)?

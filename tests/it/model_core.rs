@@ -436,3 +436,80 @@ fn contiguous_copies_of_transposed_views_put_every_element_in_place() {
         assert_eq!(got, want, "row-strided r {r}, c {c}");
     }
 }
+
+/// The dot-product kernel behind few-row or few-column f32 products (vendor/candle-core,
+/// `cpu_backend/dot_matmul.rs`), each variant this CPU can run, against a float64 reference on
+/// ragged shapes: both orientations, padded rows and columns, batches, a shared right operand.
+#[test]
+fn dot_product_matmul_kernels_match_a_float64_reference() {
+    use candle_core::cpu_backend::dot_matmul::{check_bounds, kernel_names, run_named, Operands};
+    let values = |len: usize, seed: u64| -> Vec<f32> {
+        let mut rng = repnoise::rng::Rng::new(seed, "dot-matmul test");
+        (0..len)
+            .map(|_| (rng.uniform() * 2.0 - 1.0) as f32)
+            .collect()
+    };
+    let names = kernel_names();
+    assert!(names.contains(&"plain"), "{names:?}");
+    // (b, m, n, k, lhs row padding, rhs column padding, rhs shared by the batches)
+    for (b, m, n, k, pad_l, pad_r, shared_rhs) in [
+        (1usize, 3usize, 37usize, 19usize, 0usize, 0usize, false),
+        (1, 41, 5, 70, 3, 0, false),
+        (2, 1, 130, 64, 0, 7, false),
+        (3, 8, 9, 33, 1, 2, true),
+        (1, 16, 300, 576, 0, 0, false),
+        (2, 300, 2, 17, 5, 0, false),
+    ] {
+        let (lhs_rs, rhs_cs) = (k + pad_l, k + pad_r);
+        let a_skip = m * lhs_rs;
+        let b_skip = if shared_rhs { 0 } else { n * rhs_cs };
+        let p = Operands {
+            b,
+            m,
+            n,
+            k,
+            a_skip,
+            b_skip,
+            lhs_rs,
+            rhs_cs,
+        };
+        let lhs = values(b * a_skip, 1);
+        let rhs = values(if shared_rhs { n * rhs_cs } else { b * b_skip }, 2);
+        // The last element read on each side ends the slice it needs.
+        let end_l = (b - 1) * a_skip + (m - 1) * lhs_rs + k;
+        let end_r = (b - 1) * b_skip + (n - 1) * rhs_cs + k;
+        assert!(check_bounds(&p, end_l, end_r));
+        assert!(!check_bounds(&p, end_l - 1, end_r));
+        assert!(!check_bounds(&p, end_l, end_r - 1));
+        for name in &names {
+            let got = run_named(name, p, &lhs, &rhs).unwrap();
+            for s in 0..b {
+                for i in 0..m {
+                    for j in 0..n {
+                        let want: f64 = (0..k)
+                            .map(|l| {
+                                lhs[s * a_skip + i * lhs_rs + l] as f64
+                                    * rhs[s * b_skip + j * rhs_cs + l] as f64
+                            })
+                            .sum();
+                        let g = got[s * m * n + i * n + j] as f64;
+                        assert!(
+                            (g - want).abs() <= 1e-5 * (k as f64).sqrt() * (1.0 + want.abs()),
+                            "{name} kernel, (b, m, n, k) {:?}, element ({s}, {i}, {j}): {g} vs {want}",
+                            (b, m, n, k)
+                        );
+                    }
+                }
+            }
+        }
+    }
+    // Through `matmul`: decoding's `x w^T` with 3 rows equals the same product done as
+    // 3 separate single-row products and as gemm's many-row product (rows 0..3 of 40).
+    let dev = Device::Cpu;
+    let w = Tensor::from_vec(values(50 * 96, 3), (50, 96), &dev).unwrap();
+    let x = Tensor::from_vec(values(40 * 96, 4), (40, 96), &dev).unwrap();
+    let few = x.narrow(0, 0, 3).unwrap().matmul(&w.t().unwrap()).unwrap();
+    let many = x.matmul(&w.t().unwrap()).unwrap().narrow(0, 0, 3).unwrap();
+    let diff = (few - many).unwrap().abs().unwrap().max_all().unwrap();
+    assert!(diff.to_scalar::<f32>().unwrap() < 1e-4);
+}

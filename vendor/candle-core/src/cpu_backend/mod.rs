@@ -13,6 +13,9 @@ pub use utils::{
 };
 mod conv2d;
 use conv2d::Conv2D;
+// repnoise patch: f32 products with few rows or columns as dot products (see the module).
+#[doc(hidden)]
+pub mod dot_matmul;
 
 const USE_IM2COL_CONV1D: bool = true;
 const USE_COL2IM_CONV1D_TR: bool = true;
@@ -1562,6 +1565,46 @@ impl Map2 for MatMul {
             unsafe { v.set_len(b * m * n) };
             v
         };
+        // repnoise patch: few rows or columns, both operands contiguous along k (decoding's
+        // `x.matmul(&w.t())`): dot products instead of gemm's packed panels.
+        if T::DTYPE == DType::F32
+            && dot_matmul::enabled()
+            && lhs_cs == 1
+            && rhs_rs == 1
+            && m.min(n) <= dot_matmul::MAX_NARROW
+            && k >= dot_matmul::MIN_K
+        {
+            let p = dot_matmul::Operands {
+                b,
+                m,
+                n,
+                k,
+                a_skip,
+                b_skip,
+                lhs_rs,
+                rhs_cs,
+            };
+            // SAFETY: T is f32 (checked above), so the slices are reinterpreted as themselves.
+            let (lhs32, rhs32, dst32) = unsafe {
+                (
+                    std::slice::from_raw_parts(lhs.as_ptr().cast::<f32>(), lhs.len()),
+                    std::slice::from_raw_parts(rhs.as_ptr().cast::<f32>(), rhs.len()),
+                    std::slice::from_raw_parts_mut(
+                        dst.as_mut_ptr().cast::<std::mem::MaybeUninit<f32>>(),
+                        dst.len(),
+                    ),
+                )
+            };
+            if dot_matmul::check_bounds(&p, lhs32.len(), rhs32.len()) {
+                dot_matmul::run(p, lhs32, rhs32, dst32);
+                // SAFETY: `run` wrote all b * m * n elements; MaybeUninit<T> has T's layout.
+                let dst = unsafe {
+                    let mut dst = std::mem::ManuallyDrop::new(dst);
+                    Vec::from_raw_parts(dst.as_mut_ptr().cast::<T>(), dst.len(), dst.capacity())
+                };
+                return Ok(dst);
+            }
+        }
         let num_threads = crate::utils::get_num_threads();
         let parallelism = if num_threads > 1 {
             Parallelism::Rayon(num_threads)
