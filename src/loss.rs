@@ -103,7 +103,7 @@ impl CustomOp3 for RowNllGrad {
             let lse = nll[r] + row[t as usize];
             let g = gr[r];
             for (oi, &z) in o.iter_mut().zip(row) {
-                *oi = g * (z - lse).exp();
+                *oi = crate::ops::flush_subnormal(g * (z - lse).exp());
             }
             o[t as usize] -= g;
         });
@@ -305,7 +305,9 @@ impl LinearNllState {
                 }
                 let inv = (1.0 / sum) as f32;
                 for z in row.iter_mut() {
-                    *z *= inv;
+                    // Subnormal probabilities become 0 (see `flush_subnormal`): they are the
+                    // gradient products' operands.
+                    *z = crate::ops::flush_subnormal(*z * inv);
                 }
                 (max as f64 + sum.ln() - target as f64) as f32
             })
