@@ -340,7 +340,7 @@ impl LinearNllState {
                 } else {
                     if gv != 1.0 {
                         for z in row.iter_mut() {
-                            *z *= gv;
+                            *z = crate::ops::flush_subnormal(*z * gv);
                         }
                     }
                     row[t as usize] -= gv;

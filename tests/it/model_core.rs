@@ -451,18 +451,22 @@ fn dot_product_matmul_kernels_match_a_float64_reference() {
     };
     let names = kernel_names();
     assert!(names.contains(&"plain"), "{names:?}");
-    // (b, m, n, k, lhs row padding, rhs column padding, rhs shared by the batches)
-    for (b, m, n, k, pad_l, pad_r, shared_rhs) in [
-        (1usize, 3usize, 37usize, 19usize, 0usize, 0usize, false),
-        (1, 41, 5, 70, 3, 0, false),
-        (2, 1, 130, 64, 0, 7, false),
-        (3, 8, 9, 33, 1, 2, true),
-        (1, 16, 300, 576, 0, 0, false),
-        (2, 300, 2, 17, 5, 0, false),
+    // (b, m, n, k, lhs row padding, rhs column padding, which operand the batches share).
+    // k % 16 and k % 8 take every tail length class the kernels mask (0, 1, 3, 6, 7, 8, 15).
+    for (b, m, n, k, pad_l, pad_r, shared) in [
+        (1usize, 3usize, 37usize, 19usize, 0usize, 0usize, ""),
+        (1, 41, 5, 70, 3, 0, ""),
+        (2, 1, 130, 64, 0, 7, ""),
+        (3, 8, 9, 33, 1, 2, "rhs"),
+        (1, 16, 300, 576, 0, 0, ""),
+        (2, 300, 2, 17, 5, 0, ""),
+        (2, 5, 23, 24, 0, 1, "lhs"),
+        (1, 2, 64, 31, 2, 0, ""),
+        (3, 7, 6, 40, 0, 0, "rhs"),
     ] {
         let (lhs_rs, rhs_cs) = (k + pad_l, k + pad_r);
-        let a_skip = m * lhs_rs;
-        let b_skip = if shared_rhs { 0 } else { n * rhs_cs };
+        let a_skip = if shared == "lhs" { 0 } else { m * lhs_rs };
+        let b_skip = if shared == "rhs" { 0 } else { n * rhs_cs };
         let p = Operands {
             b,
             m,
@@ -473,11 +477,11 @@ fn dot_product_matmul_kernels_match_a_float64_reference() {
             lhs_rs,
             rhs_cs,
         };
-        let lhs = values(b * a_skip, 1);
-        let rhs = values(if shared_rhs { n * rhs_cs } else { b * b_skip }, 2);
-        // The last element read on each side ends the slice it needs.
+        // Slices that end exactly at the last element read on each side.
         let end_l = (b - 1) * a_skip + (m - 1) * lhs_rs + k;
         let end_r = (b - 1) * b_skip + (n - 1) * rhs_cs + k;
+        let lhs = values(end_l, 1);
+        let rhs = values(end_r, 2);
         assert!(check_bounds(&p, end_l, end_r));
         assert!(!check_bounds(&p, end_l - 1, end_r));
         assert!(!check_bounds(&p, end_l, end_r - 1));
@@ -503,9 +507,73 @@ fn dot_product_matmul_kernels_match_a_float64_reference() {
             }
         }
     }
-    // Through `matmul`: decoding's `x w^T` with 3 rows equals the same product done as
-    // 3 separate single-row products and as gemm's many-row product (rows 0..3 of 40).
+    // A destination whose size would wrap is refused before anything is read or written.
+    let huge = Operands {
+        b: usize::MAX / 2,
+        m: 4,
+        n: 4,
+        k: 16,
+        a_skip: 0,
+        b_skip: 0,
+        lhs_rs: 0,
+        rhs_cs: 0,
+    };
+    assert!(!check_bounds(&huge, 64, 64));
     let dev = Device::Cpu;
+    // `matmul` takes the kernel (bit for bit the selected one's results) for decoding's
+    // attention layout: queries `[b, kvh, n_rep, hd]` against a key cache with room to spare,
+    // narrowed to the filled positions and transposed.
+    if names[0] != "plain" {
+        let q = Tensor::from_vec(values(2 * 3 * 3 * 64, 5), (2, 3, 3, 64), &dev).unwrap();
+        let cache = Tensor::from_vec(values(2 * 3 * 20 * 64, 6), (2, 3, 20, 64), &dev).unwrap();
+        let keys = cache.narrow(2, 0, 13).unwrap();
+        let got: Vec<f32> = q
+            .matmul(&keys.t().unwrap())
+            .unwrap()
+            .flatten_all()
+            .unwrap()
+            .to_vec1()
+            .unwrap();
+        let p = Operands {
+            b: 6,
+            m: 3,
+            n: 13,
+            k: 64,
+            a_skip: 3 * 64,
+            b_skip: 20 * 64,
+            lhs_rs: 64,
+            rhs_cs: 64,
+        };
+        let q_flat: Vec<f32> = q.flatten_all().unwrap().to_vec1().unwrap();
+        let c_flat: Vec<f32> = cache.flatten_all().unwrap().to_vec1().unwrap();
+        assert_eq!(got, run_named(names[0], p, &q_flat, &c_flat).unwrap());
+        // A weight shared by a batch of few-row inputs (`broadcast_matmul`): folded into one
+        // product of 2 x 3 rows, the same bits as the kernel on the stacked rows.
+        let x = Tensor::from_vec(values(2 * 3 * 48, 7), (2, 3, 48), &dev).unwrap();
+        let w = Tensor::from_vec(values(40 * 48, 8), (40, 48), &dev).unwrap();
+        let got: Vec<f32> = x
+            .broadcast_matmul(&w.t().unwrap())
+            .unwrap()
+            .flatten_all()
+            .unwrap()
+            .to_vec1()
+            .unwrap();
+        let p = Operands {
+            b: 1,
+            m: 6,
+            n: 40,
+            k: 48,
+            a_skip: 0,
+            b_skip: 0,
+            lhs_rs: 48,
+            rhs_cs: 48,
+        };
+        let x_flat: Vec<f32> = x.flatten_all().unwrap().to_vec1().unwrap();
+        let w_flat: Vec<f32> = w.flatten_all().unwrap().to_vec1().unwrap();
+        assert_eq!(got, run_named(names[0], p, &x_flat, &w_flat).unwrap());
+    }
+    // Through `matmul`: decoding's `x w^T` with 3 rows (the kernel) agrees with gemm's
+    // many-row product (rows 0..3 of 40).
     let w = Tensor::from_vec(values(50 * 96, 3), (50, 96), &dev).unwrap();
     let x = Tensor::from_vec(values(40 * 96, 4), (40, 96), &dev).unwrap();
     let few = x.narrow(0, 0, 3).unwrap().matmul(&w.t().unwrap()).unwrap();

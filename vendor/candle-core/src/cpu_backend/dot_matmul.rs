@@ -25,10 +25,13 @@ const WIDE_PER_ITEM: usize = 32;
 /// Below this many multiply-adds the product runs on the calling thread.
 const PARALLEL_MIN_MACS: usize = 1 << 16;
 
-/// Whether the kernel is switched on: `CANDLE_DOT_MATMUL=0` turns it off (to compare with gemm).
+/// Whether the kernel is switched on: `CANDLE_DOT_MATMUL=0` turns it off (to compare with gemm),
+/// and so does a CPU without AVX2 and FMA (gemm's own SIMD kernels beat the plain loop there).
 pub(super) fn enabled() -> bool {
     static ON: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
-    *ON.get_or_init(|| std::env::var("CANDLE_DOT_MATMUL").map_or(true, |v| v != "0"))
+    *ON.get_or_init(|| {
+        std::env::var("CANDLE_DOT_MATMUL").map_or(true, |v| v != "0") && available()[0].0 != "plain"
+    })
 }
 
 /// One batch of operands: `lhs` rows are `lhs_rs` apart, `rhs` columns are `rhs_cs` apart, both
@@ -126,6 +129,14 @@ fn run_with(kernel: Kernel, p: Operands, lhs: &[f32], rhs: &[f32], dst: &mut [Ma
 #[doc(hidden)]
 pub fn check_bounds(p: &Operands, lhs_len: usize, rhs_len: usize) -> bool {
     if p.b == 0 || p.m == 0 || p.n == 0 || p.k == 0 {
+        return false;
+    }
+    // The destination's size must not wrap either.
+    if p.b
+        .checked_mul(p.m)
+        .and_then(|bm| bm.checked_mul(p.n))
+        .is_none()
+    {
         return false;
     }
     let last = |skip: usize, count: usize, stride: usize| {

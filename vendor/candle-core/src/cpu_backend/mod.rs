@@ -1566,20 +1566,27 @@ impl Map2 for MatMul {
             v
         };
         // repnoise patch: few rows or columns, both operands contiguous along k (decoding's
-        // `x.matmul(&w.t())`): dot products instead of gemm's packed panels.
+        // `x.matmul(&w.t())`): dot products instead of gemm's packed panels. A batch-invariant
+        // rhs folds the batches into rows first, as for gemm below, so that a shared weight is
+        // streamed once rather than once per batch.
+        let (db, dm, da_skip) = if b_skip == 0 && a_skip == m * lhs_rs {
+            (1, b * m, b * m * lhs_rs)
+        } else {
+            (b, m, a_skip)
+        };
         if T::DTYPE == DType::F32
             && dot_matmul::enabled()
             && lhs_cs == 1
             && rhs_rs == 1
-            && m.min(n) <= dot_matmul::MAX_NARROW
+            && dm.min(n) <= dot_matmul::MAX_NARROW
             && k >= dot_matmul::MIN_K
         {
             let p = dot_matmul::Operands {
-                b,
-                m,
+                b: db,
+                m: dm,
                 n,
                 k,
-                a_skip,
+                a_skip: da_skip,
                 b_skip,
                 lhs_rs,
                 rhs_cs,
