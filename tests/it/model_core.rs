@@ -520,6 +520,7 @@ fn dot_product_matmul_kernels_match_a_float64_reference() {
     };
     assert!(!check_bounds(&huge, 64, 64));
     let dev = Device::Cpu;
+    let flat = |t: &Tensor| -> Vec<f32> { t.flatten_all().unwrap().to_vec1().unwrap() };
     // `matmul` takes the kernel (bit for bit the selected one's results) for decoding's
     // attention layout: queries `[b, kvh, n_rep, hd]` against a key cache with room to spare,
     // narrowed to the filled positions and transposed.
@@ -527,13 +528,7 @@ fn dot_product_matmul_kernels_match_a_float64_reference() {
         let q = Tensor::from_vec(values(2 * 3 * 3 * 64, 5), (2, 3, 3, 64), &dev).unwrap();
         let cache = Tensor::from_vec(values(2 * 3 * 20 * 64, 6), (2, 3, 20, 64), &dev).unwrap();
         let keys = cache.narrow(2, 0, 13).unwrap();
-        let got: Vec<f32> = q
-            .matmul(&keys.t().unwrap())
-            .unwrap()
-            .flatten_all()
-            .unwrap()
-            .to_vec1()
-            .unwrap();
+        let got = flat(&q.matmul(&keys.t().unwrap()).unwrap());
         let p = Operands {
             b: 6,
             m: 3,
@@ -544,20 +539,15 @@ fn dot_product_matmul_kernels_match_a_float64_reference() {
             lhs_rs: 64,
             rhs_cs: 64,
         };
-        let q_flat: Vec<f32> = q.flatten_all().unwrap().to_vec1().unwrap();
-        let c_flat: Vec<f32> = cache.flatten_all().unwrap().to_vec1().unwrap();
-        assert_eq!(got, run_named(names[0], p, &q_flat, &c_flat).unwrap());
+        assert_eq!(
+            got,
+            run_named(names[0], p, &flat(&q), &flat(&cache)).unwrap()
+        );
         // A weight shared by a batch of few-row inputs (`broadcast_matmul`): folded into one
         // product of 2 x 3 rows, the same bits as the kernel on the stacked rows.
         let x = Tensor::from_vec(values(2 * 3 * 48, 7), (2, 3, 48), &dev).unwrap();
         let w = Tensor::from_vec(values(40 * 48, 8), (40, 48), &dev).unwrap();
-        let got: Vec<f32> = x
-            .broadcast_matmul(&w.t().unwrap())
-            .unwrap()
-            .flatten_all()
-            .unwrap()
-            .to_vec1()
-            .unwrap();
+        let got = flat(&x.broadcast_matmul(&w.t().unwrap()).unwrap());
         let p = Operands {
             b: 1,
             m: 6,
@@ -568,9 +558,7 @@ fn dot_product_matmul_kernels_match_a_float64_reference() {
             lhs_rs: 48,
             rhs_cs: 48,
         };
-        let x_flat: Vec<f32> = x.flatten_all().unwrap().to_vec1().unwrap();
-        let w_flat: Vec<f32> = w.flatten_all().unwrap().to_vec1().unwrap();
-        assert_eq!(got, run_named(names[0], p, &x_flat, &w_flat).unwrap());
+        assert_eq!(got, run_named(names[0], p, &flat(&x), &flat(&w)).unwrap());
     }
     // Through `matmul`: decoding's `x w^T` with 3 rows (the kernel) agrees with gemm's
     // many-row product (rows 0..3 of 40).
