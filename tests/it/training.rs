@@ -281,6 +281,87 @@ fn backward_owned_frees_nodes_during_the_pass() {
     assert_eq!(g_owned, g_held);
 }
 
+/// `x w^T` (every linear map, attention's `q k^T`): the patched backward sends the weight's
+/// gradient `g^T x` to `w` itself instead of to the transposed view. Checked against the
+/// formula in f64, in 2-D and in 4-D (batched, as attention), with the view also feeding a
+/// second term (both paths must add up), and the activation `x` must not be kept alive by the
+/// gradient store once the pass is over (the weight's gradient is detached).
+#[test]
+fn matmul_by_a_transposed_weight_gives_the_weight_its_gradient() {
+    use std::sync::atomic::{AtomicBool, Ordering};
+    use std::sync::Arc;
+    let dev = Device::Cpu;
+    for dims in [vec![5usize, 4, 3], vec![2, 3, 5, 4, 6]] {
+        // dims: batch..., rows, inner, cols: x [.., rows, inner], w [.., cols, inner].
+        let n = dims.len();
+        let (rows, inner, cols) = (dims[n - 3], dims[n - 2], dims[n - 1]);
+        let batch: Vec<usize> = dims[..n - 3].to_vec();
+        let nb: usize = batch.iter().product();
+        let vals = |len: usize, salt: usize| -> Vec<f32> {
+            (0..len)
+                .map(|i| ((i * 7 + salt * 13) % 11) as f32 / 4.0 - 1.2)
+                .collect()
+        };
+        let xs = vals(nb * rows * inner, 1);
+        let ws = vals(nb * cols * inner, 2);
+        let shape = |a: usize, b: usize| [batch.clone(), vec![a, b]].concat();
+        let w = candle_core::Var::from_vec(ws.clone(), shape(cols, inner), &dev).unwrap();
+        let x0 = candle_core::Var::from_vec(xs.clone(), shape(rows, inner), &dev).unwrap();
+        let dropped = Arc::new(AtomicBool::new(false));
+        let x = x0
+            .as_tensor()
+            .apply_op1(Probe {
+                dropped: dropped.clone(),
+                watch: None,
+                seen: Arc::new(AtomicBool::new(false)),
+            })
+            .unwrap();
+        let wt = w.as_tensor().t().unwrap();
+        let y = x.matmul(&wt).unwrap();
+        // loss = sum(y^2) / 2 + 0.5 * sum(w^T): dL/dw = (y^T x) + 0.5.
+        let loss = ((y.sqr().unwrap().sum_all().unwrap() * 0.5).unwrap()
+            + (wt.sum_all().unwrap() * 0.5).unwrap())
+        .unwrap();
+        drop((x, wt, y));
+        let grads = loss.backward_owned().unwrap();
+        assert!(
+            dropped.load(Ordering::SeqCst),
+            "{dims:?}: the gradient store keeps the activation alive"
+        );
+        let got: Vec<f32> = grads
+            .get(w.as_tensor())
+            .unwrap()
+            .flatten_all()
+            .unwrap()
+            .to_vec1()
+            .unwrap();
+        let mut want = vec![0f64; nb * cols * inner];
+        for b in 0..nb {
+            let xb = &xs[b * rows * inner..];
+            let wb = &ws[b * cols * inner..];
+            for c in 0..cols {
+                for i in 0..inner {
+                    let mut acc = 0.5f64;
+                    for r in 0..rows {
+                        let yrc: f64 = (0..inner)
+                            .map(|k| xb[r * inner + k] as f64 * wb[c * inner + k] as f64)
+                            .sum();
+                        acc += yrc * xb[r * inner + i] as f64;
+                    }
+                    want[(b * cols + c) * inner + i] = acc;
+                }
+            }
+        }
+        assert_eq!(got.len(), want.len());
+        for (j, (g, e)) in got.iter().zip(&want).enumerate() {
+            assert!(
+                (*g as f64 - e).abs() <= 1e-4 * (1.0 + e.abs()),
+                "{dims:?}: dw[{j}] = {g}, expected {e}"
+            );
+        }
+    }
+}
+
 #[test]
 fn repnoise_terms_combine_as_the_formula_says() {
     let m = tiny_model(2);

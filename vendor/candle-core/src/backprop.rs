@@ -182,9 +182,11 @@ impl Tensor {
             if node.is_variable() {
                 continue;
             }
-            let grad = grads
-                .remove(node)
-                .expect("candle internal error - grad not populated");
+            // repnoise patch: a node may receive no gradient (a transposed weight view whose
+            // gradient the matmul arm sent to the weight itself): its inputs get none from it.
+            let Some(grad) = grads.remove(node) else {
+                continue;
+            };
             // https://github.com/huggingface/candle/issues/1241
             // Ideally, we would make these operations in place where possible to ensure that we
             // do not have to allocate too often. Here we just call `.detach` to avoid computing
@@ -455,8 +457,35 @@ impl Tensor {
                             grads.accumulate(lhs, &lhs_grad)?;
                         }
                         if rhs.track_op() {
-                            let rhs_grad = lhs.t()?.matmul(&grad)?;
-                            grads.accumulate(rhs, &rhs_grad)?;
+                            // repnoise patch: when `rhs` is a transposed view of the last two
+                            // dimensions of `w` (`x w^T`: every linear map, attention's `q k^T`),
+                            // `w`'s gradient `grad^T x` is computed in `w`'s own layout and goes
+                            // to `w` directly. Upstream computed `x^T grad` for the view, which the
+                            // transpose node then copied into `w`'s layout (a strided copy of every
+                            // weight gradient). The view's node is skipped when nothing else fed it.
+                            let rank = rhs.rank();
+                            match rhs.op() {
+                                Some(Op::Transpose(w, d1, d2))
+                                    if rank >= 2
+                                        && (*d1).min(*d2) == rank - 2
+                                        && (*d1).max(*d2) == rank - 1 =>
+                                {
+                                    // Detached: the product records `lhs`, which would
+                                    // keep that activation alive in the store until the end
+                                    // (the other arms' gradients are detached at the next node).
+                                    let w_grad = grad.t()?.matmul(lhs)?;
+                                    let w_grad = if do_not_detach {
+                                        w_grad
+                                    } else {
+                                        w_grad.detach()
+                                    };
+                                    grads.accumulate(w, &w_grad)?;
+                                }
+                                _ => {
+                                    let rhs_grad = lhs.t()?.matmul(&grad)?;
+                                    grads.accumulate(rhs, &rhs_grad)?;
+                                }
+                            }
                         }
                     }
                     Op::Cat(args, dim) => {
