@@ -485,9 +485,8 @@ impl Llama {
             let n_rep = h / kvh;
             let total = k.dim(2)?;
             let q = q.contiguous()?.reshape((b, kvh, n_rep * t, hd))?;
-            let scores = (q.matmul(&k.t()?)? * scale)?.reshape((b, h, t, total))?; // [b, h, t, T]
-            let scores = scores.broadcast_add(mask)?;
-            let probs = ops::softmax_last(&scores)?;
+            let scores = q.matmul(&k.t()?)?.reshape((b, h, t, total))?; // [b, h, t, T]
+            let probs = ops::masked_softmax(&scores, mask, scale)?; // softmax(scores * scale + mask)
             let attn = probs
                 .reshape((b, kvh, n_rep * t, total))?
                 .matmul(&v)? // [b, kvh, n_rep * t, hd]

@@ -166,7 +166,35 @@ pub fn rms_norm(x: &Tensor, w: &Tensor, eps: f64) -> Result<Tensor> {
 // Softmax over the last dimension.
 
 struct Softmax;
-struct SoftmaxGrad;
+/// `dx = y * (g - sum(g * y))`, times `scale` when the softmax's input was scaled
+/// ([`masked_softmax`]).
+struct SoftmaxGrad {
+    scale: Option<f32>,
+}
+
+/// Below this, `exp` gives a subnormal or 0, which [`flush_subnormal`] turns into a 0
+/// probability anyway (`exp(-87.5)` is about 1.0e-38, under `f32::MIN_POSITIVE`): such entries
+/// (a masked key's score, -1e9 below the row's maximum) skip `exp` and its slow underflow path.
+/// Their share of the row's sum, at most 1.2e-38 against a sum of at least 1, is below f32's
+/// resolution, so the result is bit-identical.
+const EXP_FLUSHED_BELOW: f32 = -87.5;
+
+/// Softmax of one row in place: `o` holds the inputs on entry, the probabilities on exit.
+#[inline(always)]
+fn softmax_row_in_place(o: &mut [f32]) {
+    let max = o.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+    let mut sum = 0f32;
+    for v in o.iter_mut() {
+        let d = *v - max;
+        let e = if d < EXP_FLUSHED_BELOW { 0.0 } else { d.exp() };
+        *v = e;
+        sum += e;
+    }
+    let inv = 1.0 / sum;
+    for v in o.iter_mut() {
+        *v = flush_subnormal(*v * inv);
+    }
+}
 
 impl CustomOp1 for Softmax {
     fn name(&self) -> &'static str {
@@ -175,26 +203,80 @@ impl CustomOp1 for Softmax {
     fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> candle_core::Result<(CpuStorage, Shape)> {
         let x = slice_f32(s, l, "softmax x")?;
         let d = l.shape().dims().last().copied().unwrap_or(1).max(1);
-        let mut out = vec![0f32; x.len()];
-        out.par_chunks_mut(d)
-            .zip(x.par_chunks(d))
-            .for_each(|(o, xr)| {
-                let max = xr.iter().copied().fold(f32::NEG_INFINITY, f32::max);
-                let mut sum = 0f32;
-                for i in 0..d {
-                    let e = (xr[i] - max).exp();
-                    o[i] = e;
-                    sum += e;
-                }
-                let inv = 1.0 / sum;
-                for v in o.iter_mut() {
-                    *v = flush_subnormal(*v * inv);
-                }
-            });
+        let mut out = x.to_vec();
+        out.par_chunks_mut(d).for_each(softmax_row_in_place);
         Ok((CpuStorage::F32(out), l.shape().clone()))
     }
     fn bwd(&self, _x: &Tensor, y: &Tensor, g: &Tensor) -> candle_core::Result<Option<Tensor>> {
-        Ok(Some(y.apply_op2_no_bwd(&g.contiguous()?, &SoftmaxGrad)?))
+        Ok(Some(y.apply_op2_no_bwd(
+            &g.contiguous()?,
+            &SoftmaxGrad { scale: None },
+        )?))
+    }
+}
+
+/// Attention's probabilities: `softmax(scores * scale + mask)` over the last dimension, with
+/// `scores` `[b, h, t, T]` and an additive `mask` `[b, 1, t, T]` shared by the heads, in one
+/// pass (the unfused form makes three, two of them on one thread). The mask is a constant: it
+/// gets no gradient.
+struct MaskedSoftmax {
+    scale: f32,
+}
+
+impl CustomOp2 for MaskedSoftmax {
+    fn name(&self) -> &'static str {
+        "masked-softmax"
+    }
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+    ) -> candle_core::Result<(CpuStorage, Shape)> {
+        let x = slice_f32(s1, l1, "masked-softmax scores")?;
+        let m = slice_f32(s2, l2, "masked-softmax mask")?;
+        let (_, h, t, tt) = l1.shape().dims4()?;
+        let (mb, mh, mt, mtt) = l2.shape().dims4()?;
+        if mh != 1 || mt != t || mtt != tt || mb * t * tt != m.len() || mb * h * t * tt != x.len() {
+            candle_core::bail!(
+                "masked-softmax: mask {:?} does not fit scores {:?}",
+                l2.shape(),
+                l1.shape()
+            )
+        }
+        let scale = self.scale;
+        let mut out = vec![0f32; x.len()];
+        out.par_chunks_mut(tt)
+            .zip(x.par_chunks(tt))
+            .enumerate()
+            .for_each(|(r, (o, xr))| {
+                // Row r is (batch r / (h t), query r % t); the mask row is (batch, query).
+                let mrow = (r / (h * t)) * t + r % t;
+                let mr = &m[mrow * tt..(mrow + 1) * tt];
+                for i in 0..tt {
+                    // Two roundings, as the unfused `scores * scale` then `+ mask`.
+                    let z = xr[i] * scale;
+                    o[i] = z + mr[i];
+                }
+                softmax_row_in_place(o);
+            });
+        Ok((CpuStorage::F32(out), l1.shape().clone()))
+    }
+    fn bwd(
+        &self,
+        _x: &Tensor,
+        _mask: &Tensor,
+        y: &Tensor,
+        g: &Tensor,
+    ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>)> {
+        let dx = y.apply_op2_no_bwd(
+            &g.contiguous()?,
+            &SoftmaxGrad {
+                scale: Some(self.scale),
+            },
+        )?;
+        Ok((Some(dx), None))
     }
 }
 
@@ -213,6 +295,7 @@ impl CustomOp2 for SoftmaxGrad {
         let y = slice_f32(s1, l1, "softmax-grad y")?;
         let g = slice_f32(s2, l2, "softmax-grad g")?;
         let d = l1.shape().dims().last().copied().unwrap_or(1).max(1);
+        let scale = self.scale;
         let mut out = vec![0f32; y.len()];
         out.par_chunks_mut(d)
             .zip(y.par_chunks(d))
@@ -221,6 +304,11 @@ impl CustomOp2 for SoftmaxGrad {
                 let dot: f32 = yr.iter().zip(gr).map(|(a, b)| a * b).sum();
                 for i in 0..d {
                     o[i] = yr[i] * (gr[i] - dot);
+                }
+                if let Some(scale) = scale {
+                    for v in o.iter_mut() {
+                        *v *= scale;
+                    }
                 }
             });
         Ok((CpuStorage::F32(out), l1.shape().clone()))
@@ -249,6 +337,25 @@ pub fn softmax_last(x: &Tensor) -> Result<Tensor> {
         return Ok(x.contiguous()?.apply_op1(Softmax)?);
     }
     Ok(candle_nn::ops::softmax(x, D::Minus1)?)
+}
+
+/// `softmax(scores * scale + mask)` over the last dimension: `scores` `[b, h, t, T]`, `mask`
+/// `[b, 1, t, T]` (additive, constant: no gradient reaches it). Fused on CPU; other devices and
+/// other mask shapes take the composed ops.
+pub fn masked_softmax(scores: &Tensor, mask: &Tensor, scale: f64) -> Result<Tensor> {
+    let fits = match (scores.dims4(), mask.dims4()) {
+        (Ok((b, _, t, tt)), Ok(m)) => m == (b, 1, t, tt),
+        _ => false,
+    };
+    if fused(scores) && fits && mask.dtype() == scores.dtype() {
+        return Ok(scores.contiguous()?.apply_op2(
+            &mask.contiguous()?,
+            MaskedSoftmax {
+                scale: scale as f32,
+            },
+        )?);
+    }
+    softmax_last(&(scores * scale)?.broadcast_add(mask)?)
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -445,7 +552,7 @@ pub fn rope(x: &Tensor, cos: &Tensor, sin: &Tensor) -> Result<Tensor> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use candle_core::{Device, Var};
+    use candle_core::{DType, Device, Var};
 
     fn rand(shape: &[usize], seed: u64) -> Var {
         let n = shape.iter().product();
@@ -567,6 +674,63 @@ mod tests {
         let f = softmax_last(x.as_tensor()).unwrap();
         let c = candle_nn::ops::softmax(x.as_tensor(), D::Minus1).unwrap();
         check(&[&x], &f, &c, "softmax");
+    }
+
+    /// The fused attention softmax equals the unfused ops bit for bit (and the scores' gradient
+    /// equals theirs), with a causal mask, a padded key and a row whose keys are all masked.
+    #[test]
+    fn masked_softmax_equals_scale_mask_softmax_bit_for_bit() {
+        let (b, h, t) = (2, 3, 5);
+        let x = rand(&[b, h, t, t], 21);
+        let mut valid = vec![vec![true; t]; b];
+        valid[1][0] = false; // a left-padding key
+        let mut mask = crate::model::attention_mask(b, t, 0, Some(&valid), &Device::Cpu).unwrap();
+        // Row 0 of batch 1 (query 0 sees only key 0, which is padding): every key masked.
+        let scale = 0.125;
+        let f = masked_softmax(x.as_tensor(), &mask, scale).unwrap();
+        let c = softmax_last(
+            &(x.as_tensor() * scale)
+                .unwrap()
+                .broadcast_add(&mask)
+                .unwrap(),
+        )
+        .unwrap();
+        let bits = |t: &Tensor| -> Vec<u32> {
+            let v: Vec<f32> = t.flatten_all().unwrap().to_vec1().unwrap();
+            v.into_iter().map(f32::to_bits).collect()
+        };
+        assert_eq!(bits(&f), bits(&c));
+        // The all-masked row is uniform, and masked keys elsewhere get exactly 0.
+        let fv: Vec<f32> = f.flatten_all().unwrap().to_vec1().unwrap();
+        let row = |bi: usize, hi: usize, ti: usize| &fv[((bi * h + hi) * t + ti) * t..][..t];
+        assert!(row(1, 0, 0).iter().all(|&p| (p - 0.2).abs() < 1e-6));
+        assert!(row(0, 2, 1)[2..].iter().all(|&p| p == 0.0));
+        let up = rand(f.dims(), 22);
+        let grad = |y: &Tensor| {
+            let g = (y * up.as_tensor())
+                .unwrap()
+                .sum_all()
+                .unwrap()
+                .backward()
+                .unwrap();
+            g.get(x.as_tensor())
+                .unwrap()
+                .flatten_all()
+                .unwrap()
+                .to_vec1::<f32>()
+                .unwrap()
+        };
+        // Equal as numbers (the unfused scaling adds +0.0, turning some -0.0 into +0.0).
+        assert_eq!(grad(&f), grad(&c));
+        // A mask that does not fit the scores takes the composed ops.
+        mask = Tensor::zeros((t, t), DType::F32, &Device::Cpu).unwrap();
+        let g = masked_softmax(x.as_tensor(), &mask, scale).unwrap();
+        close(
+            &g,
+            &softmax_last(&(x.as_tensor() * scale).unwrap()).unwrap(),
+            1e-7,
+            "2-D mask",
+        );
     }
 
     #[test]
