@@ -217,7 +217,7 @@ impl CustomOp1 for Softmax {
 
 /// Attention's probabilities: `softmax(scores * scale + mask)` over the last dimension, with
 /// `scores` `[b, h, t, T]` and an additive `mask` `[b, 1, t, T]` shared by the heads, in one
-/// pass (the unfused form makes three, two of them on one thread). The mask is a constant: it
+/// pass (the unfused form makes three, the scaling on one thread). The mask is a constant: it
 /// gets no gradient.
 struct MaskedSoftmax {
     scale: f32,
