@@ -236,9 +236,8 @@ impl CustomOp2 for MaskedSoftmax {
     ) -> candle_core::Result<(CpuStorage, Shape)> {
         let x = slice_f32(s1, l1, "masked-softmax scores")?;
         let m = slice_f32(s2, l2, "masked-softmax mask")?;
-        let (_, h, t, tt) = l1.shape().dims4()?;
-        let (mb, mh, mt, mtt) = l2.shape().dims4()?;
-        if mh != 1 || mt != t || mtt != tt || mb * t * tt != m.len() || mb * h * t * tt != x.len() {
+        let (b, h, t, tt) = l1.shape().dims4()?;
+        if l2.shape().dims4()? != (b, 1, t, tt) {
             candle_core::bail!(
                 "masked-softmax: mask {:?} does not fit scores {:?}",
                 l2.shape(),
