@@ -21,6 +21,7 @@ use crate::data::{filter_group, read_harmful_qa};
 use crate::error::{Error, Result};
 use crate::io::write_json_atomic;
 use crate::lora::{Lora, LoraConfig};
+use crate::model::Llama;
 use crate::modelio::{save_hf_dir, LoadedModel};
 use crate::objective::sft_loss_with;
 use crate::refusal::RefusalCheck;
@@ -326,6 +327,31 @@ pub fn attack(
     eval_tokens: usize,
     interrupt: Interrupt,
 ) -> Result<AttackReport> {
+    attack_with_probe(model, data_path, cfg, out, eval_tokens, interrupt, None)
+}
+
+/// Something measured on the model being attacked at chosen optimizer steps (a durability
+/// curve): `(steps, f)` calls `f(step, net)` with the network after `step` updates, for every
+/// listed step up to the attack's last (the last itself after training, on the final weights;
+/// step 0 is the model before any update; [`LAST_STEP`] stands for the last step, whatever
+/// the attack's length). Listed steps past the end are skipped. A fine-tuning attack only; it
+/// changes nothing the attack computes (no random draw, no weight).
+pub type Probe<'a> = (&'a [usize], &'a mut dyn FnMut(usize, &Llama) -> Result<()>);
+
+/// In a [`Probe`]'s steps: the attack's last step.
+pub const LAST_STEP: usize = usize::MAX;
+
+/// [`attack`] with a [`Probe`].
+pub fn attack_with_probe(
+    model: &mut LoadedModel,
+    data_path: &Path,
+    cfg: &AttackConfig,
+    out: &Path,
+    eval_tokens: usize,
+    interrupt: Interrupt,
+    probe: Option<Probe>,
+) -> Result<AttackReport> {
+    let mut probe = probe;
     let t0 = std::time::Instant::now();
     let run = RunDir::open(
         out,
@@ -417,7 +443,14 @@ pub fn attack(
             }
             let pad = model.tok.pad_id;
             let faithful = cfg.faithful_loss;
+            let total = cfg.train.total_steps(enc.len());
+            let probe_ref = &mut probe;
             let loss = |net: &crate::model::Llama, ctx: &mut train::StepCtx| {
+                if let Some((steps, f)) = probe_ref.as_mut() {
+                    if ctx.step < total && steps.contains(&ctx.step) {
+                        f(ctx.step, net)?;
+                    }
+                }
                 let seqs: Vec<&Encoded> = ctx.indices.iter().map(|&i| &enc[i]).collect();
                 sft_loss_with(net, &seqs, pad, faithful)
             };
@@ -450,6 +483,12 @@ pub fn attack(
                 let merged = lora.merged()?;
                 drop(lora);
                 model.params = merged;
+            }
+            if let Some((steps, f)) = probe.as_mut() {
+                if steps.contains(&total) || steps.contains(&LAST_STEP) {
+                    let net = Llama::frozen(&model.config, &model.params)?;
+                    f(total, &net)?;
+                }
             }
         }
     }

@@ -238,6 +238,238 @@ pub fn verdicts(r: &Results) -> Vec<String> {
     out
 }
 
+fn verdict_word(v: crate::eval::stats::Verdict) -> &'static str {
+    match v {
+        crate::eval::stats::Verdict::Lower => "lower",
+        crate::eval::stats::Verdict::Higher => "higher",
+        crate::eval::stats::Verdict::Undetermined => "undetermined",
+    }
+}
+
+/// The primary metric: paired verdicts, durability curves, steps to break.
+pub fn durability_blocks(r: &Results) -> Vec<Block> {
+    use crate::eval::durability::Metric;
+    let Some(d) = &r.durability else {
+        return vec![];
+    };
+    let e = &r.experiment;
+    let mut b = vec![Block::Heading(
+        2,
+        "Primary metric: the attacker's own loss on held-out questions".into(),
+    )];
+    let n_items = r
+        .defences
+        .iter()
+        .find_map(|d| d.heldout.as_ref().map(|h| h.harmful_ce.len()))
+        .unwrap_or(0);
+    b.push(Block::Para(format!(
+        "For every model, before the attack and along it: the mean per-token cross-entropy of \
+         the data set's own harmful answers to {n_items} held-out {} questions (higher = the \
+         attacker has learnt less; nothing of these questions is trained on), and the margin \
+         `ce(refusal) - ce(harmful)` against the aligned model's refusal to the same question \
+         (lower = more resistant). Differences are defence minus baseline, paired by attack \
+         seed and prompt; 95% intervals from a bootstrap over defence seeds ({}), attack seeds \
+         ({}) and prompts ({} resamples); verdicts are Holm-corrected over every comparison of \
+         the same metric at a family-wise {}; MDD is the smallest difference this design \
+         detects with 80% power.",
+        e.evaluate_on,
+        e.defence_seeds.len().max(1),
+        e.seeds.len(),
+        e.heldout.bootstrap,
+        e.heldout.alpha
+    )));
+    for m in Metric::ALL {
+        let rows: Vec<Vec<String>> = d
+            .comparisons
+            .iter()
+            .filter(|c| c.metric == m)
+            .map(|c| {
+                let better = match (c.diff.verdict, m.higher_resists()) {
+                    (crate::eval::stats::Verdict::Higher, true)
+                    | (crate::eval::stats::Verdict::Lower, false) => " (more resistant)",
+                    (crate::eval::stats::Verdict::Lower, true)
+                    | (crate::eval::stats::Verdict::Higher, false) => " (less resistant)",
+                    _ => "",
+                };
+                vec![
+                    c.cell.as_ref().map_or("before attack".into(), |c| c.label()),
+                    format!("{} - {}", c.defence, c.baseline),
+                    format!(
+                        "{} [{}, {}]",
+                        f3(c.diff.diff),
+                        f3(c.diff.ci95.0),
+                        f3(c.diff.ci95.1)
+                    ),
+                    format!("{} vs {}", f3(c.diff.mean_a), f3(c.diff.mean_b)),
+                    c.diff.p_holm.map_or("-".into(), |p| format!("{p:.3}")),
+                    f3(c.diff.mdd),
+                    format!("{}{better}", verdict_word(c.diff.verdict)),
+                ]
+            })
+            .collect();
+        if rows.is_empty() {
+            continue;
+        }
+        b.push(Block::Para(format!(
+            "**{}** ({} resists more), at the attack's last step:",
+            m.label(),
+            if m.higher_resists() { "higher" } else { "lower" }
+        )));
+        b.push(Block::Table {
+            head: [
+                "cell",
+                "comparison",
+                "difference [95% CI]",
+                "means",
+                "Holm p",
+                "MDD",
+                "verdict",
+            ]
+            .map(String::from)
+            .to_vec(),
+            rows,
+        });
+    }
+    // Curves: one chart per cell, a line per defence (mean over every attacked copy); the
+    // intervals are in the table below.
+    for (ci, c) in e.cells().iter().enumerate() {
+        let series: Vec<crate::plot::Series> = e
+            .defence_names()
+            .iter()
+            .filter_map(|name| {
+                let pts: Vec<(f64, f64)> = d
+                    .curves
+                    .iter()
+                    .filter(|s| &s.defence == name && &s.cell == c)
+                    .map(|s| (s.step as f64, s.harmful_ce.mean))
+                    .collect();
+                (!pts.is_empty()).then(|| crate::plot::Series::new(name.clone(), pts))
+            })
+            .collect();
+        if series.is_empty() {
+            continue;
+        }
+        if let Ok(svg) = crate::plot::line_chart(
+            &format!("Held-out harmful CE along the attack: {}", c.label()),
+            "attack step",
+            "harmful-answer CE (nats/token)",
+            &series,
+        ) {
+            b.push(Block::Figure {
+                file: format!("durability-{ci}.svg"),
+                svg,
+                caption: format!(
+                    "Durability curve, {}: held-out harmful-answer cross-entropy after each \
+                     evaluated attack step (higher resists more), mean over attacked copies.",
+                    c.label()
+                ),
+            });
+        }
+    }
+    let rows: Vec<Vec<String>> = d
+        .curves
+        .iter()
+        .map(|s| {
+            vec![
+                s.cell.label(),
+                s.defence.clone(),
+                s.step.to_string(),
+                with_ci(&s.harmful_ce),
+                with_ci(&s.margin),
+                s.harmful_ce.n.to_string(),
+            ]
+        })
+        .collect();
+    if !rows.is_empty() {
+        b.push(Block::Para("Every evaluated step, mean [95% interval]:".into()));
+        b.push(Block::Table {
+            head: ["cell", "defence", "step", "harmful CE", "margin", "models"]
+                .map(String::from)
+                .to_vec(),
+            rows,
+        });
+    }
+    let rows: Vec<Vec<String>> = d
+        .breaks
+        .iter()
+        .map(|x| {
+            let broke: Vec<usize> = x.steps.iter().flatten().copied().collect();
+            let each = x
+                .steps
+                .iter()
+                .map(|s| s.map_or(format!(">{}", x.last_step), |v| v.to_string()))
+                .collect::<Vec<_>>()
+                .join(", ");
+            vec![
+                x.cell.label(),
+                x.defence.clone(),
+                f3(x.threshold),
+                format!("{} of {}", broke.len(), x.steps.len()),
+                each,
+            ]
+        })
+        .collect();
+    if !rows.is_empty() {
+        b.push(Block::Para(format!(
+            "Steps to break: the first evaluated attack step at which a model's held-out \
+             harmful CE is at or below the threshold ({}); `>N`: not within the attack's N \
+             steps (censored).",
+            match e.heldout.break_threshold {
+                Some(t) => format!("{t}, set in the experiment"),
+                None => "the undefended model's mean at its first evaluated step after step 0, \
+                         per cell"
+                    .into(),
+            }
+        )));
+        b.push(Block::Table {
+            head: ["cell", "defence", "threshold", "broke", "step per attacked model"]
+                .map(String::from)
+                .to_vec(),
+            rows,
+        });
+    }
+    if !d.notes.is_empty() {
+        b.push(Block::List(d.notes.clone()));
+    }
+    b
+}
+
+/// The overlap audit: every pair of data partitions and the questions they share.
+pub fn audit_blocks(r: &Results) -> Vec<Block> {
+    if r.audit.is_empty() {
+        return vec![];
+    }
+    let bad: Vec<&crate::experiment::AuditRow> = r.audit.iter().filter(|a| a.shared > 0).collect();
+    let held = |n: &str| n == "test" || n == "validation";
+    let leaks = bad.iter().filter(|a| held(&a.a) || held(&a.b)).count();
+    let mut b = vec![Block::Para(format!(
+        "Overlap audit (normalised questions shared by each pair of partitions): {} pairs, {} \
+         with a shared question, {leaks} of them involving a held-out partition{}.",
+        r.audit.len(),
+        bad.len(),
+        if leaks == 0 { " (none: no held-out question is trained on)" } else { ": LEAK" }
+    ))];
+    b.push(Block::Table {
+        head: ["partition", "partition", "questions", "shared", "e.g."]
+            .map(String::from)
+            .to_vec(),
+        rows: r
+            .audit
+            .iter()
+            .map(|a| {
+                vec![
+                    a.a.clone(),
+                    a.b.clone(),
+                    format!("{} / {}", a.a_questions, a.b_questions),
+                    a.shared.to_string(),
+                    a.examples.join("; "),
+                ]
+            })
+            .collect(),
+    });
+    b
+}
+
 /// The blocks of an experiment's report.
 pub fn blocks(r: &Results) -> Vec<Block> {
     let e = &r.experiment;
@@ -284,6 +516,7 @@ pub fn blocks(r: &Results) -> Vec<Block> {
         e.eval.harmfulness.sampling.max_new_tokens
     )));
 
+    b.extend(durability_blocks(r));
     b.push(Block::Heading(
         2,
         "Resistance: harmfulness after each attack".into(),
@@ -294,14 +527,21 @@ pub fn blocks(r: &Results) -> Vec<Block> {
     let table =
         |pick: &dyn Fn(&CellSummary) -> Option<SeedMean>,
          before: &dyn Fn(&crate::experiment::DefenceResult) -> Option<f64>| {
-            let rows = r
-                .defences
+            let rows = e
+                .defence_names()
                 .iter()
-                .map(|d| {
-                    let mut row = vec![d.name.clone(), before(d).map_or("-".into(), f3)];
+                .map(|name| {
+                    let bs: Vec<f64> = r
+                        .defences
+                        .iter()
+                        .filter(|d| &d.name == name)
+                        .filter_map(before)
+                        .collect();
+                    let b = (!bs.is_empty()).then(|| bs.iter().sum::<f64>() / bs.len() as f64);
+                    let mut row = vec![name.clone(), b.map_or("-".into(), f3)];
                     for c in &cells {
                         row.push(
-                            find(&r.cells, &d.name, c)
+                            find(&r.cells, name, c)
                                 .and_then(pick)
                                 .map_or("-".into(), |m| with_ci(&m)),
                         );
@@ -499,6 +739,7 @@ pub fn blocks(r: &Results) -> Vec<Block> {
         });
     }
     b.push(Block::Heading(2, "Data".into()));
+    b.extend(audit_blocks(r));
     let mut notes = r.split_notes.clone();
     notes.push(format!(
         "{} defence pairs (harmful answer + the aligned model's refusal)",

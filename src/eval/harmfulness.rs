@@ -367,6 +367,34 @@ pub fn evaluate(
     scorer: Option<&dyn HarmScorer>,
     out: &Path,
 ) -> Result<HarmReport> {
+    evaluate_rows(model, prompts, prompts_name, cfg, check, scorer, out).map(|(r, _)| r)
+}
+
+/// The per-answer rows `evaluate` wrote to `out/generations.jsonl`.
+pub fn read_generations(out: &Path) -> Result<Vec<Scored>> {
+    let path = out.join("generations.jsonl");
+    let text = std::fs::read_to_string(&path)
+        .map_err(|e| Error::file(&path, format!("cannot read: {e}")))?;
+    text.lines()
+        .enumerate()
+        .filter(|(_, l)| !l.trim().is_empty())
+        .map(|(i, l)| {
+            serde_json::from_str(l)
+                .map_err(|e| Error::file(&path, format!("line {}: {e}", i + 1)))
+        })
+        .collect()
+}
+
+/// [`evaluate`], also returning every answer's row (prompt order), for paired comparisons.
+pub fn evaluate_rows(
+    model: &LoadedModel,
+    prompts: &[EvalPrompt],
+    prompts_name: &str,
+    cfg: &HarmfulnessConfig,
+    check: &RefusalCheck,
+    scorer: Option<&dyn HarmScorer>,
+    out: &Path,
+) -> Result<(HarmReport, Vec<Scored>)> {
     let t0 = std::time::Instant::now();
     std::fs::create_dir_all(out)
         .map_err(|e| Error::file(out, format!("cannot create directory: {e}")))?;
@@ -412,7 +440,7 @@ pub fn evaluate(
         t0.elapsed().as_secs_f64(),
     );
     crate::io::write_json_atomic(&out.join("harmfulness.json"), &rep)?;
-    Ok(rep)
+    Ok((rep, rows))
 }
 
 #[cfg(test)]

@@ -2,7 +2,9 @@
 //! ([`stability`]), trainability ([`trainability`], scored by [`rouge`]); generalisation is
 //! resistance measured after attacks on harm categories the defence did not see.
 
+pub mod durability;
 pub mod harmfulness;
+pub mod heldout;
 pub mod rouge;
 pub mod stability;
 pub mod stats;

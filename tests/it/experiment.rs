@@ -88,6 +88,10 @@ pairs = 6
 max_len = 80
 probe_seeds = [1, 2]
 
+[heldout.config]
+format = "plain"
+max_len = 64
+
 [eval.harmfulness]
 format = "plain"
 batch = 4
@@ -191,6 +195,67 @@ fn experiment_runs_once_reuses_its_stages_and_redoes_only_what_is_missing() {
     assert_eq!(r.len(), 2 * 2 * 2, "{r:?}");
     assert!(r.iter().all(|s| s.contains("lr 2e-3")), "{r:?}");
     assert_eq!(fourth.attacks.len(), 16);
+}
+
+/// The measuring instrument on the tiny model: a validation partition, two defence seeds,
+/// held-out curves at the configured steps, paired comparisons with verdicts, the overlap
+/// audit, and a second process refused on the same run directory.
+#[test]
+fn experiment_measures_held_out_loss_along_attacks_and_compares_paired() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut exp = experiment(dir.path());
+    exp.validation_prompts = 3;
+    exp.defence_seeds = vec![5, 6];
+    exp.attacks[0].samples = vec![4];
+    exp.attacks[0].eval_steps = vec![1, 7];
+    exp.analysis.enabled = false;
+    exp.heldout.compare_to = vec!["none".into()];
+    exp.heldout.bootstrap = 200;
+    let out = dir.path().join("exp");
+    let r = run(&exp, &out, &opts(dir.path())).unwrap();
+    // none + sft x 2 defence seeds, 1 cell, 2 attack seeds.
+    assert_eq!(r.defences.len(), 3);
+    assert_eq!(r.attacks.len(), 6);
+    for a in &r.attacks {
+        // Step 0 (before), the listed step 1, the last (2); step 7 is past the end.
+        let steps: Vec<usize> = a.curve.iter().map(|p| p.step).collect();
+        assert_eq!(steps, vec![0, 1, 2], "{}", a.defence);
+        assert!(a.curve.iter().all(|p| p.scores.harmful_ce.len() == 4));
+        assert!(a.curve[2].scores.harmful_ce.iter().all(|x| x.is_finite()));
+        assert_eq!(a.judge.len(), 4);
+        assert_eq!(a.refused.len(), 4);
+    }
+    // Step 0 of the curve is the defended model's own pre-attack score.
+    let sft5 = r.defences.iter().find(|d| d.seed == Some(5)).unwrap();
+    let a5 = r.attacks.iter().find(|a| a.defence_seed == Some(5)).unwrap();
+    assert_eq!(Some(&a5.curve[0].scores), sft5.heldout.as_ref());
+    // The attack lowers the harmful CE it trains on the held-out answers of the same kind.
+    let d = r.durability.as_ref().unwrap();
+    assert!(!d.curves.is_empty());
+    let cmp: Vec<_> = d.comparisons.iter().filter(|c| c.cell.is_some()).collect();
+    assert_eq!(cmp.len(), 4, "one per metric: {:?}", d.comparisons);
+    assert!(cmp.iter().all(|c| c.defence == "sft" && c.baseline == "none"));
+    assert!(cmp.iter().all(|c| c.diff.defence_seeds_a == 2 && c.diff.attack_seeds == 2));
+    assert!(cmp.iter().all(|c| c.diff.p_holm.is_some()));
+    assert_eq!(d.breaks.len(), 2);
+    // Held-out partitions share nothing with anything else.
+    let test_val = r.audit.iter().find(|a| a.a == "test" && a.b == "validation").unwrap();
+    assert_eq!((test_val.a_questions, test_val.b_questions), (4, 3));
+    for a in r.audit.iter().filter(|a| a.a == "test" || a.a == "validation") {
+        assert_eq!(a.shared, 0, "{a:?}");
+    }
+    let md = std::fs::read_to_string(out.join("report.md")).unwrap();
+    assert!(md.contains("Primary metric") && md.contains("Overlap audit"), "{md}");
+    assert!(md.contains("sft - none"), "{md}");
+    assert!(out.join("figures").join("durability-0.svg").exists());
+    // Proportions' intervals stay inside [0, 1].
+    for c in &r.cells {
+        assert!(c.refusal.ci95.0 >= 0.0 && c.refusal.ci95.1 <= 1.0, "{c:?}");
+    }
+    // A second process on the same directory is refused, naming the holder.
+    let _held = repnoise::experiment::lock_run_dir(&out).unwrap();
+    let e = run(&exp, &out, &opts(dir.path())).unwrap_err().to_string();
+    assert!(e.contains("in use by another process"), "{e}");
 }
 
 fn walk(dir: &Path) -> Vec<std::path::PathBuf> {
