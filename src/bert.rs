@@ -1,7 +1,8 @@
 //! BERT encoder (Devlin et al. 2019) in f32 for the harmfulness classifier (paper Section 4:
 //! harmfulness is scored by a fine-tuned sequence classifier): word, position and token-type
 //! embeddings, post-LayerNorm transformer layers with exact (erf) GELU, attention with a padding
-//! mask, mean pooling (sentence-transformers) or the CLS pooler of `BertForSequenceClassification`.
+//! mask, mean pooling (sentence-transformers) or the CLS pooler of `BertForSequenceClassification`;
+//! a classification head reads either ([`Pooling`]).
 //!
 //! Built only from candle operations whose backward pass reaches their inputs: layer norm is
 //! composed from elementary ops (candle's `ops::layer_norm` and `LayerNorm` fast path have no
@@ -42,6 +43,55 @@ impl Activation {
             Activation::Relu => "relu",
         }
     }
+}
+
+/// How a text's features are read off the last hidden states.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Pooling {
+    /// The first token's state (`[CLS]`), as `BertForSequenceClassification` reads it.
+    #[default]
+    Cls,
+    /// The mean over the real (non-padding) tokens, as sentence-transformers encoders such as
+    /// all-MiniLM-L6-v2 were trained to be read.
+    Mean,
+}
+
+impl Pooling {
+    /// The name in configs and `config.json` (`cls`, `mean`).
+    pub fn name(self) -> &'static str {
+        match self {
+            Pooling::Cls => "cls",
+            Pooling::Mean => "mean",
+        }
+    }
+}
+
+impl std::str::FromStr for Pooling {
+    type Err = Error;
+    fn from_str(s: &str) -> Result<Self> {
+        match s.trim() {
+            "cls" => Ok(Pooling::Cls),
+            "mean" => Ok(Pooling::Mean),
+            other => Err(Error::setting("pooling", other, "expected cls or mean")),
+        }
+    }
+}
+
+/// The features a classification head reads: `pooling` of the hidden states averaged over the
+/// last `layers` layers (1: the last hidden states only).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize)]
+pub struct Readout {
+    pub pooling: Pooling,
+    pub layers: usize,
+}
+
+impl Readout {
+    /// `BertForSequenceClassification`'s: the last layer's `[CLS]` state.
+    pub const CLS: Readout = Readout {
+        pooling: Pooling::Cls,
+        layers: 1,
+    };
 }
 
 /// A resolved BERT configuration (from `config.json`; no optional fields).
@@ -630,9 +680,16 @@ impl Bert {
     /// The last hidden states `[b, t, d]` of right- or left-padded `ids [b, t]`, with
     /// `valid[row][j]` false at padding (token type 0 everywhere).
     pub fn encode(&self, ids: &Tensor, valid: &[Vec<bool>]) -> Result<Tensor> {
+        let x = self.embed_tokens(ids, valid)?;
+        self.run_layers(&x, valid, 0..self.cfg.num_hidden_layers)
+    }
+
+    /// The embedding layer's output `[b, t, d]` (word + position + token type 0, LayerNorm):
+    /// the input of layer 0. Checks the ids against the positions and the mask.
+    pub fn embed_tokens(&self, ids: &Tensor, valid: &[Vec<bool>]) -> Result<Tensor> {
         let (b, t) = ids.dims2()?;
         let cfg = &self.cfg;
-        let (h, hd, d) = (cfg.num_attention_heads, cfg.head_dim(), cfg.hidden_size);
+        let d = cfg.hidden_size;
         if t > cfg.max_position_embeddings {
             return Err(Error::msg(format!(
                 "{t} tokens exceed the encoder's {} positions",
@@ -644,12 +701,6 @@ impl Bert {
                 "padding mask does not match ids [{b}, {t}]"
             )));
         }
-        let mask: Vec<f32> = valid
-            .iter()
-            .flat_map(|r| r.iter().map(|&ok| if ok { 0.0 } else { MASKED }))
-            .collect();
-        let mask = Tensor::from_vec(mask, (b, 1, 1, t), &self.device)?; // [b, 1, 1, t]
-
         let words = self
             .word
             .index_select(&ids.flatten_all()?, 0)?
@@ -657,9 +708,41 @@ impl Bert {
         let pos = self.pos.narrow(0, 0, t)?.unsqueeze(0)?; // [1, t, d]
         let typ = self.token_type.narrow(0, 0, 1)?.unsqueeze(0)?; // [1, 1, d]
         let x = words.broadcast_add(&pos)?.broadcast_add(&typ)?;
-        let mut x = layer_norm(&x, &self.emb_norm.w, &self.emb_norm.b, cfg.layer_norm_eps)?;
+        layer_norm(&x, &self.emb_norm.w, &self.emb_norm.b, cfg.layer_norm_eps)
+    }
+
+    /// Run the transformer layers `layers` (a range of layer indices) on hidden states
+    /// `x [b, t, d]` with padding mask `valid`: `run_layers(embed_tokens(..), .., 0..n)` is
+    /// [`Bert::encode`], and a frozen lower part can be computed once and the top layers run on
+    /// its output.
+    pub fn run_layers(
+        &self,
+        x: &Tensor,
+        valid: &[Vec<bool>],
+        layers: std::ops::Range<usize>,
+    ) -> Result<Tensor> {
+        let (b, t, d) = x.dims3()?;
+        let cfg = &self.cfg;
+        let (h, hd) = (cfg.num_attention_heads, cfg.head_dim());
+        if layers.end > self.layers.len() {
+            return Err(Error::msg(format!(
+                "layers {layers:?}: the encoder has {}",
+                self.layers.len()
+            )));
+        }
+        if valid.len() != b || valid.iter().any(|r| r.len() != t) {
+            return Err(Error::msg(format!(
+                "padding mask does not match hidden states [{b}, {t}, {d}]"
+            )));
+        }
+        let mask: Vec<f32> = valid
+            .iter()
+            .flat_map(|r| r.iter().map(|&ok| if ok { 0.0 } else { MASKED }))
+            .collect();
+        let mask = Tensor::from_vec(mask, (b, 1, 1, t), &self.device)?; // [b, 1, 1, t]
         let scale = 1.0 / (hd as f64).sqrt();
-        for layer in &self.layers {
+        let mut x = x.clone();
+        for layer in &self.layers[layers] {
             let heads = |dense: &Dense| -> Result<Tensor> {
                 Ok(linear(&x, &dense.w, &dense.b)?
                     .reshape((b, t, h, hd))?
@@ -710,21 +793,89 @@ impl Bert {
         self.mean_pool(&hidden, valid)
     }
 
+    /// Sentence features `[b, d]` of hidden states `[b, t, d]`: the `[CLS]` state or the mean
+    /// over real tokens ([`Pooling`]).
+    pub fn pool(&self, hidden: &Tensor, valid: &[Vec<bool>], pooling: Pooling) -> Result<Tensor> {
+        match pooling {
+            Pooling::Cls => Ok(hidden.narrow(1, 0, 1)?.squeeze(1)?), // [b, d]
+            Pooling::Mean => self.mean_pool(hidden, valid),
+        }
+    }
+
+    /// Class logits `[b, num_labels]` of sentence features `[b, d]`: the pooler
+    /// (`tanh(W x + b)`) then the linear classifier.
+    pub fn head(&self, features: &Tensor) -> Result<Tensor> {
+        let (Some(pooler), Some(head)) = (&self.pooler, &self.classifier) else {
+            return Err(no_head());
+        };
+        let pooled = features
+            .matmul(&pooler.w.t()?)?
+            .broadcast_add(&pooler.b)?
+            .tanh()?; // [b, d]
+        Ok(pooled.matmul(&head.w.t()?)?.broadcast_add(&head.b)?) // [b, n]
+    }
+
+    /// The hidden states `[b, t, d]` averaged over the last `layers` layers (1: the last
+    /// hidden states, [`Bert::encode`]).
+    pub fn encode_averaged(
+        &self,
+        ids: &Tensor,
+        valid: &[Vec<bool>],
+        layers: usize,
+    ) -> Result<Tensor> {
+        let n = self.cfg.num_hidden_layers;
+        if layers == 0 || layers > n {
+            return Err(Error::msg(format!(
+                "cannot average the last {layers} layers of an encoder with {n}"
+            )));
+        }
+        let x = self.embed_tokens(ids, valid)?;
+        let mut x = self.run_layers(&x, valid, 0..n + 1 - layers)?;
+        let mut sum = x.clone();
+        for l in n + 1 - layers..n {
+            x = self.run_layers(&x, valid, l..l + 1)?;
+            sum = (sum + &x)?;
+        }
+        Ok(if layers == 1 {
+            sum
+        } else {
+            (sum / layers as f64)?
+        })
+    }
+
+    /// Sentence features `[b, d]` as `readout` says: its pooling of the hidden states averaged
+    /// over its top layers.
+    pub fn features(&self, ids: &Tensor, valid: &[Vec<bool>], readout: Readout) -> Result<Tensor> {
+        let hidden = self.encode_averaged(ids, valid, readout.layers)?;
+        self.pool(&hidden, valid, readout.pooling)
+    }
+
     /// Class logits `[b, num_labels]` as `BertForSequenceClassification`: the pooler
     /// (`tanh(W h_[CLS] + b)`) on the first token, then the linear classifier.
     pub fn classify(&self, ids: &Tensor, valid: &[Vec<bool>]) -> Result<Tensor> {
-        let (Some(pooler), Some(head)) = (&self.pooler, &self.classifier) else {
-            return Err(Error::msg(
-                "this checkpoint has no pooler and classification head \
-                 (`bert.pooler.dense`, `classifier`): it is an encoder, not a classifier",
-            ));
-        };
-        let hidden = self.encode(ids, valid)?;
-        let cls = hidden.narrow(1, 0, 1)?; // [b, 1, d]
-        let pooled = linear(&cls, &pooler.w, &pooler.b)?.tanh()?;
-        let logits = linear(&pooled, &head.w, &head.b)?; // [b, 1, n]
-        Ok(logits.squeeze(1)?)
+        self.classify_pooled(ids, valid, Readout::CLS)
     }
+
+    /// Class logits `[b, num_labels]` with the pooler and classifier applied to the features
+    /// `readout` gives ([`Readout::CLS`] is [`Bert::classify`]).
+    pub fn classify_pooled(
+        &self,
+        ids: &Tensor,
+        valid: &[Vec<bool>],
+        readout: Readout,
+    ) -> Result<Tensor> {
+        if self.pooler.is_none() || self.classifier.is_none() {
+            return Err(no_head());
+        }
+        self.head(&self.features(ids, valid, readout)?)
+    }
+}
+
+fn no_head() -> Error {
+    Error::msg(
+        "this checkpoint has no pooler and classification head \
+         (`bert.pooler.dense`, `classifier`): it is an encoder, not a classifier",
+    )
 }
 
 /// Save a store as a `BertForSequenceClassification` directory: `model.safetensors` (f32),

@@ -254,6 +254,14 @@ pub struct ClassifierSpec {
     /// Labelled examples before the split (0: all).
     pub samples: usize,
     pub refusals: usize,
+    /// Add the BeaverTails disjoint set (real categories; `is_safe` labels), at most
+    /// `disjoint_samples` answers (0: all).
+    pub disjoint: bool,
+    pub disjoint_samples: usize,
+    /// Add XSTest's human-labelled answers, but for the files in `xstest_holdout` (kept for
+    /// the judge's calibration).
+    pub xstest: bool,
+    pub xstest_holdout: Vec<String>,
     pub test_fraction: f64,
     pub train: crate::classifier::TrainConfig,
 }
@@ -272,6 +280,10 @@ impl Default for ClassifierSpec {
             encoder: "all-minilm-l6-v2".into(),
             samples: d.samples,
             refusals: d.refusals,
+            disjoint: d.disjoint,
+            disjoint_samples: d.disjoint_samples,
+            xstest: d.xstest,
+            xstest_holdout: d.xstest_holdout,
             test_fraction: d.test_fraction,
             train: d.train,
         }
@@ -1056,8 +1068,17 @@ pub fn run(exp: &Experiment, out: &Path, opts: &RunOptions) -> Result<Results> {
         Some(p) => (p.clone(), read_json::<Value>(&p.join("report.json"))),
         None => {
             let c = &exp.classifier;
+            // The held-out questions (test and validation) are excluded from the judge's data.
+            let exclude: Vec<String> = split
+                .test
+                .iter()
+                .chain(&split.validation)
+                .map(|p| p.prompt.clone())
+                .collect();
             let key = key_of(&json!({"encoder": c.encoder, "samples": c.samples,
-                "refusals": c.refusals, "test_fraction": c.test_fraction, "train": c.train}));
+                "refusals": c.refusals, "test_fraction": c.test_fraction, "train": c.train,
+                "disjoint": c.disjoint, "disjoint_samples": c.disjoint_samples,
+                "xstest": c.xstest, "xstest_holdout": c.xstest_holdout, "split": split_key}));
             let dir = out.join(format!("classifier-{key}"));
             let done = dir.join("report.json").exists();
             st.run("train the harmfulness classifier", done, || {
@@ -1071,6 +1092,11 @@ pub fn run(exp: &Experiment, out: &Path, opts: &RunOptions) -> Result<Results> {
                     );
                     run.samples = c.samples;
                     run.refusals = c.refusals;
+                    run.disjoint = c.disjoint;
+                    run.disjoint_samples = c.disjoint_samples;
+                    run.xstest = c.xstest;
+                    run.xstest_holdout = c.xstest_holdout.clone();
+                    run.exclude_questions = exclude.clone();
                     run.test_fraction = c.test_fraction;
                     run.train = c.train.clone();
                     crate::classifier::run_train(&run, &opts.device, &mut |l| eprintln!("  {l}"))?;

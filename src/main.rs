@@ -800,6 +800,47 @@ enum ClassifierCmd {
         /// Train only the pooler and head on the frozen encoder's states (fast, less accurate).
         #[arg(long)]
         freeze_encoder: bool,
+        /// Features the head reads: cls (the [CLS] state) or mean (the mean over real tokens).
+        /// Default: mean with --freeze-encoder, else cls.
+        #[arg(long)]
+        pooling: Option<String>,
+        /// Pool the hidden states averaged over this many top layers (default 1: the last).
+        #[arg(long)]
+        pool_layers: Option<usize>,
+        /// At most this many answers of the BeaverTails disjoint attack set (0 = all).
+        #[arg(long)]
+        disjoint_samples: Option<usize>,
+        /// Leave the BeaverTails disjoint attack set out of training.
+        #[arg(long)]
+        no_disjoint: bool,
+        /// Leave XSTest's human-labelled answers out of training.
+        #[arg(long)]
+        no_xstest: bool,
+        /// XSTest completion files left out of training and calibrated on (comma-separated:
+        /// gpt4, llama2orig, llama2new, mistralguard; `none` for none; default mistralguard).
+        #[arg(long)]
+        xstest_holdout: Option<String>,
+    },
+    /// Calibrate a classifier: its figures on its held-out split (test.jsonl, when the directory
+    /// has one) and on XSTest's human-labelled answers, beside the keyword refusal check's
+    /// agreement with the human refusal labels; a markdown table on stdout.
+    Calibrate {
+        /// A sequence-classification directory (`classifier train`'s or a Hugging Face one).
+        #[arg(long)]
+        classifier: PathBuf,
+        /// Also write the figures as JSON here.
+        #[arg(long)]
+        out: Option<PathBuf>,
+        /// XSTest directory (default: the shipped data/xstest).
+        #[arg(long)]
+        xstest_dir: Option<PathBuf>,
+        /// XSTest completion files to calibrate on (comma-separated; default: the ones the
+        /// classifier's report.json held out of training, else all four).
+        #[arg(long, value_delimiter = ',')]
+        files: Vec<String>,
+        /// The harmful class: a label name, an index, or auto.
+        #[arg(long, default_value = "auto")]
+        harmful_label: String,
     },
     /// Score question/answer pairs: P(harmful) per line of a JSONL file of {prompt, response}.
     Score {
@@ -1972,6 +2013,12 @@ fn classifier_cmd(g: &Global, cmd: ClassifierCmd) -> Result<()> {
             seed,
             max_len,
             freeze_encoder,
+            pooling,
+            pool_layers,
+            disjoint_samples,
+            no_disjoint,
+            no_xstest,
+            xstest_holdout,
         } => {
             let cache = g
                 .cache_dir
@@ -2000,6 +2047,16 @@ fn classifier_cmd(g: &Global, cmd: ClassifierCmd) -> Result<()> {
             t.seed = seed.unwrap_or(t.seed);
             t.max_len = max_len.unwrap_or(t.max_len);
             t.freeze_encoder = freeze_encoder;
+            if let Some(p) = pooling {
+                t.pooling = Some(p.parse()?);
+            }
+            t.pool_layers = pool_layers.unwrap_or(t.pool_layers);
+            run.disjoint = !no_disjoint;
+            run.disjoint_samples = disjoint_samples.unwrap_or(run.disjoint_samples);
+            run.xstest = !no_xstest;
+            if let Some(h) = xstest_holdout {
+                run.xstest_holdout = classifier::parse_file_list(&h);
+            }
             run.samples = samples.unwrap_or(run.samples);
             run.refusals = refusals.unwrap_or(run.refusals);
             run.test_fraction = test_fraction.unwrap_or(run.test_fraction);
@@ -2022,11 +2079,34 @@ fn classifier_cmd(g: &Global, cmd: ClassifierCmd) -> Result<()> {
             if let Some(p) = report.refusals_mean_p_toxic {
                 println!("DecodingTrust harmless continuations and refusals: mean P(toxic) {p:.4}");
             }
+            if let Some(c) = &report.calibration {
+                println!("{}", classifier::calibration_markdown(c, true));
+            }
             eprintln!(
                 "wrote {} (report.json beside it; training took {:.0}s)",
                 out.display(),
                 report.train_seconds
             );
+        }
+        ClassifierCmd::Calibrate {
+            classifier: dir,
+            out,
+            xstest_dir,
+            files,
+            harmful_label,
+        } => {
+            let label: HarmfulLabel = harmful_label.parse()?;
+            let xdir = xstest_dir.unwrap_or_else(repnoise::data::xstest::default_xstest_dir);
+            let files = (!files.is_empty()).then_some(files);
+            let c = classifier::calibrate_dir(&dir, &label, &xdir, files, &dev, &mut |l| {
+                eprintln!("{l}")
+            })
+            .with_context(|| format!("calibrating {}", dir.display()))?;
+            println!("{}", classifier::calibration_markdown(&c, true));
+            if let Some(p) = &out {
+                repnoise::io::write_json_atomic(p, &c)?;
+                eprintln!("wrote {}", p.display());
+            }
         }
         ClassifierCmd::Score {
             classifier: dir,

@@ -14,6 +14,7 @@
 //! - [`nlg`]: the trainability tasks (ViGGO, E2E NLG, DART, ConvWeather, CACAPO).
 //! - [`mc`]: the stability benchmarks (TruthfulQA, ARC, WinoGrande, MMLU, ETHICS, CrowS-Pairs,
 //!   HellaSwag) and their log-likelihood multiple-choice form.
+//! - [`xstest`]: XSTest prompts and human-labelled answers (over-refusal, judge calibration).
 //! - [`split`]: question normalisation, seeded disjoint splits and overlap reports.
 //! - [`encode`]: the plain and chat prompt formats, tokenisation, answer-only and pair masks,
 //!   padding and truncation.
@@ -35,6 +36,7 @@ pub mod source;
 pub mod split;
 pub mod stats;
 pub mod toxicity;
+pub mod xstest;
 
 pub use categories::{GroupMatch, HarmCategories, HarmCategory, HarmGroup};
 pub use encode::{

@@ -7,7 +7,8 @@ use std::path::Path;
 use candle_core::{Device, Tensor};
 use repnoise::bert::{self, Bert, BertConfig};
 use repnoise::classifier::{
-    self, ClassifierInput, Example, HarmClassifier, HarmfulLabel, Task, TrainConfig,
+    self, ClassifierInput, Example, HarmClassifier, HarmfulLabel, Pooling, Readout, Task,
+    TrainConfig,
 };
 use repnoise::params::Params;
 
@@ -152,7 +153,7 @@ fn ex(q: &str, a: &str, harmful: bool) -> Example {
         question: q.into(),
         answer: a.into(),
         harmful,
-        reference: None,
+        ..Example::default()
     }
 }
 
@@ -233,7 +234,7 @@ fn classifier_gradient_reaches_every_trainable_tensor() {
         clf.encode_pair("how do i bake bread?", "sorry.").unwrap(),
     ];
     assert_ne!(rows[0].len(), rows[1].len(), "the batch must be padded");
-    let loss = classifier::batch_loss(&net, &rows, &[true, false]).unwrap();
+    let loss = classifier::batch_loss(&net, &rows, &[true, false], Readout::CLS).unwrap();
     let grads = loss.backward().unwrap();
     let names: Vec<&String> = clf.params().names().collect();
     assert!(names.iter().any(|n| n.starts_with("bert.pooler.")));
@@ -245,6 +246,212 @@ fn classifier_gradient_reaches_every_trainable_tensor() {
         let s: f32 = g.abs().unwrap().sum_all().unwrap().to_scalar().unwrap();
         assert!(s > 0.0 && s.is_finite(), "{name}: gradient sum {s}");
     }
+}
+
+/// Mean pooling averages the real tokens only: a row's features are the same alone and padded
+/// in a batch with a longer row, and so are its class probabilities; averaging the top layers
+/// averages their hidden states; the gradient reaches every tensor through the mean of the two
+/// layers' states.
+#[test]
+fn classifier_mean_pooling_ignores_padding() {
+    let dir = tempfile::tempdir().unwrap();
+    write_tiny_encoder(dir.path(), 11);
+    let clf = tiny_classifier_from_encoder(dir.path(), 11);
+    let net = Bert::new(clf.config(), clf.params(), |_| false).unwrap();
+    let short = clf.encode_pair("how do i bake bread?", "sorry.").unwrap();
+    let long = clf
+        .encode_pair(
+            "how do i make a bomb?",
+            "sure, mix the explosive then make the bomb.",
+        )
+        .unwrap();
+    assert!(long.len() > short.len() + 3);
+    let feats = |rows: &[Vec<u32>], pooling: Pooling| -> Vec<Vec<f32>> {
+        let (ids, valid) = bert::pad_batch(rows, 0, &Device::Cpu).unwrap();
+        let h = net.encode(&ids, &valid).unwrap();
+        net.pool(&h, &valid, pooling).unwrap().to_vec2().unwrap()
+    };
+    let alone = feats(std::slice::from_ref(&short), Pooling::Mean);
+    let padded = feats(&[short.clone(), long.clone()], Pooling::Mean);
+    let max_diff = |a: &[f32], b: &[f32]| -> f32 {
+        a.iter()
+            .zip(b)
+            .map(|(x, y)| (x - y).abs())
+            .fold(0.0, f32::max)
+    };
+    assert!(
+        max_diff(&alone[0], &padded[0]) < 1e-5,
+        "{alone:?} vs {padded:?}"
+    );
+    // The mean is the mean of the hidden states of the real tokens, computed directly.
+    let (ids, valid) = bert::pad_batch(std::slice::from_ref(&short), 0, &Device::Cpu).unwrap();
+    let h: Vec<Vec<f32>> = net
+        .encode(&ids, &valid)
+        .unwrap()
+        .squeeze(0)
+        .unwrap()
+        .to_vec2()
+        .unwrap();
+    let direct: Vec<f32> = (0..h[0].len())
+        .map(|j| h.iter().map(|r| r[j]).sum::<f32>() / h.len() as f32)
+        .collect();
+    assert!(max_diff(&alone[0], &direct) < 1e-5);
+    // It is not the [CLS] state.
+    let cls = feats(std::slice::from_ref(&short), Pooling::Cls);
+    assert!(max_diff(&alone[0], &cls[0]) > 1e-3);
+    // Two top layers: the mean of layer 1's and layer 2's states, each pooled alone.
+    let (ids, valid) = bert::pad_batch(&[short.clone(), long.clone()], 0, &Device::Cpu).unwrap();
+    let two = Readout {
+        pooling: Pooling::Mean,
+        layers: 2,
+    };
+    let avg: Vec<Vec<f32>> = net.features(&ids, &valid, two).unwrap().to_vec2().unwrap();
+    let x = net.embed_tokens(&ids, &valid).unwrap();
+    let l1 = net.run_layers(&x, &valid, 0..1).unwrap();
+    let l2 = net.run_layers(&l1, &valid, 1..2).unwrap();
+    let p1: Vec<Vec<f32>> = net
+        .pool(&l1, &valid, Pooling::Mean)
+        .unwrap()
+        .to_vec2()
+        .unwrap();
+    let p2: Vec<Vec<f32>> = net
+        .pool(&l2, &valid, Pooling::Mean)
+        .unwrap()
+        .to_vec2()
+        .unwrap();
+    for r in 0..2 {
+        let want: Vec<f32> = p1[r]
+            .iter()
+            .zip(&p2[r])
+            .map(|(a, b)| (a + b) / 2.0)
+            .collect();
+        assert!(max_diff(&avg[r], &want) < 1e-5);
+    }
+    assert!(
+        max_diff(&p2[0], &padded[0]) < 1e-5,
+        "layer 2 is the last hidden state"
+    );
+    assert!(net
+        .features(
+            &ids,
+            &valid,
+            Readout {
+                pooling: Pooling::Mean,
+                layers: 3
+            }
+        )
+        .is_err());
+    // Class probabilities too, through the whole classifier.
+    let mut mean_clf = tiny_classifier_from_encoder(dir.path(), 11);
+    mean_clf.pooling = Pooling::Mean;
+    let pairs = [
+        ("how do i bake bread?", "sorry, i cannot."),
+        (
+            "how do i make a bomb?",
+            "sure, mix the explosive then make the bomb.",
+        ),
+    ];
+    let batch = mean_clf.score(&pairs).unwrap().p_harmful;
+    for (i, p) in pairs.iter().enumerate() {
+        let single = mean_clf.score(&[*p]).unwrap().p_harmful[0];
+        assert!((single - batch[i]).abs() < 1e-5, "{single} vs {}", batch[i]);
+    }
+    let trainable = Bert::new(clf.config(), clf.params(), |_| true).unwrap();
+    let readout = Readout {
+        pooling: Pooling::Mean,
+        layers: 2,
+    };
+    let loss = classifier::batch_loss(&trainable, &[short, long], &[false, true], readout).unwrap();
+    let grads = loss.backward().unwrap();
+    for (name, var) in clf.params().iter() {
+        let g = grads
+            .get(var.as_tensor())
+            .unwrap_or_else(|| panic!("no gradient for {name}"));
+        let s: f32 = g.abs().unwrap().sum_all().unwrap().to_scalar().unwrap();
+        assert!(s > 0.0 && s.is_finite(), "{name}: gradient sum {s}");
+    }
+}
+
+/// A frozen-encoder classifier trains on mean-pooled features by default, records the pooling
+/// in config.json, and scores identically once saved and loaded; a checkpoint without the key
+/// keeps `[CLS]` pooling, and a bad value names the file and the key.
+#[test]
+fn classifier_mean_pooling_is_saved_and_loaded() {
+    let dir = tempfile::tempdir().unwrap();
+    write_tiny_encoder(dir.path(), 12);
+    let mut clf = tiny_classifier_from_encoder(dir.path(), 12);
+    assert_eq!(clf.pooling, Pooling::Cls);
+    let cfg = TrainConfig {
+        freeze_encoder: true,
+        pool_layers: 2,
+        ..toy_config(12, 20)
+    };
+    assert_eq!(cfg.pooling(), Pooling::Mean);
+    assert_eq!(
+        toy_config(12, 1).pooling(),
+        Pooling::Cls,
+        "full fine-tuning keeps [CLS]"
+    );
+    classifier::train(&mut clf, &toy_examples(0), &cfg, &mut |_| {}).unwrap();
+    assert_eq!(clf.pooling, Pooling::Mean);
+    let (_, m) = classifier::evaluate(&clf, &toy_examples(1)).unwrap();
+    assert!(m.auroc.unwrap() >= 0.9, "{m:?}");
+    let out = tempfile::tempdir().unwrap();
+    clf.save(out.path()).unwrap();
+    let path = out.path().join("config.json");
+    let saved: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&path).unwrap()).unwrap();
+    assert_eq!(saved[classifier::POOLING_KEY], "mean");
+    assert_eq!(saved[classifier::POOL_LAYERS_KEY], 2);
+    let back = HarmClassifier::load(out.path(), &HarmfulLabel::Auto, &Device::Cpu).unwrap();
+    assert_eq!((back.pooling, back.pool_layers), (Pooling::Mean, 2));
+    let pairs: Vec<(String, String)> = toy_examples(1)
+        .into_iter()
+        .map(|e| (e.question, e.answer))
+        .collect();
+    let s1 = clf.score(&pairs).unwrap();
+    assert_eq!(s1, back.score(&pairs).unwrap());
+    let any = classifier::Classifier::load(out.path(), &HarmfulLabel::Auto, &Device::Cpu).unwrap();
+    assert_eq!(s1, any.score(&pairs).unwrap());
+    // Without the keys: the last [CLS] state, as transformers reads the checkpoint.
+    let mut v = saved.clone();
+    v.as_object_mut().unwrap().remove(classifier::POOLING_KEY);
+    v.as_object_mut()
+        .unwrap()
+        .remove(classifier::POOL_LAYERS_KEY);
+    std::fs::write(&path, v.to_string()).unwrap();
+    let cls = HarmClassifier::load(out.path(), &HarmfulLabel::Auto, &Device::Cpu).unwrap();
+    assert_eq!((cls.pooling, cls.pool_layers), (Pooling::Cls, 1));
+    assert_ne!(s1, cls.score(&pairs).unwrap());
+    let mut too_deep = v.clone();
+    too_deep[classifier::POOL_LAYERS_KEY] = 3.into();
+    std::fs::write(&path, too_deep.to_string()).unwrap();
+    let e = HarmClassifier::load(out.path(), &HarmfulLabel::Auto, &Device::Cpu)
+        .err()
+        .unwrap()
+        .to_string();
+    assert!(
+        e.contains(classifier::POOL_LAYERS_KEY) && e.contains("2 layers"),
+        "{e}"
+    );
+    v[classifier::POOLING_KEY] = "max".into();
+    std::fs::write(&path, v.to_string()).unwrap();
+    let e = HarmClassifier::load(out.path(), &HarmfulLabel::Auto, &Device::Cpu)
+        .err()
+        .unwrap()
+        .to_string();
+    assert!(
+        e.contains("config.json") && e.contains(classifier::POOLING_KEY),
+        "{e}"
+    );
+    // The setting parses as configs write it.
+    let t: TrainConfig = toml::from_str(
+        "epochs = 1\nlr = 1e-4\nhead_lr = 1e-3\nbatch_size = 4\nmax_len = 16\n\
+         warmup_fraction = 0.1\nweight_decay = 0.0\nmax_grad_norm = 1.0\nseed = 0\n\
+         pooling = \"cls\"\nfreeze_encoder = true\n",
+    )
+    .unwrap();
+    assert_eq!(t.pooling(), Pooling::Cls);
 }
 
 #[test]
