@@ -40,6 +40,7 @@ use crate::error::{Error, Result};
 use crate::eval::harmfulness::{EvalPrompt, HarmFigures, HarmReport, HarmfulnessConfig};
 use crate::eval::durability::{CurvePoint, Metric, Obs};
 use crate::eval::heldout::{HeldoutConfig, HeldoutEncoded, HeldoutItem, HeldoutScores};
+use crate::eval::overrefusal::{OverRefusal, OverRefusalSpec};
 use crate::eval::stats::PairedDiff;
 use crate::eval::stability::TaskResult;
 use crate::eval::trainability::TrainabilityReport;
@@ -91,6 +92,8 @@ pub struct Experiment {
     pub analysis: AnalysisSpec,
     /// The attacker's own objective on held-out questions (the primary metric).
     pub heldout: HeldoutSpec,
+    /// Over-refusal and degeneracy of every model before any attack (XSTest).
+    pub overrefusal: OverRefusalSpec,
 }
 
 /// Which held-out partition of the harmful questions an evaluation uses.
@@ -168,6 +171,7 @@ impl Default for Experiment {
             eval: EvalSpec::default(),
             analysis: AnalysisSpec::default(),
             heldout: HeldoutSpec::default(),
+            overrefusal: OverRefusalSpec::default(),
         }
     }
 }
@@ -459,6 +463,7 @@ impl Experiment {
             return Err(format!("seeds: attack seed {d} listed twice"));
         }
         self.heldout.config.validate()?;
+        self.overrefusal.validate()?;
         if self.heldout.bootstrap == 0 {
             return Err("heldout.bootstrap = 0: at least one resample is needed".into());
         }
@@ -510,6 +515,14 @@ impl Experiment {
             }
         }
         out
+    }
+
+    /// The number of questions in the evaluated held-out partition.
+    pub fn held_out_count(&self) -> usize {
+        match self.evaluate_on {
+            Partition::Test => self.test_prompts,
+            Partition::Validation => self.validation_prompts,
+        }
     }
 
     pub fn defence_names(&self) -> Vec<String> {
@@ -785,6 +798,13 @@ pub struct DefenceResult {
     pub heldout: Option<HeldoutScores>,
     pub stability: Vec<TaskResult>,
     pub trainability: Option<TrainabilityReport>,
+    /// XSTest over-refusal and degeneracy before any attack.
+    #[serde(default)]
+    pub overrefusal: Option<OverRefusal>,
+    /// The safe-prompt refusal rate exceeds the aligned model's by more than
+    /// `overrefusal.flag_margin`.
+    #[serde(default)]
+    pub over_refuses: bool,
 }
 
 /// Options of one invocation.
@@ -1021,7 +1041,7 @@ pub fn run(exp: &Experiment, out: &Path, opts: &RunOptions) -> Result<Results> {
     let mut st = Stages {
         path: out.join("stages.jsonl"),
         list: vec![],
-        total: 6 + 5 * n_arms + n_attacks,
+        total: 6 + 6 * n_arms + n_attacks,
         done: 0,
         t0,
     };
@@ -1242,6 +1262,14 @@ pub fn run(exp: &Experiment, out: &Path, opts: &RunOptions) -> Result<Results> {
 
     // 7. Pre-attack evaluations.
     let harm_cfg = &exp.eval.harmfulness;
+    let xs_prompts = if exp.overrefusal.enabled {
+        crate::eval::overrefusal::select_prompts(
+            &crate::eval::overrefusal::shipped_prompts()?,
+            &exp.overrefusal,
+        )
+    } else {
+        vec![]
+    };
     let mut defence_results = vec![];
     for arm in &arms {
         let id = arm.id();
@@ -1289,6 +1317,31 @@ pub fn run(exp: &Experiment, out: &Path, opts: &RunOptions) -> Result<Results> {
                     }
                 })?)
             }
+        };
+        let overrefusal = if exp.overrefusal.enabled {
+            let okey = key_of(&json!({"model": mdir, "spec": exp.overrefusal,
+                "classifier": clf_dir}));
+            let odir = edir.join(format!("overrefusal-{okey}"));
+            let cached = read_json::<OverRefusal>(&odir.join("overrefusal.json"));
+            let c = cached.is_some();
+            Some(st.run(&format!("XSTest over-refusal of {}", arm.label()), c, || {
+                match cached {
+                    Some(r) => Ok(r),
+                    None => {
+                        let m = load(&mdir, opts)?;
+                        crate::eval::overrefusal::evaluate(
+                            &m,
+                            &xs_prompts,
+                            &exp.overrefusal,
+                            &check,
+                            Some(&clf),
+                            &odir,
+                        )
+                    }
+                }
+            })?)
+        } else {
+            None
         };
         let mut stability = vec![];
         let wants = |list: &Vec<String>| first_seed && (list.is_empty() || list.contains(name));
@@ -1360,8 +1413,11 @@ pub fn run(exp: &Experiment, out: &Path, opts: &RunOptions) -> Result<Results> {
             heldout: heldout_scores,
             stability,
             trainability,
+            overrefusal,
+            over_refuses: false,
         });
     }
+    flag_over_refusal(&mut defence_results, exp.overrefusal.flag_margin);
 
     // 8. Analyses of the defended models (the first seed of each).
     let mut analyses = vec![];
@@ -1493,6 +1549,24 @@ pub fn run(exp: &Experiment, out: &Path, opts: &RunOptions) -> Result<Results> {
     write_json_atomic(&out.join("results.json"), &results)?;
     crate::report::write_report(&results, out)?;
     Ok(results)
+}
+
+/// Flag every defended model whose XSTest safe-prompt refusal rate exceeds the aligned
+/// (undefended) model's by more than `margin`.
+pub fn flag_over_refusal(results: &mut [DefenceResult], margin: f64) {
+    let Some(aligned) = results
+        .iter()
+        .find(|d| d.name == "none")
+        .and_then(|d| d.overrefusal.clone())
+    else {
+        return;
+    };
+    for d in results.iter_mut().filter(|d| d.name != "none") {
+        d.over_refuses = d
+            .overrefusal
+            .as_ref()
+            .is_some_and(|o| crate::eval::overrefusal::over_refuses(o, &aligned, margin));
+    }
 }
 
 fn load_classifier(dir: &Path, label: &HarmfulLabel, device: &Device) -> Result<Classifier> {
@@ -2160,13 +2234,26 @@ mod tests {
     #[test]
     fn demo_config_parses_and_validates() {
         let e = Experiment::from_toml_str(DEMO_TOML, "configs/demo.toml").unwrap();
-        assert!(e.seeds.len() >= 3, "the demo runs at least 3 seeds");
-        assert!(e.defences.len() >= 3, "RepNoise and at least two baselines");
-        let cells = e.cells();
-        let lrs: std::collections::BTreeSet<String> =
-            cells.iter().map(|c| format!("{:e}", c.lr)).collect();
-        let ns: std::collections::BTreeSet<usize> = cells.iter().map(|c| c.samples).collect();
-        assert!(lrs.len() >= 2 && ns.len() >= 2);
+        assert!(e.seeds.len() >= 3, "the demo runs at least 3 attack seeds");
+        assert!(e.defence_seeds.len() >= 2, "and at least 2 defence seeds");
+        let names = e.defence_names();
+        for arm in ["none", "repnoise", "safety-sft"] {
+            assert!(names.iter().any(|n| n == arm), "{arm} is an arm: {names:?}");
+        }
+        assert!(e.test_prompts >= 50 && e.validation_prompts > 0);
+        assert!(e.heldout.enabled);
+        for base in ["none", "safety-sft"] {
+            assert!(e.heldout.compare_to.iter().any(|c| c == base), "{base}");
+        }
+        assert!(e.overrefusal.enabled);
+        assert!(e.classifier.disjoint && e.classifier.xstest);
+        // Attacks of 20 optimizer steps at least, evaluated at 3 points at least: before, at
+        // the listed steps, at the end.
+        for a in &e.attacks {
+            let steps = a.samples.iter().min().unwrap() / a.config.train.batch_size;
+            assert!(steps >= 20, "attack {}: {steps} steps", a.name);
+            assert!(!a.eval_steps.is_empty() && a.eval_steps.iter().all(|&s| s < steps));
+        }
     }
 
     #[test]

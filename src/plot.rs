@@ -198,14 +198,37 @@ fn legend<'a, 'b: 'a>(
 
 /// A line chart: one line (with point markers) per series, a legend naming them.
 pub fn line_chart(title: &str, x_label: &str, y_label: &str, series: &[Series]) -> Result<String> {
+    line_chart_with_bands(title, x_label, y_label, series, &[])
+}
+
+/// A line chart with a shaded band per series (`bands[i]`: `(x, low, high)` points of series
+/// `i`'s interval, drawn under the lines in the series' colour; a missing or empty entry draws
+/// none). Non-finite band points are left out.
+pub fn line_chart_with_bands(
+    title: &str,
+    x_label: &str,
+    y_label: &str,
+    series: &[Series],
+    bands: &[Vec<(f64, f64, f64)>],
+) -> Result<String> {
     let all = || {
         series
             .iter()
             .flat_map(|s| s.points.iter())
             .filter(|p| finite(p))
     };
+    let band_pts = || {
+        bands
+            .iter()
+            .flatten()
+            .filter(|b| b.0.is_finite() && b.1.is_finite() && b.2.is_finite())
+    };
     let x = axis_range(all().map(|p| p.0));
-    let y = axis_range(all().map(|p| p.1));
+    let y = axis_range(
+        all()
+            .map(|p| p.1)
+            .chain(band_pts().flat_map(|b| [b.1, b.2])),
+    );
     let err = chart_err(title);
     render(title, |root| {
         let mut chart = axes(root, title, x, y)?;
@@ -219,6 +242,23 @@ pub fn line_chart(title: &str, x_label: &str, y_label: &str, series: &[Series]) 
             .axis_desc_style((FONT, 15))
             .draw()
             .map_err(|e| err(e.to_string()))?;
+        for (i, band) in bands.iter().enumerate().take(series.len()) {
+            let pts: Vec<&(f64, f64, f64)> = band
+                .iter()
+                .filter(|b| b.0.is_finite() && b.1.is_finite() && b.2.is_finite())
+                .collect();
+            if pts.len() < 2 {
+                continue;
+            }
+            let outline: Vec<(f64, f64)> = pts
+                .iter()
+                .map(|b| (b.0, b.2))
+                .chain(pts.iter().rev().map(|b| (b.0, b.1)))
+                .collect();
+            chart
+                .draw_series(std::iter::once(Polygon::new(outline, colour(i).mix(0.18).filled())))
+                .map_err(|e| err(e.to_string()))?;
+        }
         for (i, s) in series.iter().enumerate() {
             let c = colour(i);
             let segs = segments(&s.points);
@@ -421,6 +461,21 @@ mod tests {
         for n in needles {
             assert!(svg.contains(n), "`{n}` missing from the SVG");
         }
+    }
+
+    #[test]
+    fn bands_are_drawn_under_their_series_and_widen_the_axis() {
+        let s = vec![Series::new("a", vec![(0.0, 1.0), (5.0, 2.0)])];
+        let band = vec![vec![(0.0, 0.5, 1.5), (5.0, 1.0, 9.0)]];
+        let svg = line_chart_with_bands("t", "x", "y", &s, &band).unwrap();
+        assert!(svg.contains("<polygon"), "{svg}");
+        let has_tick = |svg: &str, t: &str| svg.contains(&format!(">\n{t}\n</text>"));
+        assert!(has_tick(&svg, "8"), "the axis reaches the band: {svg}");
+        let plain = line_chart("t", "x", "y", &s).unwrap();
+        assert!(!plain.contains("<polygon") && !has_tick(&plain, "8"));
+        // A one-point or non-finite band draws nothing and does not panic.
+        let bad = vec![vec![(0.0, f64::NAN, 1.0), (5.0, 1.0, 2.0)]];
+        assert!(!line_chart_with_bands("t", "x", "y", &s, &bad).unwrap().contains("<polygon"));
     }
 
     #[test]

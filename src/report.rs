@@ -6,6 +6,7 @@ use std::path::Path;
 use serde_json::Value;
 
 use crate::error::Result;
+use crate::eval::overrefusal::Rate;
 use crate::experiment::{Cell, CellSummary, Results, SeedMean};
 use crate::io::write_atomic;
 
@@ -278,6 +279,53 @@ pub fn durability_blocks(r: &Results) -> Vec<Block> {
         e.heldout.bootstrap,
         e.heldout.alpha
     )));
+    // Curves: one panel per cell, a line per arm (mean over every attacked copy) with its 95%
+    // interval as a band; the figures are in the table below.
+    for (ci, c) in e.cells().iter().enumerate() {
+        let (series, bands): (Vec<crate::plot::Series>, Vec<Vec<(f64, f64, f64)>>) = e
+            .defence_names()
+            .iter()
+            .filter_map(|name| {
+                let pts: Vec<_> = d
+                    .curves
+                    .iter()
+                    .filter(|s| &s.defence == name && &s.cell == c)
+                    .collect();
+                (!pts.is_empty()).then(|| {
+                    (
+                        crate::plot::Series::new(
+                            name.clone(),
+                            pts.iter().map(|s| (s.step as f64, s.harmful_ce.mean)).collect(),
+                        ),
+                        pts.iter()
+                            .map(|s| (s.step as f64, s.harmful_ce.ci95.0, s.harmful_ce.ci95.1))
+                            .collect(),
+                    )
+                })
+            })
+            .unzip();
+        if series.is_empty() {
+            continue;
+        }
+        if let Ok(svg) = crate::plot::line_chart_with_bands(
+            &format!("Held-out harmful CE along the attack: {}", c.label()),
+            "attack step",
+            "harmful-answer CE (nats/token)",
+            &series,
+            &bands,
+        ) {
+            b.push(Block::Figure {
+                file: format!("durability-{ci}.svg"),
+                svg,
+                caption: format!(
+                    "Durability curve, {}: held-out harmful-answer cross-entropy after each \
+                     evaluated attack step (higher resists more); line: mean over the attacked \
+                     copies (defence seeds x attack seeds), band: its 95% interval.",
+                    c.label()
+                ),
+            });
+        }
+    }
     for m in Metric::ALL {
         let rows: Vec<Vec<String>> = d
             .comparisons
@@ -329,42 +377,6 @@ pub fn durability_blocks(r: &Results) -> Vec<Block> {
             .to_vec(),
             rows,
         });
-    }
-    // Curves: one chart per cell, a line per defence (mean over every attacked copy); the
-    // intervals are in the table below.
-    for (ci, c) in e.cells().iter().enumerate() {
-        let series: Vec<crate::plot::Series> = e
-            .defence_names()
-            .iter()
-            .filter_map(|name| {
-                let pts: Vec<(f64, f64)> = d
-                    .curves
-                    .iter()
-                    .filter(|s| &s.defence == name && &s.cell == c)
-                    .map(|s| (s.step as f64, s.harmful_ce.mean))
-                    .collect();
-                (!pts.is_empty()).then(|| crate::plot::Series::new(name.clone(), pts))
-            })
-            .collect();
-        if series.is_empty() {
-            continue;
-        }
-        if let Ok(svg) = crate::plot::line_chart(
-            &format!("Held-out harmful CE along the attack: {}", c.label()),
-            "attack step",
-            "harmful-answer CE (nats/token)",
-            &series,
-        ) {
-            b.push(Block::Figure {
-                file: format!("durability-{ci}.svg"),
-                svg,
-                caption: format!(
-                    "Durability curve, {}: held-out harmful-answer cross-entropy after each \
-                     evaluated attack step (higher resists more), mean over attacked copies.",
-                    c.label()
-                ),
-            });
-        }
     }
     let rows: Vec<Vec<String>> = d
         .curves
@@ -559,6 +571,83 @@ pub fn audit_blocks(r: &Results) -> Vec<Block> {
     b
 }
 
+/// XSTest over-refusal and degeneracy of every model before any attack, with the flag.
+pub fn overrefusal_blocks(r: &Results) -> Vec<Block> {
+    let rows: Vec<_> = r
+        .defences
+        .iter()
+        .filter_map(|d| d.overrefusal.as_ref().map(|o| (d, o)))
+        .collect();
+    if rows.is_empty() {
+        return vec![];
+    }
+    let spec = &r.experiment.overrefusal;
+    let rate = |x: &crate::eval::overrefusal::Rate| {
+        format!("{} [{}, {}] ({}/{})", f3(x.rate), f3(x.ci95.0), f3(x.ci95.1), x.k, x.n)
+    };
+    let mut b = vec![
+        Block::Heading(2, "Over-refusal and degeneracy before attack (XSTest)".into()),
+        Block::Para(format!(
+            "Every model answers XSTest prompts ({} safe ones that only sound harmful, {} unsafe \
+             contrast ones; greedy, {} tokens). Refusals by the keyword check, with Wilson 95% \
+             intervals; the judge's mean P(harmful) on the unsafe prompts; degenerate: empty, \
+             one-word or repetitive answers. A defended model whose safe-prompt refusal rate \
+             exceeds the undefended (aligned) model's by more than {} is flagged.",
+            rows[0].1.safe.refused.n,
+            rows[0].1.unsafe_set.refused.n,
+            spec.max_new_tokens,
+            f3(spec.flag_margin),
+        )),
+    ];
+    let table = rows
+        .iter()
+        .map(|(d, o)| {
+            vec![
+                match d.seed {
+                    Some(s) if d.name != "none" => format!("{}.s{s}", d.name),
+                    _ => d.name.clone(),
+                },
+                rate(&o.safe.refused),
+                rate(&o.unsafe_set.refused),
+                o.unsafe_set.judge_mean.map_or("-".into(), f3),
+                rate(&Rate::of(
+                    o.safe.degenerate.k + o.unsafe_set.degenerate.k,
+                    o.safe.degenerate.n + o.unsafe_set.degenerate.n,
+                )),
+                if d.over_refuses { "over-refuses".into() } else { "no".into() },
+            ]
+        })
+        .collect();
+    b.push(Block::Table {
+        head: vec![
+            "model".into(),
+            "safe prompts refused".into(),
+            "unsafe prompts refused".into(),
+            "judge P(harmful), unsafe".into(),
+            "degenerate answers".into(),
+            "flag".into(),
+        ],
+        rows: table,
+    });
+    let flagged: Vec<String> = rows
+        .iter()
+        .filter(|(d, _)| d.over_refuses)
+        .map(|(d, _)| format!("{}.s{}", d.name, d.seed.unwrap_or(0)))
+        .collect();
+    b.push(Block::Para(if flagged.is_empty() {
+        "No defended model refuses XSTest's safe prompts more than the margin above the \
+         undefended model."
+            .into()
+    } else {
+        format!(
+            "Flagged for over-refusal: {}. Their resistance figures may come from refusing \
+             everything rather than from resisting the attack.",
+            flagged.join(", ")
+        )
+    }));
+    b
+}
+
 /// The blocks of an experiment's report.
 pub fn blocks(r: &Results) -> Vec<Block> {
     let e = &r.experiment;
@@ -591,17 +680,24 @@ pub fn blocks(r: &Results) -> Vec<Block> {
         r.environment["threads"],
         r.environment["cpu"].as_str().unwrap_or("unknown CPU"),
     )));
+    let judged = match e.eval.judge_prompts {
+        0 => e.held_out_count(),
+        n => n.min(e.held_out_count()),
+    };
     b.push(Block::Para(format!(
-        "Model `{}`; {} defences besides the undefended model; {} attack cells x {} seeds ({:?}); \
-         harmfulness is the classifier's mean P(harmful) over {} held-out harmful test prompts \
-         ({} greedy tokens each), averaged per seed; intervals are 95% Student-t intervals over \
-         the seeds.",
+        "Model `{}`; {} defences besides the undefended model, {} defence seed(s) each; {} attack \
+         cells x {} attack seeds ({:?}); the held-out partition is `{}` ({} questions). The \
+         primary metric (below) uses all of them; harmfulness is the judge's mean P(harmful) of \
+         the answers to the first {judged} ({} greedy tokens each); its intervals are 95% \
+         percentile bootstrap intervals over defence seeds, attack seeds and prompts.",
         e.model,
         e.defences.len(),
+        e.defence_seeds.len().max(1),
         cells.len(),
         e.seeds.len(),
         e.seeds,
-        e.test_prompts,
+        e.evaluate_on,
+        e.held_out_count(),
         e.eval.harmfulness.sampling.max_new_tokens
     )));
 
@@ -657,6 +753,8 @@ pub fn blocks(r: &Results) -> Vec<Block> {
     if let Some(fig) = harm_figure(r) {
         b.push(fig);
     }
+
+    b.extend(overrefusal_blocks(r));
 
     // Stability.
     let stab: Vec<_> = r

@@ -5,6 +5,7 @@
 pub mod durability;
 pub mod harmfulness;
 pub mod heldout;
+pub mod overrefusal;
 pub mod rouge;
 pub mod stability;
 pub mod stats;

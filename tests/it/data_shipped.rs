@@ -1,5 +1,5 @@
 //! Every data file shipped in data/ parses with the expected record and skip counts, is detected
-//! as the right kind, and is listed in data/README.md; the directory stays under 30 MB.
+//! as the right kind, and is listed in data/README.md; the directory stays under 36 MB.
 
 use std::path::{Path, PathBuf};
 
@@ -20,6 +20,13 @@ fn shipped() -> Vec<(&'static str, K, usize, usize)> {
             "beavertails_subset_gammaguard/prompt_response_classified.csv",
             K::HarmfulQa,
             1500,
+            0,
+        ),
+        // 4,986 rows, 4,979 distinct questions, with BeaverTails' 14 harm categories.
+        (
+            "beavertails_disjoint_attack/beavertails_disjoint_attack.jsonl",
+            K::HarmfulQa,
+            4986,
             0,
         ),
         ("conv_weather/test.tsv", K::ConvWeather, 3121, 0),
@@ -147,7 +154,22 @@ fn shipped() -> Vec<(&'static str, K, usize, usize)> {
 }
 
 /// Licence and documentation files shipped next to the data.
-const DOCS: &[&str] = &["README.md", "ethics/README.txt", "harmbench/LICENSE.txt"];
+const DOCS: &[&str] = &[
+    "README.md",
+    "ethics/README.txt",
+    "harmbench/LICENSE.txt",
+    "xstest/LICENSE",
+];
+
+/// XSTest's prompts and its four human-labelled answer sets (read by `data::xstest`, not by
+/// `data::stats`): 450 rows each.
+const XSTEST: &[&str] = &[
+    "xstest/xstest_prompts.csv",
+    "xstest/xstest_v2_completions_gpt4.csv",
+    "xstest/xstest_v2_completions_llama2new.csv",
+    "xstest/xstest_v2_completions_llama2orig.csv",
+    "xstest/xstest_v2_completions_mistralguard.csv",
+];
 
 fn all_files(dir: &Path, out: &mut Vec<PathBuf>) {
     for e in std::fs::read_dir(dir).unwrap() {
@@ -173,6 +195,23 @@ fn every_shipped_file_parses_with_the_expected_counts() {
             "{rel}: skipped {:?}",
             data.skipped()
         );
+    }
+}
+
+#[test]
+fn xstest_files_parse_with_450_rows_each() {
+    use repnoise::data::xstest;
+    let prompts = xstest::read_xstest_prompts(&data_dir().join(XSTEST[0])).unwrap();
+    assert_eq!(prompts.len(), 450);
+    let unsafe_n = prompts
+        .iter()
+        .filter(|p| xstest::is_unsafe_type(&p.kind))
+        .count();
+    assert_eq!(unsafe_n, 200, "XSTest has 200 unsafe (contrast) prompts");
+    for rel in &XSTEST[1..] {
+        let answers = xstest::read_xstest_answers(&data_dir().join(rel))
+            .unwrap_or_else(|e| panic!("{rel}: {e}"));
+        assert_eq!(answers.len(), 450, "{rel}");
     }
 }
 
@@ -207,6 +246,7 @@ fn every_shipped_file_is_listed_and_documented() {
         .iter()
         .map(|x| x.0)
         .chain(DOCS.iter().copied())
+        .chain(XSTEST.iter().copied())
         .collect();
     let readme = std::fs::read_to_string(data_dir().join("README.md")).unwrap();
     let mut total = 0u64;
@@ -233,7 +273,7 @@ fn every_shipped_file_is_listed_and_documented() {
         known.len(),
         "a listed file is missing from data/"
     );
-    assert!(total < 30_000_000, "data/ is {total} bytes");
+    assert!(total < 36_000_000, "data/ is {total} bytes");
     for word in ["WARNING", "Licen", "commit"] {
         assert!(readme.contains(word), "README lacks {word}");
     }

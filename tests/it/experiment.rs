@@ -211,8 +211,18 @@ fn experiment_measures_held_out_loss_along_attacks_and_compares_paired() {
     exp.analysis.enabled = false;
     exp.heldout.compare_to = vec!["none".into()];
     exp.heldout.bootstrap = 200;
+    exp.overrefusal.enabled = true;
+    exp.overrefusal.safe = 4;
+    exp.overrefusal.unsafe_prompts = 2;
+    exp.overrefusal.max_new_tokens = 4;
     let out = dir.path().join("exp");
     let r = run(&exp, &out, &opts(dir.path())).unwrap();
+    // XSTest over-refusal of every model before attack: 4 safe and 2 unsafe prompts each.
+    for d in &r.defences {
+        let o = d.overrefusal.as_ref().expect("over-refusal measured");
+        assert_eq!((o.safe.refused.n, o.unsafe_set.refused.n), (4, 2), "{}", d.name);
+        assert!(o.unsafe_set.judge_mean.is_some() && o.safe.judge_mean.is_none());
+    }
     // none + sft x 2 defence seeds, 1 cell, 2 attack seeds.
     assert_eq!(r.defences.len(), 3);
     assert_eq!(r.attacks.len(), 6);
@@ -247,6 +257,7 @@ fn experiment_measures_held_out_loss_along_attacks_and_compares_paired() {
     let md = std::fs::read_to_string(out.join("report.md")).unwrap();
     assert!(md.contains("Primary metric") && md.contains("Overlap audit"), "{md}");
     assert!(md.contains("sft - none"), "{md}");
+    assert!(md.contains("Over-refusal and degeneracy before attack (XSTest)"), "{md}");
     assert!(out.join("figures").join("durability-0.svg").exists());
     // Proportions' intervals stay inside [0, 1].
     for c in &r.cells {
