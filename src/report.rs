@@ -220,8 +220,9 @@ pub fn verdicts(r: &Results) -> Vec<String> {
             with_ci(&base),
             before.map_or(String::new(), |b| format!(" (before the attack {})", f3(b)))
         )];
-        for d in r.defences.iter().filter(|d| d.name != "none") {
-            if let Some(h) = find(&r.cells, &d.name, c).and_then(|s| s.harm) {
+        // One entry per defence (its defence seeds are pooled in the cell's summary).
+        for name in r.experiment.defence_names().iter().filter(|n| *n != "none") {
+            if let Some(h) = find(&r.cells, name, c).and_then(|s| s.harm) {
                 let rel = if h.ci95.1 < base.ci95.0 {
                     "lower, intervals apart"
                 } else if h.ci95.0 > base.ci95.1 {
@@ -231,7 +232,7 @@ pub fn verdicts(r: &Results) -> Vec<String> {
                 } else {
                     "not lower"
                 };
-                parts.push(format!("{} {} ({rel})", d.name, with_ci(&h)));
+                parts.push(format!("{name} {} ({rel})", with_ci(&h)));
             }
         }
         out.push(parts.join("; "));
@@ -571,6 +572,14 @@ pub fn audit_blocks(r: &Results) -> Vec<Block> {
     b
 }
 
+/// A model's label: the defence name, with `.sN` for a defence trained with seed N.
+fn arm_label(name: &str, seed: Option<u64>) -> String {
+    match seed {
+        Some(s) if name != "none" => format!("{name}.s{s}"),
+        _ => name.to_string(),
+    }
+}
+
 /// XSTest over-refusal and degeneracy of every model before any attack, with the flag.
 pub fn overrefusal_blocks(r: &Results) -> Vec<Block> {
     let rows: Vec<_> = r
@@ -603,10 +612,7 @@ pub fn overrefusal_blocks(r: &Results) -> Vec<Block> {
         .iter()
         .map(|(d, o)| {
             vec![
-                match d.seed {
-                    Some(s) if d.name != "none" => format!("{}.s{s}", d.name),
-                    _ => d.name.clone(),
-                },
+                arm_label(&d.name, d.seed),
                 rate(&o.safe.refused),
                 rate(&o.unsafe_set.refused),
                 o.unsafe_set.judge_mean.map_or("-".into(), f3),
@@ -632,7 +638,7 @@ pub fn overrefusal_blocks(r: &Results) -> Vec<Block> {
     let flagged: Vec<String> = rows
         .iter()
         .filter(|(d, _)| d.over_refuses)
-        .map(|(d, _)| format!("{}.s{}", d.name, d.seed.unwrap_or(0)))
+        .map(|(d, _)| arm_label(&d.name, d.seed))
         .collect();
     b.push(Block::Para(if flagged.is_empty() {
         "No defended model refuses XSTest's safe prompts more than the margin above the \
@@ -770,7 +776,7 @@ pub fn blocks(r: &Results) -> Vec<Block> {
             e.eval.stability_limit
         )));
         let mut head = vec!["task (metric)".to_string()];
-        head.extend(stab.iter().map(|d| d.name.clone()));
+        head.extend(stab.iter().map(|d| arm_label(&d.name, d.seed)));
         let rows =
             e.eval
                 .stability_tasks
@@ -817,7 +823,7 @@ pub fn blocks(r: &Results) -> Vec<Block> {
             .iter()
             .map(|(d, t)| {
                 vec![
-                    d.name.clone(),
+                    arm_label(&d.name, d.seed),
                     format!(
                         "{} ± {}",
                         f3(t.before.rouge1_f.mean),
@@ -868,7 +874,7 @@ pub fn blocks(r: &Results) -> Vec<Block> {
         .filter_map(|d| {
             d.agreement.as_ref().map(|a| {
                 vec![
-                    d.name.clone(),
+                    arm_label(&d.name, d.seed),
                     f3(a.agreement),
                     a.refused_harmless.to_string(),
                     a.complied_harmful.to_string(),
@@ -941,7 +947,7 @@ pub fn blocks(r: &Results) -> Vec<Block> {
         .iter()
         .map(|a| {
             vec![
-                a.defence.clone(),
+                arm_label(&a.defence, a.defence_seed),
                 a.cell.label(),
                 a.seed.to_string(),
                 a.harm.mean_score.map_or("-".into(), |e| f3(e.mean)),

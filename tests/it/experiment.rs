@@ -258,6 +258,9 @@ fn experiment_measures_held_out_loss_along_attacks_and_compares_paired() {
     assert!(md.contains("Primary metric") && md.contains("Overlap audit"), "{md}");
     assert!(md.contains("sft - none"), "{md}");
     assert!(md.contains("Over-refusal and degeneracy before attack (XSTest)"), "{md}");
+    // Models are labelled with their defence seed; the verdict line names each defence once.
+    assert!(md.contains("| sft.s5 |") && md.contains("| sft.s6 |"), "{md}");
+    assert_eq!(md.matches("; sft ").count(), 1, "{md}");
     assert!(out.join("figures").join("durability-0.svg").exists());
     // Proportions' intervals stay inside [0, 1].
     for c in &r.cells {
