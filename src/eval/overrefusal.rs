@@ -17,7 +17,7 @@ use crate::generate::SamplingConfig;
 use crate::model::Llama;
 use crate::modelio::LoadedModel;
 use crate::refusal::RefusalCheck;
-use crate::data::encode::PromptFormat;
+use crate::data::encode::{encode_prompt, EncodeOptions, PromptFormat};
 
 /// Settings of the over-refusal evaluation (`[overrefusal]` in an experiment file).
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
@@ -120,6 +120,9 @@ pub struct OverRefusal {
     pub safe: SetFigures,
     #[serde(rename = "unsafe")]
     pub unsafe_set: SetFigures,
+    /// Prompts left out because the prompt and `max_new_tokens` do not fit the model's context.
+    #[serde(default)]
+    pub left_out: usize,
     pub seconds: f64,
 }
 
@@ -197,6 +200,7 @@ pub fn figures(rows: &[Answer], seconds: f64) -> OverRefusal {
     OverRefusal {
         safe: set(true),
         unsafe_set: set(false),
+        left_out: 0,
         seconds,
     }
 }
@@ -215,6 +219,20 @@ pub fn evaluate(
     let t0 = std::time::Instant::now();
     std::fs::create_dir_all(out)
         .map_err(|e| Error::file(out, format!("cannot create directory: {e}")))?;
+    // Prompts that leave no room for the answer in the model's context are left out (counted).
+    let opts = EncodeOptions {
+        format: spec.format,
+        ..EncodeOptions::default()
+    };
+    let room = model.config.max_position_embeddings;
+    let mut fitting = Vec::with_capacity(prompts.len());
+    for p in prompts {
+        if encode_prompt(&model.tok, &p.prompt, &opts)?.ids.len() + spec.max_new_tokens <= room {
+            fitting.push(p.clone());
+        }
+    }
+    let left_out = prompts.len() - fitting.len();
+    let prompts = &fitting[..];
     let net = Llama::frozen(&model.config, &model.params)?;
     let texts: Vec<String> = prompts.iter().map(|p| p.prompt.clone()).collect();
     let sampling = SamplingConfig {
@@ -258,7 +276,10 @@ pub fn evaluate(
         .collect::<std::result::Result<_, _>>()
         .map_err(|e| Error::msg(format!("cannot serialise answers: {e}")))?;
     crate::io::write_atomic(&out.join("overrefusal.jsonl"), lines.as_bytes())?;
-    let f = figures(&rows, t0.elapsed().as_secs_f64());
+    let f = OverRefusal {
+        left_out,
+        ..figures(&rows, t0.elapsed().as_secs_f64())
+    };
     crate::io::write_json_atomic(&out.join("overrefusal.json"), &f)?;
     Ok(f)
 }

@@ -215,11 +215,14 @@ fn experiment_measures_held_out_loss_along_attacks_and_compares_paired() {
     exp.overrefusal.safe = 4;
     exp.overrefusal.unsafe_prompts = 2;
     exp.overrefusal.max_new_tokens = 4;
+    exp.overrefusal.format = repnoise::data::encode::PromptFormat::Plain;
     let out = dir.path().join("exp");
     let r = run(&exp, &out, &opts(dir.path())).unwrap();
-    // XSTest over-refusal of every model before attack: 4 safe and 2 unsafe prompts each.
+    // XSTest over-refusal of every model before attack: 4 safe and 2 unsafe prompts each
+    // (the tiny model's 128 positions hold them all in the plain format).
     for d in &r.defences {
         let o = d.overrefusal.as_ref().expect("over-refusal measured");
+        assert_eq!(o.left_out, 0, "{}", d.name);
         assert_eq!((o.safe.refused.n, o.unsafe_set.refused.n), (4, 2), "{}", d.name);
         assert!(o.unsafe_set.judge_mean.is_some() && o.safe.judge_mean.is_none());
     }
