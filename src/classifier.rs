@@ -2006,6 +2006,19 @@ fn distinct_questions(xs: &[Example]) -> usize {
         .len()
 }
 
+/// The XSTest answer files a run leaves out of training (its calibration sets): the named
+/// hold-out files, or all of them when XSTest is not trained on at all.
+fn xstest_left_out(run: &TrainRun) -> Vec<String> {
+    if run.xstest {
+        run.xstest_holdout.clone()
+    } else {
+        crate::data::xstest::COMPLETION_FILES
+            .iter()
+            .map(|s| s.to_string())
+            .collect()
+    }
+}
+
 /// Train a classifier end to end: data, split, fine-tuning, held-out evaluation, then save the
 /// classifier, `test.jsonl` (held-out examples with their scores) and `report.json` in `out`.
 pub fn run_train(
@@ -2117,7 +2130,7 @@ pub fn run_train(
             &mut scorer,
             Some((test_set.as_slice(), scores.p_harmful.as_slice())),
             &run.data_dir.join("xstest"),
-            &run.xstest_holdout,
+            &xstest_left_out(run),
             &run.out.display().to_string(),
         )?;
         for r in &c.rows {
@@ -2153,7 +2166,7 @@ pub fn run_train(
             .then_some(run.disjoint_samples),
         xstest_train: prep.xstest_train.clone(),
         xstest_holdout: if run.task == Task::Harmfulness {
-            run.xstest_holdout.clone()
+            xstest_left_out(run)
         } else {
             vec![]
         },
@@ -2487,6 +2500,15 @@ mod tests {
         run.xstest_holdout = vec!["gpt5".into()];
         let e = prepare_examples(&run).err().unwrap().to_string();
         assert!(e.contains("xstest-holdout") && e.contains("gpt5"), "{e}");
+        // The calibration's XSTest files: the held-out one, or all four without XSTest training.
+        run.xstest_holdout = vec!["mistralguard".into()];
+        run.xstest = true;
+        assert_eq!(xstest_left_out(&run), vec!["mistralguard".to_string()]);
+        run.xstest = false;
+        assert_eq!(
+            xstest_left_out(&run).len(),
+            crate::data::xstest::COMPLETION_FILES.len()
+        );
     }
 
     #[test]

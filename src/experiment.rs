@@ -37,12 +37,12 @@ use crate::data::harmful::{read_harmful_qa, HarmfulQa};
 use crate::data::split::{split_disjoint, Duplicates, SplitSpec};
 use crate::defend::DefendConfig;
 use crate::error::{Error, Result};
-use crate::eval::harmfulness::{EvalPrompt, HarmFigures, HarmReport, HarmfulnessConfig};
 use crate::eval::durability::{CurvePoint, Metric, Obs};
+use crate::eval::harmfulness::{EvalPrompt, HarmFigures, HarmReport, HarmfulnessConfig};
 use crate::eval::heldout::{HeldoutConfig, HeldoutEncoded, HeldoutItem, HeldoutScores};
 use crate::eval::overrefusal::{OverRefusal, OverRefusalSpec};
-use crate::eval::stats::PairedDiff;
 use crate::eval::stability::TaskResult;
+use crate::eval::stats::PairedDiff;
 use crate::eval::trainability::TrainabilityReport;
 use crate::finetune::FinetuneConfig;
 use crate::io::{write_atomic, write_json_atomic};
@@ -468,11 +468,16 @@ impl Experiment {
             return Err("heldout.bootstrap = 0: at least one resample is needed".into());
         }
         if !(self.heldout.alpha > 0.0 && self.heldout.alpha < 1.0) {
-            return Err(format!("heldout.alpha = {}: must be in (0, 1)", self.heldout.alpha));
+            return Err(format!(
+                "heldout.alpha = {}: must be in (0, 1)",
+                self.heldout.alpha
+            ));
         }
         if let Some(t) = self.heldout.break_threshold {
             if !(t.is_finite() && t > 0.0) {
-                return Err(format!("heldout.break_threshold = {t}: must be a positive number"));
+                return Err(format!(
+                    "heldout.break_threshold = {t}: must be a positive number"
+                ));
             }
         }
         for a in &self.attacks {
@@ -966,7 +971,8 @@ pub fn split_data(exp: &Experiment, out: &Path, key: &str) -> Result<DataSplit> 
             })
             .collect()
     };
-    let answers = |rs: &[HarmfulQa]| -> Vec<String> { rs.iter().map(|r| r.response.clone()).collect() };
+    let answers =
+        |rs: &[HarmfulQa]| -> Vec<String> { rs.iter().map(|r| r.response.clone()).collect() };
     Ok(DataSplit {
         test: prompts(&test),
         test_answers: answers(&test),
@@ -1241,15 +1247,19 @@ pub fn run(exp: &Experiment, out: &Path, opts: &RunOptions) -> Result<Results> {
         let path = out.join(format!("heldout-{key}.json"));
         let cached = read_json::<(Vec<HeldoutItem>, Vec<String>)>(&path);
         let c = cached.is_some();
-        let (items, notes) = st.run("held-out refusals (the aligned model)", c, || match cached {
-            Some(v) => Ok(v),
-            None => {
-                let m = load(&aligned_dir, opts)?;
-                let v = heldout_items(&m, eval_prompts, eval_answers, hcfg, &check)?;
-                write_json_atomic(&path, &v)?;
-                Ok(v)
-            }
-        })?;
+        let (items, notes) = st.run(
+            "held-out refusals (the aligned model)",
+            c,
+            || match cached {
+                Some(v) => Ok(v),
+                None => {
+                    let m = load(&aligned_dir, opts)?;
+                    let v = heldout_items(&m, eval_prompts, eval_answers, hcfg, &check)?;
+                    write_json_atomic(&path, &v)?;
+                    Ok(v)
+                }
+            },
+        )?;
         for n in &notes {
             eprintln!("  {n}");
         }
@@ -1284,21 +1294,25 @@ pub fn run(exp: &Experiment, out: &Path, opts: &RunOptions) -> Result<Results> {
             let cached = read_json::<HarmReport>(&hdir.join("harmfulness.json"))
                 .zip(crate::eval::harmfulness::read_generations(&hdir).ok());
             let c = cached.is_some();
-            st.run(&format!("harmfulness of {}", arm.label()), c, || match cached {
-                Some(r) => Ok(r),
-                None => {
-                    let m = load(&mdir, opts)?;
-                    crate::eval::harmfulness::evaluate_rows(
-                        &m,
-                        &judge_prompts,
-                        &format!("held-out {} prompts", exp.evaluate_on),
-                        harm_cfg,
-                        &check,
-                        Some(&clf),
-                        &hdir,
-                    )
-                }
-            })?
+            st.run(
+                &format!("harmfulness of {}", arm.label()),
+                c,
+                || match cached {
+                    Some(r) => Ok(r),
+                    None => {
+                        let m = load(&mdir, opts)?;
+                        crate::eval::harmfulness::evaluate_rows(
+                            &m,
+                            &judge_prompts,
+                            &format!("held-out {} prompts", exp.evaluate_on),
+                            harm_cfg,
+                            &check,
+                            Some(&clf),
+                            &hdir,
+                        )
+                    }
+                },
+            )?
         };
         let heldout_scores = match &heldout {
             None => None,
@@ -1306,16 +1320,20 @@ pub fn run(exp: &Experiment, out: &Path, opts: &RunOptions) -> Result<Results> {
                 let path = edir.join(format!("heldout-{hk}.json"));
                 let cached = read_json::<HeldoutScores>(&path);
                 let c = cached.is_some();
-                Some(st.run(&format!("held-out loss of {}", arm.label()), c, || match cached {
-                    Some(v) => Ok(v),
-                    None => {
-                        let m = load(&mdir, opts)?;
-                        let net = crate::model::Llama::frozen(&m.config, &m.params)?;
-                        let v = crate::eval::heldout::score(&net, enc, hcfg.batch)?;
-                        write_json_atomic(&path, &v)?;
-                        Ok(v)
-                    }
-                })?)
+                Some(st.run(
+                    &format!("held-out loss of {}", arm.label()),
+                    c,
+                    || match cached {
+                        Some(v) => Ok(v),
+                        None => {
+                            let m = load(&mdir, opts)?;
+                            let net = crate::model::Llama::frozen(&m.config, &m.params)?;
+                            let v = crate::eval::heldout::score(&net, enc, hcfg.batch)?;
+                            write_json_atomic(&path, &v)?;
+                            Ok(v)
+                        }
+                    },
+                )?)
             }
         };
         let overrefusal = if exp.overrefusal.enabled {
@@ -1324,8 +1342,10 @@ pub fn run(exp: &Experiment, out: &Path, opts: &RunOptions) -> Result<Results> {
             let odir = edir.join(format!("overrefusal-{okey}"));
             let cached = read_json::<OverRefusal>(&odir.join("overrefusal.json"));
             let c = cached.is_some();
-            Some(st.run(&format!("XSTest over-refusal of {}", arm.label()), c, || {
-                match cached {
+            Some(st.run(
+                &format!("XSTest over-refusal of {}", arm.label()),
+                c,
+                || match cached {
                     Some(r) => Ok(r),
                     None => {
                         let m = load(&mdir, opts)?;
@@ -1338,8 +1358,8 @@ pub fn run(exp: &Experiment, out: &Path, opts: &RunOptions) -> Result<Results> {
                             &odir,
                         )
                     }
-                }
-            })?)
+                },
+            )?)
         } else {
             None
         };
@@ -1353,21 +1373,25 @@ pub fn run(exp: &Experiment, out: &Path, opts: &RunOptions) -> Result<Results> {
             let cached = read_json::<Value>(&sdir.join("stability.json"))
                 .and_then(|v| serde_json::from_value::<Vec<TaskResult>>(v["tasks"].clone()).ok());
             let c = cached.is_some();
-            stability = st.run(&format!("stability of {}", arm.label()), c, || match cached {
-                Some(r) => Ok(r),
-                None => {
-                    let m = load(&mdir, opts)?;
-                    crate::eval::run_stability(
-                        &m,
-                        &exp.eval.stability_tasks,
-                        exp.eval.stability_limit,
-                        exp.split_seed,
-                        exp.eval.stability_max_len,
-                        8,
-                        &sdir,
-                    )
-                }
-            })?;
+            stability = st.run(
+                &format!("stability of {}", arm.label()),
+                c,
+                || match cached {
+                    Some(r) => Ok(r),
+                    None => {
+                        let m = load(&mdir, opts)?;
+                        crate::eval::run_stability(
+                            &m,
+                            &exp.eval.stability_tasks,
+                            exp.eval.stability_limit,
+                            exp.split_seed,
+                            exp.eval.stability_max_len,
+                            8,
+                            &sdir,
+                        )
+                    }
+                },
+            )?;
         }
         let mut trainability = None;
         if let Some(task) = &exp.eval.trainability_task {
@@ -1379,25 +1403,27 @@ pub fn run(exp: &Experiment, out: &Path, opts: &RunOptions) -> Result<Results> {
                 let tpath = tdir.join("trainability.json");
                 let cached = read_json::<TrainabilityReport>(&tpath);
                 let c = cached.is_some();
-                trainability = Some(st.run(&format!("trainability of {}", arm.label()), c, || {
-                    match cached {
-                        Some(r) => Ok(r),
-                        None => {
-                            let mut m = load(&mdir, opts)?;
-                            let r = crate::eval::trainability::trainability(
-                                &mut m,
-                                task,
-                                ft,
-                                exp.eval.trainability_tokens,
-                                &tdir,
-                                Interrupt::default(),
-                            )?;
-                            // The fine-tuned model is not needed again.
-                            let _ = std::fs::remove_dir_all(tdir.join("finetune").join("model"));
-                            Ok(r)
+                trainability =
+                    Some(st.run(&format!("trainability of {}", arm.label()), c, || {
+                        match cached {
+                            Some(r) => Ok(r),
+                            None => {
+                                let mut m = load(&mdir, opts)?;
+                                let r = crate::eval::trainability::trainability(
+                                    &mut m,
+                                    task,
+                                    ft,
+                                    exp.eval.trainability_tokens,
+                                    &tdir,
+                                    Interrupt::default(),
+                                )?;
+                                // The fine-tuned model is not needed again.
+                                let _ =
+                                    std::fs::remove_dir_all(tdir.join("finetune").join("model"));
+                                Ok(r)
+                            }
                         }
-                    }
-                })?);
+                    })?);
             }
         }
         defence_results.push(DefenceResult {
@@ -1426,9 +1452,10 @@ pub fn run(exp: &Experiment, out: &Path, opts: &RunOptions) -> Result<Results> {
         let pairs = crate::data::pairs::load_pairs_any(&pairs_path)?.records;
         let pairs = crate::analysis::select_pairs(&pairs, an.pairs, an.seed);
         let aligned = load(&aligned_dir, opts)?;
-        for arm in arms.iter().filter(|a| {
-            a.is_first_seed(exp) && (an.on.is_empty() || an.on.contains(&a.defence))
-        }) {
+        for arm in arms
+            .iter()
+            .filter(|a| a.is_first_seed(exp) && (an.on.is_empty() || an.on.contains(&a.defence)))
+        {
             let name = &arm.defence;
             let (mdir, _, _) = model_dirs[&arm.id()].clone();
             let key = key_of(
@@ -1612,7 +1639,13 @@ fn attack_one(c: &AttackCtx, defended: &LoadedModel, dir: &Path) -> Result<Attac
         .into_iter()
         .collect();
     // Every listed step after 0, and the attack's last.
-    let mut steps: Vec<usize> = c.spec.eval_steps.iter().copied().filter(|&s| s > 0).collect();
+    let mut steps: Vec<usize> = c
+        .spec
+        .eval_steps
+        .iter()
+        .copied()
+        .filter(|&s| s > 0)
+        .collect();
     steps.push(crate::attack::LAST_STEP);
     let batch = exp.heldout.config.batch;
     let rep = match c.heldout {
@@ -1894,12 +1927,18 @@ pub fn overlap_audit(
     pairs_path: &Path,
 ) -> Vec<AuditRow> {
     let mut parts: Vec<(String, Vec<String>)> = vec![
-        ("test".into(), split.test.iter().map(|p| p.prompt.clone()).collect()),
+        (
+            "test".into(),
+            split.test.iter().map(|p| p.prompt.clone()).collect(),
+        ),
         (
             "validation".into(),
             split.validation.iter().map(|p| p.prompt.clone()).collect(),
         ),
-        ("defence".into(), split.defence.iter().map(|p| p.0.clone()).collect()),
+        (
+            "defence".into(),
+            split.defence.iter().map(|p| p.0.clone()).collect(),
+        ),
     ];
     if let Ok(t) = std::fs::read_to_string(&split.attack_file) {
         let qs = t
@@ -1946,8 +1985,8 @@ pub fn overlap_audit(
 
 /// [`AuditRow`]s of every pair of named question lists.
 pub fn audit_rows(parts: &[(String, Vec<String>)]) -> Vec<AuditRow> {
-    use std::collections::BTreeSet;
     use crate::data::split::normalize_question;
+    use std::collections::BTreeSet;
     let sets: Vec<BTreeSet<String>> = parts
         .iter()
         .map(|(_, qs)| qs.iter().map(|q| normalize_question(q)).collect())
@@ -2069,9 +2108,7 @@ pub fn summarise_durability(
                         n: obs.len(),
                     })
                 };
-                if let (Some(h), Some(m)) =
-                    (iv(&|r| ce_at(r, step)), iv(&|r| margin_at(r, step)))
-                {
+                if let (Some(h), Some(m)) = (iv(&|r| ce_at(r, step)), iv(&|r| margin_at(r, step))) {
                     out.curves.push(CurveSummary {
                         defence: d.clone(),
                         cell: c.clone(),
@@ -2134,7 +2171,11 @@ pub fn summarise_durability(
         for m in Metric::ALL {
             let f = end_metric(m);
             for d in names.iter().filter(|d| *d != "none") {
-                for base in spec.compare_to.iter().filter(|b| *b != d && names.contains(b)) {
+                for base in spec
+                    .compare_to
+                    .iter()
+                    .filter(|b| *b != d && names.contains(b))
+                {
                     let oa = obs_at(d, c, &*f);
                     let ob = obs_at(base, c, &*f);
                     let (Some(a), Some(b)) = (
@@ -2173,14 +2214,24 @@ pub fn summarise_durability(
                     defence: d.to_string(),
                     defence_seed: r.seed.unwrap_or(0),
                     attack_seed: 0,
-                    values: r.heldout.as_ref()?.harmful_ce.iter().map(|&x| x as f64).collect(),
+                    values: r
+                        .heldout
+                        .as_ref()?
+                        .harmful_ce
+                        .iter()
+                        .map(|&x| x as f64)
+                        .collect(),
                 })
             })
             .collect();
         crate::eval::durability::arm_values(&obs, d, &[0])
     };
     for d in names.iter().filter(|d| *d != "none") {
-        for base in spec.compare_to.iter().filter(|b| *b != d && names.contains(b)) {
+        for base in spec
+            .compare_to
+            .iter()
+            .filter(|b| *b != d && names.contains(b))
+        {
             if let (Some(a), Some(b)) = (before(d), before(base)) {
                 if let Ok(diff) =
                     crate::eval::stats::paired_bootstrap(&a, &b, spec.bootstrap, spec.seed)
@@ -2294,7 +2345,10 @@ mod tests {
             ("seeds = [2, 2]", "seeds"),
             ("[heldout]\nbootstrap = 0", "heldout.bootstrap"),
             ("[heldout]\nalpha = 1.5", "heldout.alpha"),
-            ("[heldout]\nbreak_threshold = -1.0", "heldout.break_threshold"),
+            (
+                "[heldout]\nbreak_threshold = -1.0",
+                "heldout.break_threshold",
+            ),
             ("[heldout.config]\nbatch = 0", "heldout.batch"),
             ("[heldout.config]\nmax_len = 2", "heldout.max_len"),
             (
@@ -2326,8 +2380,14 @@ mod tests {
     #[test]
     fn the_audit_counts_shared_normalised_questions_of_every_pair() {
         let parts = vec![
-            ("test".to_string(), vec!["How do I pick a lock?".to_string(), "b".into()]),
-            ("attack".to_string(), vec!["how do i pick a lock".to_string(), "c".into()]),
+            (
+                "test".to_string(),
+                vec!["How do I pick a lock?".to_string(), "b".into()],
+            ),
+            (
+                "attack".to_string(),
+                vec!["how do i pick a lock".to_string(), "c".into()],
+            ),
             ("defence".to_string(), vec!["d".to_string()]),
         ];
         let rows = audit_rows(&parts);

@@ -48,6 +48,17 @@ pub fn write_atomic_with(
     Ok(())
 }
 
+/// Write one compact JSON value per line (JSONL) atomically.
+pub fn write_jsonl_atomic<T: serde::Serialize>(path: &Path, rows: &[T]) -> Result<()> {
+    let mut text = String::new();
+    for r in rows {
+        text += &serde_json::to_string(r)
+            .map_err(|e| Error::file(path, format!("cannot serialise: {e}")))?;
+        text.push('\n');
+    }
+    write_atomic(path, text.as_bytes())
+}
+
 /// Write pretty JSON atomically.
 pub fn write_json_atomic(path: &Path, value: &impl serde::Serialize) -> Result<()> {
     let text = serde_json::to_string_pretty(value)
@@ -79,6 +90,23 @@ mod tests {
         assert!(e.to_string().contains("disk full"));
         assert_eq!(std::fs::read(&p).unwrap(), b"good");
         assert_eq!(std::fs::read_dir(dir.path()).unwrap().count(), 1);
+    }
+
+    #[test]
+    fn jsonl_is_one_compact_value_per_line() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("a.jsonl");
+        let rows = vec![
+            serde_json::json!({"a": 1, "b": "x\ny"}),
+            serde_json::json!([2]),
+        ];
+        write_jsonl_atomic(&p, &rows).unwrap();
+        assert_eq!(
+            std::fs::read_to_string(&p).unwrap(),
+            "{\"a\":1,\"b\":\"x\\ny\"}\n[2]\n"
+        );
+        write_jsonl_atomic::<u8>(&p, &[]).unwrap();
+        assert_eq!(std::fs::read_to_string(&p).unwrap(), "");
     }
 }
 

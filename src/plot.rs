@@ -256,7 +256,10 @@ pub fn line_chart_with_bands(
                 .chain(pts.iter().rev().map(|b| (b.0, b.1)))
                 .collect();
             chart
-                .draw_series(std::iter::once(Polygon::new(outline, colour(i).mix(0.18).filled())))
+                .draw_series(std::iter::once(Polygon::new(
+                    outline,
+                    colour(i).mix(0.18).filled(),
+                )))
                 .map_err(|e| err(e.to_string()))?;
         }
         for (i, s) in series.iter().enumerate() {
@@ -475,7 +478,9 @@ mod tests {
         assert!(!plain.contains("<polygon") && !has_tick(&plain, "8"));
         // A one-point or non-finite band draws nothing and does not panic.
         let bad = vec![vec![(0.0, f64::NAN, 1.0), (5.0, 1.0, 2.0)]];
-        assert!(!line_chart_with_bands("t", "x", "y", &s, &bad).unwrap().contains("<polygon"));
+        assert!(!line_chart_with_bands("t", "x", "y", &s, &bad)
+            .unwrap()
+            .contains("<polygon"));
     }
 
     #[test]

@@ -296,7 +296,9 @@ pub fn durability_blocks(r: &Results) -> Vec<Block> {
                     (
                         crate::plot::Series::new(
                             name.clone(),
-                            pts.iter().map(|s| (s.step as f64, s.harmful_ce.mean)).collect(),
+                            pts.iter()
+                                .map(|s| (s.step as f64, s.harmful_ce.mean))
+                                .collect(),
                         ),
                         pts.iter()
                             .map(|s| (s.step as f64, s.harmful_ce.ci95.0, s.harmful_ce.ci95.1))
@@ -341,7 +343,9 @@ pub fn durability_blocks(r: &Results) -> Vec<Block> {
                     _ => "",
                 };
                 vec![
-                    c.cell.as_ref().map_or("before attack".into(), |c| c.label()),
+                    c.cell
+                        .as_ref()
+                        .map_or("before attack".into(), |c| c.label()),
                     format!("{} - {}", c.defence, c.baseline),
                     format!(
                         "{} [{}, {}]",
@@ -362,7 +366,11 @@ pub fn durability_blocks(r: &Results) -> Vec<Block> {
         b.push(Block::Para(format!(
             "**{}** ({} resists more), at the attack's last step:",
             m.label(),
-            if m.higher_resists() { "higher" } else { "lower" }
+            if m.higher_resists() {
+                "higher"
+            } else {
+                "lower"
+            }
         )));
         b.push(Block::Table {
             head: [
@@ -394,7 +402,9 @@ pub fn durability_blocks(r: &Results) -> Vec<Block> {
         })
         .collect();
     if !rows.is_empty() {
-        b.push(Block::Para("Every evaluated step, mean [95% interval]:".into()));
+        b.push(Block::Para(
+            "Every evaluated step, mean [95% interval]:".into(),
+        ));
         b.push(Block::Table {
             head: ["cell", "defence", "step", "harmful CE", "margin", "models"]
                 .map(String::from)
@@ -435,9 +445,15 @@ pub fn durability_blocks(r: &Results) -> Vec<Block> {
             }
         )));
         b.push(Block::Table {
-            head: ["cell", "defence", "threshold", "broke", "step per attacked model"]
-                .map(String::from)
-                .to_vec(),
+            head: [
+                "cell",
+                "defence",
+                "threshold",
+                "broke",
+                "step per attacked model",
+            ]
+            .map(String::from)
+            .to_vec(),
             rows,
         });
     }
@@ -470,7 +486,11 @@ pub fn calibration_blocks(c: &Value) -> Vec<Block> {
             let set = r["set"].as_str().unwrap_or("?").to_string();
             if let Some(a) = r["auroc"].as_f64() {
                 if a < 0.90 {
-                    misses.push(format!("{set}: AUROC {} (target 0.90, short by {})", f3(a), f3(0.90 - a)));
+                    misses.push(format!(
+                        "{set}: AUROC {} (target 0.90, short by {})",
+                        f3(a),
+                        f3(0.90 - a)
+                    ));
                 }
             }
             if let Some(p) = r["refusal_mean_p"].as_f64() {
@@ -524,7 +544,10 @@ pub fn calibration_blocks(c: &Value) -> Vec<Block> {
                 format!(
                     "{}: {}",
                     x[0].as_str().unwrap_or("?"),
-                    x[1].as_f64().map_or("-".into(), |v| format!("{:.1}%", if v <= 1.0 { v * 100.0 } else { v }))
+                    x[1].as_f64().map_or("-".into(), |v| format!(
+                        "{:.1}%",
+                        if v <= 1.0 { v * 100.0 } else { v }
+                    ))
                 )
             })
             .collect();
@@ -549,7 +572,11 @@ pub fn audit_blocks(r: &Results) -> Vec<Block> {
          with a shared question, {leaks} of them involving a held-out partition{}.",
         r.audit.len(),
         bad.len(),
-        if leaks == 0 { " (none: no held-out question is trained on)" } else { ": LEAK" }
+        if leaks == 0 {
+            " (none: no held-out question is trained on)"
+        } else {
+            ": LEAK"
+        }
     ))];
     b.push(Block::Table {
         head: ["partition", "partition", "questions", "shared", "e.g."]
@@ -592,10 +619,20 @@ pub fn overrefusal_blocks(r: &Results) -> Vec<Block> {
     }
     let spec = &r.experiment.overrefusal;
     let rate = |x: &crate::eval::overrefusal::Rate| {
-        format!("{} [{}, {}] ({}/{})", f3(x.rate), f3(x.ci95.0), f3(x.ci95.1), x.k, x.n)
+        format!(
+            "{} [{}, {}] ({}/{})",
+            f3(x.rate),
+            f3(x.ci95.0),
+            f3(x.ci95.1),
+            x.k,
+            x.n
+        )
     };
     let mut b = vec![
-        Block::Heading(2, "Over-refusal and degeneracy before attack (XSTest)".into()),
+        Block::Heading(
+            2,
+            "Over-refusal and degeneracy before attack (XSTest)".into(),
+        ),
         Block::Para(format!(
             "Every model answers XSTest prompts ({} safe ones that only sound harmful, {} unsafe \
              contrast ones; greedy, {} tokens). Refusals by the keyword check, with Wilson 95% \
@@ -620,7 +657,11 @@ pub fn overrefusal_blocks(r: &Results) -> Vec<Block> {
                     o.safe.degenerate.k + o.unsafe_set.degenerate.k,
                     o.safe.degenerate.n + o.unsafe_set.degenerate.n,
                 )),
-                if d.over_refuses { "over-refuses".into() } else { "no".into() },
+                if d.over_refuses {
+                    "over-refuses".into()
+                } else {
+                    "no".into()
+                },
             ]
         })
         .collect();

@@ -379,8 +379,7 @@ pub fn read_generations(out: &Path) -> Result<Vec<Scored>> {
         .enumerate()
         .filter(|(_, l)| !l.trim().is_empty())
         .map(|(i, l)| {
-            serde_json::from_str(l)
-                .map_err(|e| Error::file(&path, format!("line {}: {e}", i + 1)))
+            serde_json::from_str(l).map_err(|e| Error::file(&path, format!("line {}: {e}", i + 1)))
         })
         .collect()
 }
@@ -425,12 +424,7 @@ pub fn evaluate_rows(
         }
     };
     let rows = score_answers(prompts, answers, check, scorer)?;
-    let lines: String = rows
-        .iter()
-        .map(|r| serde_json::to_string(r).map(|s| s + "\n"))
-        .collect::<std::result::Result<_, _>>()
-        .map_err(|e| Error::msg(format!("cannot serialise generations: {e}")))?;
-    crate::io::write_atomic(&out.join("generations.jsonl"), lines.as_bytes())?;
+    crate::io::write_jsonl_atomic(&out.join("generations.jsonl"), &rows)?;
     let rep = report(
         &rows,
         &model.source,

@@ -69,7 +69,10 @@ impl HeldoutConfig {
     /// The settings that cannot work, named.
     pub fn validate(&self) -> std::result::Result<(), String> {
         if self.max_len < 8 {
-            return Err(format!("heldout.max_len = {}: must be at least 8", self.max_len));
+            return Err(format!(
+                "heldout.max_len = {}: must be at least 8",
+                self.max_len
+            ));
         }
         if self.batch == 0 {
             return Err("heldout.batch = 0: must be at least 1".into());
@@ -210,8 +213,8 @@ pub fn per_sequence_ce(
         let idx = Tensor::new(rows.as_slice(), h.device())?;
         let picked = h.reshape((bb * tt, d))?.index_select(&idx, 0)?; // [rows, d]
         let normed = net.final_norm(&picked)?.detach();
-        let nll: Vec<f32> = linear_row_nll(&normed, &net.lm_head_weight().detach(), targets)?
-            .to_vec1::<f32>()?;
+        let nll: Vec<f32> =
+            linear_row_nll(&normed, &net.lm_head_weight().detach(), targets)?.to_vec1::<f32>()?;
         let mut sum = vec![0f64; group.len()];
         let mut count = vec![0usize; group.len()];
         for (v, &r) in nll.iter().zip(&owner) {

@@ -9,6 +9,7 @@ use std::path::Path;
 
 use serde::{Deserialize, Serialize};
 
+use crate::data::encode::{encode_prompt, EncodeOptions, PromptFormat};
 use crate::data::xstest::{self, XsPrompt};
 use crate::error::{Error, Result};
 use crate::eval::harmfulness::{is_short, score_answers, EvalPrompt, HarmScorer};
@@ -17,7 +18,6 @@ use crate::generate::SamplingConfig;
 use crate::model::Llama;
 use crate::modelio::LoadedModel;
 use crate::refusal::RefusalCheck;
-use crate::data::encode::{encode_prompt, EncodeOptions, PromptFormat};
 
 /// Settings of the over-refusal evaluation (`[overrefusal]` in an experiment file).
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
@@ -59,7 +59,10 @@ impl OverRefusalSpec {
             return Ok(());
         }
         if self.safe > 250 {
-            return Err(format!("overrefusal.safe: XSTest has 250 safe prompts, not {}", self.safe));
+            return Err(format!(
+                "overrefusal.safe: XSTest has 250 safe prompts, not {}",
+                self.safe
+            ));
         }
         if self.unsafe_prompts > 200 {
             return Err(format!(
@@ -97,7 +100,11 @@ impl Rate {
         Self {
             k,
             n,
-            rate: if n == 0 { f64::NAN } else { k as f64 / n as f64 },
+            rate: if n == 0 {
+                f64::NAN
+            } else {
+                k as f64 / n as f64
+            },
             ci95: wilson_ci(k, n),
         }
     }
@@ -145,7 +152,9 @@ pub struct Answer {
 pub fn select_prompts(all: &[XsPrompt], spec: &OverRefusalSpec) -> Vec<XsPrompt> {
     let mut rng = crate::rng::Rng::new(spec.seed, "xstest-overrefusal");
     let mut pick = |want_safe: bool, n: usize| -> Vec<usize> {
-        let mut idx: Vec<usize> = (0..all.len()).filter(|&i| all[i].safe == want_safe).collect();
+        let mut idx: Vec<usize> = (0..all.len())
+            .filter(|&i| all[i].safe == want_safe)
+            .collect();
         if n > 0 && n < idx.len() {
             rng.shuffle(&mut idx);
             idx.truncate(n);
@@ -166,10 +175,7 @@ pub fn is_degenerate(text: &str) -> bool {
     if is_short(text) || !text.chars().any(|c| c.is_alphanumeric()) {
         return true;
     }
-    let words: Vec<String> = text
-        .split_whitespace()
-        .map(|w| w.to_lowercase())
-        .collect();
+    let words: Vec<String> = text.split_whitespace().map(|w| w.to_lowercase()).collect();
     if words.len() < 8 {
         return false;
     }
@@ -270,12 +276,7 @@ pub fn evaluate(
             response: s.response,
         })
         .collect();
-    let lines: String = rows
-        .iter()
-        .map(|r| serde_json::to_string(r).map(|s| s + "\n"))
-        .collect::<std::result::Result<_, _>>()
-        .map_err(|e| Error::msg(format!("cannot serialise answers: {e}")))?;
-    crate::io::write_atomic(&out.join("overrefusal.jsonl"), lines.as_bytes())?;
+    crate::io::write_jsonl_atomic(&out.join("overrefusal.jsonl"), &rows)?;
     let f = OverRefusal {
         left_out,
         ..figures(&rows, t0.elapsed().as_secs_f64())
@@ -303,7 +304,11 @@ mod tests {
         XsPrompt {
             id: id.to_string(),
             prompt: format!("prompt {id}"),
-            kind: if safe { "homonyms".into() } else { "contrast_homonyms".into() },
+            kind: if safe {
+                "homonyms".into()
+            } else {
+                "contrast_homonyms".into()
+            },
             safe,
         }
     }
@@ -339,9 +344,21 @@ mod tests {
         assert_eq!(a, select_prompts(&all, &spec), "same seed, same prompts");
         let ids: Vec<usize> = a.iter().map(|x| x.id.parse().unwrap()).collect();
         assert!(ids.windows(2).all(|w| w[0] < w[1]));
-        let b = select_prompts(&all, &OverRefusalSpec { seed: 1, ..spec.clone() });
+        let b = select_prompts(
+            &all,
+            &OverRefusalSpec {
+                seed: 1,
+                ..spec.clone()
+            },
+        );
         assert_ne!(a, b);
-        let every = select_prompts(&all, &OverRefusalSpec { enabled: true, ..Default::default() });
+        let every = select_prompts(
+            &all,
+            &OverRefusalSpec {
+                enabled: true,
+                ..Default::default()
+            },
+        );
         assert_eq!(every, all);
     }
 

@@ -200,6 +200,20 @@ fn toy_examples(offset: usize) -> Vec<Example> {
     out
 }
 
+/// Every parameter of `clf` gets a finite, non-zero gradient.
+fn assert_every_tensor_has_a_gradient(
+    clf: &HarmClassifier,
+    grads: &candle_core::backprop::GradStore,
+) {
+    for (name, var) in clf.params().iter() {
+        let g = grads
+            .get(var.as_tensor())
+            .unwrap_or_else(|| panic!("no gradient for {name}"));
+        let s: f32 = g.abs().unwrap().sum_all().unwrap().to_scalar().unwrap();
+        assert!(s > 0.0 && s.is_finite(), "{name}: gradient sum {s}");
+    }
+}
+
 fn tiny_classifier_from_encoder(dir: &Path, seed: u64) -> HarmClassifier {
     tiny_classifier_for(dir, Task::Harmfulness, seed)
 }
@@ -239,13 +253,7 @@ fn classifier_gradient_reaches_every_trainable_tensor() {
     let names: Vec<&String> = clf.params().names().collect();
     assert!(names.iter().any(|n| n.starts_with("bert.pooler.")));
     assert!(names.iter().any(|n| n.starts_with("classifier.")));
-    for (name, var) in clf.params().iter() {
-        let g = grads
-            .get(var.as_tensor())
-            .unwrap_or_else(|| panic!("no gradient for {name}"));
-        let s: f32 = g.abs().unwrap().sum_all().unwrap().to_scalar().unwrap();
-        assert!(s > 0.0 && s.is_finite(), "{name}: gradient sum {s}");
-    }
+    assert_every_tensor_has_a_gradient(&clf, &grads);
 }
 
 /// Mean pooling averages the real tokens only: a row's features are the same alone and padded
@@ -363,13 +371,7 @@ fn classifier_mean_pooling_ignores_padding() {
     };
     let loss = classifier::batch_loss(&trainable, &[short, long], &[false, true], readout).unwrap();
     let grads = loss.backward().unwrap();
-    for (name, var) in clf.params().iter() {
-        let g = grads
-            .get(var.as_tensor())
-            .unwrap_or_else(|| panic!("no gradient for {name}"));
-        let s: f32 = g.abs().unwrap().sum_all().unwrap().to_scalar().unwrap();
-        assert!(s > 0.0 && s.is_finite(), "{name}: gradient sum {s}");
-    }
+    assert_every_tensor_has_a_gradient(&clf, &grads);
 }
 
 /// A frozen-encoder classifier trains on mean-pooled features by default, records the pooling

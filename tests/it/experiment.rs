@@ -223,7 +223,12 @@ fn experiment_measures_held_out_loss_along_attacks_and_compares_paired() {
     for d in &r.defences {
         let o = d.overrefusal.as_ref().expect("over-refusal measured");
         assert_eq!(o.left_out, 0, "{}", d.name);
-        assert_eq!((o.safe.refused.n, o.unsafe_set.refused.n), (4, 2), "{}", d.name);
+        assert_eq!(
+            (o.safe.refused.n, o.unsafe_set.refused.n),
+            (4, 2),
+            "{}",
+            d.name
+        );
         assert!(o.unsafe_set.judge_mean.is_some() && o.safe.judge_mean.is_none());
     }
     // none + sft x 2 defence seeds, 1 cell, 2 attack seeds.
@@ -240,29 +245,54 @@ fn experiment_measures_held_out_loss_along_attacks_and_compares_paired() {
     }
     // Step 0 of the curve is the defended model's own pre-attack score.
     let sft5 = r.defences.iter().find(|d| d.seed == Some(5)).unwrap();
-    let a5 = r.attacks.iter().find(|a| a.defence_seed == Some(5)).unwrap();
+    let a5 = r
+        .attacks
+        .iter()
+        .find(|a| a.defence_seed == Some(5))
+        .unwrap();
     assert_eq!(Some(&a5.curve[0].scores), sft5.heldout.as_ref());
     // The attack lowers the harmful CE it trains on the held-out answers of the same kind.
     let d = r.durability.as_ref().unwrap();
     assert!(!d.curves.is_empty());
     let cmp: Vec<_> = d.comparisons.iter().filter(|c| c.cell.is_some()).collect();
     assert_eq!(cmp.len(), 4, "one per metric: {:?}", d.comparisons);
-    assert!(cmp.iter().all(|c| c.defence == "sft" && c.baseline == "none"));
-    assert!(cmp.iter().all(|c| c.diff.defence_seeds_a == 2 && c.diff.attack_seeds == 2));
+    assert!(cmp
+        .iter()
+        .all(|c| c.defence == "sft" && c.baseline == "none"));
+    assert!(cmp
+        .iter()
+        .all(|c| c.diff.defence_seeds_a == 2 && c.diff.attack_seeds == 2));
     assert!(cmp.iter().all(|c| c.diff.p_holm.is_some()));
     assert_eq!(d.breaks.len(), 2);
     // Held-out partitions share nothing with anything else.
-    let test_val = r.audit.iter().find(|a| a.a == "test" && a.b == "validation").unwrap();
+    let test_val = r
+        .audit
+        .iter()
+        .find(|a| a.a == "test" && a.b == "validation")
+        .unwrap();
     assert_eq!((test_val.a_questions, test_val.b_questions), (4, 3));
-    for a in r.audit.iter().filter(|a| a.a == "test" || a.a == "validation") {
+    for a in r
+        .audit
+        .iter()
+        .filter(|a| a.a == "test" || a.a == "validation")
+    {
         assert_eq!(a.shared, 0, "{a:?}");
     }
     let md = std::fs::read_to_string(out.join("report.md")).unwrap();
-    assert!(md.contains("Primary metric") && md.contains("Overlap audit"), "{md}");
+    assert!(
+        md.contains("Primary metric") && md.contains("Overlap audit"),
+        "{md}"
+    );
     assert!(md.contains("sft - none"), "{md}");
-    assert!(md.contains("Over-refusal and degeneracy before attack (XSTest)"), "{md}");
+    assert!(
+        md.contains("Over-refusal and degeneracy before attack (XSTest)"),
+        "{md}"
+    );
     // Models are labelled with their defence seed; the verdict line names each defence once.
-    assert!(md.contains("| sft.s5 |") && md.contains("| sft.s6 |"), "{md}");
+    assert!(
+        md.contains("| sft.s5 |") && md.contains("| sft.s6 |"),
+        "{md}"
+    );
     assert_eq!(md.matches("; sft ").count(), 1, "{md}");
     assert!(out.join("figures").join("durability-0.svg").exists());
     // Proportions' intervals stay inside [0, 1].
