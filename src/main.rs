@@ -620,6 +620,38 @@ enum EvalCmd {
         #[arg(long, default_value_t = 0)]
         seed: u64,
     },
+    /// Over-refusal and degeneracy on XSTest (docs/EVALUATION.md): the shipped prompts that only
+    /// sound harmful (refusing them is the failure) and the unsafe contrast ones, answered
+    /// greedily; keyword refusal rates with Wilson intervals, degenerate answers, and the judge's
+    /// mean P(harmful) on the unsafe ones when `--classifier` is given.
+    OverRefusal {
+        #[command(flatten)]
+        model: ModelArg,
+        /// Output directory (overrefusal.jsonl, overrefusal.json).
+        #[arg(long)]
+        out: PathBuf,
+        /// Safe prompts answered (0: all 250), a seeded draw.
+        #[arg(long, default_value_t = 0)]
+        safe: usize,
+        /// Unsafe prompts answered (0: all 200), a seeded draw.
+        #[arg(long = "unsafe", default_value_t = 0)]
+        unsafe_prompts: usize,
+        #[arg(long, default_value_t = 32)]
+        max_new_tokens: usize,
+        #[arg(long, default_value_t = 16)]
+        batch: usize,
+        #[arg(long, value_enum, default_value = "chat")]
+        format: FormatArg,
+        #[arg(long)]
+        refusal_phrases: Option<PathBuf>,
+        /// A harmfulness classifier directory: the judge of the unsafe prompts' answers.
+        #[arg(long)]
+        classifier: Option<PathBuf>,
+        #[arg(long, default_value = "auto")]
+        harmful_label: String,
+        #[arg(long, default_value_t = 0)]
+        seed: u64,
+    },
     /// Multiple-choice benchmarks scored by log-likelihood (lm-evaluation-harness style).
     Stability {
         #[command(flatten)]
@@ -904,6 +936,70 @@ enum DataCmd {
 fn run_eval(g: &Global, cmd: EvalCmd) -> Result<()> {
     use repnoise::eval;
     match cmd {
+        EvalCmd::OverRefusal {
+            model,
+            out,
+            safe,
+            unsafe_prompts,
+            max_new_tokens,
+            batch,
+            format,
+            refusal_phrases,
+            classifier,
+            harmful_label,
+            seed,
+        } => {
+            let spec = eval::overrefusal::OverRefusalSpec {
+                enabled: true,
+                safe,
+                unsafe_prompts,
+                seed,
+                max_new_tokens,
+                batch,
+                format: format.into(),
+                ..Default::default()
+            };
+            spec.validate().map_err(anyhow::Error::msg)?;
+            let clf = match &classifier {
+                Some(dir) => {
+                    let label: repnoise::classifier::HarmfulLabel = harmful_label.parse()?;
+                    Some(
+                        repnoise::classifier::Classifier::load(dir, &label, &device(&g.device)?)
+                            .with_context(|| format!("loading classifier {}", dir.display()))?,
+                    )
+                }
+                None => None,
+            };
+            let m = load(g, &model.model)?;
+            let check = repnoise::refusal::RefusalCheck::load(refusal_phrases.as_deref())?;
+            let prompts =
+                eval::overrefusal::select_prompts(&eval::overrefusal::shipped_prompts()?, &spec);
+            let scorer = clf
+                .as_ref()
+                .map(|c| c as &dyn eval::harmfulness::HarmScorer);
+            let r = eval::overrefusal::evaluate(&m, &prompts, &spec, &check, scorer, &out)?;
+            for (name, set) in [("safe", &r.safe), ("unsafe", &r.unsafe_set)] {
+                println!(
+                    "{name} prompts: refused {:.3} [{:.3}, {:.3}] ({}/{}), degenerate {}/{}{}",
+                    set.refused.rate,
+                    set.refused.ci95.0,
+                    set.refused.ci95.1,
+                    set.refused.k,
+                    set.refused.n,
+                    set.degenerate.k,
+                    set.degenerate.n,
+                    set.judge_mean
+                        .map_or(String::new(), |j| format!(", judge mean P(harmful) {j:.3}"))
+                );
+            }
+            if r.left_out > 0 {
+                println!(
+                    "{} prompts left out: they do not fit the model's context",
+                    r.left_out
+                );
+            }
+            println!("wrote {}", out.display());
+        }
         EvalCmd::Harmfulness {
             model,
             prompts,

@@ -81,3 +81,46 @@ fn a_model_prefers_what_it_was_given_to_score_highest() {
     // Byte-level tokens may merge differently at the boundary; the greedy text still wins.
     assert_eq!(r[0].acc, 1.0, "{:?}", r[0]);
 }
+
+/// `repnoise eval over-refusal` answers a seeded draw of XSTest's safe and unsafe prompts,
+/// writes one row per answer and the figures, and refuses a count XSTest does not have.
+#[test]
+fn over_refusal_cli_answers_the_drawn_prompts() {
+    use crate::common::{tiny_config, tiny_params, write_tiny_hf};
+    use repnoise::config::Arch;
+    let tmp = tempfile::tempdir().unwrap();
+    let cfg = tiny_config(Arch::Llama, true);
+    let model = tmp.path().join("m");
+    write_tiny_hf(&model, &cfg, &tiny_params(&cfg, 3));
+    let out = tmp.path().join("out");
+    let run = |extra: &[&str]| {
+        std::process::Command::new(env!("CARGO_BIN_EXE_repnoise"))
+            .args(["eval", "over-refusal", "--model"])
+            .arg(&model)
+            .arg("--out")
+            .arg(&out)
+            .args(["--max-new-tokens", "3", "--format", "plain"])
+            .args(extra)
+            .env("REPNOISE_CACHE", tmp.path())
+            .output()
+            .unwrap()
+    };
+    let o = run(&["--safe", "3", "--unsafe", "2"]);
+    let stdout = String::from_utf8_lossy(&o.stdout);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    assert!(
+        stdout.contains("safe prompts: refused") && stdout.contains("/3)"),
+        "{stdout}"
+    );
+    assert!(
+        stdout.contains("unsafe prompts: refused") && stdout.contains("/2)"),
+        "{stdout}"
+    );
+    let rows = std::fs::read_to_string(out.join("overrefusal.jsonl")).unwrap();
+    assert_eq!(rows.lines().count(), 5);
+    assert!(out.join("overrefusal.json").exists());
+    let o = run(&["--safe", "300"]);
+    assert!(!o.status.success());
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(err.contains("safe") && err.contains("250"), "{err}");
+}
