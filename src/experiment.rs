@@ -400,6 +400,12 @@ impl Experiment {
                 .validate()
                 .map_err(|e| format!("defence {}: {e}", d.name))?;
         }
+        if let Some(a) = &self.align {
+            a.validate().map_err(|e| format!("[align]: {e}"))?;
+            a.train
+                .validate()
+                .map_err(|e| format!("[align.train]: {e}"))?;
+        }
         let mut anames = std::collections::BTreeSet::new();
         for a in &self.attacks {
             if !valid_name(&a.name) || !anames.insert(a.name.clone()) {
@@ -817,6 +823,8 @@ pub struct RunOptions {
     pub cache: PathBuf,
     pub device: Device,
     pub command: String,
+    /// Go on past an aligned model that misses its over-refusal or knowledge targets.
+    pub ignore_align_targets: bool,
 }
 
 struct Stages {
@@ -1074,6 +1082,17 @@ pub fn run(exp: &Experiment, out: &Path, opts: &RunOptions) -> Result<Results> {
     let (aligned_dir, align_report) = match &exp.align {
         None => (exp.model.clone(), None),
         Some(cfg) => {
+            // The alignment measures refusals on the test questions and never trains on a
+            // held-out one.
+            let mut cfg = cfg.clone();
+            cfg.harmful_eval_questions =
+                Some(split.test.iter().map(|p| p.prompt.clone()).collect());
+            cfg.exclude_questions = split
+                .test
+                .iter()
+                .chain(&split.validation)
+                .map(|p| p.prompt.clone())
+                .collect();
             let key = key_of(&json!({"model": exp.model, "align": cfg}));
             let dir = out.join(format!("align-{key}"));
             let done = dir.join("report.json").exists() && dir.join("DONE").exists();
@@ -1082,9 +1101,32 @@ pub fn run(exp: &Experiment, out: &Path, opts: &RunOptions) -> Result<Results> {
                     return Ok(read_json::<Value>(&dir.join("report.json")));
                 }
                 let mut m = load(&exp.model, opts)?;
-                let r = crate::align::align(&mut m, cfg, &dir, Interrupt::default())?;
+                let r = crate::align::align(&mut m, &cfg, &dir, Interrupt::default())?;
                 Ok(Some(serde_json::to_value(&r).unwrap_or(Value::Null)))
             })?;
+            // Every later number would be about a broken model: stop unless told to go on.
+            if let Some(r) = rep
+                .as_ref()
+                .and_then(|v| serde_json::from_value::<crate::align::AlignReport>(v.clone()).ok())
+            {
+                let fails = crate::align::gate_failures(&r, cfg.targets.gate_margin);
+                if !fails.is_empty() {
+                    let msg = format!(
+                        "the aligned model ({}) misses its targets: {}",
+                        dir.display(),
+                        fails.join("; ")
+                    );
+                    if opts.ignore_align_targets {
+                        eprintln!("warning: {msg}; going on (--ignore-align-targets)");
+                    } else {
+                        return Err(Error::msg(format!(
+                            "{msg}. Every later result would be about this model; fix the \
+                             [align] settings, or pass --ignore-align-targets to go on anyway \
+                             (or raise align.targets.gate_margin)"
+                        )));
+                    }
+                }
+            }
             (dir.join("model").display().to_string(), rep)
         }
     };
@@ -1272,11 +1314,18 @@ pub fn run(exp: &Experiment, out: &Path, opts: &RunOptions) -> Result<Results> {
 
     // 7. Pre-attack evaluations.
     let harm_cfg = &exp.eval.harmfulness;
+    // XSTest prompts the alignment trained or chose its settings on are left out.
+    let xs_used: Vec<String> = Path::new(&aligned_dir)
+        .parent()
+        .and_then(|d| read_json::<crate::align::AlignData>(&d.join("data.json")))
+        .map(|d| d.xstest_used)
+        .unwrap_or_default();
     let xs_prompts = if exp.overrefusal.enabled {
-        crate::eval::overrefusal::select_prompts(
-            &crate::eval::overrefusal::shipped_prompts()?,
-            &exp.overrefusal,
-        )
+        let all: Vec<_> = crate::eval::overrefusal::shipped_prompts()?
+            .into_iter()
+            .filter(|p| !xs_used.contains(&p.id))
+            .collect();
+        crate::eval::overrefusal::select_prompts(&all, &exp.overrefusal)
     } else {
         vec![]
     };
@@ -1338,7 +1387,7 @@ pub fn run(exp: &Experiment, out: &Path, opts: &RunOptions) -> Result<Results> {
         };
         let overrefusal = if exp.overrefusal.enabled {
             let okey = key_of(&json!({"model": mdir, "spec": exp.overrefusal,
-                "classifier": clf_dir}));
+                "classifier": clf_dir, "left_out": xs_used}));
             let odir = edir.join(format!("overrefusal-{okey}"));
             let cached = read_json::<OverRefusal>(&odir.join("overrefusal.json"));
             let c = cached.is_some();
@@ -1965,7 +2014,11 @@ pub fn overlap_audit(
         ));
         parts.push((
             "alignment (benign)".into(),
-            a.benign_train.iter().map(|x| x.0.clone()).collect(),
+            a.benign_train
+                .iter()
+                .map(|x| x.0.clone())
+                .chain(a.benign_self.iter().map(|x| x.1.clone()))
+                .collect(),
         ));
     }
     if let Some(q) = read_json::<Value>(&clf_dir.join("questions.json")) {
@@ -2298,6 +2351,12 @@ mod tests {
         }
         assert!(e.overrefusal.enabled);
         assert!(e.classifier.disjoint && e.classifier.xstest);
+        // The demo aligns the model on a broad benign mix and checks the alignment's targets
+        // on ARC-Easy and a second log-likelihood task of 300 items at least.
+        let a = e.align.as_ref().expect("the demo aligns the model");
+        assert!(a.everyday_train > 0 && a.xstest_train > 0 && a.benign_source == "self");
+        assert!(a.knowledge_tasks.iter().any(|t| t == "arc_easy") && a.knowledge_tasks.len() >= 2);
+        assert!(a.knowledge_items >= 300 && !a.validation_only && !a.skip_eval_before);
         // Attacks of 20 optimizer steps at least, evaluated at 3 points at least: before, at
         // the listed steps, at the end.
         for a in &e.attacks {
@@ -2342,6 +2401,11 @@ mod tests {
         for (text, field) in [
             ("evaluate_on = \"validation\"", "validation_prompts"),
             ("defence_seeds = [1, 1]", "defence_seeds"),
+            ("[align]\nbenign_source = \"web\"", "benign_source"),
+            (
+                "[align.targets]\neveryday_refused_max = 2.0",
+                "everyday_refused_max",
+            ),
             ("seeds = [2, 2]", "seeds"),
             ("[heldout]\nbootstrap = 0", "heldout.bootstrap"),
             ("[heldout]\nalpha = 1.5", "heldout.alpha"),

@@ -1,6 +1,6 @@
 //! `repnoise` command line: parses flags and calls the library. No ML logic lives here.
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 
 use anyhow::{bail, Context, Result};
 use clap::{Args, Parser, Subcommand};
@@ -185,6 +185,15 @@ enum Cmd {
         data_dir: Option<PathBuf>,
         #[arg(long)]
         skip_eval_before: bool,
+        /// Everyday requests to train on (`data/everyday/`, answered by the model itself).
+        #[arg(long)]
+        everyday_train: Option<usize>,
+        /// XSTest safe prompts to train on (answered by the model itself).
+        #[arg(long)]
+        xstest_train: Option<usize>,
+        /// Evaluate only the validation sets (a run that chooses settings).
+        #[arg(long)]
+        validation_only: bool,
     },
     /// Refusal rate of a model on prompt sets (shipped sets by name, or files).
     RefusalRate {
@@ -369,6 +378,10 @@ enum Cmd {
         /// Print the resolved experiment as TOML and exit.
         #[arg(long)]
         print_config: bool,
+        /// Go on when the aligned model misses its over-refusal or knowledge targets by more
+        /// than `align.targets.gate_margin` (the report still says so first).
+        #[arg(long)]
+        ignore_align_targets: bool,
     },
     /// The main job: align the embedded model, defend it with RepNoise and two baselines, attack
     /// every model, evaluate and write the report (configs/demo.toml, built in). A second run
@@ -382,6 +395,10 @@ enum Cmd {
         /// Print the demo's experiment as TOML and exit.
         #[arg(long)]
         print_config: bool,
+        /// Go on when the aligned model misses its over-refusal or knowledge targets by more
+        /// than `align.targets.gate_margin` (the report still says so first).
+        #[arg(long)]
+        ignore_align_targets: bool,
     },
 }
 
@@ -960,16 +977,7 @@ fn run_eval(g: &Global, cmd: EvalCmd) -> Result<()> {
                 ..Default::default()
             };
             spec.validate().map_err(anyhow::Error::msg)?;
-            let clf = match &classifier {
-                Some(dir) => {
-                    let label: repnoise::classifier::HarmfulLabel = harmful_label.parse()?;
-                    Some(
-                        repnoise::classifier::Classifier::load(dir, &label, &device(&g.device)?)
-                            .with_context(|| format!("loading classifier {}", dir.display()))?,
-                    )
-                }
-                None => None,
-            };
+            let clf = load_judge(g, classifier.as_deref(), &harmful_label)?;
             let m = load(g, &model.model)?;
             let check = repnoise::refusal::RefusalCheck::load(refusal_phrases.as_deref())?;
             let prompts =
@@ -1016,16 +1024,7 @@ fn run_eval(g: &Global, cmd: EvalCmd) -> Result<()> {
             harmful_label,
             seed,
         } => {
-            let clf = match &classifier {
-                Some(dir) => {
-                    let label: repnoise::classifier::HarmfulLabel = harmful_label.parse()?;
-                    Some(
-                        repnoise::classifier::Classifier::load(dir, &label, &device(&g.device)?)
-                            .with_context(|| format!("loading classifier {}", dir.display()))?,
-                    )
-                }
-                None => None,
-            };
+            let clf = load_judge(g, classifier.as_deref(), &harmful_label)?;
             let m = load(g, &model.model)?;
             let check = repnoise::refusal::RefusalCheck::load(refusal_phrases.as_deref())?;
             let ps = eval::harmfulness::read_eval_prompts(&prompts, limit, seed)?;
@@ -1164,6 +1163,19 @@ fn device(spec: &str) -> Result<candle_core::Device> {
         }
         other => bail!("--device {other}: expected cpu, cuda or cuda:N"),
     }
+}
+
+/// The judge of `--classifier DIR` (with its `--harmful-label`), when one is given.
+fn load_judge(
+    g: &Global,
+    dir: Option<&Path>,
+    harmful_label: &str,
+) -> Result<Option<repnoise::classifier::Classifier>> {
+    let Some(dir) = dir else { return Ok(None) };
+    let label: repnoise::classifier::HarmfulLabel = harmful_label.parse()?;
+    let clf = repnoise::classifier::Classifier::load(dir, &label, &device(&g.device)?)
+        .with_context(|| format!("loading classifier {}", dir.display()))?;
+    Ok(Some(clf))
 }
 
 fn load(global: &Global, spec: &str) -> Result<LoadedModel> {
@@ -1465,6 +1477,9 @@ fn run(cli: Cli) -> Result<()> {
             refusal_phrases,
             data_dir,
             skip_eval_before,
+            everyday_train,
+            xstest_train,
+            validation_only,
         } => {
             let mut cfg: repnoise::align::AlignConfig = match &config {
                 Some(p) => repnoise::io::read_toml(p, "align")?,
@@ -1496,6 +1511,13 @@ fn run(cli: Cli) -> Result<()> {
                 cfg.data_dir = x;
             }
             cfg.skip_eval_before |= skip_eval_before;
+            cfg.validation_only |= validation_only;
+            if let Some(x) = everyday_train {
+                cfg.everyday_train = x;
+            }
+            if let Some(x) = xstest_train {
+                cfg.xstest_train = x;
+            }
             let mut m = load(g, &model.model)?;
             let report = repnoise::align::align(&mut m, &cfg, &out, Interrupt::default())?;
             println!("{}", report.markdown());
@@ -1836,15 +1858,17 @@ fn run(cli: Cli) -> Result<()> {
             experiment,
             out,
             print_config,
+            ignore_align_targets,
         } => {
             let exp = repnoise::experiment::Experiment::from_toml(&experiment)?;
             let out = out.unwrap_or_else(|| PathBuf::from("runs").join(&exp.name));
-            run_experiment(g, &exp, &out, print_config)?;
+            run_experiment(g, &exp, &out, print_config, ignore_align_targets)?;
         }
         Cmd::Demo {
             out,
             config,
             print_config,
+            ignore_align_targets,
         } => {
             let exp = match &config {
                 Some(p) => repnoise::experiment::Experiment::from_toml(p)?,
@@ -1853,7 +1877,7 @@ fn run(cli: Cli) -> Result<()> {
                     "configs/demo.toml (built in)",
                 )?,
             };
-            run_experiment(g, &exp, &out, print_config)?;
+            run_experiment(g, &exp, &out, print_config, ignore_align_targets)?;
         }
     }
     Ok(())
@@ -1864,6 +1888,7 @@ fn run_experiment(
     exp: &repnoise::experiment::Experiment,
     out: &std::path::Path,
     print_config: bool,
+    ignore_align_targets: bool,
 ) -> Result<()> {
     if print_config {
         print!("{}", toml::to_string(exp)?);
@@ -1876,6 +1901,7 @@ fn run_experiment(
             .unwrap_or_else(repnoise::fetch::default_cache_dir),
         device: device(&g.device)?,
         command: std::env::args().collect::<Vec<_>>().join(" "),
+        ignore_align_targets,
     };
     let r = repnoise::experiment::run(exp, out, &opts)?;
     for v in repnoise::report::verdicts(&r) {

@@ -748,6 +748,19 @@ pub fn blocks(r: &Results) -> Vec<Block> {
         e.eval.harmfulness.sampling.max_new_tokens
     )));
 
+    if let Some(ar) = r
+        .align
+        .as_ref()
+        .and_then(|a| serde_json::from_value::<crate::align::AlignReport>(a.clone()).ok())
+    {
+        b.push(Block::Para(format!(
+            "**The aligned starting model.** {} (details under Alignment.)",
+            ar.verdict()
+        )));
+        let (head, rows) = ar.targets_table();
+        b.push(Block::Table { head, rows });
+    }
+
     b.extend(durability_blocks(r));
     b.push(Block::Heading(
         2,
@@ -946,32 +959,50 @@ pub fn blocks(r: &Results) -> Vec<Block> {
     }
     if let Some(a) = &r.align {
         b.push(Block::Heading(2, "Alignment".into()));
-        let rows: Vec<Vec<String>> = a["after"]
-            .as_array()
-            .map(|v| {
-                v.iter()
-                    .map(|x| {
-                        vec![
-                            x[0].as_str().unwrap_or("?").to_string(),
-                            x[1].as_str().unwrap_or("?").to_string(),
-                            x[3].to_string(),
-                            x[2].as_f64().map_or("-".into(), f3),
-                        ]
-                    })
-                    .collect()
-            })
-            .unwrap_or_default();
-        b.push(Block::Para(format!(
-            "Refusal rates of the aligned model on held-out prompt sets ({} training steps, {}):",
-            a["train"]["steps"],
-            a["train"]["seconds"].as_f64().map_or("-".into(), fmt_secs)
-        )));
-        b.push(Block::Table {
-            head: ["set", "kind", "n", "refusal rate"]
-                .map(String::from)
-                .to_vec(),
-            rows,
-        });
+        match serde_json::from_value::<crate::align::AlignReport>(a.clone()) {
+            Ok(ar) => {
+                let tb = |(head, rows): crate::align::Table| Block::Table { head, rows };
+                b.push(Block::Para(format!(
+                    "{} Refusal rates of the starting and the aligned model on held-out test \
+                     sets (refusing is right for harmful sets, answering for benign ones; \
+                     keyword check):",
+                    ar.verdict()
+                )));
+                b.push(tb(ar.rates_table(false)));
+                if !ar.validation_after.is_empty() {
+                    b.push(Block::Para(
+                        "Validation sets (where the alignment's settings were chosen):".into(),
+                    ));
+                    b.push(tb(ar.rates_table(true)));
+                }
+                if !ar.knowledge.is_empty() {
+                    b.push(Block::Para(
+                        "Knowledge kept: log-likelihood multiple choice on items never trained \
+                         on; the change is paired per item:"
+                            .into(),
+                    ));
+                    b.push(tb(ar.knowledge_table()));
+                }
+                if !ar.factual.is_empty() {
+                    b.push(Block::Para(
+                        "Factual questions, answered verbatim (greedy decoding):".into(),
+                    ));
+                    b.push(tb(ar.factual_table()));
+                }
+                b.push(Block::Para(format!(
+                    "Alignment: {} training steps on {} examples ({}); alignment in all {}, \
+                     evaluation before and after {}.",
+                    ar.train.steps,
+                    ar.train.examples,
+                    fmt_secs(ar.train.seconds),
+                    fmt_secs(ar.seconds_align),
+                    fmt_secs(ar.seconds_eval)
+                )));
+            }
+            Err(e) => b.push(Block::Para(format!(
+                "The alignment report could not be read ({e})."
+            ))),
+        }
     }
     b.push(Block::Heading(2, "Data".into()));
     b.extend(audit_blocks(r));

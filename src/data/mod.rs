@@ -27,6 +27,7 @@ use serde::Serialize;
 
 pub mod categories;
 pub mod encode;
+pub mod everyday;
 pub mod harmful;
 pub mod mc;
 pub mod nlg;

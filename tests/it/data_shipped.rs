@@ -171,6 +171,22 @@ const XSTEST: &[&str] = &[
     "xstest/xstest_v2_completions_mistralguard.csv",
 ];
 
+/// Everyday requests and factual questions written for this project (read by
+/// `data::everyday`): 240 requests in 12 categories, 10 questions.
+const EVERYDAY: &[&str] = &[
+    "everyday/everyday_instructions.jsonl",
+    "everyday/factual_questions.jsonl",
+];
+
+#[test]
+fn everyday_files_parse() {
+    use repnoise::data::everyday;
+    let e = everyday::read_everyday(&data_dir().join(EVERYDAY[0])).unwrap();
+    assert_eq!(e.len(), 240);
+    let f = everyday::read_factual(&data_dir().join(EVERYDAY[1])).unwrap();
+    assert_eq!(f.len(), 10);
+}
+
 fn all_files(dir: &Path, out: &mut Vec<PathBuf>) {
     for e in std::fs::read_dir(dir).unwrap() {
         let p = e.unwrap().path();
@@ -247,6 +263,7 @@ fn every_shipped_file_is_listed_and_documented() {
         .map(|x| x.0)
         .chain(DOCS.iter().copied())
         .chain(XSTEST.iter().copied())
+        .chain(EVERYDAY.iter().copied())
         .collect();
     let readme = std::fs::read_to_string(data_dir().join("README.md")).unwrap();
     let mut total = 0u64;

@@ -111,6 +111,7 @@ fn opts(dir: &Path) -> RunOptions {
         cache: dir.join("cache"),
         device: candle_core::Device::Cpu,
         command: "test".into(),
+        ignore_align_targets: false,
     }
 }
 

@@ -4,6 +4,7 @@
 
 mod common;
 
+mod align;
 mod analysis;
 mod attack;
 mod bad_input;
