@@ -236,6 +236,7 @@ fn config_parsers_survive_mutations() {
     let mut seeds: Vec<Vec<u8>> = std::fs::read_dir("configs")
         .unwrap()
         .flatten()
+        .filter(|e| e.path().is_file())
         .map(|e| std::fs::read(e.path()).unwrap())
         .collect();
     seeds.sort();
