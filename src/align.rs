@@ -855,11 +855,7 @@ fn knowledge_scores(
 ) -> Result<KnowledgeScores> {
     use crate::eval::stability;
     let net = Llama::frozen(&model.config, &model.params)?;
-    let start_id = model
-        .config
-        .bos_token_id
-        .or_else(|| model.config.eos_token_ids.first().copied())
-        .unwrap_or(0);
+    let start_id = stability::start_id(model);
     let mut out = vec![];
     for (task, split, idx) in &data.knowledge {
         if (cfg.validation_only && split == "test")
@@ -1125,7 +1121,6 @@ pub fn align(
     }
 
     // Training examples.
-    let t_train = std::time::Instant::now();
     let opts = EncodeOptions {
         format: cfg.format,
         max_len: Some(cfg.max_len),
@@ -1159,7 +1154,6 @@ pub fn align(
         },
     )?;
     let seconds_align = t0.elapsed().as_secs_f64() - seconds_eval;
-    let _ = t_train;
 
     // Evaluation after.
     let t = std::time::Instant::now();

@@ -35,11 +35,7 @@ pub fn run_stability(
         .map_err(|e| Error::file(out, format!("cannot create directory: {e}")))?;
     let data = crate::align::default_data_dir();
     let net = Llama::frozen(&model.config, &model.params)?;
-    let start_id = model
-        .config
-        .bos_token_id
-        .or_else(|| model.config.eos_token_ids.first().copied())
-        .unwrap_or(0);
+    let start_id = stability::start_id(model);
     let mut results = vec![];
     for task in tasks {
         let path = out.join(format!("{task}.json"));

@@ -48,6 +48,15 @@ pub fn encode_option(tok: &Tok, start_id: u32, opt: &McOption) -> Result<(Vec<u3
     Ok((ctx, cont))
 }
 
+/// The token every scored sequence starts with: BOS, else the first EOS, else 0.
+pub fn start_id(model: &crate::modelio::LoadedModel) -> u32 {
+    model
+        .config
+        .bos_token_id
+        .or_else(|| model.config.eos_token_ids.first().copied())
+        .unwrap_or(0)
+}
+
 /// Score many (context ids, continuation ids) in batches of `batch` (longest first, right
 /// padded: with causal attention the padding never reaches a scored position).
 pub fn score_tokens(
