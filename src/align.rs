@@ -193,6 +193,12 @@ pub struct AlignConfig {
     pub harmful_train: usize,
     /// Further Safety-Tuned LLaMAs instructions held out as the harmful validation set.
     pub harmful_validation: usize,
+    /// Conversational harmful questions (BeaverTails disjoint set, unsafe answers) trained on
+    /// with a refusal from `data/everyday/refusals.txt` (Safety-Tuned LLaMAs' prompts are
+    /// instructions; BeaverTails' are questions a user asks).
+    pub beavertails_train: usize,
+    /// Further BeaverTails questions held out as a harmful validation set.
+    pub beavertails_validation: usize,
     /// Benign ARC-Easy questions to train on (quiz questions).
     pub benign_train: usize,
     /// Benign TruthfulQA questions to train on, disjoint from the held-out ones.
@@ -240,6 +246,9 @@ pub struct AlignConfig {
     pub harmful_eval_questions: Option<Vec<String>>,
     /// Questions never to train on (an experiment passes its held-out partitions).
     pub exclude_questions: Vec<String>,
+    /// Harmful QA files none of whose questions is trained on (an experiment passes its data
+    /// file, so no question of any of its partitions is).
+    pub exclude_files: Vec<PathBuf>,
     pub targets: AlignTargets,
     /// Refusal phrase list (default: the built-in one).
     pub refusal_phrases: Option<PathBuf>,
@@ -263,13 +272,15 @@ impl Default for AlignConfig {
             },
             format: PromptFormat::Chat,
             max_len: 128,
-            harmful_train: 192,
+            harmful_train: 112,
             harmful_validation: 40,
+            beavertails_train: 160,
+            beavertails_validation: 40,
             benign_train: 100,
             benign_train_truthfulqa: 100,
             everyday_train: 96,
             everyday_validation: 36,
-            xstest_train: 100,
+            xstest_train: 60,
             xstest_validation: 50,
             benign_repeat: 2,
             benign_source: "self".into(),
@@ -285,6 +296,7 @@ impl Default for AlignConfig {
             factual_tokens: 32,
             harmful_eval_questions: None,
             exclude_questions: vec![],
+            exclude_files: vec![],
             targets: AlignTargets::default(),
             refusal_phrases: None,
             data_dir: default_data_dir(),
@@ -522,6 +534,9 @@ pub fn build_data(cfg: &AlignConfig, check: &RefusalCheck) -> Result<AlignData> 
     va.sort_unstable();
     let harmful_train: Vec<(String, String)> = tr.iter().map(|&i| harmful[i].clone()).collect();
     let harmful_val: Vec<String> = va.iter().map(|&i| harmful[i].0.clone()).collect();
+    let (bt_train, bt_val) = beavertails_refusals(cfg, check, &held_out, &mut notes)?;
+    let mut harmful_train = harmful_train;
+    harmful_train.extend(bt_train);
 
     // Everyday requests and XSTest safe prompts: train / validation / test.
     use crate::data::everyday::{read_everyday, read_factual, stratified_parts};
@@ -714,6 +729,7 @@ pub fn build_data(cfg: &AlignConfig, check: &RefusalCheck) -> Result<AlignData> 
         ],
         validation: vec![
             (s("safety_tuned_llamas"), s("harmful"), harmful_val),
+            (s("beavertails"), s("harmful"), bt_val),
             (s("everyday"), s("benign"), prompts(&ev_va)),
             (s("xstest_safe"), s("benign"), xprompts(&xs_va)),
         ],
@@ -722,6 +738,79 @@ pub fn build_data(cfg: &AlignConfig, check: &RefusalCheck) -> Result<AlignData> 
         knowledge,
         notes,
     })
+}
+
+/// Conversational harmful questions with refusals: BeaverTails disjoint-set questions whose
+/// answer is labelled unsafe, distinct after normalisation, none held out (`held_out`) or in
+/// `exclude_files`; validation questions drawn first. Each trained question gets a refusal
+/// from `data/everyday/refusals.txt` (seeded choice). Returns (train pairs, validation prompts).
+fn beavertails_refusals(
+    cfg: &AlignConfig,
+    check: &RefusalCheck,
+    held_out: &BTreeSet<String>,
+    notes: &mut Vec<String>,
+) -> Result<(Vec<(String, String)>, Vec<String>)> {
+    let want = cfg.beavertails_train + cfg.beavertails_validation;
+    if want == 0 {
+        return Ok((vec![], vec![]));
+    }
+    let d = &cfg.data_dir;
+    let refusals = crate::data::everyday::read_refusals(&d.join("everyday/refusals.txt"), check)?;
+    let mut excluded: BTreeSet<String> = BTreeSet::new();
+    for f in &cfg.exclude_files {
+        for r in crate::data::harmful::read_harmful_qa(f)?.records {
+            excluded.insert(normalize_question(&r.prompt));
+        }
+    }
+    let path = crate::classifier::disjoint_path(d);
+    let (mut seen, mut qs) = (BTreeSet::new(), vec![]);
+    let (mut held, mut in_files) = (0, 0);
+    for r in crate::data::harmful::read_harmful_qa(&path)?.records {
+        let k = normalize_question(&r.prompt);
+        if r.is_safe || !seen.insert(k.clone()) {
+            continue;
+        }
+        if held_out.contains(&k) {
+            held += 1;
+        } else if excluded.contains(&k) {
+            in_files += 1;
+        } else {
+            qs.push(r.prompt.trim().to_string());
+        }
+    }
+    if qs.len() < want {
+        return Err(Error::setting(
+            "beavertails_train",
+            cfg.beavertails_train,
+            format!(
+                "only {} BeaverTails questions are usable for {} training + {} validation",
+                qs.len(),
+                cfg.beavertails_train,
+                cfg.beavertails_validation
+            ),
+        ));
+    }
+    let mut idx: Vec<usize> = (0..qs.len()).collect();
+    Rng::new(cfg.train.seed, "align-beavertails").shuffle(&mut idx);
+    let mut va = idx[..cfg.beavertails_validation].to_vec();
+    let mut tr = idx[cfg.beavertails_validation..want].to_vec();
+    va.sort_unstable();
+    tr.sort_unstable();
+    let mut pick = Rng::new(cfg.train.seed, "align-beavertails-refusal");
+    let train: Vec<(String, String)> = tr
+        .iter()
+        .map(|&i| (qs[i].clone(), refusals[pick.below(refusals.len())].clone()))
+        .collect();
+    notes.push(format!(
+        "beavertails (disjoint set, unsafe answers): {} distinct questions usable ({held} held \
+         out and {in_files} in excluded files left out); {} trained on with one of {} refusals \
+         in varied wording, {} validation",
+        qs.len(),
+        train.len(),
+        refusals.len(),
+        va.len()
+    ));
+    Ok((train, va.iter().map(|&i| qs[i].clone()).collect()))
 }
 
 /// The JSON value in `path`, if it exists and parses (how stages find their earlier results).

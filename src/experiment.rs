@@ -1093,6 +1093,11 @@ pub fn run(exp: &Experiment, out: &Path, opts: &RunOptions) -> Result<Results> {
                 .chain(&split.validation)
                 .map(|p| p.prompt.clone())
                 .collect();
+            // No question of any partition (defence and attack ones too) is trained on.
+            cfg.exclude_files = vec![exp
+                .data
+                .clone()
+                .unwrap_or_else(crate::attack::default_attack_data)];
             let key = key_of(&json!({"model": exp.model, "align": cfg}));
             let dir = out.join(format!("align-{key}"));
             let done = dir.join("report.json").exists() && dir.join("DONE").exists();
@@ -2355,6 +2360,8 @@ mod tests {
         // on ARC-Easy and a second log-likelihood task of 300 items at least.
         let a = e.align.as_ref().expect("the demo aligns the model");
         assert!(a.everyday_train > 0 && a.xstest_train > 0 && a.benign_source == "self");
+        // ... and refuses conversational harmful questions as well as instructions.
+        assert!(a.beavertails_train > 0 && a.beavertails_validation > 0);
         assert!(a.knowledge_tasks.iter().any(|t| t == "arc_easy") && a.knowledge_tasks.len() >= 2);
         assert!(a.knowledge_items >= 300 && !a.validation_only && !a.skip_eval_before);
         // Attacks of 20 optimizer steps at least, evaluated at 3 points at least: before, at

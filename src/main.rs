@@ -165,8 +165,12 @@ enum Cmd {
         config: Option<PathBuf>,
         #[command(flatten)]
         train: TrainFlags,
+        /// Safety-Tuned LLaMAs instructions with refusals to train on.
         #[arg(long)]
         harmful_train: Option<usize>,
+        /// BeaverTails questions (disjoint set) to train on with a refusal.
+        #[arg(long)]
+        beavertails_train: Option<usize>,
         #[arg(long)]
         benign_train: Option<usize>,
         #[arg(long)]
@@ -1469,6 +1473,7 @@ fn run(cli: Cli) -> Result<()> {
             config,
             train,
             harmful_train,
+            beavertails_train,
             benign_train,
             benign_train_truthfulqa,
             benign_source,
@@ -1488,6 +1493,9 @@ fn run(cli: Cli) -> Result<()> {
             train.apply(&mut cfg.train)?;
             if let Some(x) = harmful_train {
                 cfg.harmful_train = x;
+            }
+            if let Some(x) = beavertails_train {
+                cfg.beavertails_train = x;
             }
             if let Some(x) = benign_train {
                 cfg.benign_train = x;

@@ -3,7 +3,9 @@
 //! language, history, technology), 20 each, and a handful of factual questions with the words a
 //! correct answer contains. Alignment trains on some of the instructions (answered by the model
 //! itself), chooses its settings on others and reports over-refusal on the rest; the factual
-//! questions are answered verbatim in its report.
+//! questions are answered verbatim in its report. `refusals.txt` holds refusals in varied
+//! wording, none naming a topic, paired with conversational harmful questions (BeaverTails) in
+//! alignment's refusal half.
 
 use std::collections::BTreeMap;
 use std::path::Path;
@@ -87,10 +89,38 @@ pub fn read_factual(path: &Path) -> Result<Vec<Factual>> {
     Ok(out)
 }
 
+/// One refusal per line (no blank lines, no duplicates); each must be a refusal by `check`,
+/// so the aligned model learns answers the evaluation counts as refusals.
+pub fn read_refusals(path: &Path, check: &crate::refusal::RefusalCheck) -> Result<Vec<String>> {
+    let text = std::fs::read_to_string(path)
+        .map_err(|e| Error::file(path, format!("cannot read: {e}")))?;
+    let mut out: Vec<String> = vec![];
+    for (i, line) in text.lines().enumerate() {
+        let r = line.trim();
+        let at = |m: String| Error::file(path, format!("line {}: {m}", i + 1));
+        if r.is_empty() {
+            return Err(at("blank line".into()));
+        }
+        if out.iter().any(|o| o == r) {
+            return Err(at(format!("`{r}` appears twice")));
+        }
+        if !check.is_refusal(r) {
+            return Err(at(format!("`{r}` is not a refusal by the refusal check")));
+        }
+        out.push(r.to_string());
+    }
+    if out.is_empty() {
+        return Err(Error::file(path, "no refusals"));
+    }
+    Ok(out)
+}
+
 /// Three disjoint parts of a list, stratified by group: within each group (in order of first
 /// appearance) the items are shuffled with `seed` and `purpose`, and the first
-/// `round(len * train / total)` go to train, the next `round(len * validation / total)` to
-/// validation, the rest to test. Each part keeps the input order.
+/// `round(len * validation / total)` go to validation, the next `round(len * train / total)` to
+/// train, the rest to test. Validation comes first, so it stays the same whatever the number
+/// trained on (settings chosen on it are compared on the same prompts). Each part keeps the
+/// input order.
 pub fn stratified_parts<T: Clone>(
     items: &[T],
     group: impl Fn(&T) -> String,
@@ -118,10 +148,10 @@ pub fn stratified_parts<T: Clone>(
         let k_train = (n * train as f64 / total as f64).round() as usize;
         let k_val = (n * validation as f64 / total as f64).round() as usize;
         for (j, &i) in idx.iter().enumerate() {
-            part[i] = if j < k_train {
-                0
-            } else if j < k_train + k_val {
+            part[i] = if j < k_val {
                 1
+            } else if j < k_val + k_train {
+                0
             } else {
                 2
             };
@@ -156,6 +186,9 @@ mod tests {
         for q in &f {
             assert!(e.iter().all(|x| x.prompt != q.prompt), "{}", q.prompt);
         }
+        let check = crate::refusal::RefusalCheck::default();
+        let r = read_refusals(&d.join("refusals.txt"), &check).unwrap();
+        assert!(r.len() >= 30, "{}", r.len());
     }
 
     #[test]
@@ -169,6 +202,13 @@ mod tests {
         .unwrap();
         let e = read_everyday(&p).unwrap_err().to_string();
         assert!(e.contains("line 2") && e.contains("twice"), "{e}");
+        let check = crate::refusal::RefusalCheck::default();
+        std::fs::write(&p, "I can't help with that.\nSure, here is how.\n").unwrap();
+        let e = read_refusals(&p, &check).unwrap_err().to_string();
+        assert!(e.contains("line 2") && e.contains("not a refusal"), "{e}");
+        std::fs::write(&p, "I can't help with that.\n\n").unwrap();
+        let e = read_refusals(&p, &check).unwrap_err().to_string();
+        assert!(e.contains("line 2") && e.contains("blank"), "{e}");
         std::fs::write(&p, "{\"prompt\":\"q\",\"answers\":[]}\n").unwrap();
         let e = read_factual(&p).unwrap_err().to_string();
         assert!(e.contains("line 1") && e.contains("answers"), "{e}");
@@ -204,5 +244,10 @@ mod tests {
         assert_ne!(other[0], tr);
         assert!(tr.windows(2).all(|w| w[0].0 < w[1].0));
         assert!(stratified_parts(&items, |x| x.1.to_string(), 50, 12, 7, "t").is_err());
+        // Fewer trained on: the validation part is the same prompts, the trained ones a subset.
+        let [tr2, va2, _] =
+            stratified_parts(&items, |x| x.1.to_string(), 18, 12, 7, "t").unwrap();
+        assert_eq!(va2, va);
+        assert!(tr2.iter().all(|x| tr.contains(x)));
     }
 }

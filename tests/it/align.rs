@@ -20,6 +20,9 @@ fn tiny_cfg() -> AlignConfig {
         max_len: 120,
         harmful_train: 4,
         harmful_validation: 3,
+        beavertails_train: 5,
+        beavertails_validation: 3,
+        exclude_files: vec![repnoise::attack::default_attack_data()],
         benign_train: 2,
         benign_train_truthfulqa: 2,
         everyday_train: 24,
@@ -80,6 +83,34 @@ fn align_partitions_are_disjoint_and_the_report_is_complete() {
     assert!(ev_va.iter().all(|p| !ev_te.contains(p)));
     assert_eq!(set(&data.eval, "xstest_safe").len(), 250 - 30);
     assert_eq!(data.xstest_used.len(), 30);
+    // Refusals to conversational questions: from the disjoint set, none in an excluded file,
+    // each answered with one of the shipped refusals.
+    assert_eq!(data.harmful_train.len(), 4 + 5);
+    assert_eq!(set(&data.validation, "beavertails").len(), 3);
+    let excluded: Vec<String> =
+        repnoise::data::read_harmful_qa(&repnoise::attack::default_attack_data())
+            .unwrap()
+            .records
+            .iter()
+            .map(|r| normalize_question(&r.prompt))
+            .collect();
+    let disjoint: Vec<String> = repnoise::data::read_harmful_qa(
+        &repnoise::classifier::disjoint_path(&repnoise::align::default_data_dir()),
+    )
+    .unwrap()
+    .records
+    .iter()
+    .map(|r| normalize_question(&r.prompt))
+    .collect();
+    let refusals = std::fs::read_to_string(
+        repnoise::align::default_data_dir().join("everyday/refusals.txt"),
+    )
+    .unwrap();
+    for (q, r) in &data.harmful_train[4..] {
+        let k = normalize_question(q);
+        assert!(disjoint.contains(&k) && !excluded.contains(&k), "{q}");
+        assert!(refusals.lines().any(|l| l == r), "{r}");
+    }
     // The experiment's questions: measured on, never trained on.
     assert_eq!(
         set(&data.eval, "beavertails"),
@@ -161,6 +192,8 @@ fn the_tuning_configs_parse_and_share_their_validation_sets() {
         cfg.validate().unwrap();
         // Candidates differ in what they train on, never in what they are compared on.
         assert!(cfg.validation_only, "{}", e.path().display());
+        // (Validation parts are drawn first, so training sizes do not move them; round 2 adds
+        // the BeaverTails validation questions.)
         assert_eq!(
             (
                 cfg.harmful_validation,
@@ -169,7 +202,7 @@ fn the_tuning_configs_parse_and_share_their_validation_sets() {
             ),
             (40, 36, 50)
         );
-        assert_eq!((cfg.everyday_train, cfg.xstest_train), (96, 100));
+        assert!([0, 40].contains(&cfg.beavertails_validation));
         assert_eq!(cfg.knowledge_validation_items, 150);
         n += 1;
     }
