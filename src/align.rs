@@ -742,8 +742,9 @@ pub fn build_data(cfg: &AlignConfig, check: &RefusalCheck) -> Result<AlignData> 
 
 /// Conversational harmful questions with refusals: BeaverTails disjoint-set questions whose
 /// answer is labelled unsafe, distinct after normalisation, none held out (`held_out`) or in
-/// `exclude_files`; validation questions drawn first. Each trained question gets a refusal
-/// from `data/everyday/refusals.txt` (seeded choice). Returns (train pairs, validation prompts).
+/// `exclude_files`; validation questions drawn first, from one seeded order of the whole set.
+/// Each trained question gets a refusal from `data/everyday/refusals.txt` (seeded choice, tied
+/// to its place in that order). Returns (train pairs, validation prompts).
 fn beavertails_refusals(
     cfg: &AlignConfig,
     check: &RefusalCheck,
@@ -763,54 +764,64 @@ fn beavertails_refusals(
         }
     }
     let path = crate::classifier::disjoint_path(d);
-    let (mut seen, mut qs) = (BTreeSet::new(), vec![]);
-    let (mut held, mut in_files) = (0, 0);
-    for r in crate::data::harmful::read_harmful_qa(&path)?.records {
-        let k = normalize_question(&r.prompt);
-        if r.is_safe || !seen.insert(k.clone()) {
-            continue;
-        }
-        if held_out.contains(&k) {
+    let mut seen = BTreeSet::new();
+    let all: Vec<(String, String)> = crate::data::harmful::read_harmful_qa(&path)?
+        .records
+        .into_iter()
+        .filter(|r| !r.is_safe)
+        .map(|r| (normalize_question(&r.prompt), r.prompt.trim().to_string()))
+        .filter(|(k, _)| seen.insert(k.clone()))
+        .collect();
+    // One seeded order of every question, walked skipping the held-out and excluded ones:
+    // validation first, then training. The draw (and each question's refusal) does not move
+    // when other questions are held out, so a standalone run with the experiment's data file
+    // in `exclude_files` trains on (nearly) the questions the experiment's alignment does.
+    let mut order: Vec<usize> = (0..all.len()).collect();
+    Rng::new(cfg.train.seed, "align-beavertails").shuffle(&mut order);
+    let mut pick = Rng::new(cfg.train.seed, "align-beavertails-refusal");
+    let (mut held, mut in_files, mut usable) = (0, 0, 0);
+    let (mut va, mut train): (Vec<(usize, String)>, Vec<(usize, (String, String))>) =
+        (vec![], vec![]);
+    for &i in &order {
+        let refusal = &refusals[pick.below(refusals.len())];
+        let (k, q) = &all[i];
+        if held_out.contains(k) {
             held += 1;
-        } else if excluded.contains(&k) {
+        } else if excluded.contains(k) {
             in_files += 1;
         } else {
-            qs.push(r.prompt.trim().to_string());
+            usable += 1;
+            if va.len() < cfg.beavertails_validation {
+                va.push((i, q.clone()));
+            } else if train.len() < cfg.beavertails_train {
+                train.push((i, (q.clone(), refusal.clone())));
+            }
         }
     }
-    if qs.len() < want {
+    if va.len() + train.len() < want {
         return Err(Error::setting(
             "beavertails_train",
             cfg.beavertails_train,
             format!(
-                "only {} BeaverTails questions are usable for {} training + {} validation",
-                qs.len(),
-                cfg.beavertails_train,
-                cfg.beavertails_validation
+                "only {usable} BeaverTails questions are usable for {} training + {} validation",
+                cfg.beavertails_train, cfg.beavertails_validation
             ),
         ));
     }
-    let mut idx: Vec<usize> = (0..qs.len()).collect();
-    Rng::new(cfg.train.seed, "align-beavertails").shuffle(&mut idx);
-    let mut va = idx[..cfg.beavertails_validation].to_vec();
-    let mut tr = idx[cfg.beavertails_validation..want].to_vec();
-    va.sort_unstable();
-    tr.sort_unstable();
-    let mut pick = Rng::new(cfg.train.seed, "align-beavertails-refusal");
-    let train: Vec<(String, String)> = tr
-        .iter()
-        .map(|&i| (qs[i].clone(), refusals[pick.below(refusals.len())].clone()))
-        .collect();
+    // File order within each part.
+    va.sort_unstable_by_key(|x| x.0);
+    train.sort_unstable_by_key(|x| x.0);
+    let va: Vec<String> = va.into_iter().map(|x| x.1).collect();
+    let train: Vec<(String, String)> = train.into_iter().map(|x| x.1).collect();
     notes.push(format!(
-        "beavertails (disjoint set, unsafe answers): {} distinct questions usable ({held} held \
-         out and {in_files} in excluded files left out); {} trained on with one of {} refusals \
-         in varied wording, {} validation",
-        qs.len(),
+        "beavertails (disjoint set, unsafe answers): {usable} distinct questions usable ({held} \
+         held out and {in_files} in excluded files left out); {} trained on with one of {} \
+         refusals in varied wording, {} validation",
         train.len(),
         refusals.len(),
         va.len()
     ));
-    Ok((train, va.iter().map(|&i| qs[i].clone()).collect()))
+    Ok((train, va))
 }
 
 /// The JSON value in `path`, if it exists and parses (how stages find their earlier results).
@@ -1663,6 +1674,38 @@ pub fn named_prompt_sets(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn beavertails_draw_stays_put_when_a_question_is_held_out() {
+        let cfg = AlignConfig {
+            beavertails_train: 20,
+            beavertails_validation: 10,
+            ..AlignConfig::default()
+        };
+        let check = RefusalCheck::default();
+        let (tr1, va1) = beavertails_refusals(&cfg, &check, &BTreeSet::new(), &mut vec![]).unwrap();
+        assert_eq!((tr1.len(), va1.len()), (20, 10));
+        assert!(tr1.iter().all(|(q, r)| !va1.contains(q) && check.is_refusal(r)));
+        // Holding out one validation question moves one training question into validation and
+        // takes one more; everything else, refusals included, stays.
+        let held: BTreeSet<String> = [normalize_question(&va1[0])].into();
+        let (tr2, va2) = beavertails_refusals(&cfg, &check, &held, &mut vec![]).unwrap();
+        assert!(!va2.contains(&va1[0]));
+        assert_eq!(va2.iter().filter(|q| va1.contains(q)).count(), 9);
+        assert_eq!(tr2.iter().filter(|p| tr1.contains(p)).count(), 19);
+        // Seeded: another seed, another draw.
+        let mut other = cfg.clone();
+        other.train.seed += 1;
+        let (tr3, _) = beavertails_refusals(&other, &check, &BTreeSet::new(), &mut vec![]).unwrap();
+        assert_ne!(tr3, tr1);
+        // Too many asked: the setting is named.
+        let mut big = cfg.clone();
+        big.beavertails_train = 100_000;
+        let e = beavertails_refusals(&big, &check, &BTreeSet::new(), &mut vec![])
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("beavertails_train"), "{e}");
+    }
 
     fn row(name: &str, kind: &str, rate: f64) -> (String, String, f64, usize) {
         (name.into(), kind.into(), rate, 10)

@@ -171,11 +171,12 @@ const XSTEST: &[&str] = &[
     "xstest/xstest_v2_completions_mistralguard.csv",
 ];
 
-/// Everyday requests and factual questions written for this project (read by
-/// `data::everyday`): 240 requests in 12 categories, 10 questions.
+/// Everyday requests, factual questions and refusals written for this project (read by
+/// `data::everyday`): 240 requests in 12 categories, 10 questions, 32 refusals.
 const EVERYDAY: &[&str] = &[
     "everyday/everyday_instructions.jsonl",
     "everyday/factual_questions.jsonl",
+    "everyday/refusals.txt",
 ];
 
 #[test]
@@ -185,6 +186,9 @@ fn everyday_files_parse() {
     assert_eq!(e.len(), 240);
     let f = everyday::read_factual(&data_dir().join(EVERYDAY[1])).unwrap();
     assert_eq!(f.len(), 10);
+    let check = repnoise::refusal::RefusalCheck::default();
+    let r = everyday::read_refusals(&data_dir().join(EVERYDAY[2]), &check).unwrap();
+    assert_eq!(r.len(), 32);
 }
 
 fn all_files(dir: &Path, out: &mut Vec<PathBuf>) {
