@@ -464,17 +464,11 @@ pub fn build_data(cfg: &AlignConfig, check: &RefusalCheck) -> Result<AlignData> 
         seed,
         "align-eval-harmbench",
     );
+    let disjoint = disjoint_questions(d)?;
     let bt_eval: Vec<String> = match &cfg.harmful_eval_questions {
         Some(q) => q.clone(),
         None => {
-            let p = d.join("beavertails_disjoint_attack/beavertails_disjoint_attack.jsonl");
-            let mut seen = BTreeSet::new();
-            let qs: Vec<String> = crate::data::harmful::read_harmful_qa(&p)?
-                .records
-                .into_iter()
-                .filter(|r| !r.is_safe && seen.insert(normalize_question(&r.prompt)))
-                .map(|r| r.prompt)
-                .collect();
+            let qs: Vec<String> = disjoint.iter().map(|x| x.1.clone()).collect();
             sample(&qs, cfg.eval_per_set, seed, "align-eval-beavertails")
         }
     };
@@ -532,10 +526,9 @@ pub fn build_data(cfg: &AlignConfig, check: &RefusalCheck) -> Result<AlignData> 
         idx[cfg.harmful_validation..cfg.harmful_validation + cfg.harmful_train].to_vec();
     tr.sort_unstable();
     va.sort_unstable();
-    let harmful_train: Vec<(String, String)> = tr.iter().map(|&i| harmful[i].clone()).collect();
+    let mut harmful_train: Vec<(String, String)> = tr.iter().map(|&i| harmful[i].clone()).collect();
     let harmful_val: Vec<String> = va.iter().map(|&i| harmful[i].0.clone()).collect();
-    let (bt_train, bt_val) = beavertails_refusals(cfg, check, &held_out, &mut notes)?;
-    let mut harmful_train = harmful_train;
+    let (bt_train, bt_val) = beavertails_refusals(cfg, check, &disjoint, &held_out, &mut notes)?;
     harmful_train.extend(bt_train);
 
     // Everyday requests and XSTest safe prompts: train / validation / test.
@@ -740,14 +733,30 @@ pub fn build_data(cfg: &AlignConfig, check: &RefusalCheck) -> Result<AlignData> 
     })
 }
 
-/// Conversational harmful questions with refusals: BeaverTails disjoint-set questions whose
-/// answer is labelled unsafe, distinct after normalisation, none held out (`held_out`) or in
+/// The BeaverTails disjoint set's harmful questions (unsafe answers), distinct after
+/// normalisation, in file order: (normalised key, question).
+fn disjoint_questions(data_dir: &Path) -> Result<Vec<(String, String)>> {
+    let mut seen = BTreeSet::new();
+    Ok(
+        crate::data::harmful::read_harmful_qa(&crate::classifier::disjoint_path(data_dir))?
+            .records
+            .into_iter()
+            .filter(|r| !r.is_safe)
+            .map(|r| (normalize_question(&r.prompt), r.prompt))
+            .filter(|(k, _)| seen.insert(k.clone()))
+            .collect(),
+    )
+}
+
+/// Conversational harmful questions with refusals: of the BeaverTails disjoint set's harmful
+/// questions (`disjoint`: normalised key and question, distinct), none held out (`held_out`) or in
 /// `exclude_files`; validation questions drawn first, from one seeded order of the whole set.
 /// Each trained question gets a refusal from `data/everyday/refusals.txt` (seeded choice, tied
 /// to its place in that order). Returns (train pairs, validation prompts).
 fn beavertails_refusals(
     cfg: &AlignConfig,
     check: &RefusalCheck,
+    all: &[(String, String)],
     held_out: &BTreeSet<String>,
     notes: &mut Vec<String>,
 ) -> Result<(Vec<(String, String)>, Vec<String>)> {
@@ -763,15 +772,6 @@ fn beavertails_refusals(
             excluded.insert(normalize_question(&r.prompt));
         }
     }
-    let path = crate::classifier::disjoint_path(d);
-    let mut seen = BTreeSet::new();
-    let all: Vec<(String, String)> = crate::data::harmful::read_harmful_qa(&path)?
-        .records
-        .into_iter()
-        .filter(|r| !r.is_safe)
-        .map(|r| (normalize_question(&r.prompt), r.prompt.trim().to_string()))
-        .filter(|(k, _)| seen.insert(k.clone()))
-        .collect();
     // One seeded order of every question, walked skipping the held-out and excluded ones:
     // validation first, then training. The draw (and each question's refusal) does not move
     // when other questions are held out, so a standalone run with the experiment's data file
@@ -791,10 +791,11 @@ fn beavertails_refusals(
             in_files += 1;
         } else {
             usable += 1;
+            let q = q.trim().to_string();
             if va.len() < cfg.beavertails_validation {
-                va.push((i, q.clone()));
+                va.push((i, q));
             } else if train.len() < cfg.beavertails_train {
-                train.push((i, (q.clone(), refusal.clone())));
+                train.push((i, (q, refusal.clone())));
             }
         }
     }
@@ -1683,27 +1684,31 @@ mod tests {
             ..AlignConfig::default()
         };
         let check = RefusalCheck::default();
-        let (tr1, va1) = beavertails_refusals(&cfg, &check, &BTreeSet::new(), &mut vec![]).unwrap();
+        let all = disjoint_questions(&cfg.data_dir).unwrap();
+        let draw = |cfg: &AlignConfig, held: &BTreeSet<String>| {
+            beavertails_refusals(cfg, &check, &all, held, &mut vec![])
+        };
+        let (tr1, va1) = draw(&cfg, &BTreeSet::new()).unwrap();
         assert_eq!((tr1.len(), va1.len()), (20, 10));
-        assert!(tr1.iter().all(|(q, r)| !va1.contains(q) && check.is_refusal(r)));
+        assert!(tr1
+            .iter()
+            .all(|(q, r)| !va1.contains(q) && check.is_refusal(r)));
         // Holding out one validation question moves one training question into validation and
         // takes one more; everything else, refusals included, stays.
         let held: BTreeSet<String> = [normalize_question(&va1[0])].into();
-        let (tr2, va2) = beavertails_refusals(&cfg, &check, &held, &mut vec![]).unwrap();
+        let (tr2, va2) = draw(&cfg, &held).unwrap();
         assert!(!va2.contains(&va1[0]));
         assert_eq!(va2.iter().filter(|q| va1.contains(q)).count(), 9);
         assert_eq!(tr2.iter().filter(|p| tr1.contains(p)).count(), 19);
         // Seeded: another seed, another draw.
         let mut other = cfg.clone();
         other.train.seed += 1;
-        let (tr3, _) = beavertails_refusals(&other, &check, &BTreeSet::new(), &mut vec![]).unwrap();
+        let (tr3, _) = draw(&other, &BTreeSet::new()).unwrap();
         assert_ne!(tr3, tr1);
         // Too many asked: the setting is named.
         let mut big = cfg.clone();
         big.beavertails_train = 100_000;
-        let e = beavertails_refusals(&big, &check, &BTreeSet::new(), &mut vec![])
-            .unwrap_err()
-            .to_string();
+        let e = draw(&big, &BTreeSet::new()).unwrap_err().to_string();
         assert!(e.contains("beavertails_train"), "{e}");
     }
 

@@ -92,8 +92,7 @@ pub fn read_factual(path: &Path) -> Result<Vec<Factual>> {
 /// One refusal per line (no blank lines, no duplicates); each must be a refusal by `check`,
 /// so the aligned model learns answers the evaluation counts as refusals.
 pub fn read_refusals(path: &Path, check: &crate::refusal::RefusalCheck) -> Result<Vec<String>> {
-    let text = std::fs::read_to_string(path)
-        .map_err(|e| Error::file(path, format!("cannot read: {e}")))?;
+    let text = crate::data::source::read_text(path)?;
     let mut out: Vec<String> = vec![];
     for (i, line) in text.lines().enumerate() {
         let r = line.trim();
@@ -245,8 +244,7 @@ mod tests {
         assert!(tr.windows(2).all(|w| w[0].0 < w[1].0));
         assert!(stratified_parts(&items, |x| x.1.to_string(), 50, 12, 7, "t").is_err());
         // Fewer trained on: the validation part is the same prompts, the trained ones a subset.
-        let [tr2, va2, _] =
-            stratified_parts(&items, |x| x.1.to_string(), 18, 12, 7, "t").unwrap();
+        let [tr2, va2, _] = stratified_parts(&items, |x| x.1.to_string(), 18, 12, 7, "t").unwrap();
         assert_eq!(va2, va);
         assert!(tr2.iter().all(|x| tr.contains(x)));
     }

@@ -104,10 +104,9 @@ fn align_partitions_are_disjoint_and_the_report_is_complete() {
     .iter()
     .map(|r| normalize_question(&r.prompt))
     .collect();
-    let refusals = std::fs::read_to_string(
-        repnoise::align::default_data_dir().join("everyday/refusals.txt"),
-    )
-    .unwrap();
+    let refusals =
+        std::fs::read_to_string(repnoise::align::default_data_dir().join("everyday/refusals.txt"))
+            .unwrap();
     for (q, r) in &data.harmful_train[4..] {
         let k = normalize_question(q);
         assert!(disjoint.contains(&k) && !excluded.contains(&k), "{q}");
