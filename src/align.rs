@@ -733,6 +733,9 @@ pub fn build_data(cfg: &AlignConfig, check: &RefusalCheck) -> Result<AlignData> 
     })
 }
 
+/// A question and its answer.
+type QaPair = (String, String);
+
 /// The BeaverTails disjoint set's harmful questions (unsafe answers), distinct after
 /// normalisation, in file order: (normalised key, question).
 fn disjoint_questions(data_dir: &Path) -> Result<Vec<(String, String)>> {
@@ -759,7 +762,7 @@ fn beavertails_refusals(
     all: &[(String, String)],
     held_out: &BTreeSet<String>,
     notes: &mut Vec<String>,
-) -> Result<(Vec<(String, String)>, Vec<String>)> {
+) -> Result<(Vec<QaPair>, Vec<String>)> {
     let want = cfg.beavertails_train + cfg.beavertails_validation;
     if want == 0 {
         return Ok((vec![], vec![]));
@@ -780,8 +783,8 @@ fn beavertails_refusals(
     Rng::new(cfg.train.seed, "align-beavertails").shuffle(&mut order);
     let mut pick = Rng::new(cfg.train.seed, "align-beavertails-refusal");
     let (mut held, mut in_files, mut usable) = (0, 0, 0);
-    let (mut va, mut train): (Vec<(usize, String)>, Vec<(usize, (String, String))>) =
-        (vec![], vec![]);
+    let mut va: Vec<(usize, String)> = vec![];
+    let mut train: Vec<(usize, QaPair)> = vec![];
     for &i in &order {
         let refusal = &refusals[pick.below(refusals.len())];
         let (k, q) = &all[i];
