@@ -13,7 +13,7 @@
 //! resume: the data manifest, the self-distilled answers, the evaluation before training, the
 //! training run ([`crate::train`]), the evaluation after.
 
-use std::collections::BTreeSet;
+use std::collections::{BTreeMap, BTreeSet};
 use std::io::IsTerminal;
 use std::path::{Path, PathBuf};
 
@@ -208,6 +208,10 @@ pub struct AlignConfig {
     pub everyday_train: usize,
     /// Everyday requests held out for choosing settings (the rest are the test set).
     pub everyday_validation: usize,
+    /// Further everyday requests (`data/everyday/everyday_train_extra.jsonl`), only ever
+    /// trained on (never validation or test), answered by the model itself; stratified by
+    /// category.
+    pub everyday_extra_train: usize,
     /// XSTest safe prompts (that only sound unsafe) trained on, answered by the model itself;
     /// stratified by type.
     pub xstest_train: usize,
@@ -217,6 +221,8 @@ pub struct AlignConfig {
     /// Each everyday and XSTest example appears this many times per epoch (weighs helpfulness
     /// against the refusals).
     pub benign_repeat: usize,
+    /// Each XSTest example appears this many times per epoch (absent: `benign_repeat`).
+    pub xstest_repeat: Option<usize>,
     /// Where the quiz questions' answers come from: `self` (the model's own answers), `data`
     /// (reference answers) or `both`. Everyday and XSTest prompts are always answered by the
     /// model itself.
@@ -280,9 +286,11 @@ impl Default for AlignConfig {
             benign_train_truthfulqa: 100,
             everyday_train: 96,
             everyday_validation: 36,
+            everyday_extra_train: 240,
             xstest_train: 60,
             xstest_validation: 50,
-            benign_repeat: 2,
+            benign_repeat: 1,
+            xstest_repeat: Some(2),
             benign_source: "self".into(),
             distill_tokens: 96,
             eval_per_set: 100,
@@ -410,6 +418,50 @@ pub struct AlignData {
     pub knowledge: Vec<(String, String, Vec<usize>)>,
     /// What was left out and why, with counts.
     pub notes: Vec<String>,
+}
+
+/// `cfg.everyday_extra_train` requests of the training-only everyday file, stratified by
+/// category; none may repeat a request of the main everyday file (any of which may be a test
+/// or validation request) or a factual question shown verbatim in the report.
+fn everyday_extra(
+    cfg: &AlignConfig,
+    d: &Path,
+    everyday: &[crate::data::everyday::Everyday],
+    factual_keys: &BTreeSet<String>,
+    seed: u64,
+) -> Result<Vec<crate::data::everyday::Everyday>> {
+    use crate::data::everyday::{read_everyday, stratified_parts};
+    if cfg.everyday_extra_train == 0 {
+        return Ok(vec![]);
+    }
+    let path = d.join("everyday/everyday_train_extra.jsonl");
+    let extra = read_everyday(&path)?;
+    let main: BTreeSet<String> = everyday
+        .iter()
+        .map(|e| normalize_question(&e.prompt))
+        .collect();
+    for e in &extra {
+        let k = normalize_question(&e.prompt);
+        if main.contains(&k) || factual_keys.contains(&k) {
+            return Err(Error::file(
+                &path,
+                format!(
+                    "`{}` ({}) repeats an everyday request or a factual question, which may be \
+                     held out",
+                    e.prompt, e.id
+                ),
+            ));
+        }
+    }
+    let [tr, _, _] = stratified_parts(
+        &extra,
+        |e| e.category.clone(),
+        cfg.everyday_extra_train,
+        0,
+        seed,
+        "align-everyday-extra",
+    )?;
+    Ok(tr)
 }
 
 fn sample<T: Clone>(xs: &[T], n: usize, seed: u64, purpose: &str) -> Vec<T> {
@@ -570,6 +622,13 @@ pub fn build_data(cfg: &AlignConfig, check: &RefusalCheck) -> Result<AlignData> 
         .iter()
         .map(|f| normalize_question(&f.prompt))
         .collect();
+    let ev_extra = everyday_extra(cfg, d, &everyday, &factual_keys, seed)?;
+    if !ev_extra.is_empty() {
+        notes.push(format!(
+            "further everyday requests (training only): {} trained on (stratified by category)",
+            ev_extra.len()
+        ));
+    }
 
     // Quiz questions: ARC-Easy train / refusal test / knowledge parts; TruthfulQA test / train.
     let arc = read_arc(&d.join("arc/arc_easy.jsonl"))?.records;
@@ -645,6 +704,7 @@ pub fn build_data(cfg: &AlignConfig, check: &RefusalCheck) -> Result<AlignData> 
 
     let benign_self: Vec<(String, String)> = ev_tr
         .iter()
+        .chain(&ev_extra)
         .map(|e| ("everyday".to_string(), e.prompt.clone()))
         .chain(
             xs_tr
@@ -1230,15 +1290,19 @@ pub fn align(
         max_len: Some(cfg.max_len),
         ..EncodeOptions::default()
     };
-    let self_answered: BTreeSet<&str> = data.benign_self.iter().map(|x| x.1.as_str()).collect();
+    let self_answered: BTreeMap<&str, &str> = data
+        .benign_self
+        .iter()
+        .map(|x| (x.1.as_str(), x.0.as_str()))
+        .collect();
     let mut examples: Vec<Encoded> = vec![];
     for (p, r) in data.harmful_train.iter().chain(benign.iter()) {
         let e = encode_qa(&model.tok, p, r, &opts)?;
         if e.loss_mask.iter().any(|&m| m == 1) {
-            let times = if self_answered.contains(p.as_str()) {
-                cfg.benign_repeat.max(1)
-            } else {
-                1
+            let times = match self_answered.get(p.as_str()) {
+                Some(&"xstest") => cfg.xstest_repeat.unwrap_or(cfg.benign_repeat).max(1),
+                Some(_) => cfg.benign_repeat.max(1),
+                None => 1,
             };
             for _ in 0..times {
                 examples.push(e.clone());
@@ -1678,6 +1742,66 @@ pub fn named_prompt_sets(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn everyday_extra_is_stratified_and_refuses_a_request_that_may_be_held_out() {
+        use crate::data::everyday::Everyday;
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::create_dir(dir.path().join("everyday")).unwrap();
+        let line = |id: &str, cat: &str, p: &str| {
+            format!("{{\"id\": \"{id}\", \"category\": \"{cat}\", \"prompt\": \"{p}\"}}\n")
+        };
+        let write = |lines: &str| {
+            std::fs::write(
+                dir.path().join("everyday/everyday_train_extra.jsonl"),
+                lines,
+            )
+            .unwrap()
+        };
+        let main = vec![Everyday {
+            id: "a-1".into(),
+            category: "a".into(),
+            prompt: "How do I boil an egg?".into(),
+        }];
+        let factual: BTreeSet<String> =
+            [normalize_question("What is the capital of France?")].into();
+        let mut cfg = AlignConfig {
+            everyday_extra_train: 2,
+            ..AlignConfig::default()
+        };
+        let ok: String = (1..=4)
+            .map(|i| {
+                line(
+                    &format!("x-{i}"),
+                    if i <= 2 { "a" } else { "b" },
+                    &format!("Request {i}?"),
+                )
+            })
+            .collect();
+        write(&ok);
+        let got = everyday_extra(&cfg, dir.path(), &main, &factual, 7).unwrap();
+        assert_eq!(got.len(), 2);
+        assert_eq!(
+            got.iter().filter(|e| e.category == "a").count(),
+            1,
+            "one per category"
+        );
+        cfg.everyday_extra_train = 0;
+        assert!(everyday_extra(&cfg, dir.path(), &main, &factual, 7)
+            .unwrap()
+            .is_empty());
+        cfg.everyday_extra_train = 1;
+        for dup in ["how do I boil an egg?", "What is the capital of France?"] {
+            write(&format!("{ok}{}", line("x-9", "b", dup)));
+            let e = everyday_extra(&cfg, dir.path(), &main, &factual, 7)
+                .unwrap_err()
+                .to_string();
+            assert!(
+                e.contains("everyday_train_extra.jsonl") && e.contains("x-9"),
+                "{e}"
+            );
+        }
+    }
 
     #[test]
     fn beavertails_draw_stays_put_when_a_question_is_held_out() {

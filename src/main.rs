@@ -192,6 +192,9 @@ enum Cmd {
         /// Everyday requests to train on (`data/everyday/`, answered by the model itself).
         #[arg(long)]
         everyday_train: Option<usize>,
+        /// Further everyday requests, only ever trained on (`data/everyday/everyday_train_extra.jsonl`).
+        #[arg(long)]
+        everyday_extra_train: Option<usize>,
         /// XSTest safe prompts to train on (answered by the model itself).
         #[arg(long)]
         xstest_train: Option<usize>,
@@ -1483,6 +1486,7 @@ fn run(cli: Cli) -> Result<()> {
             data_dir,
             skip_eval_before,
             everyday_train,
+            everyday_extra_train,
             xstest_train,
             validation_only,
         } => {
@@ -1522,6 +1526,9 @@ fn run(cli: Cli) -> Result<()> {
             cfg.validation_only |= validation_only;
             if let Some(x) = everyday_train {
                 cfg.everyday_train = x;
+            }
+            if let Some(x) = everyday_extra_train {
+                cfg.everyday_extra_train = x;
             }
             if let Some(x) = xstest_train {
                 cfg.xstest_train = x;

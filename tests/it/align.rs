@@ -27,6 +27,7 @@ fn tiny_cfg() -> AlignConfig {
         benign_train_truthfulqa: 2,
         everyday_train: 24,
         everyday_validation: 12,
+        everyday_extra_train: 12,
         xstest_train: 20,
         xstest_validation: 10,
         distill_tokens: 3,
@@ -64,7 +65,8 @@ fn align_partitions_are_disjoint_and_the_report_is_complete() {
         .chain(data.benign_train.iter().map(|x| normalize_question(&x.0)))
         .chain(data.harmful_train.iter().map(|x| normalize_question(&x.0)))
         .collect();
-    assert_eq!(data.benign_self.len(), 24 + 20);
+    // 24 everyday requests, 12 training-only ones, 20 XSTest prompts.
+    assert_eq!(data.benign_self.len(), 24 + 12 + 20);
     for (name, _, prompts) in data.eval.iter().chain(&data.validation) {
         assert!(!prompts.is_empty(), "{name} is empty");
         for p in prompts {

@@ -172,11 +172,13 @@ const XSTEST: &[&str] = &[
 ];
 
 /// Everyday requests, factual questions and refusals written for this project (read by
-/// `data::everyday`): 240 requests in 12 categories, 10 questions, 32 refusals.
+/// `data::everyday`): 240 requests in 12 categories, 10 questions, 32 refusals, 240
+/// training-only requests.
 const EVERYDAY: &[&str] = &[
     "everyday/everyday_instructions.jsonl",
     "everyday/factual_questions.jsonl",
     "everyday/refusals.txt",
+    "everyday/everyday_train_extra.jsonl",
 ];
 
 #[test]
@@ -189,6 +191,16 @@ fn everyday_files_parse() {
     let check = repnoise::refusal::RefusalCheck::default();
     let r = everyday::read_refusals(&data_dir().join(EVERYDAY[2]), &check).unwrap();
     assert_eq!(r.len(), 32);
+    let x = everyday::read_everyday(&data_dir().join(EVERYDAY[3])).unwrap();
+    assert_eq!(x.len(), 240);
+    // Training-only requests never repeat a request that may be held out, nor a factual question.
+    let key = |p: &str| repnoise::data::split::normalize_question(p);
+    let held: std::collections::BTreeSet<String> = e
+        .iter()
+        .map(|r| key(&r.prompt))
+        .chain(f.iter().map(|q| key(&q.prompt)))
+        .collect();
+    assert!(x.iter().all(|r| !held.contains(&key(&r.prompt))));
 }
 
 fn all_files(dir: &Path, out: &mut Vec<PathBuf>) {
