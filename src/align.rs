@@ -436,6 +436,13 @@ fn everyday_extra(
     }
     let path = d.join("everyday/everyday_train_extra.jsonl");
     let extra = read_everyday(&path)?;
+    if cfg.everyday_extra_train > extra.len() {
+        return Err(Error::setting(
+            "everyday_extra_train",
+            cfg.everyday_extra_train,
+            format!("{} holds only {} requests", path.display(), extra.len()),
+        ));
+    }
     let main: BTreeSet<String> = everyday
         .iter()
         .map(|e| normalize_question(&e.prompt))
@@ -1790,6 +1797,14 @@ mod tests {
         assert!(everyday_extra(&cfg, dir.path(), &main, &factual, 7)
             .unwrap()
             .is_empty());
+        cfg.everyday_extra_train = 5;
+        let e = everyday_extra(&cfg, dir.path(), &main, &factual, 7)
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains("everyday_extra_train") && e.contains("only 4"),
+            "{e}"
+        );
         cfg.everyday_extra_train = 1;
         for dup in ["how do I boil an egg?", "What is the capital of France?"] {
             write(&format!("{ok}{}", line("x-9", "b", dup)));
