@@ -1305,7 +1305,7 @@ pub fn align(
     let mut examples: Vec<Encoded> = vec![];
     for (p, r) in data.harmful_train.iter().chain(benign.iter()) {
         let e = encode_qa(&model.tok, p, r, &opts)?;
-        if e.loss_mask.iter().any(|&m| m == 1) {
+        if e.loss_mask.contains(&1) {
             let times = match self_answered.get(p.as_str()) {
                 Some(&"xstest") => cfg.xstest_repeat.unwrap_or(cfg.benign_repeat).max(1),
                 Some(_) => cfg.benign_repeat.max(1),
