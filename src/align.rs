@@ -1786,7 +1786,9 @@ mod tests {
             })
             .collect();
         write(&ok);
-        let got = everyday_extra(&cfg, dir.path(), &main, &factual, 7).unwrap();
+        let run = |cfg: &AlignConfig| everyday_extra(cfg, dir.path(), &main, &factual, 7);
+        let err = |cfg: &AlignConfig| run(cfg).unwrap_err().to_string();
+        let got = run(&cfg).unwrap();
         assert_eq!(got.len(), 2);
         assert_eq!(
             got.iter().filter(|e| e.category == "a").count(),
@@ -1794,13 +1796,9 @@ mod tests {
             "one per category"
         );
         cfg.everyday_extra_train = 0;
-        assert!(everyday_extra(&cfg, dir.path(), &main, &factual, 7)
-            .unwrap()
-            .is_empty());
+        assert!(run(&cfg).unwrap().is_empty());
         cfg.everyday_extra_train = 5;
-        let e = everyday_extra(&cfg, dir.path(), &main, &factual, 7)
-            .unwrap_err()
-            .to_string();
+        let e = err(&cfg);
         assert!(
             e.contains("everyday_extra_train") && e.contains("only 4"),
             "{e}"
@@ -1808,9 +1806,7 @@ mod tests {
         cfg.everyday_extra_train = 1;
         for dup in ["how do I boil an egg?", "What is the capital of France?"] {
             write(&format!("{ok}{}", line("x-9", "b", dup)));
-            let e = everyday_extra(&cfg, dir.path(), &main, &factual, 7)
-                .unwrap_err()
-                .to_string();
+            let e = err(&cfg);
             assert!(
                 e.contains("everyday_train_extra.jsonl") && e.contains("x-9"),
                 "{e}"
