@@ -31,7 +31,7 @@ use crate::generate::{generate, SamplingConfig};
 use crate::io::{write_atomic, write_json_atomic};
 use crate::model::Llama;
 use crate::modelio::LoadedModel;
-use crate::objective::sft_loss;
+use crate::objective::{opening_unlikelihood, sft_loss};
 use crate::refusal::RefusalCheck;
 use crate::rng::Rng;
 use crate::tokenizer::Tok;
@@ -230,6 +230,14 @@ pub struct AlignConfig {
     /// Tokens generated per self-distilled answer (an answer cut by the limit is trimmed to its
     /// last full sentence).
     pub distill_tokens: usize,
+    /// Weight of the refusal-opening unlikelihood term (0: none): each step also takes
+    /// `unlikelihood_batch` benign training prompts, each followed by the first
+    /// `unlikelihood_tokens` tokens of one of the trained refusals (seeded draw), and adds
+    /// `-ln(1 - p)` of that opening, which pushes down refusing a benign request without
+    /// touching the refusals to harmful ones (see `objective::opening_unlikelihood`).
+    pub unlikelihood_weight: f64,
+    pub unlikelihood_batch: usize,
+    pub unlikelihood_tokens: usize,
     /// Held-out prompts per harmful test set and per quiz set (0: all).
     pub eval_per_set: usize,
     /// Tokens generated per evaluation answer (refusals show in the opening).
@@ -293,6 +301,9 @@ impl Default for AlignConfig {
             xstest_repeat: Some(2),
             benign_source: "self".into(),
             distill_tokens: 96,
+            unlikelihood_weight: 0.0,
+            unlikelihood_batch: 8,
+            unlikelihood_tokens: 4,
             eval_per_set: 100,
             eval_tokens: 48,
             gen_batch: 16,
@@ -375,11 +386,20 @@ impl AlignConfig {
                 return Err(Error::setting(name, v, "expected a value in [0, 1]"));
             }
         }
+        if !(self.unlikelihood_weight >= 0.0 && self.unlikelihood_weight.is_finite()) {
+            return Err(Error::setting(
+                "unlikelihood_weight",
+                self.unlikelihood_weight,
+                "expected a finite value >= 0",
+            ));
+        }
         for (name, v) in [
             ("max_len", self.max_len),
             ("eval_tokens", self.eval_tokens),
             ("gen_batch", self.gen_batch),
             ("distill_tokens", self.distill_tokens),
+            ("unlikelihood_batch", self.unlikelihood_batch),
+            ("unlikelihood_tokens", self.unlikelihood_tokens),
         ] {
             if v == 0 {
                 return Err(Error::setting(name, v, "must be at least 1"));
@@ -1316,6 +1336,11 @@ pub fn align(
             }
         }
     }
+    let openings = if cfg.unlikelihood_weight > 0.0 {
+        refusal_openings(&model.tok, &data.harmful_train, &benign, cfg, &opts)?
+    } else {
+        vec![]
+    };
     let pad = model.tok.pad_id;
     let summary = train::train(
         &run,
@@ -1325,7 +1350,21 @@ pub fn align(
         interrupt,
         |net, ctx| {
             let seqs: Vec<&Encoded> = ctx.indices.iter().map(|&i| &examples[i]).collect();
-            sft_loss(net, &seqs, pad)
+            let mut step = sft_loss(net, &seqs, pad)?;
+            if !openings.is_empty() {
+                // The step's benign prompts with refusal openings: a fixed cycle through the
+                // seeded list, so a resumed run takes the same ones.
+                let k = cfg.unlikelihood_batch.min(openings.len());
+                let ul: Vec<&Encoded> = (0..k)
+                    .map(|j| &openings[(ctx.step * k + j) % openings.len()])
+                    .collect();
+                let (loss, p) = opening_unlikelihood(net, &ul, pad)?;
+                let v = loss.to_dtype(candle_core::DType::F64)?.to_scalar::<f64>()?;
+                step.loss = (step.loss + (loss * cfg.unlikelihood_weight)?)?;
+                step.terms.insert("unlikelihood".into(), v);
+                step.terms.insert("refusal_opening_p".into(), p);
+            }
+            Ok(step)
         },
     )?;
     let seconds_align = t0.elapsed().as_secs_f64() - seconds_eval;
@@ -1404,6 +1443,44 @@ pub fn align(
     write_json_atomic(&out.join("report.json"), &report)?;
     write_atomic(&out.join("report.md"), report.markdown().as_bytes())?;
     Ok(report)
+}
+
+/// Benign training prompts each followed by the opening (first `unlikelihood_tokens` answer
+/// tokens, tokenised in place) of one of the trained refusals, paired by a seeded draw and
+/// shuffled; the loss mask covers the opening only.
+fn refusal_openings(
+    tok: &Tok,
+    harmful: &[(String, String)],
+    benign: &[(String, String)],
+    cfg: &AlignConfig,
+    opts: &EncodeOptions,
+) -> Result<Vec<Encoded>> {
+    if harmful.is_empty() || benign.is_empty() {
+        return Err(Error::setting(
+            "unlikelihood_weight",
+            cfg.unlikelihood_weight,
+            "needs refusals and benign prompts to train on",
+        ));
+    }
+    let mut rng = Rng::new(cfg.train.seed, "refusal openings");
+    let mut out = Vec::with_capacity(benign.len());
+    for (p, _) in benign {
+        let refusal = &harmful[rng.below(harmful.len())].1;
+        let e = encode_qa(tok, p, refusal, opts)?;
+        let Some(start) = e.loss_mask.iter().position(|&m| m == 1) else {
+            continue;
+        };
+        let end = (start + cfg.unlikelihood_tokens).min(e.ids.len());
+        let mut mask = vec![0u8; end];
+        mask[start..end].iter_mut().for_each(|m| *m = 1);
+        out.push(Encoded {
+            ids: e.ids[..end].to_vec(),
+            loss_mask: mask,
+            attention_mask: vec![1; end],
+        });
+    }
+    rng.shuffle(&mut out);
+    Ok(out)
 }
 
 fn pct(x: f64) -> String {

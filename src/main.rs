@@ -198,6 +198,9 @@ enum Cmd {
         /// XSTest safe prompts to train on (answered by the model itself).
         #[arg(long)]
         xstest_train: Option<usize>,
+        /// Weight of the refusal-opening unlikelihood term on benign prompts (0: none).
+        #[arg(long)]
+        unlikelihood_weight: Option<f64>,
         /// Evaluate only the validation sets (a run that chooses settings).
         #[arg(long)]
         validation_only: bool,
@@ -1488,6 +1491,7 @@ fn run(cli: Cli) -> Result<()> {
             everyday_train,
             everyday_extra_train,
             xstest_train,
+            unlikelihood_weight,
             validation_only,
         } => {
             let mut cfg: repnoise::align::AlignConfig = match &config {
@@ -1532,6 +1536,9 @@ fn run(cli: Cli) -> Result<()> {
             }
             if let Some(x) = xstest_train {
                 cfg.xstest_train = x;
+            }
+            if let Some(x) = unlikelihood_weight {
+                cfg.unlikelihood_weight = x;
             }
             let mut m = load(g, &model.model)?;
             let report = repnoise::align::align(&mut m, &cfg, &out, Interrupt::default())?;

@@ -286,6 +286,62 @@ pub fn sft_loss_with(
     })
 }
 
+/// Sequence-level unlikelihood (Welleck et al., 2020, applied to whole openings): for each
+/// sequence, `p` is the probability of its loss-masked tokens given what precedes them (here a
+/// refusal's first tokens after a benign prompt) and the loss is `-ln(1 - p)`, averaged over
+/// the sequences. Its gradient, `p / (1 - p)` times that of `ln p`, vanishes while `p` is small,
+/// so it acts only where the model starts to open a benign answer with a refusal. Returns the
+/// loss and the mean `p`.
+pub fn opening_unlikelihood(net: &Llama, seqs: &[&Encoded], pad_id: u32) -> Result<(Tensor, f64)> {
+    let batch = Batch::new(seqs, pad_id, net.device())?;
+    let (b, t) = batch.dims();
+    let masks: Vec<Vec<u8>> = seqs
+        .iter()
+        .map(|e| {
+            let mut m: Vec<u8> = e
+                .loss_mask
+                .iter()
+                .zip(&e.attention_mask)
+                .map(|(a, b)| a & b)
+                .collect();
+            m.resize(t, 0);
+            m
+        })
+        .collect();
+    let rows = CeRows::standard(&batch.ids_v, &masks);
+    let n = rows.rows.len();
+    let mut owner = vec![0f32; b * n];
+    for (j, &r) in rows.rows.iter().enumerate() {
+        owner[(r as usize / t) * n + j] = 1.0;
+    }
+    for (s, m) in masks.iter().enumerate() {
+        if !m.contains(&1) {
+            return Err(Error::msg(format!(
+                "unlikelihood sequence {s} has no loss-masked tokens"
+            )));
+        }
+    }
+    let out = batch.forward(net, false, false)?;
+    let dev = out.hidden_states[0].device().clone();
+    let (_, _, d) = out.hidden_states[0].dims3()?;
+    let idx = Tensor::new(rows.rows.as_slice(), &dev)?;
+    let h = out.hidden_states[0]
+        .reshape((b * t, d))?
+        .index_select(&idx, 0)?;
+    let nll = linear_row_nll(&net.final_norm(&h)?, net.lm_head_weight(), rows.targets)?;
+    let owner = Tensor::from_vec(owner, (b, n), &dev)?;
+    let seq_nll = owner.matmul(&nll.reshape((n, 1))?)?.squeeze(1)?; // [b]
+    let p = seq_nll.neg()?.exp()?;
+    let loss = p
+        .affine(-1.0, 1.0)?
+        .clamp(1e-6f32, 1f32)?
+        .log()?
+        .neg()?
+        .mean_all()?;
+    let p_mean = scalar(&p.mean_all()?)?;
+    Ok((loss, p_mean))
+}
+
 fn scalar(t: &Tensor) -> Result<f64> {
     Ok(t.to_dtype(candle_core::DType::F64)?.to_scalar::<f64>()?)
 }

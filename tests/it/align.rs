@@ -28,6 +28,11 @@ fn tiny_cfg() -> AlignConfig {
         everyday_train: 24,
         everyday_validation: 12,
         everyday_extra_train: 12,
+        // A random model's own answers are all left out as empty or repetitive: the quiz
+        // questions' reference answers give the unlikelihood term its benign prompts.
+        benign_source: "both".into(),
+        unlikelihood_weight: 1.0,
+        unlikelihood_batch: 3,
         xstest_train: 20,
         xstest_validation: 10,
         distill_tokens: 3,
@@ -136,6 +141,13 @@ fn align_partitions_are_disjoint_and_the_report_is_complete() {
     assert_eq!(r.factual.len(), 10);
     assert!(r.factual.iter().all(|f| f.before.is_some()));
     assert!((1..=2).contains(&r.train.steps), "{}", r.train.steps);
+    // The refusal-opening unlikelihood term ran beside the cross-entropy.
+    assert!(
+        r.train.final_terms.contains_key("unlikelihood")
+            && r.train.final_terms["refusal_opening_p"] > 0.0,
+        "{:?}",
+        r.train.final_terms
+    );
     let md = std::fs::read_to_string(out.join("report.md")).unwrap();
     for s in [
         "Knowledge kept",
@@ -185,6 +197,12 @@ fn bad_align_settings_are_refused_before_work() {
         .unwrap_err()
         .to_string();
     assert!(e.contains("exceed"), "{e}");
+    let mut cfg = tiny_cfg();
+    cfg.unlikelihood_weight = -1.0;
+    let e = align(&mut m, &cfg, dir.path(), Interrupt::default())
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("unlikelihood_weight"), "{e}");
 }
 
 #[test]

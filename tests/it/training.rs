@@ -13,8 +13,8 @@ use repnoise::defend::{self, DefendConfig, Method};
 use repnoise::model::Llama;
 use repnoise::modelio::LoadedModel;
 use repnoise::objective::{
-    full_logits_ce, mmd, pair_baseline_loss, repnoise_loss, sft_loss, Batch, CeRows, PairBatch,
-    PairLoss, RepNoiseConfig,
+    full_logits_ce, mmd, opening_unlikelihood, pair_baseline_loss, repnoise_loss, sft_loss, Batch,
+    CeRows, PairBatch, PairLoss, RepNoiseConfig,
 };
 use repnoise::rng::Rng;
 use repnoise::train::{self, Freeze, Interrupt, RunDir, StepLoss, TrainConfig};
@@ -158,6 +158,82 @@ fn ce_rows_equal_full_masked_logits_in_both_modes() {
         assert!(
             diff < 1e-5,
             "faithful={faithful}: gradient differs by {diff}"
+        );
+    }
+}
+
+/// The refusal-opening unlikelihood against its definition, built one unpadded sequence at a
+/// time from the model's full logits (`full_logits_ce`, no fused LM head): per sequence
+/// `-ln(1 - p)` with `p` the product of the opening tokens' probabilities, averaged; value and
+/// gradients (the fused head's backward then sees unequal row gradients, and the batch pads).
+#[test]
+fn opening_unlikelihood_matches_its_definition() {
+    let m = tiny_model(6);
+    let net = Llama::trainable(&m.config, &m.params).unwrap();
+    let opts = EncodeOptions {
+        format: PromptFormat::Plain,
+        max_len: Some(64),
+        ..EncodeOptions::default()
+    };
+    // Openings of one, two and one answer tokens after prompts of different lengths.
+    let seqs: Vec<repnoise::data::Encoded> =
+        [("the cat sat", "he", 1), ("hi", "the", 2), ("a b", "t", 1)]
+            .iter()
+            .map(|(p, a, k)| {
+                let e = encode_qa(&m.tok, p, a, &opts).unwrap();
+                let start = e.loss_mask.iter().position(|&x| x == 1).unwrap();
+                let end = start + k;
+                let mut mask = vec![0u8; end];
+                mask[start..end].iter_mut().for_each(|x| *x = 1);
+                repnoise::data::Encoded {
+                    ids: e.ids[..end].to_vec(),
+                    loss_mask: mask,
+                    attention_mask: vec![1; end],
+                }
+            })
+            .collect();
+    let refs: Vec<&repnoise::data::Encoded> = seqs.iter().collect();
+    let (fast, p_mean) = opening_unlikelihood(&net, &refs, m.tok.pad_id).unwrap();
+
+    let mut terms = vec![];
+    let mut ps = vec![];
+    for e in &seqs {
+        let batch = Batch::new(&[e], m.tok.pad_id, &Device::Cpu).unwrap();
+        let n = e.loss_mask.iter().filter(|&&x| x == 1).count();
+        let nll = (full_logits_ce(&net, &batch, &[e.loss_mask.clone()], false).unwrap() * n as f64)
+            .unwrap();
+        let p = nll.neg().unwrap().exp().unwrap();
+        ps.push(scalar(&p));
+        terms.push(p.affine(-1.0, 1.0).unwrap().log().unwrap().neg().unwrap());
+    }
+    let slow = (Tensor::stack(&terms, 0).unwrap().sum_all().unwrap() / terms.len() as f64).unwrap();
+    let (a, b) = (scalar(&fast), scalar(&slow));
+    assert!(a > 0.0 && (a - b).abs() < 1e-4 * b, "{a} vs {b}");
+    let want_p = ps.iter().sum::<f64>() / ps.len() as f64;
+    assert!(
+        (p_mean - want_p).abs() < 1e-4 * want_p,
+        "{p_mean} vs {want_p}"
+    );
+    let (ga, gb) = (fast.backward().unwrap(), slow.backward().unwrap());
+    for name in [
+        "model.layers.1.mlp.down_proj.weight",
+        "model.embed_tokens.weight",
+    ] {
+        let w = m.params.tensor(name).unwrap();
+        let (x, y) = (ga.get(w).unwrap(), gb.get(w).unwrap());
+        let max = |t: &Tensor| {
+            t.abs()
+                .unwrap()
+                .max_all()
+                .unwrap()
+                .to_scalar::<f32>()
+                .unwrap()
+        };
+        let diff = max(&(x - y).unwrap());
+        assert!(
+            max(y) > 0.0 && diff < 1e-3 * max(y),
+            "{name}: gradient differs by {diff} (scale {})",
+            max(y)
         );
     }
 }
