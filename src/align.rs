@@ -236,7 +236,9 @@ pub struct AlignConfig {
     /// `-ln(1 - p)` of that opening, which pushes down refusing a benign request without
     /// touching the refusals to harmful ones (see `objective::opening_unlikelihood`).
     pub unlikelihood_weight: f64,
+    /// Benign prompts with a refusal opening per step (the term is their mean).
     pub unlikelihood_batch: usize,
+    /// Tokens of each refusal's opening whose joint probability is pushed down.
     pub unlikelihood_tokens: usize,
     /// Held-out prompts per harmful test set and per quiz set (0: all).
     pub eval_per_set: usize,
