@@ -1473,13 +1473,22 @@ fn refusal_openings(
             continue;
         };
         let end = (start + cfg.unlikelihood_tokens).min(e.ids.len());
-        let mut mask = vec![0u8; end];
-        mask[start..end].iter_mut().for_each(|m| *m = 1);
+        // The opening's tokens as the answer mask has them (never a template token after a
+        // refusal shorter than the opening).
+        let mut mask = e.loss_mask[..end].to_vec();
+        mask[..start].iter_mut().for_each(|m| *m = 0);
         out.push(Encoded {
             ids: e.ids[..end].to_vec(),
             loss_mask: mask,
             attention_mask: vec![1; end],
         });
+    }
+    if out.is_empty() {
+        return Err(Error::setting(
+            "unlikelihood_weight",
+            cfg.unlikelihood_weight,
+            "no benign prompt leaves room for a refusal opening within max_len",
+        ));
     }
     rng.shuffle(&mut out);
     Ok(out)
