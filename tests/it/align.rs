@@ -142,10 +142,14 @@ fn align_partitions_are_disjoint_and_the_report_is_complete() {
     assert!(r.factual.iter().all(|f| f.before.is_some()));
     assert!((1..=2).contains(&r.train.steps), "{}", r.train.steps);
     // The refusal-opening unlikelihood term ran beside the cross-entropy: a mean of -ln(1 - p)
-    // is at least -ln(1 - mean p) (convexity), and both are positive.
+    // is at least -ln(1 - mean p) (convexity; up to f32 rounding, in which 1 - p is 1 for the
+    // tiny p of a random model).
     let terms = &r.train.final_terms;
     let (ul, p) = (terms["unlikelihood"], terms["refusal_opening_p"]);
-    assert!(p > 0.0 && ul >= -(1.0 - p).ln() * (1.0 - 1e-4), "{terms:?}");
+    assert!(
+        p > 0.0 && ul >= 0.0 && ul + 1e-6 >= -(1.0 - p).ln() * (1.0 - 1e-4),
+        "{terms:?}"
+    );
     let md = std::fs::read_to_string(out.join("report.md")).unwrap();
     for s in [
         "Knowledge kept",
