@@ -18,7 +18,7 @@ use crate::error::{Error, Result};
 use crate::eval::stats::mean_se;
 use crate::model::Llama;
 use crate::modelio::LoadedModel;
-use crate::objective::{Batch, CeRows};
+use crate::objective::{answer_masks, Batch, CeRows};
 use crate::params::Params;
 use crate::plot::{self, Series};
 use crate::rng::Rng;
@@ -203,22 +203,6 @@ pub fn encode_samples(
     })
 }
 
-/// The answer-token masks of a batch, restricted to real tokens and padded to `t`.
-fn answer_masks(seqs: &[&Encoded], t: usize) -> Vec<Vec<u8>> {
-    seqs.iter()
-        .map(|e| {
-            let mut m: Vec<u8> = e
-                .loss_mask
-                .iter()
-                .zip(&e.attention_mask)
-                .map(|(a, b)| a & b)
-                .collect();
-            m.resize(t, 0);
-            m
-        })
-        .collect()
-}
-
 fn check_batch_size(batch_size: usize) -> Result<()> {
     if batch_size == 0 {
         return Err(Error::setting("batch_size", 0, "must be at least 1"));
@@ -240,7 +224,7 @@ pub fn logit_lens(model: &LoadedModel, seqs: &[Encoded], batch_size: usize) -> R
         let refs: Vec<&Encoded> = chunk.iter().collect();
         let batch = Batch::new(&refs, model.tok.pad_id, net.device())?;
         let (_, t) = batch.dims();
-        let rows = CeRows::standard(&batch.ids_v, &answer_masks(&refs, t));
+        let rows = CeRows::standard(&batch.ids_v, &answer_masks(&refs, t, false));
         let n = rows.count();
         if n == 0 {
             continue;
@@ -301,7 +285,7 @@ pub fn mean_activations(
         let batch = Batch::new(&refs, model.tok.pad_id, net.device())?;
         let (b, t) = batch.dims();
         let sel = match pool {
-            Pool::Answer => answer_masks(&refs, t),
+            Pool::Answer => answer_masks(&refs, t, false),
             Pool::All => batch.real.clone(),
         };
         let mut weights = Vec::with_capacity(b * t);

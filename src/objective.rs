@@ -248,6 +248,22 @@ pub fn mmd(x: &Tensor, y: &Tensor) -> Result<Tensor> {
     Ok((((kxx + kyy)? - kxy)? - kyx)?)
 }
 
+/// The loss masks of a batch padded to `t`, restricted to real tokens unless `include_padding`.
+pub fn answer_masks(seqs: &[&Encoded], t: usize, include_padding: bool) -> Vec<Vec<u8>> {
+    seqs.iter()
+        .map(|e| {
+            let mut m: Vec<u8> = e
+                .loss_mask
+                .iter()
+                .zip(&e.attention_mask)
+                .map(|(a, b)| if include_padding { *a } else { a & b })
+                .collect();
+            m.resize(t, 0);
+            m
+        })
+        .collect()
+}
+
 /// Supervised fine-tuning: answer-token cross-entropy.
 pub fn sft_loss(net: &Llama, seqs: &[&Encoded], pad_id: u32) -> Result<StepLoss> {
     sft_loss_with(net, seqs, pad_id, false)
@@ -263,19 +279,7 @@ pub fn sft_loss_with(
 ) -> Result<StepLoss> {
     let batch = Batch::new(seqs, pad_id, net.device())?;
     let (_, t) = batch.dims();
-    let masks: Vec<Vec<u8>> = seqs
-        .iter()
-        .map(|e| {
-            let mut m: Vec<u8> = e
-                .loss_mask
-                .iter()
-                .zip(&e.attention_mask)
-                .map(|(a, b)| if include_padding { *a } else { a & b })
-                .collect();
-            m.resize(t, 0);
-            m
-        })
-        .collect();
+    let masks = answer_masks(seqs, t, include_padding);
     let rows = CeRows::standard(&batch.ids_v, &masks);
     let out = batch.forward(net, false, false)?;
     let ce = rows.ce(net, &out.hidden_states[0], false)?;
@@ -295,31 +299,19 @@ pub fn sft_loss_with(
 pub fn opening_unlikelihood(net: &Llama, seqs: &[&Encoded], pad_id: u32) -> Result<(Tensor, f64)> {
     let batch = Batch::new(seqs, pad_id, net.device())?;
     let (b, t) = batch.dims();
-    let masks: Vec<Vec<u8>> = seqs
-        .iter()
-        .map(|e| {
-            let mut m: Vec<u8> = e
-                .loss_mask
-                .iter()
-                .zip(&e.attention_mask)
-                .map(|(a, b)| a & b)
-                .collect();
-            m.resize(t, 0);
-            m
-        })
-        .collect();
-    let rows = CeRows::standard(&batch.ids_v, &masks);
-    let n = rows.rows.len();
-    let mut owner = vec![0f32; b * n];
-    for (j, &r) in rows.rows.iter().enumerate() {
-        owner[(r as usize / t) * n + j] = 1.0;
-    }
+    let masks = answer_masks(seqs, t, false);
     for (s, m) in masks.iter().enumerate() {
         if !m.contains(&1) {
             return Err(Error::msg(format!(
                 "unlikelihood sequence {s} has no loss-masked tokens"
             )));
         }
+    }
+    let rows = CeRows::standard(&batch.ids_v, &masks);
+    let n = rows.rows.len();
+    let mut owner = vec![0f32; b * n];
+    for (j, &r) in rows.rows.iter().enumerate() {
+        owner[(r as usize / t) * n + j] = 1.0;
     }
     let out = batch.forward(net, false, false)?;
     let dev = out.hidden_states[0].device().clone();
