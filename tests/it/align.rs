@@ -22,6 +22,9 @@ fn tiny_cfg() -> AlignConfig {
         harmful_validation: 3,
         beavertails_train: 5,
         beavertails_validation: 3,
+        advbench_train: 2,
+        advbench_validation: 3,
+        harmbench_validation: 3,
         exclude_files: vec![repnoise::attack::default_attack_data()],
         benign_train: 2,
         benign_train_truthfulqa: 2,
@@ -94,8 +97,20 @@ fn align_partitions_are_disjoint_and_the_report_is_complete() {
     assert_eq!(data.xstest_used.len(), 30);
     // Refusals to conversational questions: from the disjoint set, none in an excluded file,
     // each answered with one of the shipped refusals.
-    assert_eq!(data.harmful_train.len(), 4 + 5);
+    assert_eq!(data.harmful_train.len(), 4 + 5 + 2);
     assert_eq!(set(&data.validation, "beavertails").len(), 3);
+    // AdvBench and HarmBench validation parts: none of them tested.
+    let (adv_va, adv_te) = (
+        set(&data.validation, "advbench"),
+        set(&data.eval, "advbench"),
+    );
+    assert_eq!(adv_va.len(), 3);
+    assert!(adv_va.iter().all(|p| !adv_te.contains(p)));
+    let hb_va = set(&data.validation, "harmbench");
+    assert_eq!(hb_va.len(), 3);
+    assert!(hb_va
+        .iter()
+        .all(|p| !set(&data.eval, "harmbench").contains(p)));
     let excluded: Vec<String> =
         repnoise::data::read_harmful_qa(&repnoise::attack::default_attack_data())
             .unwrap()
@@ -114,10 +129,23 @@ fn align_partitions_are_disjoint_and_the_report_is_complete() {
     let refusals =
         std::fs::read_to_string(repnoise::align::default_data_dir().join("everyday/refusals.txt"))
             .unwrap();
-    for (q, r) in &data.harmful_train[4..] {
+    for (q, r) in &data.harmful_train[4..9] {
         let k = normalize_question(q);
         assert!(disjoint.contains(&k) && !excluded.contains(&k), "{q}");
         assert!(refusals.lines().any(|l| l == r), "{r}");
+    }
+    // AdvBench refusals: AdvBench instructions, none a near-duplicate of a tested or
+    // validation one, each answered with one of the shipped refusals.
+    let advbench = std::fs::read_to_string(
+        repnoise::align::default_data_dir().join("advbench/harmful_behaviors.csv"),
+    )
+    .unwrap();
+    for (q, r) in &data.harmful_train[9..] {
+        assert!(advbench.contains(q.as_str()), "{q}");
+        assert!(refusals.lines().any(|l| l == r), "{r}");
+        for h in adv_te.iter().chain(&adv_va) {
+            assert!(!repnoise::align::near_duplicate(h, q), "{q} ~ {h}");
+        }
     }
     // The experiment's questions: measured on, never trained on.
     assert_eq!(
