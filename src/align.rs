@@ -583,7 +583,9 @@ pub fn build_data(cfg: &AlignConfig, check: &RefusalCheck) -> Result<AlignData> 
     .into_iter()
     .take(cfg.harmbench_validation)
     .collect();
-    let (adv_train, adv_val) = advbench_parts(cfg, check, &adv, &adv_eval, &mut notes)?;
+    // One pool of refusals in varied wording for the AdvBench and BeaverTails prompts.
+    let refusals = crate::data::everyday::read_refusals(&d.join("everyday/refusals.txt"), check)?;
+    let (adv_train, adv_val) = advbench_parts(cfg, &refusals, &adv, &adv_eval, &mut notes)?;
     let disjoint = disjoint_questions(d)?;
     let bt_eval: Vec<String> = match &cfg.harmful_eval_questions {
         Some(q) => q.clone(),
@@ -649,7 +651,8 @@ pub fn build_data(cfg: &AlignConfig, check: &RefusalCheck) -> Result<AlignData> 
     va.sort_unstable();
     let mut harmful_train: Vec<(String, String)> = tr.iter().map(|&i| harmful[i].clone()).collect();
     let harmful_val: Vec<String> = va.iter().map(|&i| harmful[i].0.clone()).collect();
-    let (bt_train, bt_val) = beavertails_refusals(cfg, check, &disjoint, &held_out, &mut notes)?;
+    let (bt_train, bt_val) =
+        beavertails_refusals(cfg, &refusals, &disjoint, &held_out, &mut notes)?;
     harmful_train.extend(bt_train);
     harmful_train.extend(adv_train);
 
@@ -889,11 +892,11 @@ fn disjoint_questions(data_dir: &Path) -> Result<Vec<(String, String)>> {
 /// Conversational harmful questions with refusals: of the BeaverTails disjoint set's harmful
 /// questions (`disjoint`: normalised key and question, distinct), none held out (`held_out`) or in
 /// `exclude_files`; validation questions drawn first, from one seeded order of the whole set.
-/// Each trained question gets a refusal from `data/everyday/refusals.txt` (seeded choice, tied
-/// to its place in that order). Returns (train pairs, validation prompts).
+/// Each trained question gets one of `refusals` (`data/everyday/refusals.txt`; seeded choice,
+/// tied to its place in that order). Returns (train pairs, validation prompts).
 fn beavertails_refusals(
     cfg: &AlignConfig,
-    check: &RefusalCheck,
+    refusals: &[String],
     all: &[(String, String)],
     held_out: &BTreeSet<String>,
     notes: &mut Vec<String>,
@@ -902,8 +905,6 @@ fn beavertails_refusals(
     if want == 0 {
         return Ok((vec![], vec![]));
     }
-    let d = &cfg.data_dir;
-    let refusals = crate::data::everyday::read_refusals(&d.join("everyday/refusals.txt"), check)?;
     let mut excluded: BTreeSet<String> = BTreeSet::new();
     for f in &cfg.exclude_files {
         for r in crate::data::harmful::read_harmful_qa(f)?.records {
@@ -987,12 +988,11 @@ pub fn near_duplicate(a: &str, b: &str) -> bool {
 
 /// AdvBench's validation and training parts, both disjoint from the tested prompts (`tested`):
 /// `advbench_validation` of the untested prompts drawn first (seeded), then `advbench_train` of
-/// the rest that are no near-duplicate of a tested or validation prompt, each with a refusal
-/// from `data/everyday/refusals.txt` (seeded). Returns (train pairs, validation prompts), each
-/// in file order.
+/// the rest that are no near-duplicate of a tested or validation prompt, each with one of
+/// `refusals` (seeded). Returns (train pairs, validation prompts), each in file order.
 fn advbench_parts(
     cfg: &AlignConfig,
-    check: &RefusalCheck,
+    refusals: &[String],
     adv: &[crate::data::prompts::HarmfulPrompt],
     tested: &[String],
     notes: &mut Vec<String>,
@@ -1044,8 +1044,6 @@ fn advbench_parts(
             ));
         }
     }
-    let refusals =
-        crate::data::everyday::read_refusals(&cfg.data_dir.join("everyday/refusals.txt"), check)?;
     let mut pick = Rng::new(seed, "align-advbench-refusal");
     tr.sort_unstable();
     va.sort_unstable();
@@ -2061,9 +2059,14 @@ mod tests {
             ..AlignConfig::default()
         };
         let check = RefusalCheck::default();
+        let refusals = crate::data::everyday::read_refusals(
+            &cfg.data_dir.join("everyday/refusals.txt"),
+            &check,
+        )
+        .unwrap();
         let all = disjoint_questions(&cfg.data_dir).unwrap();
         let draw = |cfg: &AlignConfig, held: &BTreeSet<String>| {
-            beavertails_refusals(cfg, &check, &all, held, &mut vec![])
+            beavertails_refusals(cfg, &refusals, &all, held, &mut vec![])
         };
         let (tr1, va1) = draw(&cfg, &BTreeSet::new()).unwrap();
         assert_eq!((tr1.len(), va1.len()), (20, 10));
@@ -2122,7 +2125,12 @@ mod tests {
             .records;
         let all: Vec<String> = adv.iter().map(|p| p.prompt.clone()).collect();
         let tested = sample(&all, 50, 3, "test-advbench");
-        let (tr, va) = advbench_parts(&cfg, &check, &adv, &tested, &mut vec![]).unwrap();
+        let refusals = crate::data::everyday::read_refusals(
+            &cfg.data_dir.join("everyday/refusals.txt"),
+            &check,
+        )
+        .unwrap();
+        let (tr, va) = advbench_parts(&cfg, &refusals, &adv, &tested, &mut vec![]).unwrap();
         assert_eq!((tr.len(), va.len()), (60, 40));
         for (q, r) in &tr {
             assert!(check.is_refusal(r), "{r}");
@@ -2137,7 +2145,7 @@ mod tests {
             advbench_train: 0,
             ..cfg.clone()
         };
-        let (tr0, va0) = advbench_parts(&none, &check, &adv, &tested, &mut vec![]).unwrap();
+        let (tr0, va0) = advbench_parts(&none, &refusals, &adv, &tested, &mut vec![]).unwrap();
         assert!(tr0.is_empty());
         assert_eq!(va0, va);
         // Too many asked: the setting is named.
@@ -2145,7 +2153,7 @@ mod tests {
             advbench_train: 400,
             ..cfg.clone()
         };
-        let e = advbench_parts(&big, &check, &adv, &tested, &mut vec![])
+        let e = advbench_parts(&big, &refusals, &adv, &tested, &mut vec![])
             .unwrap_err()
             .to_string();
         assert!(
