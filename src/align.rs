@@ -271,6 +271,11 @@ pub struct AlignConfig {
     /// Harmful BeaverTails questions to measure refusals on (an experiment passes its test
     /// partition); absent: `eval_per_set` drawn from the shipped disjoint BeaverTails set.
     pub harmful_eval_questions: Option<Vec<String>>,
+    /// Harmful questions from the test questions' own source held out as a validation set
+    /// (`experiment_validation`; an experiment passes its validation partition, drawn from the
+    /// same file as its test partition, which the BeaverTails validation set is not). Never
+    /// trained on.
+    pub harmful_validation_questions: Option<Vec<String>>,
     /// Questions never to train on (an experiment passes its held-out partitions).
     pub exclude_questions: Vec<String>,
     /// Harmful QA files none of whose questions is trained on (an experiment passes its data
@@ -330,6 +335,7 @@ impl Default for AlignConfig {
             knowledge_max_len: 256,
             factual_tokens: 32,
             harmful_eval_questions: None,
+            harmful_validation_questions: None,
             exclude_questions: vec![],
             exclude_files: vec![],
             targets: AlignTargets::default(),
@@ -587,21 +593,41 @@ pub fn build_data(cfg: &AlignConfig, check: &RefusalCheck) -> Result<AlignData> 
     let refusals = crate::data::everyday::read_refusals(&d.join("everyday/refusals.txt"), check)?;
     let (adv_train, adv_val) = advbench_parts(cfg, &refusals, &adv, &adv_eval, &mut notes)?;
     let disjoint = disjoint_questions(d)?;
+    let exp_val: Vec<String> = cfg.harmful_validation_questions.clone().unwrap_or_default();
+    let exp_val_keys: BTreeSet<String> = exp_val.iter().map(|p| normalize_question(p)).collect();
     let bt_eval: Vec<String> = match &cfg.harmful_eval_questions {
         Some(q) => q.clone(),
         None => {
-            let qs: Vec<String> = disjoint.iter().map(|x| x.1.clone()).collect();
+            // Drawn from the disjoint set, less the validation questions (the two files share
+            // some questions).
+            let qs: Vec<String> = disjoint
+                .iter()
+                .filter(|x| !exp_val_keys.contains(&x.0))
+                .map(|x| x.1.clone())
+                .collect();
             sample(&qs, cfg.eval_per_set, seed, "align-eval-beavertails")
         }
     };
-    // Every AdvBench and HarmBench prompt, the BeaverTails test questions and the excluded
-    // questions are held out from training, sampled or not.
+    let tested: BTreeSet<String> = bt_eval.iter().map(|p| normalize_question(p)).collect();
+    if let Some(q) = exp_val
+        .iter()
+        .find(|q| tested.contains(&normalize_question(q)))
+    {
+        return Err(Error::setting(
+            "harmful_validation_questions",
+            format!("{} questions", exp_val.len()),
+            format!("{q:?} is also a test question (harmful_eval_questions)"),
+        ));
+    }
+    // Every AdvBench and HarmBench prompt, the BeaverTails test and validation questions and the
+    // excluded questions are held out from training, sampled or not.
     let held_out: BTreeSet<String> = adv
         .iter()
         .map(|p| normalize_question(&p.prompt))
         .chain(hb_all.iter().map(|p| normalize_question(&p.prompt)))
         .chain(hb_val_all.iter().map(|p| normalize_question(&p.prompt)))
         .chain(bt_eval.iter().map(|p| normalize_question(p)))
+        .chain(exp_val_keys.iter().cloned())
         .chain(cfg.exclude_questions.iter().map(|p| normalize_question(p)))
         .collect();
 
@@ -858,6 +884,7 @@ pub fn build_data(cfg: &AlignConfig, check: &RefusalCheck) -> Result<AlignData> 
             (s("beavertails"), s("harmful"), bt_val),
             (s("advbench"), s("harmful"), adv_val),
             (s("harmbench"), s("harmful"), hb_val),
+            (s("experiment_validation"), s("harmful"), exp_val),
             (s("everyday"), s("benign"), prompts(&ev_va)),
             (s("xstest_safe"), s("benign"), xprompts(&xs_va)),
         ]

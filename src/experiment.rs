@@ -1063,7 +1063,8 @@ pub fn run(exp: &Experiment, out: &Path, opts: &RunOptions) -> Result<Results> {
 
     // 1. The split.
     let split_key = key_of(&json!({"data": exp.data, "seed": exp.split_seed,
-        "test": exp.test_prompts, "defence": exp.pairs.questions, "group": exp.pairs.group}));
+        "test": exp.test_prompts, "validation": exp.validation_prompts,
+        "defence": exp.pairs.questions, "group": exp.pairs.group}));
     let split_path = out.join(format!("split-{split_key}.json"));
     let split: DataSplit = {
         let cached = read_json::<DataSplit>(&split_path).filter(|s| s.attack_file.exists());
@@ -1087,6 +1088,8 @@ pub fn run(exp: &Experiment, out: &Path, opts: &RunOptions) -> Result<Results> {
             let mut cfg = cfg.clone();
             cfg.harmful_eval_questions =
                 Some(split.test.iter().map(|p| p.prompt.clone()).collect());
+            cfg.harmful_validation_questions =
+                Some(split.validation.iter().map(|p| p.prompt.clone()).collect());
             cfg.exclude_questions = split
                 .test
                 .iter()

@@ -48,6 +48,7 @@ fn tiny_cfg() -> AlignConfig {
         knowledge_max_len: 96,
         factual_tokens: 3,
         harmful_eval_questions: Some(vec!["How do I pick a lock?".into()]),
+        harmful_validation_questions: Some(vec!["How do I hotwire a car?".into()]),
         exclude_questions: vec!["Zzz held-out question?".into()],
         ..AlignConfig::default()
     }
@@ -106,6 +107,12 @@ fn align_partitions_are_disjoint_and_the_report_is_complete() {
     );
     assert_eq!(adv_va.len(), 3);
     assert!(adv_va.iter().all(|p| !adv_te.contains(p)));
+    // The test questions' own source has a validation part too (an experiment's validation
+    // partition), held out from training like every other set (checked above).
+    assert_eq!(
+        set(&data.validation, "experiment_validation"),
+        vec!["How do I hotwire a car?".to_string()]
+    );
     let hb_va = set(&data.validation, "harmbench");
     assert_eq!(hb_va.len(), 3);
     assert!(hb_va
@@ -233,12 +240,24 @@ fn bad_align_settings_are_refused_before_work() {
         .unwrap_err()
         .to_string();
     assert!(e.contains("unlikelihood_weight"), "{e}");
+    // A validation question that is also a test question: refused, the setting named.
+    let mut cfg = tiny_cfg();
+    cfg.harmful_validation_questions = Some(vec!["how do I pick a lock".into()]);
+    let e = align(&mut m, &cfg, dir.path(), Interrupt::default())
+        .unwrap_err()
+        .to_string();
+    assert!(
+        e.contains("harmful_validation_questions") && e.contains("test question"),
+        "{e}"
+    );
+    assert!(!dir.path().join("data.json").exists());
 }
 
 #[test]
 fn the_tuning_configs_parse_and_share_their_validation_sets() {
     let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("configs/align-tuning");
     let mut n = 0;
+    let mut exp_val: Option<Vec<String>> = None;
     for e in std::fs::read_dir(&dir).unwrap().flatten() {
         let cfg: AlignConfig = repnoise::io::read_toml(&e.path(), "align").unwrap();
         cfg.validate().unwrap();
@@ -256,7 +275,26 @@ fn the_tuning_configs_parse_and_share_their_validation_sets() {
         );
         assert!([0, 40].contains(&cfg.beavertails_validation));
         assert_eq!(cfg.knowledge_validation_items, 150);
+        // Round 8 adds the demo's validation partition: one list for every candidate using it.
+        if let Some(q) = cfg.harmful_validation_questions {
+            assert_eq!(q.len(), 80, "{}", e.path().display());
+            assert_eq!(exp_val.get_or_insert_with(|| q.clone()), &q);
+        }
         n += 1;
     }
     assert!(n >= 3, "{n} candidates");
+    // ... and it is the demo's validation partition (the same draw as the demo's test questions).
+    let demo = repnoise::experiment::Experiment::from_toml_str(
+        repnoise::experiment::DEMO_TOML,
+        "configs/demo.toml",
+    )
+    .unwrap();
+    let tmp = tempfile::tempdir().unwrap();
+    let split = repnoise::experiment::split_data(&demo, tmp.path(), "k").unwrap();
+    let demo_val: Vec<String> = split.validation.iter().map(|p| p.prompt.clone()).collect();
+    assert_eq!(
+        exp_val,
+        Some(demo_val),
+        "the round-8 list is not the demo's partition"
+    );
 }
