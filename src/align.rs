@@ -269,12 +269,14 @@ pub struct AlignConfig {
     /// Tokens generated per factual question (answers shown verbatim in the report).
     pub factual_tokens: usize,
     /// Harmful BeaverTails questions to measure refusals on (an experiment passes its test
-    /// partition); absent: `eval_per_set` drawn from the shipped disjoint BeaverTails set.
+    /// partition); absent: `eval_per_set` drawn from the shipped disjoint BeaverTails set, less
+    /// `harmful_validation_questions`.
     pub harmful_eval_questions: Option<Vec<String>>,
-    /// Harmful questions from the test questions' own source held out as a validation set
-    /// (`experiment_validation`; an experiment passes its validation partition, drawn from the
-    /// same file as its test partition, which the BeaverTails validation set is not). Never
-    /// trained on.
+    /// Harmful questions held out as the validation set `experiment_validation`, never trained
+    /// on and never a test question: an experiment passes its validation partition, drawn from
+    /// the same file as its test partition (the `beavertails_validation` set is drawn from the
+    /// disjoint file); a standalone run that chooses an experiment's settings lists that
+    /// experiment's partition.
     pub harmful_validation_questions: Option<Vec<String>>,
     /// Questions never to train on (an experiment passes its held-out partitions).
     pub exclude_questions: Vec<String>,
@@ -380,6 +382,19 @@ impl Default for AlignTargets {
 impl AlignConfig {
     /// Check the settings before any work starts.
     pub fn validate(&self) -> Result<()> {
+        if let (Some(test), Some(val)) = (
+            &self.harmful_eval_questions,
+            &self.harmful_validation_questions,
+        ) {
+            let tested: BTreeSet<String> = test.iter().map(|q| normalize_question(q)).collect();
+            if let Some(q) = val.iter().find(|q| tested.contains(&normalize_question(q))) {
+                return Err(Error::setting(
+                    "harmful_validation_questions",
+                    format!("{} questions", val.len()),
+                    format!("{q:?} is also a test question (harmful_eval_questions)"),
+                ));
+            }
+        }
         if !["self", "data", "both"].contains(&self.benign_source.as_str()) {
             return Err(Error::setting(
                 "benign_source",
@@ -593,34 +608,33 @@ pub fn build_data(cfg: &AlignConfig, check: &RefusalCheck) -> Result<AlignData> 
     let refusals = crate::data::everyday::read_refusals(&d.join("everyday/refusals.txt"), check)?;
     let (adv_train, adv_val) = advbench_parts(cfg, &refusals, &adv, &adv_eval, &mut notes)?;
     let disjoint = disjoint_questions(d)?;
-    let exp_val: Vec<String> = cfg.harmful_validation_questions.clone().unwrap_or_default();
-    let exp_val_keys: BTreeSet<String> = exp_val.iter().map(|p| normalize_question(p)).collect();
+    // The experiment's validation questions, distinct after normalisation, in the given order.
+    let mut exp_val_keys = BTreeSet::new();
+    let exp_val: Vec<String> = cfg
+        .harmful_validation_questions
+        .iter()
+        .flatten()
+        .filter(|q| exp_val_keys.insert(normalize_question(q)))
+        .cloned()
+        .collect();
     let bt_eval: Vec<String> = match &cfg.harmful_eval_questions {
         Some(q) => q.clone(),
         None => {
-            // Drawn from the disjoint set, less the validation questions (the two files share
-            // some questions).
-            let qs: Vec<String> = disjoint
-                .iter()
-                .filter(|x| !exp_val_keys.contains(&x.0))
-                .map(|x| x.1.clone())
-                .collect();
-            sample(&qs, cfg.eval_per_set, seed, "align-eval-beavertails")
+            // Drawn from the disjoint set (one seeded order of the whole file), skipping the
+            // validation questions (the two files share some questions): the draw stays put
+            // but for the questions skipped.
+            let mut idx: Vec<usize> = (0..disjoint.len()).collect();
+            Rng::new(seed, "align-eval-beavertails").shuffle(&mut idx);
+            idx.retain(|&i| !exp_val_keys.contains(&disjoint[i].0));
+            if cfg.eval_per_set > 0 {
+                idx.truncate(cfg.eval_per_set);
+            }
+            idx.sort_unstable();
+            idx.into_iter().map(|i| disjoint[i].1.clone()).collect()
         }
     };
-    let tested: BTreeSet<String> = bt_eval.iter().map(|p| normalize_question(p)).collect();
-    if let Some(q) = exp_val
-        .iter()
-        .find(|q| tested.contains(&normalize_question(q)))
-    {
-        return Err(Error::setting(
-            "harmful_validation_questions",
-            format!("{} questions", exp_val.len()),
-            format!("{q:?} is also a test question (harmful_eval_questions)"),
-        ));
-    }
-    // Every AdvBench and HarmBench prompt, the BeaverTails test and validation questions and the
-    // excluded questions are held out from training, sampled or not.
+    // Every AdvBench and HarmBench prompt, the BeaverTails test questions, the experiment's
+    // validation questions and the excluded questions are held out from training, sampled or not.
     let held_out: BTreeSet<String> = adv
         .iter()
         .map(|p| normalize_question(&p.prompt))

@@ -2,7 +2,7 @@
 //! nothing held out is trained on, the report carries targets, knowledge and factual answers,
 //! and a second invocation reuses every stage.
 
-use repnoise::align::{align, gate_failures, AlignConfig, AlignData};
+use repnoise::align::{align, build_data, gate_failures, AlignConfig, AlignData};
 use repnoise::data::encode::PromptFormat;
 use repnoise::data::split::normalize_question;
 use repnoise::train::{Interrupt, TrainConfig};
@@ -208,6 +208,53 @@ fn align_partitions_are_disjoint_and_the_report_is_complete() {
     assert_eq!(r2.targets.len(), r.targets.len());
 }
 
+/// The experiment's validation questions: a question trained on without them is not with them,
+/// and a standalone run's BeaverTails test draw skips them and otherwise stays put.
+#[test]
+fn validation_questions_are_held_out_and_leave_the_test_draw_in_place() {
+    let check = repnoise::refusal::RefusalCheck::default();
+    let mut cfg = tiny_cfg();
+    cfg.harmful_eval_questions = None;
+    cfg.harmful_validation_questions = None;
+    let set = |d: &AlignData, v: bool, n: &str| -> Vec<String> {
+        let sets = if v { &d.validation } else { &d.eval };
+        sets.iter()
+            .find(|s| s.0 == n)
+            .map_or(vec![], |s| s.2.clone())
+    };
+    let base = build_data(&cfg, &check).unwrap();
+    assert!(set(&base, true, "experiment_validation").is_empty());
+    // harmful_train: 4 Safety-Tuned LLaMAs refusals, then 5 BeaverTails ones.
+    let trained = base.harmful_train[4].0.clone();
+    let base_bt = set(&base, false, "beavertails");
+    let tested = base_bt[0].clone();
+    // Listed twice (once in other case): counted once.
+    cfg.harmful_validation_questions = Some(vec![
+        trained.clone(),
+        tested.clone(),
+        trained.to_uppercase(),
+    ]);
+    let d = build_data(&cfg, &check).unwrap();
+    assert_eq!(
+        set(&d, true, "experiment_validation"),
+        vec![trained.clone(), tested.clone()]
+    );
+    let keys: Vec<String> = d
+        .harmful_train
+        .iter()
+        .map(|p| normalize_question(&p.0))
+        .collect();
+    assert!(!keys.contains(&normalize_question(&trained)));
+    assert_eq!(d.harmful_train.len(), base.harmful_train.len());
+    let bt = set(&d, false, "beavertails");
+    assert_eq!(bt.len(), base_bt.len());
+    assert!(!bt.contains(&tested));
+    assert_eq!(
+        bt.iter().filter(|q| base_bt.contains(q)).count(),
+        base_bt.len() - 1
+    );
+}
+
 #[test]
 fn bad_align_settings_are_refused_before_work() {
     let dir = tempfile::tempdir().unwrap();
@@ -261,7 +308,7 @@ fn the_tuning_configs_parse_and_share_their_validation_sets() {
     for e in std::fs::read_dir(&dir).unwrap().flatten() {
         let cfg: AlignConfig = repnoise::io::read_toml(&e.path(), "align").unwrap();
         cfg.validate().unwrap();
-        // Candidates differ in what they train on, never in what they are compared on.
+        // Candidates of a round differ in what they train on, never in what they are compared on.
         assert!(cfg.validation_only, "{}", e.path().display());
         // (Validation parts are drawn first, so training sizes do not move them; round 2 adds
         // the BeaverTails validation questions.)
