@@ -874,6 +874,14 @@ fn load(spec: &str, opts: &RunOptions) -> Result<LoadedModel> {
 /// disjoint by normalised question; the attack's records are written to a file of their own.
 /// `key` names the attack file (`OUT/data/attack-<key>.jsonl`), so splits of other settings
 /// never share it.
+/// The key of an experiment's split: every setting that moves a partition (the partitions are
+/// taken in one seeded order, so a larger validation partition moves the defence and attack ones).
+fn split_key(exp: &Experiment) -> String {
+    key_of(&json!({"data": exp.data, "seed": exp.split_seed,
+        "test": exp.test_prompts, "validation": exp.validation_prompts,
+        "defence": exp.pairs.questions, "group": exp.pairs.group}))
+}
+
 pub fn split_data(exp: &Experiment, out: &Path, key: &str) -> Result<DataSplit> {
     let path = exp
         .data
@@ -1062,9 +1070,7 @@ pub fn run(exp: &Experiment, out: &Path, opts: &RunOptions) -> Result<Results> {
     let check = RefusalCheck::load(None)?;
 
     // 1. The split.
-    let split_key = key_of(&json!({"data": exp.data, "seed": exp.split_seed,
-        "test": exp.test_prompts, "validation": exp.validation_prompts,
-        "defence": exp.pairs.questions, "group": exp.pairs.group}));
+    let split_key = split_key(exp);
     let split_path = out.join(format!("split-{split_key}.json"));
     let split: DataSplit = {
         let cached = read_json::<DataSplit>(&split_path).filter(|s| s.attack_file.exists());
@@ -2328,6 +2334,29 @@ pub fn summarise_durability(
 
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn the_split_key_changes_with_every_partition_size() {
+        let e = super::Experiment::from_toml_str(super::DEMO_TOML, "configs/demo.toml").unwrap();
+        let k = super::split_key(&e);
+        let mut other = e.clone();
+        other.seeds = vec![9];
+        assert_eq!(
+            super::split_key(&other),
+            k,
+            "attack seeds do not move the split"
+        );
+        for change in [
+            |x: &mut super::Experiment| x.test_prompts += 1,
+            |x: &mut super::Experiment| x.validation_prompts += 1,
+            |x: &mut super::Experiment| x.pairs.questions += 1,
+            |x: &mut super::Experiment| x.split_seed += 1,
+        ] {
+            let mut x = e.clone();
+            change(&mut x);
+            assert_ne!(super::split_key(&x), k);
+        }
+    }
+
     use super::*;
 
     #[test]
