@@ -870,10 +870,6 @@ fn load(spec: &str, opts: &RunOptions) -> Result<LoadedModel> {
     crate::modelio::load(spec, &opts.cache, &opts.device)
 }
 
-/// The split of the harmful data into test prompts, defence questions and attack questions,
-/// disjoint by normalised question; the attack's records are written to a file of their own.
-/// `key` names the attack file (`OUT/data/attack-<key>.jsonl`), so splits of other settings
-/// never share it.
 /// The key of an experiment's split: every setting that moves a partition (the partitions are
 /// taken in one seeded order, so a larger validation partition moves the defence and attack ones).
 fn split_key(exp: &Experiment) -> String {
@@ -882,6 +878,10 @@ fn split_key(exp: &Experiment) -> String {
         "defence": exp.pairs.questions, "group": exp.pairs.group}))
 }
 
+/// The split of the harmful data into test prompts, validation prompts, defence questions and
+/// attack questions, disjoint by normalised question; the attack's records are written to a file
+/// of their own. `key` names the attack file (`OUT/data/attack-<key>.jsonl`), so splits of other
+/// settings never share it.
 pub fn split_data(exp: &Experiment, out: &Path, key: &str) -> Result<DataSplit> {
     let path = exp
         .data
@@ -2334,30 +2334,26 @@ pub fn summarise_durability(
 
 #[cfg(test)]
 mod tests {
+    use super::*;
+
     #[test]
     fn the_split_key_changes_with_every_partition_size() {
-        let e = super::Experiment::from_toml_str(super::DEMO_TOML, "configs/demo.toml").unwrap();
-        let k = super::split_key(&e);
+        let e = Experiment::from_toml_str(DEMO_TOML, "configs/demo.toml").unwrap();
+        let k = split_key(&e);
         let mut other = e.clone();
         other.seeds = vec![9];
-        assert_eq!(
-            super::split_key(&other),
-            k,
-            "attack seeds do not move the split"
-        );
+        assert_eq!(split_key(&other), k, "attack seeds do not move the split");
         for change in [
-            |x: &mut super::Experiment| x.test_prompts += 1,
-            |x: &mut super::Experiment| x.validation_prompts += 1,
-            |x: &mut super::Experiment| x.pairs.questions += 1,
-            |x: &mut super::Experiment| x.split_seed += 1,
+            |x: &mut Experiment| x.test_prompts += 1,
+            |x: &mut Experiment| x.validation_prompts += 1,
+            |x: &mut Experiment| x.pairs.questions += 1,
+            |x: &mut Experiment| x.split_seed += 1,
         ] {
             let mut x = e.clone();
             change(&mut x);
-            assert_ne!(super::split_key(&x), k);
+            assert_ne!(split_key(&x), k);
         }
     }
-
-    use super::*;
 
     #[test]
     fn seed_mean_uses_student_t() {
