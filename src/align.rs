@@ -529,8 +529,21 @@ fn everyday_extra(
 }
 
 fn sample<T: Clone>(xs: &[T], n: usize, seed: u64, purpose: &str) -> Vec<T> {
+    sample_skipping(xs, n, seed, purpose, |_| false)
+}
+
+/// `n` of `xs` (0: all) in file order, from one seeded order of the whole list, passing over
+/// those `skip` names: skipping an item moves the draw by that item alone.
+fn sample_skipping<T: Clone>(
+    xs: &[T],
+    n: usize,
+    seed: u64,
+    purpose: &str,
+    skip: impl Fn(&T) -> bool,
+) -> Vec<T> {
     let mut idx: Vec<usize> = (0..xs.len()).collect();
     Rng::new(seed, purpose).shuffle(&mut idx);
+    idx.retain(|&i| !skip(&xs[i]));
     if n > 0 {
         idx.truncate(n);
     }
@@ -619,19 +632,17 @@ pub fn build_data(cfg: &AlignConfig, check: &RefusalCheck) -> Result<AlignData> 
         .collect();
     let bt_eval: Vec<String> = match &cfg.harmful_eval_questions {
         Some(q) => q.clone(),
-        None => {
-            // Drawn from the disjoint set (one seeded order of the whole file), skipping the
-            // validation questions (the two files share some questions): the draw stays put
-            // but for the questions skipped.
-            let mut idx: Vec<usize> = (0..disjoint.len()).collect();
-            Rng::new(seed, "align-eval-beavertails").shuffle(&mut idx);
-            idx.retain(|&i| !exp_val_keys.contains(&disjoint[i].0));
-            if cfg.eval_per_set > 0 {
-                idx.truncate(cfg.eval_per_set);
-            }
-            idx.sort_unstable();
-            idx.into_iter().map(|i| disjoint[i].1.clone()).collect()
-        }
+        // Drawn from the disjoint set, less the validation questions (the two files share some).
+        None => sample_skipping(
+            &disjoint,
+            cfg.eval_per_set,
+            seed,
+            "align-eval-beavertails",
+            |x| exp_val_keys.contains(&x.0),
+        )
+        .into_iter()
+        .map(|x| x.1)
+        .collect(),
     };
     // Every AdvBench and HarmBench prompt, the BeaverTails test questions, the experiment's
     // validation questions and the excluded questions are held out from training, sampled or not.

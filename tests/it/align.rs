@@ -54,6 +54,11 @@ fn tiny_cfg() -> AlignConfig {
     }
 }
 
+/// The prompts of the named set of `data.eval` or `data.validation` (absent: none).
+fn set_of(sets: &[(String, String, Vec<String>)], name: &str) -> Option<Vec<String>> {
+    sets.iter().find(|s| s.0 == name).map(|s| s.2.clone())
+}
+
 #[test]
 fn align_partitions_are_disjoint_and_the_report_is_complete() {
     let dir = tempfile::tempdir().unwrap();
@@ -85,9 +90,7 @@ fn align_partitions_are_disjoint_and_the_report_is_complete() {
             );
         }
     }
-    let set = |v: &[(String, String, Vec<String>)], n: &str| {
-        v.iter().find(|s| s.0 == n).unwrap().2.clone()
-    };
+    let set = |v: &[(String, String, Vec<String>)], n: &str| set_of(v, n).unwrap();
     let (ev_va, ev_te) = (
         set(&data.validation, "everyday"),
         set(&data.eval, "everyday"),
@@ -216,11 +219,8 @@ fn validation_questions_are_held_out_and_leave_the_test_draw_in_place() {
     let mut cfg = tiny_cfg();
     cfg.harmful_eval_questions = None;
     cfg.harmful_validation_questions = None;
-    let set = |d: &AlignData, v: bool, n: &str| -> Vec<String> {
-        let sets = if v { &d.validation } else { &d.eval };
-        sets.iter()
-            .find(|s| s.0 == n)
-            .map_or(vec![], |s| s.2.clone())
+    let set = |d: &AlignData, v: bool, n: &str| {
+        set_of(if v { &d.validation } else { &d.eval }, n).unwrap_or_default()
     };
     let base = build_data(&cfg, &check).unwrap();
     assert!(set(&base, true, "experiment_validation").is_empty());
@@ -259,11 +259,14 @@ fn validation_questions_are_held_out_and_leave_the_test_draw_in_place() {
 fn bad_align_settings_are_refused_before_work() {
     let dir = tempfile::tempdir().unwrap();
     let mut m = crate::common::tiny_loaded(3);
+    let mut refused = |cfg: &AlignConfig| {
+        align(&mut m, cfg, dir.path(), Interrupt::default())
+            .unwrap_err()
+            .to_string()
+    };
     let mut cfg = tiny_cfg();
     cfg.knowledge_tasks = vec!["no_such_task".into()];
-    let e = align(&mut m, &cfg, dir.path(), Interrupt::default())
-        .unwrap_err()
-        .to_string();
+    let e = refused(&cfg);
     assert!(
         e.contains("knowledge_tasks") && e.contains("no_such_task"),
         "{e}"
@@ -271,28 +274,20 @@ fn bad_align_settings_are_refused_before_work() {
     assert!(!dir.path().join("data.json").exists());
     let mut cfg = tiny_cfg();
     cfg.targets.xstest_refused_max = 1.5;
-    let e = align(&mut m, &cfg, dir.path(), Interrupt::default())
-        .unwrap_err()
-        .to_string();
+    let e = refused(&cfg);
     assert!(e.contains("xstest_refused_max"), "{e}");
     let mut cfg = tiny_cfg();
     cfg.xstest_train = 245;
-    let e = align(&mut m, &cfg, dir.path(), Interrupt::default())
-        .unwrap_err()
-        .to_string();
+    let e = refused(&cfg);
     assert!(e.contains("exceed"), "{e}");
     let mut cfg = tiny_cfg();
     cfg.unlikelihood_weight = -1.0;
-    let e = align(&mut m, &cfg, dir.path(), Interrupt::default())
-        .unwrap_err()
-        .to_string();
+    let e = refused(&cfg);
     assert!(e.contains("unlikelihood_weight"), "{e}");
     // A validation question that is also a test question: refused, the setting named.
     let mut cfg = tiny_cfg();
     cfg.harmful_validation_questions = Some(vec!["how do I pick a lock".into()]);
-    let e = align(&mut m, &cfg, dir.path(), Interrupt::default())
-        .unwrap_err()
-        .to_string();
+    let e = refused(&cfg);
     assert!(
         e.contains("harmful_validation_questions") && e.contains("test question"),
         "{e}"
