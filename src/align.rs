@@ -292,6 +292,14 @@ pub struct AlignConfig {
     pub skip_eval_before: bool,
     /// Evaluate only the validation sets (a run that chooses settings; no targets are checked).
     pub validation_only: bool,
+    /// Answer the validation refusal sets (drawn and held out either way); a run that only
+    /// reports on settings already chosen can skip them.
+    pub validation_scored: bool,
+    /// Answer the refusal sets and factual questions with the starting model too (its
+    /// knowledge scores are measured either way unless `skip_eval_before`: the knowledge
+    /// targets are drops from them); the refusal targets are absolute, so a run that only
+    /// checks them can skip these.
+    pub refusals_before: bool,
 }
 
 impl Default for AlignConfig {
@@ -345,6 +353,8 @@ impl Default for AlignConfig {
             data_dir: default_data_dir(),
             skip_eval_before: false,
             validation_only: false,
+            validation_scored: true,
+            refusals_before: true,
         }
     }
 }
@@ -394,6 +404,13 @@ impl AlignConfig {
                     format!("{q:?} is also a test question (harmful_eval_questions)"),
                 ));
             }
+        }
+        if self.validation_only && !self.validation_scored {
+            return Err(Error::setting(
+                "validation_scored",
+                false,
+                "validation_only measures the validation sets alone: nothing would be measured",
+            ));
         }
         if !["self", "data", "both"].contains(&self.benign_source.as_str()) {
             return Err(Error::setting(
@@ -1292,11 +1309,13 @@ struct Measured {
     factual: Vec<String>,
 }
 
+/// `refusals: false` measures the knowledge scores only.
 fn measure(
     model: &LoadedModel,
     data: &AlignData,
     cfg: &AlignConfig,
     check: &RefusalCheck,
+    refusals: bool,
 ) -> Result<Measured> {
     let net = Llama::frozen(&model.config, &model.params)?;
     let ev = |sets: &[EvalSet]| {
@@ -1310,22 +1329,30 @@ fn measure(
             cfg.gen_batch,
         )
     };
-    let test = if cfg.validation_only {
+    let test = if cfg.validation_only || !refusals {
         vec![]
     } else {
         ev(&data.eval)?
     };
-    let validation = ev(&data.validation)?;
+    let validation = if refusals && cfg.validation_scored {
+        ev(&data.validation)?
+    } else {
+        vec![]
+    };
     let fq: Vec<String> = data.factual.iter().map(|f| f.prompt.clone()).collect();
-    let factual = answer_prompts(
-        &net,
-        &model.tok,
-        &fq,
-        cfg.format,
-        cfg.factual_tokens,
-        cfg.gen_batch,
-        "factual questions",
-    )?;
+    let factual = if refusals {
+        answer_prompts(
+            &net,
+            &model.tok,
+            &fq,
+            cfg.format,
+            cfg.factual_tokens,
+            cfg.gen_batch,
+            "factual questions",
+        )?
+    } else {
+        vec![]
+    };
     drop(net);
     Ok(Measured {
         test,
@@ -1497,7 +1524,7 @@ pub fn align(
     } else {
         let t = std::time::Instant::now();
         let m = cached(&out.join("eval_before.json"), || {
-            measure(model, &data, cfg, &check)
+            measure(model, &data, cfg, &check, cfg.refusals_before)
         })?;
         seconds_eval += t.elapsed().as_secs_f64();
         Some(m)
@@ -1575,7 +1602,7 @@ pub fn align(
     // Evaluation after.
     let t = std::time::Instant::now();
     let after: Measured = cached(&out.join("eval_after.json"), || {
-        measure(model, &data, cfg, &check)
+        measure(model, &data, cfg, &check, true)
     })?;
     seconds_eval += t.elapsed().as_secs_f64();
 

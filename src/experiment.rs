@@ -74,6 +74,10 @@ pub struct Experiment {
     pub validation_prompts: usize,
     /// The held-out partition the evaluations use: `test` (default) or `validation`.
     pub evaluate_on: Partition,
+    /// Attack questions kept after the other partitions (0: all the rest). With a cap, the
+    /// alignment may train on the data file's questions that are in no partition (it excludes
+    /// the partitions' questions); without one it excludes the whole file.
+    pub attack_questions: usize,
     /// Attack seeds (data sample and order); one attack per seed in every cell.
     pub seeds: Vec<u64>,
     /// Defence seeds: every defence is trained once per seed (its training seed), and each
@@ -122,6 +126,8 @@ impl std::fmt::Display for Partition {
 pub struct HeldoutSpec {
     pub enabled: bool,
     pub config: HeldoutConfig,
+    /// Held-out questions scored: the first this many of the evaluated partition (0: all).
+    pub prompts: usize,
     /// "Steps to break": the first evaluated attack step at which a model's held-out harmful
     /// cross-entropy is at or below this. Absent: the undefended model's mean value at its first
     /// evaluation step after step 0 in the same attack cell.
@@ -141,6 +147,7 @@ impl Default for HeldoutSpec {
         Self {
             enabled: true,
             config: HeldoutConfig::default(),
+            prompts: 0,
             break_threshold: None,
             compare_to: vec!["none".into(), "safety-sft".into()],
             bootstrap: 2000,
@@ -160,6 +167,7 @@ impl Default for Experiment {
             test_prompts: 100,
             validation_prompts: 0,
             evaluate_on: Partition::Test,
+            attack_questions: 0,
             seeds: vec![1, 2, 3],
             defence_seeds: vec![],
             keep_attacked_models: false,
@@ -470,6 +478,14 @@ impl Experiment {
         }
         self.heldout.config.validate()?;
         self.overrefusal.validate()?;
+        if self.heldout.prompts > self.held_out_count() {
+            return Err(format!(
+                "heldout.prompts = {}: the evaluated partition ({}) has {} questions",
+                self.heldout.prompts,
+                self.evaluate_on,
+                self.held_out_count()
+            ));
+        }
         if self.heldout.bootstrap == 0 {
             return Err("heldout.bootstrap = 0: at least one resample is needed".into());
         }
@@ -875,7 +891,8 @@ fn load(spec: &str, opts: &RunOptions) -> Result<LoadedModel> {
 fn split_key(exp: &Experiment) -> String {
     key_of(&json!({"data": exp.data, "seed": exp.split_seed,
         "test": exp.test_prompts, "validation": exp.validation_prompts,
-        "defence": exp.pairs.questions, "group": exp.pairs.group}))
+        "defence": exp.pairs.questions, "group": exp.pairs.group,
+        "attack": exp.attack_questions}))
 }
 
 /// The split of the harmful data into test prompts, validation prompts, defence questions and
@@ -903,7 +920,10 @@ pub fn split_data(exp: &Experiment, out: &Path, key: &str) -> Result<DataSplit> 
             SplitSpec::count("test", exp.test_prompts),
             SplitSpec::count("validation", exp.validation_prompts),
             SplitSpec::count("defence", exp.pairs.questions),
-            SplitSpec::rest("attack"),
+            match exp.attack_questions {
+                0 => SplitSpec::rest("attack"),
+                n => SplitSpec::count("attack", n),
+            },
         ],
         Duplicates::KeepFirst,
         exp.split_seed,
@@ -924,19 +944,22 @@ pub fn split_data(exp: &Experiment, out: &Path, key: &str) -> Result<DataSplit> 
     if test.len() < exp.test_prompts
         || validation.len() < exp.validation_prompts
         || (exp.pairs.group.is_none() && defence.len() < exp.pairs.questions)
+        || attack.len() < exp.attack_questions
     {
         return Err(Error::file(
             &path,
             format!(
-                "too few distinct harmful questions: {} test, {} validation and {} defence \
-                 asked (test_prompts, validation_prompts, pairs.questions), {}, {} and {} \
-                 available",
+                "too few distinct harmful questions: {} test, {} validation, {} defence and {} \
+                 attack asked (test_prompts, validation_prompts, pairs.questions, \
+                 attack_questions), {}, {}, {} and {} available",
                 exp.test_prompts,
                 exp.validation_prompts,
                 exp.pairs.questions,
+                exp.attack_questions,
                 test.len(),
                 validation.len(),
-                defence.len()
+                defence.len(),
+                attack.len()
             ),
         ));
     }
@@ -1102,11 +1125,24 @@ pub fn run(exp: &Experiment, out: &Path, opts: &RunOptions) -> Result<Results> {
                 .chain(&split.validation)
                 .map(|p| p.prompt.clone())
                 .collect();
-            // No question of any partition (defence and attack ones too) is trained on.
-            cfg.exclude_files = vec![exp
-                .data
-                .clone()
-                .unwrap_or_else(crate::attack::default_attack_data)];
+            // No question of any partition (defence and attack ones too) is trained on: with
+            // the attack partition capped, the partitions' questions are named (the file's
+            // other questions may be trained on); otherwise the whole file is excluded.
+            if exp.attack_questions > 0 {
+                let attack = read_harmful_qa(&split.attack_file)?;
+                cfg.exclude_questions.extend(
+                    split
+                        .defence
+                        .iter()
+                        .map(|d| d.0.clone())
+                        .chain(attack.records.into_iter().map(|r| r.prompt)),
+                );
+            } else {
+                cfg.exclude_files = vec![exp
+                    .data
+                    .clone()
+                    .unwrap_or_else(crate::attack::default_attack_data)];
+            }
             let key = key_of(&json!({"model": exp.model, "align": cfg}));
             let dir = out.join(format!("align-{key}"));
             let done = dir.join("report.json").exists() && dir.join("DONE").exists();
@@ -1298,8 +1334,12 @@ pub fn run(exp: &Experiment, out: &Path, opts: &RunOptions) -> Result<Results> {
     };
     let hcfg = &exp.heldout.config;
     let heldout: Option<(Vec<HeldoutItem>, HeldoutEncoded, String)> = if exp.heldout.enabled {
+        let n = match exp.heldout.prompts {
+            0 => eval_prompts.len(),
+            n => n.min(eval_prompts.len()),
+        };
         let key = key_of(&json!({"model": aligned_dir, "split": split_key,
-            "on": exp.evaluate_on, "heldout": hcfg}));
+            "on": exp.evaluate_on, "heldout": hcfg, "prompts": exp.heldout.prompts}));
         let path = out.join(format!("heldout-{key}.json"));
         let cached = read_json::<(Vec<HeldoutItem>, Vec<String>)>(&path);
         let c = cached.is_some();
@@ -1310,7 +1350,8 @@ pub fn run(exp: &Experiment, out: &Path, opts: &RunOptions) -> Result<Results> {
                 Some(v) => Ok(v),
                 None => {
                     let m = load(&aligned_dir, opts)?;
-                    let v = heldout_items(&m, eval_prompts, eval_answers, hcfg, &check)?;
+                    let v =
+                        heldout_items(&m, &eval_prompts[..n], &eval_answers[..n], hcfg, &check)?;
                     write_json_atomic(&path, &v)?;
                     Ok(v)
                 }
@@ -2347,6 +2388,7 @@ mod tests {
             |x: &mut Experiment| x.test_prompts += 1,
             |x: &mut Experiment| x.validation_prompts += 1,
             |x: &mut Experiment| x.pairs.questions += 1,
+            |x: &mut Experiment| x.attack_questions += 1,
             |x: &mut Experiment| x.split_seed += 1,
         ] {
             let mut x = e.clone();

@@ -731,10 +731,14 @@ pub fn blocks(r: &Results) -> Vec<Block> {
         0 => e.held_out_count(),
         n => n.min(e.held_out_count()),
     };
+    let scored = match e.heldout.prompts {
+        0 => "all of them".to_string(),
+        n => format!("the first {}", n.min(e.held_out_count())),
+    };
     b.push(Block::Para(format!(
         "Model `{}`; {} defences besides the undefended model, {} defence seed(s) each; {} attack \
          cells x {} attack seeds ({:?}); the held-out partition is `{}` ({} questions). The \
-         primary metric (below) uses all of them; harmfulness is the judge's mean P(harmful) of \
+         primary metric (below) uses {scored}; harmfulness is the judge's mean P(harmful) of \
          the answers to the first {judged} ({} greedy tokens each); its intervals are 95% \
          percentile bootstrap intervals over defence seeds, attack seeds and prompts.",
         e.model,

@@ -209,6 +209,33 @@ fn align_partitions_are_disjoint_and_the_report_is_complete() {
     let r2 = align(&mut m2, &cfg, &out, Interrupt::default()).unwrap();
     assert_eq!(r2.after, r.after);
     assert_eq!(r2.targets.len(), r.targets.len());
+
+    // Without the starting model's refusals and the validation sets: the same training and
+    // test figures, the knowledge drops still measured, nothing else answered.
+    let lean = AlignConfig {
+        refusals_before: false,
+        validation_scored: false,
+        ..cfg.clone()
+    };
+    let mut m3 = crate::common::tiny_loaded(3);
+    m3.config.max_position_embeddings = 1024;
+    let r3 = align(
+        &mut m3,
+        &lean,
+        &dir.path().join("lean"),
+        Interrupt::default(),
+    )
+    .unwrap();
+    assert_eq!(r3.after, r.after);
+    assert!(r3.before.is_empty() && r3.validation_before.is_empty());
+    assert!(r3.validation_after.is_empty() && !r.validation_after.is_empty());
+    assert_eq!(
+        serde_json::to_value(&r3.knowledge).unwrap(),
+        serde_json::to_value(&r.knowledge).unwrap()
+    );
+    assert!(r3.factual.iter().all(|f| f.before.is_none()));
+    assert_eq!(r3.targets.len(), 4);
+    assert!(r3.targets.iter().all(|t| t.value.is_some()));
 }
 
 /// The experiment's validation questions: a question trained on without them is not with them,
@@ -292,6 +319,10 @@ fn bad_align_settings_are_refused_before_work() {
         e.contains("harmful_validation_questions") && e.contains("test question"),
         "{e}"
     );
+    let mut cfg = tiny_cfg();
+    (cfg.validation_only, cfg.validation_scored) = (true, false);
+    let e = refused(&cfg);
+    assert!(e.contains("validation_scored"), "{e}");
     assert!(!dir.path().join("data.json").exists());
 }
 
