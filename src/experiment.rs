@@ -2412,35 +2412,102 @@ mod tests {
 
     #[test]
     fn demo_config_parses_and_validates() {
+        // The demo of issue 25: the three arms, one learning rate, >= 3 attack seeds, attacks of
+        // >= 20 steps with >= 3 evaluation points, >= 50 test prompts scored by the held-out
+        // loss, the judge, XSTest before attack.
         let e = Experiment::from_toml_str(DEMO_TOML, "configs/demo.toml").unwrap();
         assert!(e.seeds.len() >= 3, "the demo runs at least 3 attack seeds");
-        assert!(e.defence_seeds.len() >= 2, "and at least 2 defence seeds");
+        assert!(!e.defence_seeds.is_empty());
         let names = e.defence_names();
         for arm in ["none", "repnoise", "safety-sft"] {
             assert!(names.iter().any(|n| n == arm), "{arm} is an arm: {names:?}");
         }
         assert!(e.test_prompts >= 50 && e.validation_prompts > 0);
-        assert!(e.heldout.enabled);
+        assert!(e.heldout.enabled && (e.heldout.prompts == 0 || e.heldout.prompts >= 50));
+        assert!(e.eval.judge_prompts >= 50);
         for base in ["none", "safety-sft"] {
             assert!(e.heldout.compare_to.iter().any(|c| c == base), "{base}");
         }
         assert!(e.overrefusal.enabled);
         assert!(e.classifier.disjoint && e.classifier.xstest);
-        // The demo aligns the model on a broad benign mix and checks the alignment's targets
-        // on ARC-Easy and a second log-likelihood task of 300 items at least.
+        // The demo aligns the model on a broad benign mix and checks the alignment's targets,
+        // the knowledge drop on ARC-Easy's 300 test items among them.
         let a = e.align.as_ref().expect("the demo aligns the model");
         assert!(a.everyday_train > 0 && a.xstest_train > 0 && a.benign_source == "self");
         // ... and refuses conversational harmful questions as well as instructions.
         assert!(a.beavertails_train > 0 && a.beavertails_validation > 0);
-        assert!(a.knowledge_tasks.iter().any(|t| t == "arc_easy") && a.knowledge_tasks.len() >= 2);
+        assert!(a.knowledge_tasks.iter().any(|t| t == "arc_easy"));
         assert!(a.knowledge_items >= 300 && !a.validation_only && !a.skip_eval_before);
-        // Attacks of 20 optimizer steps at least, evaluated at 3 points at least: before, at
-        // the listed steps, at the end.
+        assert_eq!(e.attacks.len(), 1);
+        assert_eq!(e.attacks[0].lrs.len(), 1, "one learning rate");
         for a in &e.attacks {
             let steps = a.samples.iter().min().unwrap() / a.config.train.batch_size;
             assert!(steps >= 20, "attack {}: {steps} steps", a.name);
+            // Before the attack, at the listed steps and at the end: 3 points at least.
             assert!(!a.eval_steps.is_empty() && a.eval_steps.iter().all(|&s| s < steps));
         }
+    }
+
+    /// configs/study-embedded.toml has the design issue 25 asks for, and the tuning run shares
+    /// its split and alignment but is scored on the validation partition.
+    #[test]
+    fn the_study_config_has_the_issues_design() {
+        let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("configs");
+        let e = Experiment::from_toml(&dir.join("study-embedded.toml")).unwrap();
+        assert!(e.test_prompts >= 100 && e.validation_prompts > 0);
+        assert_eq!((e.evaluate_on, e.heldout.prompts), (Partition::Test, 0));
+        let data = e.data.as_ref().unwrap().to_string_lossy().into_owned();
+        assert!(
+            data.contains("beavertails_disjoint_attack"),
+            "real categories: {data}"
+        );
+        assert!(e.defence_seeds.len() >= 2 && e.seeds.len() >= 5);
+        let names = e.defence_names();
+        assert_eq!(names, ["none", "repnoise", "safety-sft"]);
+        // 120 pairs at least once the aligned model's non-refusals are left out (it refused 93
+        // of 120 defence questions in the tuning run), and 60 steps at least.
+        assert!(e.pairs.questions >= 160, "{}", e.pairs.questions);
+        let (rn, sft) = (&e.defences[0].config, &e.defences[1].config);
+        assert_eq!(rn.train.epochs, sft.train.epochs);
+        assert_eq!(rn.train.batch_size, sft.train.batch_size);
+        assert!(120 * rn.train.epochs / rn.train.batch_size >= 60);
+        let full = e.attacks.iter().find(|a| a.name == "full").unwrap();
+        assert!(full.lrs.len() >= 2);
+        assert!(e
+            .attacks
+            .iter()
+            .any(|a| a.config.method == crate::attack::AttackMethod::Lora));
+        for a in &e.attacks {
+            assert!(a.samples.iter().all(|&n| n >= 160), "{}", a.name);
+            assert!(a.samples[0] / a.config.train.batch_size >= 40);
+            assert!(!a.eval_steps.is_empty());
+        }
+        assert!(e.eval.stability_tasks.len() >= 3 && e.eval.stability_limit >= 300);
+        assert!(e.eval.trainability.test >= 150);
+        assert!(e.overrefusal.enabled);
+        let t = Experiment::from_toml(&dir.join("study-tuning.toml")).unwrap();
+        assert_eq!(t.evaluate_on, Partition::Validation);
+        assert!(!t.overrefusal.enabled, "XSTest is a test set");
+        let same = |x: &Experiment| {
+            (
+                x.data.clone(),
+                x.split_seed,
+                x.test_prompts,
+                x.validation_prompts,
+            )
+        };
+        assert_eq!(same(&t), same(&e));
+        assert_eq!(
+            (t.pairs.questions, t.attack_questions),
+            (e.pairs.questions, e.attack_questions)
+        );
+        // The same alignment (training settings); only what it answers differs.
+        let strip = |x: &Experiment| {
+            let mut a = x.align.clone().unwrap();
+            (a.validation_only, a.refusals_before, a.validation_scored) = (false, true, true);
+            a
+        };
+        assert_eq!(strip(&t), strip(&e));
     }
 
     #[test]
@@ -2449,12 +2516,12 @@ mod tests {
         let mut n = 0;
         for e in std::fs::read_dir(&dir).unwrap().flatten() {
             let name = e.file_name().to_string_lossy().into_owned();
-            if name.starts_with("paper") || name == "demo.toml" {
+            if name.starts_with("paper") || name == "demo.toml" || name.starts_with("study") {
                 Experiment::from_toml(&e.path()).unwrap_or_else(|err| panic!("{name}: {err}"));
                 n += 1;
             }
         }
-        assert!(n >= 6, "{n} experiment configs");
+        assert!(n >= 8, "{n} experiment configs");
     }
 
     #[test]

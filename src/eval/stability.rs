@@ -153,6 +153,122 @@ pub fn score_tokens(
     Ok(out)
 }
 
+/// Score items whose options share one context: each item is one packed row, the context once
+/// followed by every continuation but its last token, each continuation attending to the
+/// context and to itself only, at the positions it would have alone (so the same arithmetic as
+/// [`score_tokens`] up to float rounding, with the context computed once instead of once per
+/// option). `items[i]` is (context, continuations); rows are batched `batch` at a time, longest
+/// first, right padded.
+pub fn score_packed(
+    net: &Llama,
+    items: &[(Vec<u32>, Vec<Vec<u32>>)],
+    batch: usize,
+) -> Result<Vec<Vec<OptionScore>>> {
+    let dev = net.device().clone();
+    let packed_len = |(c, os): &(Vec<u32>, Vec<Vec<u32>>)| {
+        c.len() + os.iter().map(|o| o.len().saturating_sub(1)).sum::<usize>()
+    };
+    let mut order: Vec<usize> = (0..items.len()).collect();
+    order.sort_by_key(|&i| std::cmp::Reverse(packed_len(&items[i])));
+    let mut out: Vec<Vec<OptionScore>> = items
+        .iter()
+        .map(|(_, os)| {
+            vec![
+                OptionScore {
+                    loglik: 0.0,
+                    greedy: true,
+                    tokens: 0
+                };
+                os.len()
+            ]
+        })
+        .collect();
+    for chunk in order.chunks(batch.max(1)) {
+        let t = chunk
+            .iter()
+            .map(|&i| packed_len(&items[i]))
+            .max()
+            .unwrap_or(1);
+        let b = chunk.len();
+        let mut ids = vec![0u32; b * t];
+        let mut pos = vec![0u32; b * t];
+        let mut mask = vec![crate::model::MASKED; b * t * t];
+        // Per scored token: (flat query index, target, item, option).
+        let mut picks: Vec<(u32, u32, usize, usize)> = vec![];
+        for (r, &i) in chunk.iter().enumerate() {
+            let (c, os) = &items[i];
+            if c.is_empty() {
+                return Err(Error::msg(
+                    "score_packed: an empty context (start with a token)",
+                ));
+            }
+            let row = r * t;
+            ids[row..row + c.len()].copy_from_slice(c);
+            for q in 0..c.len() {
+                pos[row + q] = q as u32;
+                mask[(row + q) * t..(row + q) * t + q + 1].fill(0.0);
+            }
+            let mut start = c.len();
+            for (k, o) in os.iter().enumerate() {
+                let seg = o.len().saturating_sub(1);
+                for m in 0..seg {
+                    let q = start + m;
+                    ids[row + q] = o[m];
+                    pos[row + q] = (c.len() + m) as u32;
+                    let keys = &mut mask[(row + q) * t..(row + q + 1) * t];
+                    keys[..c.len()].fill(0.0);
+                    keys[start..=q].fill(0.0);
+                }
+                for (j, &y) in o.iter().enumerate() {
+                    let q = if j == 0 { c.len() - 1 } else { start + j - 1 };
+                    picks.push(((row + q) as u32, y, i, k));
+                }
+                start += seg;
+            }
+            // Padding queries see the row's real tokens (their outputs are never read).
+            for q in start..t {
+                mask[(row + q) * t..(row + q) * t + start].fill(0.0);
+            }
+        }
+        if picks.is_empty() {
+            continue;
+        }
+        let fwd = net.forward(
+            &Tensor::from_vec(ids, (b, t), &dev)?,
+            &Tensor::from_vec(pos, (b, t), &dev)?,
+            Some(&Tensor::from_vec(mask, (b, 1, t, t), &dev)?),
+            None,
+            ForwardOpts {
+                logits: Logits::None,
+                hidden_states: true,
+                mlp_outputs: false,
+            },
+        )?;
+        let h = fwd
+            .hidden_states
+            .last()
+            .ok_or_else(|| Error::msg("forward returned no hidden states"))?;
+        let d = h.dim(2)?;
+        let n = picks.len();
+        let index: Vec<u32> = picks.iter().map(|p| p.0).collect();
+        let targets: Vec<u32> = picks.iter().map(|p| p.1).collect();
+        let rows_h = h
+            .reshape((b * t, d))?
+            .index_select(&Tensor::from_vec(index, n, &dev)?, 0)?
+            .unsqueeze(0)?;
+        let logits = net.lm_head(&net.final_norm(&rows_h)?)?.squeeze(0)?;
+        let chosen: Vec<f32> = row_nll(&logits, targets.clone())?.neg()?.to_vec1()?;
+        let best: Vec<u32> = logits.argmax(1)?.to_dtype(DType::U32)?.to_vec1()?;
+        for (j, &(_, y, i, k)) in picks.iter().enumerate() {
+            let s = &mut out[i][k];
+            s.tokens += 1;
+            s.loglik += chosen[j] as f64;
+            s.greedy &= best[j] == y;
+        }
+    }
+    Ok(out)
+}
+
 /// Index of the largest value (the first on ties, as numpy's argmax).
 fn argmax(xs: &[f64]) -> usize {
     let mut best = 0;
@@ -346,20 +462,40 @@ pub fn evaluate_items(
     max_len: usize,
     batch: usize,
 ) -> Result<Vec<ItemResult>> {
+    // Items whose options share their context and fit uncut are packed (the context scored
+    // once); the rest are scored one option per sequence.
+    let mut packed: Vec<(Vec<u32>, Vec<Vec<u32>>)> = vec![];
     let mut seqs = vec![];
+    let mut place = vec![];
     for it in items {
-        for o in &it.options {
-            seqs.push(encode_option(tok, start_id, o)?);
+        let enc: Vec<(Vec<u32>, Vec<u32>)> = it
+            .options
+            .iter()
+            .map(|o| encode_option(tok, start_id, o))
+            .collect::<Result<_>>()?;
+        let shared = enc.iter().all(|e| e.0 == enc[0].0);
+        let uncut = enc.iter().all(|(c, k)| c.len() + k.len() <= max_len + 1);
+        if shared && uncut && !enc.is_empty() {
+            place.push((true, packed.len()));
+            let c = enc[0].0.clone();
+            packed.push((c, enc.into_iter().map(|e| e.1).collect()));
+        } else {
+            place.push((false, seqs.len()));
+            seqs.extend(enc);
         }
     }
+    let packed_scores = score_packed(net, &packed, batch)?;
     let scores = score_tokens(net, &seqs, max_len, batch)?;
-    let mut k = 0;
     Ok(items
         .iter()
-        .map(|it| {
-            let r = item_result(it, &scores[k..k + it.options.len()]);
-            k += it.options.len();
-            r
+        .zip(place)
+        .map(|(it, (is_packed, k))| {
+            let s = if is_packed {
+                &packed_scores[k][..]
+            } else {
+                &scores[k..k + it.options.len()]
+            };
+            item_result(it, s)
         })
         .collect())
 }

@@ -2,7 +2,7 @@
 //! the harness's context/continuation split, stability and trainability plumbing.
 
 use repnoise::data::mc::{McItem, McOption};
-use repnoise::eval::stability::{encode_option, evaluate_items, score_tokens};
+use repnoise::eval::stability::{encode_option, evaluate_items, score_packed, score_tokens};
 use repnoise::generate::token_logprobs;
 use repnoise::model::Llama;
 
@@ -56,6 +56,87 @@ fn batched_option_scores_equal_one_sequence_at_a_time() {
     // Cut from the left: only the last max_len + 1 tokens count, the continuation first.
     let short = score_tokens(&net, &seqs[1..2], 4, 1).unwrap()[0];
     assert_eq!(short.tokens, 4);
+}
+
+/// Packed rows (a shared context once, each continuation seeing the context and itself) give
+/// every option the log-likelihood of scoring it alone, in any batch; items whose options do not
+/// share a context fall back to one sequence per option inside `evaluate_items`.
+#[test]
+fn packed_option_scores_equal_one_sequence_at_a_time() {
+    let m = tiny_loaded(23);
+    let net = Llama::frozen(&m.config, &m.params).unwrap();
+    let enc = |c: &str, k: &str| encode_option(&m.tok, 0, &opt(c, k)).unwrap();
+    let items: Vec<(Vec<u32>, Vec<Vec<u32>>)> = [
+        (
+            "Question: the cat\nAnswer:",
+            vec![" sat", " sat on the mat", " ran", " x"],
+        ),
+        ("Q: two\nA:", vec![" one option only"]),
+        (
+            "The longest context of the three, with some words\nAnswer:",
+            vec![" a", " bb"],
+        ),
+    ]
+    .iter()
+    .map(|(c, ks)| {
+        let e: Vec<_> = ks.iter().map(|k| enc(c, k)).collect();
+        (e[0].0.clone(), e.into_iter().map(|x| x.1).collect())
+    })
+    .collect();
+    let alone = |c: &[u32], k: &[u32]| -> f64 {
+        let ids: Vec<u32> = c.iter().chain(k).copied().collect();
+        let lp = token_logprobs(&net, &ids).unwrap();
+        lp[lp.len() - k.len()..].iter().map(|&x| x as f64).sum()
+    };
+    for batch in [1, 2, 3] {
+        let got = score_packed(&net, &items, batch).unwrap();
+        for ((c, ks), scores) in items.iter().zip(&got) {
+            assert_eq!(scores.len(), ks.len());
+            for (k, s) in ks.iter().zip(scores) {
+                let want = alone(c, k);
+                // f32 rounding is about 1e-6 here; a continuation that also saw the options
+                // before it is off by about 1e-2 on this random model.
+                assert!(
+                    (s.loglik - want).abs() < 1e-4,
+                    "batch {batch}: {} vs {want}",
+                    s.loglik
+                );
+                assert_eq!(s.tokens, k.len());
+            }
+        }
+    }
+    // Through evaluate_items: a packed item, an item with per-option contexts (Winogrande's
+    // shape) and an item too long to pack uncut, each as the unpacked scorer has it.
+    let mc = |os: Vec<McOption>| McItem {
+        options: os,
+        correct: vec![0],
+        group: None,
+    };
+    let its = vec![
+        mc(vec![
+            opt("Question: hi\nAnswer:", " yes"),
+            opt("Question: hi\nAnswer:", " no way"),
+        ]),
+        mc(vec![opt("The cat", " sat."), opt("The dog", " sat.")]),
+        mc(vec![opt("abcdefgh", " ijklmnop"), opt("abcdefgh", " q")]),
+    ];
+    for max_len in [256, 12] {
+        let got = evaluate_items(&net, &m.tok, 0, &its, max_len, 2).unwrap();
+        for (it, r) in its.iter().zip(&got) {
+            let seqs: Vec<_> = it
+                .options
+                .iter()
+                .map(|o| encode_option(&m.tok, 0, o).unwrap())
+                .collect();
+            let want = score_tokens(&net, &seqs, max_len, 1).unwrap();
+            for (a, b) in r.logliks.iter().zip(&want) {
+                assert!(
+                    (a - b.loglik).abs() < 1e-3 * b.loglik.abs().max(1.0),
+                    "{a} vs {b:?}"
+                );
+            }
+        }
+    }
 }
 
 #[test]
