@@ -2196,16 +2196,39 @@ pub fn summarise_durability(
     };
     let last = |r: &AttackResult| r.curve.last().map(|p| p.step);
     for c in &cells {
-        // Curves.
+        // Curves. Each attacked copy's last point is the attack's end, whatever its step
+        // count (copies of one cell can differ by a step where training samples were left out);
+        // the curve puts it at the cell's longest attack.
+        let end = attacks
+            .iter()
+            .filter(|r| &r.cell == c)
+            .filter_map(last)
+            .max();
         for d in &names {
             let mut steps: Vec<usize> = attacks
                 .iter()
                 .filter(|r| &r.defence == d && &r.cell == c)
-                .flat_map(|r| r.curve.iter().map(|p| p.step))
+                .flat_map(|r| r.curve.iter().rev().skip(1).map(|p| p.step))
+                .chain(end)
                 .collect();
             steps.sort_unstable();
             steps.dedup();
             for step in steps {
+                fn point(r: &AttackResult, step: usize, is_end: bool) -> Option<&CurvePoint> {
+                    match is_end {
+                        true => r.curve.last(),
+                        false => r.curve.iter().rev().skip(1).find(|p| p.step == step),
+                    }
+                }
+                let is_end = Some(step) == end;
+                let ce = |r: &AttackResult| -> Option<Vec<f64>> {
+                    let p = point(r, step, is_end)?;
+                    Some(p.scores.harmful_ce.iter().map(|&x| x as f64).collect())
+                };
+                let margin = |r: &AttackResult| -> Option<Vec<f64>> {
+                    let p = point(r, step, is_end)?;
+                    Some(p.scores.margin().iter().map(|&x| x as f64).collect())
+                };
                 let iv = |f: &dyn Fn(&AttackResult) -> Option<Vec<f64>>| -> Option<SeedMean> {
                     let obs = obs_at(d, c, f);
                     let a = crate::eval::durability::arm_values(&obs, d, &seeds)?;
@@ -2216,7 +2239,7 @@ pub fn summarise_durability(
                         n: obs.len(),
                     })
                 };
-                if let (Some(h), Some(m)) = (iv(&|r| ce_at(r, step)), iv(&|r| margin_at(r, step))) {
+                if let (Some(h), Some(m)) = (iv(&ce), iv(&margin)) {
                     out.curves.push(CurveSummary {
                         defence: d.clone(),
                         cell: c.clone(),

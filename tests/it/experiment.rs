@@ -255,6 +255,29 @@ fn experiment_measures_held_out_loss_along_attacks_and_compares_paired() {
     // The attack lowers the harmful CE it trains on the held-out answers of the same kind.
     let d = r.durability.as_ref().unwrap();
     assert!(!d.curves.is_empty());
+    // Copies of one cell whose attacks end a step apart (training samples left out): each
+    // copy's last point is the curve's end, at the cell's longest attack, for every arm.
+    let mut longer = r.attacks.clone();
+    let a = longer.iter_mut().find(|a| a.defence == "none").unwrap();
+    a.curve.last_mut().unwrap().step = 3;
+    let d2 = repnoise::experiment::summarise_durability(&exp, &r.defences, &longer).unwrap();
+    for arm in ["none", "sft"] {
+        let steps: Vec<usize> = d2
+            .curves
+            .iter()
+            .filter(|c| c.defence == arm)
+            .map(|c| c.step)
+            .collect();
+        assert_eq!(steps, vec![0, 1, 3], "{arm}");
+    }
+    let end = |d: &repnoise::experiment::Durability, arm: &str| {
+        d.curves
+            .iter()
+            .filter(|c| c.defence == arm)
+            .next_back()
+            .map(|c| (c.harmful_ce.mean, c.harmful_ce.n))
+    };
+    assert_eq!(end(&d2, "none"), end(d, "none"));
     let cmp: Vec<_> = d.comparisons.iter().filter(|c| c.cell.is_some()).collect();
     assert_eq!(cmp.len(), 4, "one per metric: {:?}", d.comparisons);
     assert!(cmp
