@@ -115,31 +115,7 @@ pub fn score_tokens(
         }
         let ids = Tensor::from_vec(ids, (b, t), &dev)?;
         let pos = positions_for(b, t, 0, &dev)?;
-        let fwd = net.forward(
-            &ids,
-            &pos,
-            None,
-            None,
-            ForwardOpts {
-                logits: Logits::None,
-                hidden_states: true,
-                mlp_outputs: false,
-            },
-        )?;
-        let h = fwd
-            .hidden_states
-            .last()
-            .ok_or_else(|| Error::msg("forward returned no hidden states"))?;
-        let d = h.dim(2)?;
-        let n = pick.len();
-        let rows_h = h
-            .reshape((b * t, d))?
-            .index_select(&Tensor::from_vec(pick, n, &dev)?, 0)?
-            .unsqueeze(0)?;
-        // Logits [n, vocab]; log p(target) = -NLL, from the fused row cross-entropy.
-        let logits = net.lm_head(&net.final_norm(&rows_h)?)?.squeeze(0)?;
-        let chosen: Vec<f32> = row_nll(&logits, targets.clone())?.neg()?.to_vec1()?;
-        let best: Vec<u32> = logits.argmax(1)?.to_dtype(DType::U32)?.to_vec1()?;
+        let (chosen, best) = picked_logprobs(net, &ids, &pos, None, pick, &targets)?;
         let mut k = 0;
         for (r, &i) in chunk.iter().enumerate() {
             let m = rows[r].2.len();
@@ -151,6 +127,44 @@ pub fn score_tokens(
         }
     }
     Ok(out)
+}
+
+/// One forward pass of `ids` `[b, t]`; at each flat position of `index` (row * t + column),
+/// log p(target) and the argmax token (the LM head runs on those positions only).
+fn picked_logprobs(
+    net: &Llama,
+    ids: &Tensor,
+    pos: &Tensor,
+    mask: Option<&Tensor>,
+    index: Vec<u32>,
+    targets: &[u32],
+) -> Result<(Vec<f32>, Vec<u32>)> {
+    let (b, t) = ids.dims2()?;
+    let fwd = net.forward(
+        ids,
+        pos,
+        mask,
+        None,
+        ForwardOpts {
+            logits: Logits::None,
+            hidden_states: true,
+            mlp_outputs: false,
+        },
+    )?;
+    let h = fwd
+        .hidden_states
+        .last()
+        .ok_or_else(|| Error::msg("forward returned no hidden states"))?;
+    let n = index.len();
+    let rows_h = h
+        .reshape((b * t, h.dim(2)?))?
+        .index_select(&Tensor::from_vec(index, n, net.device())?, 0)?
+        .unsqueeze(0)?;
+    // Logits [n, vocab]; log p(target) = -NLL, from the fused row cross-entropy.
+    let logits = net.lm_head(&net.final_norm(&rows_h)?)?.squeeze(0)?;
+    let chosen: Vec<f32> = row_nll(&logits, targets.to_vec())?.neg()?.to_vec1()?;
+    let best: Vec<u32> = logits.argmax(1)?.to_dtype(DType::U32)?.to_vec1()?;
+    Ok((chosen, best))
 }
 
 /// Score items whose options share one context: each item is one packed row, the context once
@@ -233,32 +247,16 @@ pub fn score_packed(
         if picks.is_empty() {
             continue;
         }
-        let fwd = net.forward(
+        let index: Vec<u32> = picks.iter().map(|p| p.0).collect();
+        let targets: Vec<u32> = picks.iter().map(|p| p.1).collect();
+        let (chosen, best) = picked_logprobs(
+            net,
             &Tensor::from_vec(ids, (b, t), &dev)?,
             &Tensor::from_vec(pos, (b, t), &dev)?,
             Some(&Tensor::from_vec(mask, (b, 1, t, t), &dev)?),
-            None,
-            ForwardOpts {
-                logits: Logits::None,
-                hidden_states: true,
-                mlp_outputs: false,
-            },
+            index,
+            &targets,
         )?;
-        let h = fwd
-            .hidden_states
-            .last()
-            .ok_or_else(|| Error::msg("forward returned no hidden states"))?;
-        let d = h.dim(2)?;
-        let n = picks.len();
-        let index: Vec<u32> = picks.iter().map(|p| p.0).collect();
-        let targets: Vec<u32> = picks.iter().map(|p| p.1).collect();
-        let rows_h = h
-            .reshape((b * t, d))?
-            .index_select(&Tensor::from_vec(index, n, &dev)?, 0)?
-            .unsqueeze(0)?;
-        let logits = net.lm_head(&net.final_norm(&rows_h)?)?.squeeze(0)?;
-        let chosen: Vec<f32> = row_nll(&logits, targets.clone())?.neg()?.to_vec1()?;
-        let best: Vec<u32> = logits.argmax(1)?.to_dtype(DType::U32)?.to_vec1()?;
         for (j, &(_, y, i, k)) in picks.iter().enumerate() {
             let s = &mut out[i][k];
             s.tokens += 1;
