@@ -279,6 +279,7 @@ pub fn encode_sft(
         format,
         max_len: Some(max_len),
         add_eos: format == PromptFormat::Plain,
+        reference_join: faithful,
         ..EncodeOptions::default()
     };
     let mut out = vec![];

@@ -14,7 +14,8 @@ use crate::lora::{Lora, LoraConfig, SecurityVector};
 use crate::model::Llama;
 use crate::modelio::{save_hf_dir, LoadedModel};
 use crate::objective::{
-    pair_baseline_loss, repnoise_loss, PairBatch, PairLoss, RepNoiseConfig, RepNoiseTerms,
+    pair_baseline_loss_with, repnoise_loss, BaselineConfig, LossTokens, PairBatch, PairLoss,
+    RepNoiseConfig, RepNoiseTerms,
 };
 use crate::params::Params;
 use crate::rng::Rng;
@@ -57,6 +58,9 @@ pub struct DefendConfig {
     /// it is the default, so run directories from before it existed reopen.
     #[serde(skip_serializing_if = "LoraConfig::is_default")]
     pub lora: LoraConfig,
+    /// The baselines' loss settings (left out of a saved config when default, as `lora`).
+    #[serde(skip_serializing_if = "BaselineConfig::is_default")]
+    pub baseline: BaselineConfig,
 }
 
 impl Default for DefendConfig {
@@ -74,13 +78,157 @@ impl Default for DefendConfig {
             max_len: 128,
             max_pairs: 0,
             lora: LoraConfig::default(),
+            baseline: BaselineConfig::default(),
         }
     }
 }
 
+/// Named starting points for a defence's settings.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
+#[serde(rename_all = "kebab-case")]
+pub enum Preset {
+    /// This project's defaults ([`DefendConfig::default`] with the method).
+    Repnoise,
+    /// The reference code's settings for the method (`boyiwei/RepNoise-Reproduce` a35c98a,
+    /// the authors' experiment code; docs/REPNOISE.md, "Baselines").
+    Reference,
+}
+
 impl DefendConfig {
+    /// Read a defence file; `preset = "..."` in it starts from that preset (see
+    /// [`expand_preset`]).
     pub fn from_toml(path: &Path) -> Result<Self> {
-        crate::io::read_toml(path, "defend")
+        let text = std::fs::read_to_string(path)
+            .map_err(|e| Error::file(path, format!("cannot read: {e}")))?;
+        let invalid = |e: &dyn std::fmt::Display| {
+            Error::file(path, format!("not a valid defend config: {e}"))
+        };
+        let mut table: toml::Table = toml::from_str(&text).map_err(|e| invalid(&e))?;
+        if expand_preset(&mut table).map_err(|m| Error::file(path, m))? {
+            toml::Value::Table(table)
+                .try_into()
+                .map_err(|e| invalid(&e))
+        } else {
+            toml::from_str(&text).map_err(|e| invalid(&e))
+        }
+    }
+
+    /// The settings `preset` gives `method`.
+    pub fn preset(method: Method, preset: Preset) -> Self {
+        let base = Self {
+            method,
+            ..Self::default()
+        };
+        if preset == Preset::Repnoise {
+            return base;
+        }
+        // Shared by every method in the reference's loop (`training.py` lines 300-323):
+        // Adam without weight decay, cosine schedule with 10% warm-up, no gradient clipping
+        // (line 300 leaves it as a TODO), 1 epoch, batch 8 (`arguments.py`), plain
+        // `Question:`/`Answer:` texts, 256 tokens (128 for the MMD losses, `main.py` 119-121).
+        let train = TrainConfig {
+            lr: 2e-5,
+            warmup_ratio: 0.1,
+            epochs: 1,
+            batch_size: 8,
+            weight_decay: 0.0,
+            max_grad_norm: None,
+            ..TrainConfig::default()
+        };
+        let reference = Self {
+            method,
+            train,
+            format: PromptFormat::Plain,
+            max_len: 256,
+            baseline: BaselineConfig::reference(),
+            ..Self::default()
+        };
+        match method {
+            // `minimality-mmd` at lr 2e-5, batch 8, alpha 1, beta 0.001, 128 tokens
+            // (`experiments/eval_script.sh` lines 17-34).
+            Method::Repnoise => Self {
+                max_len: 128,
+                repnoise: RepNoiseConfig {
+                    faithful: true,
+                    ..RepNoiseConfig::default()
+                },
+                ..reference
+            },
+            // `adversarial_loss`: lr 1e-5, batch 4, 4 epochs (the released model's name in the
+            // demo repository's README).
+            Method::Adversarial => Self {
+                train: TrainConfig {
+                    lr: 1e-5,
+                    batch_size: 4,
+                    epochs: 4,
+                    ..reference.train.clone()
+                },
+                ..reference
+            },
+            // A LoRA of rank 8, alpha 32 on PEFT's Llama default maps (q_proj, v_proj), Adam
+            // at lr 1e-3, 1 epoch of the harmful sequences (`training.py` lines 351-376).
+            // PEFT's dropout 0.1 is not reproduced.
+            Method::SecurityVectors => Self {
+                train: TrainConfig {
+                    lr: 1e-3,
+                    ..reference.train.clone()
+                },
+                lora: LoraConfig {
+                    rank: 8,
+                    alpha: 32.0,
+                    targets: vec!["q_proj".into(), "v_proj".into()],
+                    merge: false,
+                },
+                ..reference
+            },
+            Method::SafetySft | Method::GradientAscent | Method::RandomInit => reference,
+        }
+    }
+
+    /// Checks before any work: the training settings and the baselines'.
+    pub fn validate(&self) -> Result<()> {
+        self.train.validate()?;
+        self.baseline.validate()?;
+        if self.max_len < 2 {
+            return Err(Error::setting(
+                "max_len",
+                self.max_len,
+                "must be at least 2",
+            ));
+        }
+        Ok(())
+    }
+}
+
+/// Expand a defence table's `preset = "reference"` (or `"repnoise"`): the preset's settings for
+/// the table's `method` (the default method when it names none), with the table's own keys
+/// over them, sub-tables merged key by key. Returns whether there was a preset.
+pub fn expand_preset(table: &mut toml::Table) -> std::result::Result<bool, String> {
+    let Some(p) = table.remove("preset") else {
+        return Ok(false);
+    };
+    let preset: Preset = p
+        .try_into()
+        .map_err(|e| format!("preset: {e} (known: repnoise, reference)"))?;
+    let method: Method = match table.get("method") {
+        Some(m) => m.clone().try_into().map_err(|e| format!("method: {e}"))?,
+        None => DefendConfig::default().method,
+    };
+    let mut merged = toml::Table::try_from(DefendConfig::preset(method, preset))
+        .map_err(|e| format!("preset {preset:?}: {e}"))?;
+    merge_tables(&mut merged, table);
+    *table = merged;
+    Ok(true)
+}
+
+fn merge_tables(base: &mut toml::Table, over: &toml::Table) {
+    for (k, v) in over {
+        match (base.get_mut(k), v) {
+            (Some(toml::Value::Table(b)), toml::Value::Table(o)) => merge_tables(b, o),
+            _ => {
+                base.insert(k.clone(), v.clone());
+            }
+        }
     }
 }
 
@@ -113,16 +261,34 @@ pub fn encode_pairs_lenient(
     max_len: usize,
     faithful: bool,
 ) -> Result<(Vec<EncodedPair>, Vec<usize>)> {
+    encode_pairs_padded(model, pairs, format, max_len, faithful, false)
+}
+
+/// [`encode_pairs_lenient`]; `to_max_len` pads every pair to `max_len` (the reference's
+/// `padding="max_length"`) instead of to its longer sequence.
+fn encode_pairs_padded(
+    model: &LoadedModel,
+    pairs: &[Pair],
+    format: PromptFormat,
+    max_len: usize,
+    faithful: bool,
+    to_max_len: bool,
+) -> Result<(Vec<EncodedPair>, Vec<usize>)> {
     let opts = EncodeOptions {
         format,
         add_bos: false,
         add_eos: !faithful && format == PromptFormat::Plain,
         max_len: Some(max_len),
+        reference_join: faithful,
     };
     let padding = Padding {
         side: PadSide::Right,
         pad_id: model.tok.pad_id,
-        length: PadLength::Longest,
+        length: if to_max_len {
+            PadLength::Fixed(max_len)
+        } else {
+            PadLength::Longest
+        },
     };
     let mut enc = vec![];
     let mut left_out = vec![];
@@ -162,6 +328,7 @@ pub fn defend(
     out: &Path,
     interrupt: Interrupt,
 ) -> Result<PathBuf> {
+    cfg.validate()?;
     let run = RunDir::open(
         out,
         &json!({"command": "defend", "model": model.source, "pairs": pairs_path, "defend": cfg}),
@@ -197,7 +364,21 @@ pub fn defend(
         pairs = idx.into_iter().map(|i| pairs[i].clone()).collect();
     }
     let faithful = cfg.method == Method::Repnoise && cfg.repnoise.faithful;
-    let (enc, left_out) = encode_pairs_lenient(model, &pairs, cfg.format, cfg.max_len, faithful)?;
+    // Full-sequence losses train every position up to max_len, padding included, as the
+    // reference's fixed-length batches did.
+    let whole = cfg.baseline.tokens == LossTokens::Sequence
+        && matches!(
+            cfg.method,
+            Method::SafetySft | Method::GradientAscent | Method::SecurityVectors
+        );
+    let (enc, left_out) = encode_pairs_padded(
+        model,
+        &pairs,
+        cfg.format,
+        cfg.max_len,
+        faithful || whole,
+        whole,
+    )?;
     if !left_out.is_empty() {
         let msg = format!(
             "{} of {} pairs left out: their answers tokenise identically within max_len {} \
@@ -219,6 +400,7 @@ pub fn defend(
     let pad = model.tok.pad_id;
     let method = cfg.method;
     let rn = cfg.repnoise.clone();
+    let bl = cfg.baseline.clone();
     if method == Method::SecurityVectors {
         let sv = SecurityVector(Lora::new(model, &cfg.lora, cfg.train.seed)?);
         run.log(&format!(
@@ -228,7 +410,7 @@ pub fn defend(
         let summary = train::train_any(&run, &sv, enc.len(), &cfg.train, interrupt, |net, ctx| {
             let refs: Vec<&EncodedPair> = ctx.indices.iter().map(|&i| &enc[i]).collect();
             let batch = PairBatch::new(&refs, pad, net.device())?;
-            pair_baseline_loss(net, &batch, PairLoss::HarmfulSft)
+            pair_baseline_loss_with(net, &batch, PairLoss::HarmfulSft, &bl)
         })?;
         return Ok(summary.model_dir);
     }
@@ -243,9 +425,11 @@ pub fn defend(
                     terms: terms.as_map(),
                 })
             }
-            Method::SafetySft => pair_baseline_loss(net, &batch, PairLoss::SafetySft),
-            Method::GradientAscent => pair_baseline_loss(net, &batch, PairLoss::GradientAscent),
-            Method::Adversarial => pair_baseline_loss(net, &batch, PairLoss::Adversarial),
+            Method::SafetySft => pair_baseline_loss_with(net, &batch, PairLoss::SafetySft, &bl),
+            Method::GradientAscent => {
+                pair_baseline_loss_with(net, &batch, PairLoss::GradientAscent, &bl)
+            }
+            Method::Adversarial => pair_baseline_loss_with(net, &batch, PairLoss::Adversarial, &bl),
             Method::SecurityVectors | Method::RandomInit => unreachable!(),
         }
     })?;

@@ -370,16 +370,36 @@ impl Default for EvalSpec {
 impl Experiment {
     /// Read and check an experiment file.
     pub fn from_toml(path: &Path) -> Result<Self> {
-        let e: Self = crate::io::read_toml(path, "experiment")?;
-        e.validate().map_err(|m| Error::file(path, m))?;
-        Ok(e)
+        let text = std::fs::read_to_string(path)
+            .map_err(|e| Error::file(path, format!("cannot read: {e}")))?;
+        Self::parse(&text, path, "not a valid experiment config")
     }
 
     /// Parse experiment TOML text (`what` names it in errors).
     pub fn from_toml_str(text: &str, what: &str) -> Result<Self> {
-        let e: Self = toml::from_str(text)
-            .map_err(|err| Error::file(Path::new(what), format!("invalid experiment: {err}")))?;
-        e.validate().map_err(|m| Error::file(Path::new(what), m))?;
+        Self::parse(text, Path::new(what), "invalid experiment")
+    }
+
+    /// Parse and check; a defence's `preset` key is expanded first
+    /// ([`crate::defend::expand_preset`]).
+    fn parse(text: &str, path: &Path, invalid: &str) -> Result<Self> {
+        let bad = |e: &dyn std::fmt::Display| Error::file(path, format!("{invalid}: {e}"));
+        let mut table: toml::Table = toml::from_str(text).map_err(|e| bad(&e))?;
+        let mut expanded = false;
+        if let Some(toml::Value::Array(defences)) = table.get_mut("defences") {
+            for (i, d) in defences.iter_mut().enumerate() {
+                if let Some(toml::Value::Table(c)) = d.get_mut("config") {
+                    expanded |= crate::defend::expand_preset(c)
+                        .map_err(|m| Error::file(path, format!("defences[{i}].config.{m}")))?;
+                }
+            }
+        }
+        let e: Self = if expanded {
+            toml::Value::Table(table).try_into().map_err(|e| bad(&e))?
+        } else {
+            toml::from_str(text).map_err(|e| bad(&e))?
+        };
+        e.validate().map_err(|m| Error::file(path, m))?;
         Ok(e)
     }
 
@@ -404,7 +424,6 @@ impl Experiment {
                 ));
             }
             d.config
-                .train
                 .validate()
                 .map_err(|e| format!("defence {}: {e}", d.name))?;
         }

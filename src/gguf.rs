@@ -31,6 +31,8 @@ pub struct GgufTokenizer {
     pub eos_id: Option<u32>,
     pub pad_id: Option<u32>,
     pub chat_template: Option<String>,
+    /// `tokenizer.ggml.add_bos_token`, when the file says.
+    pub add_bos: Option<bool>,
 }
 
 /// Everything read from a GGUF file.
@@ -77,6 +79,15 @@ impl Meta<'_> {
             .map(f32_to_decimal)
             .or_else(|_| v.to_f64())
             .map_err(|e| Error::field(self.path, key, format!("not a number: {e}")))
+    }
+    fn opt_bool(&self, key: &str) -> Result<Option<bool>> {
+        match self.md.get(key) {
+            None => Ok(None),
+            Some(v) => v
+                .to_bool()
+                .map(Some)
+                .map_err(|e| Error::field(self.path, key, format!("not a boolean: {e}"))),
+        }
     }
     fn string(&self, key: &str) -> Result<String> {
         self.get(key)?
@@ -295,6 +306,7 @@ fn read_tokenizer(meta: &Meta) -> Result<GgufTokenizer> {
         eos_id: id("tokenizer.ggml.eos_token_id")?,
         pad_id: id("tokenizer.ggml.padding_token_id")?,
         chat_template: meta.string("tokenizer.chat_template").ok(),
+        add_bos: meta.opt_bool("tokenizer.ggml.add_bos_token")?,
     })
 }
 

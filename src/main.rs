@@ -249,6 +249,11 @@ enum Cmd {
         out: Option<PathBuf>,
         #[arg(long)]
         config: Option<PathBuf>,
+        /// Start from a named preset for the method: `repnoise` (this project's defaults) or
+        /// `reference` (the reference code's settings, docs/REPNOISE.md "Presets"); other flags
+        /// override it. In a config file: `preset = "reference"`.
+        #[arg(long, value_enum, conflicts_with = "config")]
+        preset: Option<repnoise::defend::Preset>,
         #[command(flatten)]
         train: TrainFlags,
         #[command(flatten)]
@@ -259,6 +264,13 @@ enum Cmd {
         max_len: Option<usize>,
         #[arg(long)]
         max_pairs: Option<usize>,
+        /// Weight of the harmful answer's cross-entropy in the adversarial loss (reference: 0.1).
+        #[arg(long)]
+        adversarial_weight: Option<f64>,
+        /// Tokens of the baselines' cross-entropies: `answer`, or `sequence` (every position
+        /// up to --max-len, question and padding included, as the reference code).
+        #[arg(long, value_enum)]
+        loss_tokens: Option<LossTokensArg>,
         /// The security-vectors adapter.
         #[command(flatten)]
         lora: LoraFlags,
@@ -524,6 +536,19 @@ struct TrainFlags {
     freeze: Vec<String>,
     #[arg(long)]
     checkpoint_every: Option<usize>,
+    /// Global gradient-norm clipping at this norm (default 1.0).
+    #[arg(long, conflicts_with = "no_clip")]
+    max_grad_norm: Option<f64>,
+    /// No gradient clipping (the reference code's loops).
+    #[arg(long)]
+    no_clip: bool,
+}
+
+/// `--loss-tokens`.
+#[derive(Clone, Copy, clap::ValueEnum)]
+enum LossTokensArg {
+    Answer,
+    Sequence,
 }
 
 impl TrainFlags {
@@ -557,6 +582,12 @@ impl TrainFlags {
         }
         if let Some(x) = self.checkpoint_every {
             t.checkpoint_every = x;
+        }
+        if self.max_grad_norm.is_some() {
+            t.max_grad_norm = self.max_grad_norm;
+        }
+        if self.no_clip {
+            t.max_grad_norm = None;
         }
         t.validate()?;
         Ok(())
@@ -1637,20 +1668,36 @@ fn run(cli: Cli) -> Result<()> {
             pairs,
             out,
             config,
+            preset,
             train,
             rn,
             format,
             max_len,
             max_pairs,
+            adversarial_weight,
+            loss_tokens,
             lora,
             print_config,
         } => {
-            let mut cfg = match &config {
-                Some(p) => repnoise::defend::DefendConfig::from_toml(p)?,
-                None => Default::default(),
+            use repnoise::defend::{DefendConfig, Method, Preset};
+            let mut cfg = match (&config, preset) {
+                (Some(p), _) => DefendConfig::from_toml(p)?,
+                (None, p) => DefendConfig::preset(
+                    method.unwrap_or(Method::Repnoise),
+                    p.unwrap_or(Preset::Repnoise),
+                ),
             };
             if let Some(m) = method {
                 cfg.method = m;
+            }
+            if let Some(w) = adversarial_weight {
+                cfg.baseline.adversarial_weight = w;
+            }
+            if let Some(t) = loss_tokens {
+                cfg.baseline.tokens = match t {
+                    LossTokensArg::Answer => repnoise::objective::LossTokens::Answer,
+                    LossTokensArg::Sequence => repnoise::objective::LossTokens::Sequence,
+                };
             }
             train.apply(&mut cfg.train)?;
             rn.apply(&mut cfg.repnoise);

@@ -488,12 +488,16 @@ pub fn repnoise_loss(
         } else if cfg.ascent_last_layer_only {
             rows_h.ce(net, &hs[last], false)?
         } else if faithful {
-            // transformers' hidden states end with the *normed* final state, and the lens
-            // norms it again; the final logits' own cross-entropy is added to the sum.
-            // Read out together: every hidden state, then the last one normed once more.
+            // The reference (loss.py, lines 120-128) sums L + 2 readouts: the final logits'
+            // own cross-entropy, then one per entry of transformers' `hidden_states`, whose
+            // last entry is already normed (and the lens norms it again). It divides the sum
+            // by `len(hidden_states)` = L + 1, not by the number of readouts, and adds 1
+            // (`/ len(...) + 1`). Here: every hidden state, then the last one normed once
+            // more, read out together; their mean times (L + 2) / (L + 1) is that quotient.
             let mut all = hs.clone();
             all.push(net.final_norm(&hs[last])?);
-            rows_h.ce_mean(net, &all)?
+            let readouts = all.len() as f64;
+            (rows_h.ce_mean(net, &all)? * (readouts / hs.len() as f64))?
         } else {
             // One readout per hidden state; the last readout is the model's own logits.
             rows_h.ce_mean(net, hs)?
@@ -572,11 +576,92 @@ pub enum PairLoss {
     HarmfulSft,
 }
 
+/// Which tokens the baselines' cross-entropies cover.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum LossTokens {
+    /// The answer: the pair mask on the sequence's own real tokens.
+    #[default]
+    Answer,
+    /// Every position of the sequence padded to `max_len`: the question, the answer and the
+    /// padding (the reference code's `labels=input_ids` for `min_harmless_loss`,
+    /// `max_harmful_loss` and the security vector). The adversarial loss keeps the pair mask,
+    /// as the reference's did.
+    Sequence,
+}
+
+/// Settings of the baselines' losses; the defaults are this project's, [`Self::reference`]
+/// the reference code's.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct BaselineConfig {
+    /// Weight of the harmful answer's cross-entropy in the adversarial loss:
+    /// `CE(refusal) - weight * CE(harmful)`.
+    pub adversarial_weight: f64,
+    pub tokens: LossTokens,
+}
+
+impl Default for BaselineConfig {
+    fn default() -> Self {
+        Self {
+            adversarial_weight: 1.0,
+            tokens: LossTokens::Answer,
+        }
+    }
+}
+
+impl BaselineConfig {
+    /// The reference code's (`boyiwei/RepNoise-Reproduce` a35c98a): adversarial weight 0.1
+    /// (`immunization_llms/arguments.py` line 13, "0.1 for Llama2"), full-sequence losses
+    /// (`training.py` lines 629-634).
+    pub fn reference() -> Self {
+        Self {
+            adversarial_weight: 0.1,
+            tokens: LossTokens::Sequence,
+        }
+    }
+
+    pub fn is_default(&self) -> bool {
+        *self == Self::default()
+    }
+
+    pub fn validate(&self) -> Result<()> {
+        if !(self.adversarial_weight > 0.0 && self.adversarial_weight.is_finite()) {
+            return Err(Error::setting(
+                "baseline.adversarial_weight",
+                self.adversarial_weight,
+                "must be a positive number",
+            ));
+        }
+        Ok(())
+    }
+}
+
+/// [`pair_baseline_loss_with`] at the default settings.
 pub fn pair_baseline_loss(net: &Llama, batch: &PairBatch, which: PairLoss) -> Result<StepLoss> {
+    pair_baseline_loss_with(net, batch, which, &BaselineConfig::default())
+}
+
+/// The baselines' losses on a batch of pairs.
+pub fn pair_baseline_loss_with(
+    net: &Llama,
+    batch: &PairBatch,
+    which: PairLoss,
+    cfg: &BaselineConfig,
+) -> Result<StepLoss> {
+    let whole = cfg.tokens == LossTokens::Sequence && which != PairLoss::Adversarial;
+    let mask = |b: &Batch| -> Vec<Vec<u8>> {
+        if whole {
+            let (rows, t) = b.dims();
+            vec![vec![1; t]; rows]
+        } else {
+            batch.and_real(&b.real)
+        }
+    };
     let mut terms = BTreeMap::new();
     let harmless = if matches!(which, PairLoss::SafetySft | PairLoss::Adversarial) {
         let out = batch.harmless.forward(net, false, false)?;
-        let m = batch.and_real(&batch.harmless.real);
+        let m = mask(&batch.harmless);
         let ce =
             CeRows::standard(&batch.harmless.ids_v, &m).ce(net, &out.hidden_states[0], false)?;
         terms.insert("harmless_ce".to_string(), scalar(&ce)?);
@@ -586,7 +671,7 @@ pub fn pair_baseline_loss(net: &Llama, batch: &PairBatch, which: PairLoss) -> Re
     };
     let harmful = if which != PairLoss::SafetySft {
         let out = batch.harmful.forward(net, false, false)?;
-        let m = batch.and_real(&batch.harmful.real);
+        let m = mask(&batch.harmful);
         let ce =
             CeRows::standard(&batch.harmful.ids_v, &m).ce(net, &out.hidden_states[0], false)?;
         terms.insert("harmful_ce".to_string(), scalar(&ce)?);
@@ -595,7 +680,7 @@ pub fn pair_baseline_loss(net: &Llama, batch: &PairBatch, which: PairLoss) -> Re
         None
     };
     let loss = match (harmless, harmful) {
-        (Some(s), Some(h)) => (s - h)?,
+        (Some(s), Some(h)) => (s - (h * cfg.adversarial_weight)?)?,
         (Some(s), None) => s,
         (None, Some(h)) if which == PairLoss::HarmfulSft => h,
         (None, Some(h)) => h.neg()?,

@@ -31,6 +31,11 @@ pub struct Tok {
     pub bos_token: Option<String>,
     pub eos_token: Option<String>,
     pub pad_token: Option<String>,
+    /// Whether the model's tokenizer puts its beginning-of-sequence token before a text, as
+    /// `transformers` does when it tokenises one (`add_bos_token` in `tokenizer_config.json`,
+    /// else what `tokenizer.json`'s post-processor adds; `tokenizer.ggml.add_bos_token` in a
+    /// GGUF file). The plain format honours it; a chat template writes its own.
+    pub add_bos_token: bool,
     /// Padding id (the pad token, else the end-of-sequence token, else 0).
     pub pad_id: u32,
     /// Ids that end generation (end of sequence and end of turn).
@@ -52,8 +57,18 @@ impl Tok {
         bos_token: Option<String>,
         eos_token: Option<String>,
         pad_token: Option<String>,
+        add_bos_token: Option<bool>,
         extra_stop: &[u32],
     ) -> Self {
+        // Not stated: what the post-processor does to a text with special tokens on.
+        let add_bos_token = add_bos_token.unwrap_or_else(|| {
+            let bos = bos_token.as_deref().and_then(|b| inner.token_to_id(b));
+            let first = inner
+                .encode("a", true)
+                .ok()
+                .and_then(|e| e.get_ids().first().copied());
+            bos.is_some() && first == bos
+        });
         let mut stop_ids: Vec<u32> = extra_stop.to_vec();
         for name in eos_token
             .iter()
@@ -77,6 +92,7 @@ impl Tok {
             bos_token,
             eos_token,
             pad_token,
+            add_bos_token,
             pad_id,
             stop_ids,
         }
@@ -95,7 +111,7 @@ impl Tok {
         let inner = tokenizers::Tokenizer::from_file(&tj)
             .map_err(|e| Error::file(&tj, format!("not a valid tokenizer: {e}")))?;
         let mut chat_template = None;
-        let (mut bos, mut eos, mut pad) = (None, None, None);
+        let (mut bos, mut eos, mut pad, mut add_bos) = (None, None, None, None);
         let tc = dir.join("tokenizer_config.json");
         if tc.is_file() {
             let text = std::fs::read_to_string(&tc)
@@ -123,6 +139,11 @@ impl Tok {
             bos = token_str(v.get("bos_token"));
             eos = token_str(v.get("eos_token"));
             pad = token_str(v.get("pad_token"));
+            add_bos = match v.get("add_bos_token") {
+                None | Some(Value::Null) => None,
+                Some(Value::Bool(b)) => Some(*b),
+                Some(_) => return Err(Error::field(&tc, "add_bos_token", "must be true or false")),
+            };
         }
         let jinja = dir.join("chat_template.jinja");
         if chat_template.is_none() && jinja.is_file() {
@@ -147,7 +168,15 @@ impl Tok {
                 }
             }
         }
-        Ok(Self::finish(inner, chat_template, bos, eos, pad, &extra))
+        Ok(Self::finish(
+            inner,
+            chat_template,
+            bos,
+            eos,
+            pad,
+            add_bos,
+            &extra,
+        ))
     }
 
     /// Build the tokenizer a GGUF file describes. `origin` names the file for messages.
@@ -162,6 +191,9 @@ impl Tok {
             name(g.bos_id),
             name(g.eos_id),
             name(g.pad_id),
+            // llama.cpp's default when the file does not say: on for SentencePiece
+            // vocabularies (`llama`), off for byte-level BPE (`gpt2`).
+            Some(g.add_bos.unwrap_or(g.model == "llama")),
             &g.eos_id.into_iter().collect::<Vec<_>>(),
         ))
     }
@@ -170,7 +202,15 @@ impl Tok {
     pub fn from_json_str(json: &str, chat_template: Option<String>) -> Result<Self> {
         let inner = tokenizers::Tokenizer::from_bytes(json.as_bytes())
             .map_err(|e| Error::msg(format!("invalid tokenizer json: {e}")))?;
-        Ok(Self::finish(inner, chat_template, None, None, None, &[]))
+        Ok(Self::finish(
+            inner,
+            chat_template,
+            None,
+            None,
+            None,
+            None,
+            &[],
+        ))
     }
 
     pub fn inner(&self) -> &tokenizers::Tokenizer {
@@ -255,6 +295,7 @@ impl Tok {
                 obj.insert(k.into(), Value::String(v.clone()));
             }
         }
+        obj.insert("add_bos_token".into(), Value::Bool(self.add_bos_token));
         crate::io::write_json_atomic(&dir.join("tokenizer_config.json"), &cfg)
     }
 }

@@ -49,7 +49,8 @@ pub struct TrainConfig {
     /// Stop after this many optimizer steps (fewer than the epochs give), if set.
     pub max_steps: Option<usize>,
     pub weight_decay: f64,
-    /// Global gradient-norm clipping; `None` disables it.
+    /// Global gradient-norm clipping; `None` disables it (`max_grad_norm = false` in a file).
+    #[serde(serialize_with = "grad_norm_out", deserialize_with = "grad_norm_in")]
     pub max_grad_norm: Option<f64>,
     pub seed: u64,
     /// Frozen parameters (see [`Freeze`]): layer ranges `0-10`, single layers `5`, `embed`,
@@ -70,6 +71,36 @@ pub struct TrainConfig {
 
 fn yes() -> bool {
     true
+}
+
+/// Clipping off is written `false` (TOML has no null).
+fn grad_norm_out<S: serde::Serializer>(
+    v: &Option<f64>,
+    s: S,
+) -> std::result::Result<S::Ok, S::Error> {
+    match v {
+        Some(n) => s.serialize_f64(*n),
+        None => s.serialize_bool(false),
+    }
+}
+
+/// A norm, or `false` (or a JSON null) for no clipping.
+fn grad_norm_in<'de, D: serde::Deserializer<'de>>(
+    d: D,
+) -> std::result::Result<Option<f64>, D::Error> {
+    #[derive(Deserialize)]
+    #[serde(untagged)]
+    enum V {
+        Norm(f64),
+        Flag(bool),
+    }
+    match Option::<V>::deserialize(d)? {
+        None | Some(V::Flag(false)) => Ok(None),
+        Some(V::Norm(n)) => Ok(Some(n)),
+        Some(V::Flag(true)) => Err(serde::de::Error::custom(
+            "max_grad_norm = true names no norm: give a number, or false for no clipping",
+        )),
+    }
 }
 
 impl Default for TrainConfig {

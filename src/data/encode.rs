@@ -66,13 +66,19 @@ pub struct Padding {
 pub struct EncodeOptions {
     pub format: PromptFormat,
     /// Prepend the tokenizer's beginning-of-sequence token (plain format; a chat template
-    /// writes its own).
+    /// writes its own) even where the tokenizer does not ask for it. Where it does
+    /// ([`Tok::add_bos_token`], e.g. Llama-2's), the plain format always starts with it, as
+    /// `transformers` tokenises a text.
     pub add_bos: bool,
     /// Append the end-of-sequence token after the answer (plain format; a chat template ends
     /// the turn itself). It counts as an answer token.
     pub add_eos: bool,
     /// Keep at most this many tokens (the end is cut).
     pub max_len: Option<usize>,
+    /// Plain format only: join question and answer with no space, `Answer:{a}`, as the
+    /// reference code wrote its harmful training texts (the faithful modes).
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub reference_join: bool,
 }
 
 /// One tokenised sequence.
@@ -145,6 +151,12 @@ pub fn plain_text(prompt: &str, response: &str) -> String {
     format!("{} {response}", plain_prompt(prompt))
 }
 
+/// The reference code's harmful training text: `Question: {prompt}\nAnswer:{response}`, no
+/// space (`boyiwei/RepNoise-Reproduce` a35c98a, `immunization_llms/datasets.py` lines 386-388).
+pub fn reference_text(prompt: &str, response: &str) -> String {
+    format!("{}{response}", plain_prompt(prompt))
+}
+
 fn special_id(tok: &Tok, token: Option<&str>, what: &str) -> Result<u32> {
     token.and_then(|t| tok.token_to_id(t)).ok_or_else(|| {
         Error::setting(
@@ -172,7 +184,7 @@ fn finish(
     answer: bool,
 ) -> Result<Encoded> {
     if opts.format == PromptFormat::Plain {
-        if opts.add_bos {
+        if opts.add_bos || tok.add_bos_token {
             ids.insert(0, special_id(tok, tok.bos_token.as_deref(), "bos")?);
             mask.insert(0, 0);
         }
@@ -198,7 +210,11 @@ pub fn encode_qa(tok: &Tok, prompt: &str, response: &str, opts: &EncodeOptions) 
     match opts.format {
         PromptFormat::Plain => {
             let start = plain_prompt(prompt).len();
-            let text = plain_text(prompt, response);
+            let text = if opts.reference_join {
+                reference_text(prompt, response)
+            } else {
+                plain_text(prompt, response)
+            };
             let (ids, offsets) = tok.encode_with_offsets(&text)?;
             finish(tok, ids, answer_mask(&offsets, start), opts, true)
         }
@@ -309,8 +325,14 @@ pub fn encode_pair(
             "defence pairs must be right-padded: the pair mask compares positions",
         ));
     }
+    // The reference code's refusals are decoded generations after `Answer:`, so they read
+    // `Answer: {refusal}` whichever way the harmful text is joined.
+    let harmless_opts = EncodeOptions {
+        reference_join: false,
+        ..*opts
+    };
     let mut harmful = encode_qa(tok, &pair.prompt, &pair.harmful, opts)?;
-    let mut harmless = encode_qa(tok, &pair.prompt, &pair.harmless, opts)?;
+    let mut harmless = encode_qa(tok, &pair.prompt, &pair.harmless, &harmless_opts)?;
     let len = match padding.length {
         PadLength::Fixed(n) => n,
         PadLength::Longest => harmful.len().max(harmless.len()),

@@ -63,6 +63,7 @@ pub fn tiny_tokenizer_description() -> repnoise::gguf::GgufTokenizer {
         eos_id: Some(2),
         pad_id: Some(2),
         chat_template: Some(SMOL_TEMPLATE.into()),
+        add_bos: None,
     }
 }
 

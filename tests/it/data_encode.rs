@@ -241,3 +241,129 @@ fn padding_errors_and_batches() {
     assert_eq!(batch[0].attention_mask[..k], vec![0; k]);
     assert_eq!(batch[0].ids[k..], prompt_ids());
 }
+
+/// A Llama-2-style tokenizer puts its BOS token before every plain text, as `transformers`
+/// tokenises one: the flag comes from `tokenizer.ggml.add_bos_token` (GGUF), from
+/// `add_bos_token` in `tokenizer_config.json`, or, when that is absent, from what
+/// `tokenizer.json`'s post-processor adds. A chat template writes its own, so chat encodings are
+/// unchanged; SmolLM2-style tokenizers (no flag, byte-level BPE, no post-processor) add none.
+#[test]
+fn bos_as_the_tokenizer_asks() {
+    use repnoise::tokenizer::Tok;
+    use std::path::Path;
+    let plain = EncodeOptions::default();
+    let chat = EncodeOptions {
+        format: PromptFormat::Chat,
+        ..EncodeOptions::default()
+    };
+    let smol = common::tiny_tok();
+    assert!(!smol.add_bos_token);
+
+    // GGUF: the file's flag.
+    let mut desc = common::tiny_tokenizer_description();
+    desc.add_bos = Some(true);
+    let llama = Tok::from_gguf(&desc, Path::new("tiny-llama.gguf")).unwrap();
+    assert!(llama.add_bos_token);
+    let e = encode_qa(&llama, "hi", "the", &plain).unwrap();
+    let mut want = vec![1];
+    want.extend(prompt_ids());
+    want.extend([SP_T, HE]);
+    assert_eq!(e.ids, want);
+    assert_eq!(e.loss_mask[0], 0, "the BOS token is not an answer token");
+    let p = encode_prompt(&llama, "hi", &plain).unwrap();
+    assert_eq!(p.ids[0], 1);
+    assert_eq!(&p.ids[1..], &prompt_ids()[..]);
+    // A defence pair: BOS in both sequences, out of the pair mask.
+    let pad = Padding {
+        side: PadSide::Right,
+        pad_id: 2,
+        length: PadLength::Longest,
+    };
+    let ep = encode_pair(&llama, &pair(), &plain, &pad).unwrap();
+    assert_eq!((ep.harmful.ids[0], ep.harmless.ids[0]), (1, 1));
+    assert_eq!(ep.pair_mask[0], 0);
+    assert_eq!(
+        encode_qa(&llama, "hi", "the", &chat).unwrap().ids,
+        encode_qa(&smol, "hi", "the", &chat).unwrap().ids,
+        "a chat template writes its own special tokens"
+    );
+
+    // A Hugging Face directory whose tokenizer.json's post-processor adds the BOS token.
+    let dir = std::env::temp_dir().join(format!("repnoise-bos-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let mut tj = repnoise::tokenizer::gguf_tokenizer_json(&desc, Path::new("tiny.gguf")).unwrap();
+    let bos = common::SPECIALS[1];
+    tj["post_processor"] = serde_json::json!({
+        "type": "TemplateProcessing",
+        "single": [{"SpecialToken": {"id": bos, "type_id": 0}}, {"Sequence": {"id": "A", "type_id": 0}}],
+        "pair": [{"SpecialToken": {"id": bos, "type_id": 0}}, {"Sequence": {"id": "A", "type_id": 0}},
+                 {"SpecialToken": {"id": bos, "type_id": 1}}, {"Sequence": {"id": "B", "type_id": 1}}],
+        "special_tokens": {bos: {"id": bos, "ids": [1], "tokens": [bos]}}
+    });
+    std::fs::write(dir.join("tokenizer.json"), tj.to_string()).unwrap();
+    let config = |extra: serde_json::Value| {
+        let mut c = serde_json::json!({"bos_token": bos, "eos_token": common::SPECIALS[2]});
+        if let serde_json::Value::Object(m) = extra {
+            c.as_object_mut().unwrap().extend(m);
+        }
+        std::fs::write(dir.join("tokenizer_config.json"), c.to_string()).unwrap();
+        Tok::from_hf_dir(&dir).unwrap()
+    };
+    let t = config(serde_json::json!({}));
+    assert!(t.add_bos_token, "the post-processor adds BOS");
+    assert_eq!(encode_qa(&t, "hi", "the", &plain).unwrap().ids, want);
+    let t = config(serde_json::json!({"add_bos_token": false}));
+    assert!(!t.add_bos_token, "the config's flag wins");
+    assert_eq!(encode_qa(&t, "hi", "the", &plain).unwrap().ids[0], b('Q'));
+    let t = config(serde_json::json!({"add_bos_token": true}));
+    assert!(t.add_bos_token);
+    // Saving keeps the flag.
+    let saved = dir.join("saved");
+    std::fs::create_dir_all(&saved).unwrap();
+    llama.save(&saved).unwrap();
+    assert!(Tok::from_hf_dir(&saved).unwrap().add_bos_token);
+    smol.save(&saved).unwrap();
+    assert!(!Tok::from_hf_dir(&saved).unwrap().add_bos_token);
+    // A flag that is not a boolean is named.
+    std::fs::write(
+        dir.join("tokenizer_config.json"),
+        r#"{"bos_token": "<|im_start|>", "add_bos_token": "yes"}"#,
+    )
+    .unwrap();
+    let err = Tok::from_hf_dir(&dir)
+        .err()
+        .expect("a string flag is refused")
+        .to_string();
+    assert!(err.contains("add_bos_token"), "{err}");
+    std::fs::remove_dir_all(&dir).ok();
+}
+
+/// The faithful modes' texts: the harmful answer joined as the reference code did,
+/// `Answer:{a}` with no space, while the refusal keeps its space (the reference's refusals are
+/// generations decoded after `Answer:`, which read `Answer: I ...`).
+#[test]
+fn reference_join_for_the_harmful_side_only() {
+    let tok = common::tiny_tok();
+    let opts = EncodeOptions {
+        reference_join: true,
+        ..EncodeOptions::default()
+    };
+    let e = encode_qa(&tok, "hi", "the", &opts).unwrap();
+    let mut want = prompt_ids();
+    want.extend([b('t'), HE]);
+    assert_eq!(e.ids, want);
+    assert_eq!(e.loss_mask[20..], [1, 1]);
+    let pad = Padding {
+        side: PadSide::Right,
+        pad_id: 2,
+        length: PadLength::Longest,
+    };
+    let ep = encode_pair(&tok, &pair(), &opts, &pad).unwrap();
+    assert_eq!(&ep.harmful.ids[..22], &want[..]);
+    let mut refusal = prompt_ids();
+    refusal.extend(bytes(" no"));
+    assert_eq!(&ep.harmless.ids[..23], &refusal[..]);
+    // Both share the prompt; they differ from the first answer token on.
+    assert_eq!(ep.pair_mask[..20], [0; 20]);
+    assert!(ep.pair_mask[20..].iter().all(|&m| m == 1));
+}

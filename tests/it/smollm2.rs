@@ -85,17 +85,29 @@ fn converted_directory_reloads_with_identical_logits() {
 
 #[derive(serde::Deserialize)]
 struct LossReference {
-    max_len: usize,
     pad_id: u32,
+    cases: Vec<LossCase>,
+}
+
+#[derive(serde::Deserialize)]
+struct LossCase {
+    pairs: String,
+    max_len: usize,
+    hidden_states: usize,
     harmful_ids: Vec<Vec<u32>>,
     harmless_ids: Vec<Vec<u32>>,
     mask_positions: usize,
     harmless_ce: f64,
     harmful_ce: f64,
+    ascent: f64,
 }
 
-/// `repnoise loss --faithful` against the reference PyTorch arithmetic
-/// (tests/reference/make_repnoise_loss_reference.py), within 1e-3 relative.
+/// `repnoise loss --faithful` against the authors' published arithmetic
+/// (`representation_noising/loss.py`, reproduced in PyTorch by
+/// tests/reference/make_repnoise_loss_reference.py), within 1e-4 relative, on three cases: the
+/// fixture pairs and five BeaverTails pairs cut at 40 and at 128 tokens. The lens sum is divided
+/// by `len(hidden_states)` = L + 1 although it has L + 2 readouts; dividing by L + 2 gives
+/// `harmful_ce` about 3% low and fails here.
 #[test]
 fn faithful_repnoise_loss_matches_the_reference() {
     use repnoise::data::encode::PromptFormat;
@@ -103,58 +115,80 @@ fn faithful_repnoise_loss_matches_the_reference() {
     let r: LossReference =
         serde_json::from_str(include_str!("../reference/repnoise_loss_reference.json")).unwrap();
     let m = smollm2();
-    let pairs =
-        repnoise::data::read_pairs(std::path::Path::new("tests/fixtures/pairs/small.jsonl"))
-            .unwrap()
-            .records;
     assert_eq!(m.tok.pad_id, r.pad_id);
-    let enc =
-        repnoise::defend::encode_pairs(&m, &pairs, PromptFormat::Plain, r.max_len, true).unwrap();
-    for (i, e) in enc.iter().enumerate() {
-        let real = |x: &repnoise::data::Encoded| -> Vec<u32> {
-            x.ids
-                .iter()
-                .zip(&x.attention_mask)
-                .filter(|(_, &a)| a == 1)
-                .map(|(&t, _)| t)
-                .collect()
-        };
-        assert_eq!(real(&e.harmful), r.harmful_ids[i], "pair {i} harmful ids");
-        assert_eq!(
-            real(&e.harmless),
-            r.harmless_ids[i],
-            "pair {i} harmless ids"
-        );
-    }
+    assert_eq!(r.cases.len(), 3);
     let cfg = RepNoiseConfig {
         faithful: true,
         ..RepNoiseConfig::default()
     };
-    let t =
-        repnoise::defend::loss_terms(&m, &pairs, PromptFormat::Plain, r.max_len, &cfg, 42).unwrap();
     let rel = |a: f64, b: f64| ((a - b) / b).abs();
-    assert!(
-        rel(t.harmless_ce, r.harmless_ce) < 1e-3,
-        "harmless_ce {} vs {}",
-        t.harmless_ce,
-        r.harmless_ce
-    );
-    assert!(
-        rel(t.harmful_ce, r.harmful_ce) < 1e-3,
-        "harmful_ce {} vs {}",
-        t.harmful_ce,
-        r.harmful_ce
-    );
-    assert_eq!(t.mask_positions, r.mask_positions);
-    let want = t.harmless_ce + 0.001 * t.noise_mmd - (1.0 + t.harmful_ce).ln();
-    assert!((t.loss - want).abs() < 1e-4, "loss {} vs {want}", t.loss);
+    for c in &r.cases {
+        let what = format!("{} at max_len {}", c.pairs, c.max_len);
+        assert_eq!(c.hidden_states, m.config.num_layers + 1, "{what}");
+        let pairs = repnoise::data::read_pairs(std::path::Path::new(&c.pairs))
+            .unwrap()
+            .records;
+        let enc = repnoise::defend::encode_pairs(&m, &pairs, PromptFormat::Plain, c.max_len, true)
+            .unwrap();
+        for (i, e) in enc.iter().enumerate() {
+            let real = |x: &repnoise::data::Encoded| -> Vec<u32> {
+                x.ids
+                    .iter()
+                    .zip(&x.attention_mask)
+                    .filter(|(_, &a)| a == 1)
+                    .map(|(&t, _)| t)
+                    .collect()
+            };
+            assert_eq!(
+                real(&e.harmful),
+                c.harmful_ids[i],
+                "{what}: pair {i} harmful ids"
+            );
+            assert_eq!(
+                real(&e.harmless),
+                c.harmless_ids[i],
+                "{what}: pair {i} harmless ids"
+            );
+        }
+        let t = repnoise::defend::loss_terms(&m, &pairs, PromptFormat::Plain, c.max_len, &cfg, 42)
+            .unwrap();
+        assert!(
+            rel(t.harmless_ce, c.harmless_ce) < 1e-4,
+            "{what}: harmless_ce {} vs {}",
+            t.harmless_ce,
+            c.harmless_ce
+        );
+        assert!(
+            rel(t.harmful_ce, c.harmful_ce) < 1e-4,
+            "{what}: harmful_ce {} vs {}",
+            t.harmful_ce,
+            c.harmful_ce
+        );
+        assert!(
+            rel((1.0 + t.harmful_ce).ln(), c.ascent) < 1e-4,
+            "{what}: ascent"
+        );
+        assert_eq!(t.mask_positions, c.mask_positions, "{what}");
+        let want = t.harmless_ce + 0.001 * t.noise_mmd - (1.0 + t.harmful_ce).ln();
+        assert!(
+            (t.loss - want).abs() < 1e-4,
+            "{what}: loss {} vs {want}",
+            t.loss
+        );
+    }
+    let c = &r.cases[0];
+    let pairs = repnoise::data::read_pairs(std::path::Path::new(&c.pairs))
+        .unwrap()
+        .records;
+    let t =
+        repnoise::defend::loss_terms(&m, &pairs, PromptFormat::Plain, c.max_len, &cfg, 42).unwrap();
     // The default mode fixes the quirks: no constant term, no padding trained on, so the
     // refusal's cross-entropy is lower.
     let d = repnoise::defend::loss_terms(
         &m,
         &pairs,
         PromptFormat::Plain,
-        r.max_len,
+        c.max_len,
         &RepNoiseConfig::default(),
         42,
     )

@@ -13,8 +13,9 @@ use repnoise::defend::{self, DefendConfig, Method};
 use repnoise::model::Llama;
 use repnoise::modelio::LoadedModel;
 use repnoise::objective::{
-    full_logits_ce, mmd, opening_unlikelihood, pair_baseline_loss, repnoise_loss, sft_loss, Batch,
-    CeRows, PairBatch, PairLoss, RepNoiseConfig,
+    full_logits_ce, mmd, opening_unlikelihood, pair_baseline_loss, pair_baseline_loss_with,
+    repnoise_loss, sft_loss, BaselineConfig, Batch, CeRows, LossTokens, PairBatch, PairLoss,
+    RepNoiseConfig,
 };
 use repnoise::rng::Rng;
 use repnoise::train::{self, Freeze, Interrupt, RunDir, StepLoss, TrainConfig};
@@ -808,4 +809,152 @@ fn pairs_load_from_every_pair_bearing_format() {
     assert_eq!(own.records.len(), 4);
     let e = load_pairs_any(&f("advbench.csv")).unwrap_err().to_string();
     assert!(e.contains("advbench.csv") && e.contains("no pairs"), "{e}");
+}
+
+/// The reference code's baseline settings: the adversarial loss weighs the harmful answer by
+/// 0.1 (`CE(refusal) - 0.1 CE(harmful)`, the same terms), and `tokens = "sequence"` trains every
+/// position of the padded sequence, question and padding included (the reference's
+/// `labels=input_ids`), which is the full-logits cross-entropy with an all-ones mask.
+#[test]
+fn reference_baseline_settings() {
+    let m = tiny_model(3);
+    let net = Llama::trainable(&m.config, &m.params).unwrap();
+    let enc = encoded(&m, false);
+    let refs: Vec<&EncodedPair> = enc.iter().collect();
+    let pb = PairBatch::new(&refs, m.tok.pad_id, &Device::Cpu).unwrap();
+    let reference = BaselineConfig::reference();
+    assert_eq!(reference.adversarial_weight, 0.1);
+    let adv = pair_baseline_loss_with(&net, &pb, PairLoss::Adversarial, &reference).unwrap();
+    let (s, h) = (adv.terms["harmless_ce"], adv.terms["harmful_ce"]);
+    assert!((scalar(&adv.loss) - (s - 0.1 * h)).abs() < 1e-5);
+    let plain = pair_baseline_loss(&net, &pb, PairLoss::Adversarial).unwrap();
+    assert!(
+        (plain.terms["harmful_ce"] - h).abs() < 1e-6,
+        "the adversarial loss keeps the pair mask in both settings"
+    );
+
+    let (rows, t) = pb.harmless.dims();
+    let ones = vec![vec![1u8; t]; rows];
+    let sft = pair_baseline_loss_with(&net, &pb, PairLoss::SafetySft, &reference).unwrap();
+    let want = full_logits_ce(&net, &pb.harmless, &ones, false).unwrap();
+    assert!((scalar(&sft.loss) - scalar(&want)).abs() < 1e-5);
+    let answer_only = pair_baseline_loss(&net, &pb, PairLoss::SafetySft).unwrap();
+    assert!((scalar(&answer_only.loss) - scalar(&want)).abs() > 1e-3);
+    let ga = pair_baseline_loss_with(&net, &pb, PairLoss::GradientAscent, &reference).unwrap();
+    let want = full_logits_ce(&net, &pb.harmful, &ones, false).unwrap();
+    assert!((scalar(&ga.loss) + scalar(&want)).abs() < 1e-5);
+
+    let bad = BaselineConfig {
+        adversarial_weight: 0.0,
+        tokens: LossTokens::Answer,
+    };
+    assert!(bad
+        .validate()
+        .unwrap_err()
+        .to_string()
+        .contains("adversarial_weight"));
+}
+
+/// `preset = "reference"` in a defence's table starts from the reference's settings for its
+/// method, the table's own keys over them; `max_grad_norm = false` turns clipping off and
+/// survives a round trip through TOML.
+#[test]
+fn presets_and_clipping_off_in_files() {
+    use repnoise::defend::Preset;
+    let exp = repnoise::experiment::Experiment::from_toml_str(
+        r#"
+name = "p"
+seeds = [1]
+[[defences]]
+name = "adv"
+[defences.config]
+method = "adversarial"
+preset = "reference"
+[defences.config.train]
+lr = 3e-5
+[[defences]]
+name = "sv"
+[defences.config]
+method = "security-vectors"
+preset = "reference"
+[[defences]]
+name = "rn"
+[defences.config]
+method = "repnoise"
+"#,
+        "presets.toml",
+    )
+    .unwrap();
+    let adv = &exp.defences[0].config;
+    assert_eq!(adv.train.lr, 3e-5, "the table's own key wins");
+    assert_eq!((adv.train.batch_size, adv.train.epochs), (4, 4));
+    assert_eq!(adv.train.max_grad_norm, None);
+    assert_eq!(adv.baseline.adversarial_weight, 0.1);
+    assert_eq!(adv.format, PromptFormat::Plain);
+    let sv = &exp.defences[1].config;
+    assert_eq!(
+        *sv,
+        DefendConfig::preset(Method::SecurityVectors, Preset::Reference)
+    );
+    assert_eq!((sv.lora.rank, sv.lora.alpha, sv.train.lr), (8, 32.0, 1e-3));
+    assert_eq!(sv.lora.targets, vec!["q_proj", "v_proj"]);
+    let rn = &exp.defences[2].config;
+    assert_eq!(rn.train.max_grad_norm, Some(1.0), "no preset: the defaults");
+    let reference_rn = DefendConfig::preset(Method::Repnoise, Preset::Reference);
+    assert!(reference_rn.repnoise.faithful && reference_rn.max_len == 128);
+
+    let err = repnoise::experiment::Experiment::from_toml_str(
+        "name = \"p\"\nseeds = [1]\n[[defences]]\nname = \"a\"\n[defences.config]\npreset = \"papers\"\n",
+        "bad.toml",
+    )
+    .unwrap_err()
+    .to_string();
+    assert!(err.contains("bad.toml") && err.contains("preset"), "{err}");
+
+    let tmp = tempfile::tempdir().unwrap();
+    let f = tmp.path().join("d.toml");
+    std::fs::write(
+        &f,
+        "method = \"safety-sft\"\n[train]\nmax_grad_norm = false\n",
+    )
+    .unwrap();
+    let c = DefendConfig::from_toml(&f).unwrap();
+    assert_eq!(c.train.max_grad_norm, None);
+    let back: DefendConfig = toml::from_str(&toml::to_string(&c).unwrap()).unwrap();
+    assert_eq!(back, c);
+    std::fs::write(&f, "method = \"safety-sft\"\npreset = \"reference\"\n").unwrap();
+    let c = DefendConfig::from_toml(&f).unwrap();
+    assert_eq!(c.baseline.tokens, LossTokens::Sequence);
+    assert_eq!(c.max_len, 256);
+    std::fs::write(&f, "[train]\nmax_grad_norm = true\n").unwrap();
+    let err = DefendConfig::from_toml(&f).unwrap_err().to_string();
+    assert!(
+        err.contains("max_grad_norm") && err.contains("d.toml"),
+        "{err}"
+    );
+}
+
+/// A reference-preset safety-SFT defence runs end to end on a tiny model (full-sequence loss
+/// over pairs padded to max_len, no clipping).
+#[test]
+fn reference_preset_defence_runs() {
+    use repnoise::defend::Preset;
+    let tmp = tempfile::tempdir().unwrap();
+    let pairs = write_pairs(tmp.path());
+    for method in [
+        Method::SafetySft,
+        Method::Adversarial,
+        Method::SecurityVectors,
+    ] {
+        let mut cfg = DefendConfig::preset(method, Preset::Reference);
+        cfg.max_len = 40;
+        cfg.train.batch_size = 2;
+        cfg.train.epochs = 1;
+        let mut m = tiny_model(6);
+        let out = tmp.path().join(format!("{method}"));
+        defend::defend(&mut m, &pairs, &cfg, &out, Interrupt::default()).unwrap();
+        let metrics = std::fs::read_to_string(out.join("metrics.jsonl")).unwrap();
+        assert!(!metrics.is_empty(), "{method}");
+        assert!(out.join("DONE").exists(), "{method}");
+    }
 }
