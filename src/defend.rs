@@ -124,8 +124,11 @@ impl DefendConfig {
         }
         // Shared by every method in the reference's loop (`training.py` lines 300-323):
         // Adam without weight decay, cosine schedule with 10% warm-up, no gradient clipping
-        // (line 300 leaves it as a TODO), 1 epoch, batch 8 (`arguments.py`), plain
-        // `Question:`/`Answer:` texts, 256 tokens (128 for the MMD losses, `main.py` 119-121).
+        // (line 300 leaves it as a TODO), plain `Question:`/`Answer:` texts, 256 tokens (128
+        // for the MMD losses, `main.py` 119-121). lr 2e-5, batch 8 and 1 epoch are the RepNoise
+        // run's (`experiments/eval_script.sh` 17-34); the scripts give none for safety-SFT,
+        // gradient ascent or the security vector's attack (`arguments.py` defaults: lr 8e-5,
+        // batch 4).
         let train = TrainConfig {
             lr: 2e-5,
             warmup_ratio: 0.1,
