@@ -98,12 +98,21 @@ impl DefendConfig {
     /// Read a defence file; `preset = "..."` in it starts from that preset (see
     /// [`expand_preset`]).
     pub fn from_toml(path: &Path) -> Result<Self> {
+        Self::from_toml_for(path, None)
+    }
+
+    /// [`Self::from_toml`] with the method given on the command line: it replaces the file's
+    /// before a preset in the file is expanded, so the preset is the method's.
+    pub fn from_toml_for(path: &Path, method: Option<Method>) -> Result<Self> {
         let text = std::fs::read_to_string(path)
             .map_err(|e| Error::file(path, format!("cannot read: {e}")))?;
         let invalid = |e: &dyn std::fmt::Display| {
             Error::file(path, format!("not a valid defend config: {e}"))
         };
         let mut table: toml::Table = toml::from_str(&text).map_err(|e| invalid(&e))?;
+        if let (Some(m), true) = (method, table.contains_key("preset")) {
+            table.insert("method".into(), toml::Value::String(m.to_string()));
+        }
         if expand_preset(&mut table).map_err(|m| Error::file(path, m))? {
             toml::Value::Table(table)
                 .try_into()

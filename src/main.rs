@@ -97,7 +97,8 @@ enum Cmd {
         #[arg(long)]
         json: bool,
     },
-    /// Per-token log-probabilities of a text, tokenized exactly as given.
+    /// Per-token log-probabilities of a text, tokenized exactly as given (after the
+    /// beginning-of-sequence token where the tokenizer asks for one, as for any model input).
     Logprobs {
         #[command(flatten)]
         model: ModelArg,
@@ -1311,7 +1312,7 @@ fn run(cli: Cli) -> Result<()> {
                     msgs.push(Message::user(p));
                     chat::render(&m.tok, &msgs, true)?.ids
                 } else {
-                    m.tok.encode(p)?
+                    m.tok.encode_text(p)?
                 };
                 prompts.push(ids);
             }
@@ -1340,7 +1341,7 @@ fn run(cli: Cli) -> Result<()> {
         }
         Cmd::Logprobs { model, text, json } => {
             let m = load(g, &model.model)?;
-            let ids = m.tok.encode(&text)?;
+            let ids = m.tok.encode_text(&text)?;
             let net = Llama::frozen(&m.config, &m.params)?;
             let lps = generate::token_logprobs(&net, &ids)?;
             if json {
@@ -1681,7 +1682,7 @@ fn run(cli: Cli) -> Result<()> {
         } => {
             use repnoise::defend::{DefendConfig, Method, Preset};
             let mut cfg = match (&config, preset) {
-                (Some(p), _) => DefendConfig::from_toml(p)?,
+                (Some(p), _) => DefendConfig::from_toml_for(p, method)?,
                 (None, p) => DefendConfig::preset(
                     method.unwrap_or(Method::Repnoise),
                     p.unwrap_or(Preset::Repnoise),

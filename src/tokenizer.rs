@@ -223,6 +223,22 @@ impl Tok {
         Ok(self.encode_with_offsets(text)?.0)
     }
 
+    /// Encode a whole text as the model's tokenizer would for a model input: [`Self::encode`],
+    /// after the beginning-of-sequence token when the tokenizer asks for one
+    /// ([`Self::add_bos_token`]).
+    pub fn encode_text(&self, text: &str) -> Result<Vec<u32>> {
+        let mut ids = self.encode(text)?;
+        if self.add_bos_token {
+            let bos = self
+                .bos_token
+                .as_deref()
+                .and_then(|b| self.token_to_id(b))
+                .ok_or_else(|| Error::msg("the tokenizer asks for a BOS token but has none"))?;
+            ids.insert(0, bos);
+        }
+        Ok(ids)
+    }
+
     /// Ids and the byte span of each token in `text`.
     pub fn encode_with_offsets(&self, text: &str) -> Result<(Vec<u32>, Vec<(usize, usize)>)> {
         let enc = self

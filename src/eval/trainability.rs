@@ -47,7 +47,7 @@ pub fn describe(
     let net = Llama::frozen(&model.config, &model.params)?;
     let enc: Vec<Vec<u32>> = prompts
         .iter()
-        .map(|p| model.tok.encode(p))
+        .map(|p| model.tok.encode_text(p))
         .collect::<Result<_>>()?;
     let cfg = SamplingConfig {
         max_new_tokens,

@@ -270,6 +270,8 @@ fn bos_as_the_tokenizer_asks() {
     want.extend([SP_T, HE]);
     assert_eq!(e.ids, want);
     assert_eq!(e.loss_mask[0], 0, "the BOS token is not an answer token");
+    assert_eq!(llama.encode_text("hi").unwrap(), vec![1, b('h'), b('i')]);
+    assert_eq!(smol.encode_text("hi").unwrap(), vec![b('h'), b('i')]);
     let p = encode_prompt(&llama, "hi", &plain).unwrap();
     assert_eq!(p.ids[0], 1);
     assert_eq!(&p.ids[1..], &prompt_ids()[..]);

@@ -926,6 +926,14 @@ method = "repnoise"
     let c = DefendConfig::from_toml(&f).unwrap();
     assert_eq!(c.baseline.tokens, LossTokens::Sequence);
     assert_eq!(c.max_len, 256);
+    // The command line's method picks the preset a file names.
+    std::fs::write(&f, "preset = \"reference\"\n").unwrap();
+    let c = DefendConfig::from_toml_for(&f, Some(Method::Adversarial)).unwrap();
+    assert_eq!(
+        c,
+        DefendConfig::preset(Method::Adversarial, Preset::Reference)
+    );
+    assert_eq!((c.train.batch_size, c.train.epochs), (4, 4));
     std::fs::write(&f, "[train]\nmax_grad_norm = true\n").unwrap();
     let err = DefendConfig::from_toml(&f).unwrap_err().to_string();
     assert!(
