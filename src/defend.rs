@@ -14,8 +14,8 @@ use crate::lora::{Lora, LoraConfig, SecurityVector};
 use crate::model::Llama;
 use crate::modelio::{save_hf_dir, LoadedModel};
 use crate::objective::{
-    pair_baseline_loss_with, repnoise_loss, BaselineConfig, LossTokens, PairBatch, PairLoss,
-    RepNoiseConfig, RepNoiseTerms,
+    pair_baseline_loss_with, repnoise_loss, vaccine_loss, BaselineConfig, LossTokens, PairBatch,
+    PairLoss, RepNoiseConfig, RepNoiseTerms, VaccineConfig,
 };
 use crate::params::Params;
 use crate::rng::Rng;
@@ -33,6 +33,9 @@ pub enum Method {
     /// (`model/security_vector/`): active and frozen in later fine-tuning, dropped at inference.
     SecurityVectors,
     RandomInit,
+    /// Vaccine (Huang et al. 2024): perturbation-aware alignment on the refusals with a LoRA
+    /// adapter, merged into the model at the end ([`crate::objective::vaccine_loss`]).
+    Vaccine,
 }
 
 impl std::fmt::Display for Method {
@@ -61,6 +64,9 @@ pub struct DefendConfig {
     /// The baselines' loss settings (left out of a saved config when default, as `lora`).
     #[serde(skip_serializing_if = "BaselineConfig::is_default")]
     pub baseline: BaselineConfig,
+    /// Vaccine's perturbation budget (left out of a saved config when default, as `lora`).
+    #[serde(skip_serializing_if = "VaccineConfig::is_default")]
+    pub vaccine: VaccineConfig,
 }
 
 impl Default for DefendConfig {
@@ -79,6 +85,7 @@ impl Default for DefendConfig {
             max_pairs: 0,
             lora: LoraConfig::default(),
             baseline: BaselineConfig::default(),
+            vaccine: VaccineConfig::default(),
         }
     }
 }
@@ -109,17 +116,16 @@ impl DefendConfig {
         let invalid = |e: &dyn std::fmt::Display| {
             Error::file(path, format!("not a valid defend config: {e}"))
         };
-        let mut table: toml::Table = toml::from_str(&text).map_err(|e| invalid(&e))?;
-        if let (Some(m), true) = (method, table.contains_key("preset")) {
-            table.insert("method".into(), toml::Value::String(m.to_string()));
-        }
-        if expand_preset(&mut table).map_err(|m| Error::file(path, m))? {
-            toml::Value::Table(table)
-                .try_into()
-                .map_err(|e| invalid(&e))
-        } else {
-            toml::from_str(&text).map_err(|e| invalid(&e))
-        }
+        parse_with_presets(
+            &text,
+            |table| {
+                if let (Some(m), true) = (method, table.contains_key("preset")) {
+                    table.insert("method".into(), toml::Value::String(m.to_string()));
+                }
+                expand_preset(table).map_err(|m| Error::file(path, m))
+            },
+            invalid,
+        )
     }
 
     /// The settings `preset` gives `method`.
@@ -193,6 +199,30 @@ impl DefendConfig {
                 },
                 ..reference
             },
+            // Not in the reference code's scripts: the Vaccine authors' own
+            // (git-disl/Vaccine 8937f68, `script/alignment/Vaccine.sh` and `train.py`): a LoRA
+            // of rank 8, alpha 4 on all seven maps, AdamW at lr 1e-3 with weight decay 0.1,
+            // cosine with 10% warm-up, batch 5, 50 epochs, rho 2 (`train.py`'s default; the
+            // script takes it as its argument), and the Hugging Face Trainer's default clipping
+            // at norm 1. PEFT's dropout 0.1 and their Alpaca prompt are not reproduced.
+            Method::Vaccine => Self {
+                train: TrainConfig {
+                    lr: 1e-3,
+                    weight_decay: 0.1,
+                    batch_size: 5,
+                    epochs: 50,
+                    max_grad_norm: Some(1.0),
+                    ..reference.train.clone()
+                },
+                lora: LoraConfig {
+                    rank: 8,
+                    alpha: 4.0,
+                    targets: vec!["all".into()],
+                    merge: true,
+                },
+                vaccine: VaccineConfig { rho: 2.0 },
+                ..reference
+            },
             Method::SafetySft | Method::GradientAscent | Method::RandomInit => reference,
         }
     }
@@ -201,6 +231,7 @@ impl DefendConfig {
     pub fn validate(&self) -> Result<()> {
         self.train.validate()?;
         self.baseline.validate()?;
+        self.vaccine.validate()?;
         if self.max_len < 2 {
             return Err(Error::setting(
                 "max_len",
@@ -231,6 +262,23 @@ pub fn expand_preset(table: &mut toml::Table) -> std::result::Result<bool, Strin
     merge_tables(&mut merged, table);
     *table = merged;
     Ok(true)
+}
+
+/// Deserialize TOML `text` after `expand` has expanded the presets in its table; when there
+/// was none, the text itself is deserialized, so that errors keep their line numbers.
+pub fn parse_with_presets<T: serde::de::DeserializeOwned>(
+    text: &str,
+    expand: impl FnOnce(&mut toml::Table) -> Result<bool>,
+    invalid: impl Fn(&dyn std::fmt::Display) -> Error,
+) -> Result<T> {
+    let mut table: toml::Table = toml::from_str(text).map_err(|e| invalid(&e))?;
+    if expand(&mut table)? {
+        toml::Value::Table(table)
+            .try_into()
+            .map_err(|e| invalid(&e))
+    } else {
+        toml::from_str(text).map_err(|e| invalid(&e))
+    }
 }
 
 fn merge_tables(base: &mut toml::Table, over: &toml::Table) {
@@ -377,11 +425,16 @@ pub fn defend(
     }
     let faithful = cfg.method == Method::Repnoise && cfg.repnoise.faithful;
     // Full-sequence losses train every position up to max_len, padding included, as the
-    // reference's fixed-length batches did.
+    // reference's fixed-length batches did; its adversarial loss takes the pair mask of the
+    // same fixed-length sequences (with its texts).
     let whole = cfg.baseline.tokens == LossTokens::Sequence
         && matches!(
             cfg.method,
-            Method::SafetySft | Method::GradientAscent | Method::SecurityVectors
+            Method::SafetySft
+                | Method::GradientAscent
+                | Method::SecurityVectors
+                | Method::Adversarial
+                | Method::Vaccine
         );
     let (enc, left_out) = encode_pairs_padded(
         model,
@@ -413,6 +466,22 @@ pub fn defend(
     let method = cfg.method;
     let rn = cfg.repnoise.clone();
     let bl = cfg.baseline.clone();
+    if method == Method::Vaccine {
+        // Trained as a LoRA adapter and merged: the defended model is a plain model.
+        let lora_cfg = LoraConfig {
+            merge: true,
+            ..cfg.lora.clone()
+        };
+        let lora = Lora::new(model, &lora_cfg, cfg.train.seed)?;
+        let vc = cfg.vaccine.clone();
+        let summary =
+            train::train_any(&run, &lora, enc.len(), &cfg.train, interrupt, |net, ctx| {
+                let refs: Vec<&EncodedPair> = ctx.indices.iter().map(|&i| &enc[i]).collect();
+                let batch = PairBatch::new(&refs, pad, net.device())?;
+                vaccine_loss(net, &batch, &vc, &bl)
+            })?;
+        return Ok(summary.model_dir);
+    }
     if method == Method::SecurityVectors {
         let sv = SecurityVector(Lora::new(model, &cfg.lora, cfg.train.seed)?);
         run.log(&format!(
@@ -442,7 +511,7 @@ pub fn defend(
                 pair_baseline_loss_with(net, &batch, PairLoss::GradientAscent, &bl)
             }
             Method::Adversarial => pair_baseline_loss_with(net, &batch, PairLoss::Adversarial, &bl),
-            Method::SecurityVectors | Method::RandomInit => unreachable!(),
+            Method::SecurityVectors | Method::RandomInit | Method::Vaccine => unreachable!(),
         }
     })?;
     Ok(summary.model_dir)

@@ -78,6 +78,14 @@ pub struct Experiment {
     /// alignment may train on the data file's questions that are in no partition (it excludes
     /// the partitions' questions); without one it excludes the whole file.
     pub attack_questions: usize,
+    /// Partitions that keep every record of each of their questions: `defence` and/or `attack`
+    /// (BeaverTails repeats a question with different answers; the paper's 10k defence and
+    /// attack sets count such records). Their sizes (`pairs.questions`, `attack_questions`)
+    /// then count records, not questions; partitions stay disjoint by question, and the test
+    /// and validation partitions always hold one record per question. Empty (default): one
+    /// record per question everywhere.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub keep_repeats: Vec<String>,
     /// Attack seeds (data sample and order); one attack per seed in every cell.
     pub seeds: Vec<u64>,
     /// Defence seeds: every defence is trained once per seed (its training seed), and each
@@ -168,6 +176,7 @@ impl Default for Experiment {
             validation_prompts: 0,
             evaluate_on: Partition::Test,
             attack_questions: 0,
+            keep_repeats: vec![],
             seeds: vec![1, 2, 3],
             defence_seeds: vec![],
             keep_attacked_models: false,
@@ -384,21 +393,23 @@ impl Experiment {
     /// ([`crate::defend::expand_preset`]).
     fn parse(text: &str, path: &Path, invalid: &str) -> Result<Self> {
         let bad = |e: &dyn std::fmt::Display| Error::file(path, format!("{invalid}: {e}"));
-        let mut table: toml::Table = toml::from_str(text).map_err(|e| bad(&e))?;
-        let mut expanded = false;
-        if let Some(toml::Value::Array(defences)) = table.get_mut("defences") {
-            for (i, d) in defences.iter_mut().enumerate() {
-                if let Some(toml::Value::Table(c)) = d.get_mut("config") {
-                    expanded |= crate::defend::expand_preset(c)
-                        .map_err(|m| Error::file(path, format!("defences[{i}].config.{m}")))?;
+        let e: Self = crate::defend::parse_with_presets(
+            text,
+            |table| {
+                let mut expanded = false;
+                if let Some(toml::Value::Array(defences)) = table.get_mut("defences") {
+                    for (i, d) in defences.iter_mut().enumerate() {
+                        if let Some(toml::Value::Table(c)) = d.get_mut("config") {
+                            expanded |= crate::defend::expand_preset(c).map_err(|m| {
+                                Error::file(path, format!("defences[{i}].config.{m}"))
+                            })?;
+                        }
+                    }
                 }
-            }
-        }
-        let e: Self = if expanded {
-            toml::Value::Table(table).try_into().map_err(|e| bad(&e))?
-        } else {
-            toml::from_str(text).map_err(|e| bad(&e))?
-        };
+                Ok(expanded)
+            },
+            bad,
+        )?;
         e.validate().map_err(|m| Error::file(path, m))?;
         Ok(e)
     }
@@ -407,6 +418,17 @@ impl Experiment {
     pub fn validate(&self) -> std::result::Result<(), String> {
         if self.seeds.is_empty() {
             return Err("`seeds` is empty: at least one attack seed is needed".into());
+        }
+        for (i, p) in self.keep_repeats.iter().enumerate() {
+            if p != "defence" && p != "attack" {
+                return Err(format!(
+                    "keep_repeats[{i}] = {p:?}: only the `defence` and `attack` partitions can \
+                     keep repeated questions (test and validation prompts are one per question)"
+                ));
+            }
+            if self.keep_repeats[..i].contains(p) {
+                return Err(format!("keep_repeats: {p:?} listed twice"));
+            }
         }
         let mut names = std::collections::BTreeSet::new();
         names.insert("none".to_string());
@@ -908,21 +930,44 @@ fn load(spec: &str, opts: &RunOptions) -> Result<LoadedModel> {
 /// The key of an experiment's split: every setting that moves a partition (the partitions are
 /// taken in one seeded order, so a larger validation partition moves the defence and attack ones).
 fn split_key(exp: &Experiment) -> String {
-    key_of(&json!({"data": exp.data, "seed": exp.split_seed,
+    let mut v = json!({"data": exp.data, "seed": exp.split_seed,
         "test": exp.test_prompts, "validation": exp.validation_prompts,
         "defence": exp.pairs.questions, "group": exp.pairs.group,
-        "attack": exp.attack_questions}))
+        "attack": exp.attack_questions});
+    // Only when set, so that the keys of earlier runs stay as they were.
+    if !exp.keep_repeats.is_empty() {
+        v["keep_repeats"] = json!(exp.keep_repeats);
+    }
+    key_of(&v)
 }
 
-/// The split of the harmful data into test prompts, validation prompts, defence questions and
-/// attack questions, disjoint by normalised question; the attack's records are written to a file
-/// of their own. `key` names the attack file (`OUT/data/attack-<key>.jsonl`), so splits of other
-/// settings never share it.
-pub fn split_data(exp: &Experiment, out: &Path, key: &str) -> Result<DataSplit> {
-    let path = exp
-        .data
+/// The partitions of the harmful data, in memory: test prompts, validation prompts, defence
+/// questions and attack questions, disjoint by normalised question (see [`split_data`]).
+pub struct Partitions {
+    pub test: Vec<HarmfulQa>,
+    pub validation: Vec<HarmfulQa>,
+    pub defence: Vec<HarmfulQa>,
+    pub attack: Vec<HarmfulQa>,
+    pub notes: Vec<String>,
+}
+
+/// The harmful data file an experiment reads (its `data`, else the shipped subset).
+pub fn data_path(exp: &Experiment) -> PathBuf {
+    exp.data
         .clone()
-        .unwrap_or_else(crate::attack::default_attack_data);
+        .unwrap_or_else(crate::attack::default_attack_data)
+}
+
+/// Split the experiment's harmful data (nothing is written): [`split_data`] and `--check`.
+pub fn partitions(exp: &Experiment) -> Result<Partitions> {
+    let path = data_path(exp);
+    if !path.exists() {
+        return Err(Error::file(
+            &path,
+            "the experiment's harmful data file (`data`) does not exist (docs/REPNOISE.md, \
+             \"Running the paper's configurations\", says where the paper's data comes from)",
+        ));
+    }
     let loaded = read_harmful_qa(&path)?;
     let mut notes = vec![];
     let total = loaded.records.len();
@@ -933,20 +978,23 @@ pub fn split_data(exp: &Experiment, out: &Path, key: &str) -> Result<DataSplit> 
         loaded.skipped.len(),
         harmful.len()
     ));
+    let repeats = |p: &str| exp.keep_repeats.iter().any(|k| k == p);
     let splits = split_disjoint(
         &harmful,
         &[
             SplitSpec::count("test", exp.test_prompts),
             SplitSpec::count("validation", exp.validation_prompts),
-            SplitSpec::count("defence", exp.pairs.questions),
+            SplitSpec::count("defence", exp.pairs.questions).with_repeats(repeats("defence")),
             match exp.attack_questions {
                 0 => SplitSpec::rest("attack"),
                 n => SplitSpec::count("attack", n),
-            },
+            }
+            .with_repeats(repeats("attack")),
         ],
         Duplicates::KeepFirst,
         exp.split_seed,
-    )?;
+    )
+    .map_err(|e| Error::file(&path, e.to_string()))?;
     let get = |n: &str| splits.get(n).unwrap_or_default().to_vec();
     let (test, validation) = (get("test"), get("validation"));
     let (mut defence, attack) = (get("defence"), get("attack"));
@@ -995,24 +1043,57 @@ pub fn split_data(exp: &Experiment, out: &Path, key: &str) -> Result<DataSplit> 
         ));
     }
     notes.push(format!(
-        "{} held-out test prompts, {} validation prompts, {} defence questions, {} attack \
-         questions (disjoint by question; {} repeated questions dropped)",
+        "{} held-out test prompts, {} validation prompts, {} defence {}, {} attack {} \
+         (disjoint by question; {} repeated records dropped)",
         test.len(),
         validation.len(),
         defence.len(),
+        if repeats("defence") {
+            format!("records ({} questions)", distinct_questions(&defence))
+        } else {
+            "questions".into()
+        },
         attack.len(),
+        if repeats("attack") {
+            format!("records ({} questions)", distinct_questions(&attack))
+        } else {
+            "questions".into()
+        },
         splits.duplicates_dropped
     ));
+    Ok(Partitions {
+        test,
+        validation,
+        defence,
+        attack,
+        notes,
+    })
+}
+
+/// The split of the harmful data into test prompts, validation prompts, defence questions and
+/// attack questions, disjoint by normalised question; the attack's records are written to a file
+/// of their own. `key` names the attack file (`OUT/data/attack-<key>.jsonl`), so splits of other
+/// settings never share it.
+pub fn split_data(exp: &Experiment, out: &Path, key: &str) -> Result<DataSplit> {
+    let Partitions {
+        test,
+        validation,
+        defence,
+        attack,
+        notes,
+    } = partitions(exp)?;
     let attack_file = out.join("data").join(format!("attack-{key}.jsonl"));
     std::fs::create_dir_all(out.join("data"))
         .map_err(|e| Error::file(out, format!("cannot create data directory: {e}")))?;
     let lines: String = attack
         .iter()
         .map(|r| {
-            format!(
-                "{}\n",
-                json!({"prompt": r.prompt, "response": r.response, "is_safe": false})
-            )
+            // The categories go along, so that an attack can train on one group of them.
+            let mut v = json!({"prompt": r.prompt, "response": r.response, "is_safe": false});
+            if let Some(c) = r.categories {
+                v["category"] = json!(c);
+            }
+            format!("{v}\n")
         })
         .collect();
     write_atomic(&attack_file, lines.as_bytes())?;
@@ -1044,6 +1125,60 @@ pub fn split_data(exp: &Experiment, out: &Path, key: &str) -> Result<DataSplit> 
         attack_records: attack.len(),
         notes,
     })
+}
+
+fn distinct_questions(rs: &[HarmfulQa]) -> usize {
+    rs.iter()
+        .map(|r| crate::data::split::normalize_question(&r.prompt))
+        .collect::<std::collections::BTreeSet<_>>()
+        .len()
+}
+
+/// `repnoise run CONFIG --check`: the configuration validated against the data it names, with
+/// nothing trained or written. Returns what a run would use, one line each; an error names the
+/// missing file or the partition that does not fit.
+pub fn check(exp: &Experiment) -> Result<Vec<String>> {
+    exp.validate().map_err(Error::msg)?;
+    let mut lines = vec![];
+    let parts = partitions(exp)?;
+    lines.extend(parts.notes);
+    let need = exp
+        .attacks
+        .iter()
+        .flat_map(|a| a.samples.iter().copied())
+        .max()
+        .unwrap_or(0);
+    lines.push(format!(
+        "attacks: up to {need} samples from {} attack records",
+        parts.attack.len()
+    ));
+    let dir = crate::align::default_data_dir();
+    for task in &exp.eval.stability_tasks {
+        let n = crate::eval::stability::task_items(task, &dir)?.len();
+        let limit = exp.eval.stability_limit;
+        lines.push(match limit {
+            0 => format!("stability {task}: all {n} items"),
+            l if l > n => format!("stability {task}: {n} items (fewer than the limit {l})"),
+            l => format!("stability {task}: {l} of {n} items"),
+        });
+    }
+    if let Some(task) = &exp.eval.trainability_task {
+        let ft = &exp.eval.trainability;
+        let d = crate::finetune::task_data(task, ft.test, ft.train.seed)?;
+        lines.push(format!(
+            "trainability {task}: {} training and {} test inputs",
+            d.train.len(),
+            d.test.len()
+        ));
+    }
+    lines.push(match crate::modelio::resolve(&exp.model) {
+        Ok(crate::modelio::ModelSource::Embedded(n)) => {
+            format!("model: {n} (embedded; fetched on first use)")
+        }
+        Ok(_) => format!("model: {}", exp.model),
+        Err(e) => format!("model: {e} (`run` needs it)"),
+    });
+    Ok(lines)
 }
 
 /// Hold `OUT/.lock` (an advisory `flock`, released when the returned file is dropped or the
@@ -2550,20 +2685,6 @@ mod tests {
             a
         };
         assert_eq!(strip(&t), strip(&e));
-    }
-
-    #[test]
-    fn shipped_experiment_configs_parse() {
-        let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("configs");
-        let mut n = 0;
-        for e in std::fs::read_dir(&dir).unwrap().flatten() {
-            let name = e.file_name().to_string_lossy().into_owned();
-            if name.starts_with("paper") || name == "demo.toml" || name.starts_with("study") {
-                Experiment::from_toml(&e.path()).unwrap_or_else(|err| panic!("{name}: {err}"));
-                n += 1;
-            }
-        }
-        assert!(n >= 8, "{n} experiment configs");
     }
 
     #[test]

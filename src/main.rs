@@ -268,6 +268,10 @@ enum Cmd {
         /// Weight of the harmful answer's cross-entropy in the adversarial loss (reference: 0.1).
         #[arg(long)]
         adversarial_weight: Option<f64>,
+        /// Vaccine's perturbation budget: the norm of all layers' attention-output
+        /// perturbations together (default 2, the Vaccine authors').
+        #[arg(long)]
+        vaccine_rho: Option<f64>,
         /// Tokens of the baselines' cross-entropies: `answer`, or `sequence` (every position
         /// up to --max-len, question and padding included, as the reference code).
         #[arg(long, value_enum)]
@@ -401,6 +405,10 @@ enum Cmd {
         /// Print the resolved experiment as TOML and exit.
         #[arg(long)]
         print_config: bool,
+        /// Validate the experiment against the data it names (partitions, tasks, model) and
+        /// exit; nothing is trained or written.
+        #[arg(long)]
+        check: bool,
         /// Go on when the aligned model misses its over-refusal or knowledge targets by more
         /// than `align.targets.gate_margin` (the report still says so first).
         #[arg(long)]
@@ -1676,6 +1684,7 @@ fn run(cli: Cli) -> Result<()> {
             max_len,
             max_pairs,
             adversarial_weight,
+            vaccine_rho,
             loss_tokens,
             lora,
             print_config,
@@ -1693,6 +1702,9 @@ fn run(cli: Cli) -> Result<()> {
             }
             if let Some(w) = adversarial_weight {
                 cfg.baseline.adversarial_weight = w;
+            }
+            if let Some(r) = vaccine_rho {
+                cfg.vaccine.rho = r;
             }
             if let Some(t) = loss_tokens {
                 cfg.baseline.tokens = match t {
@@ -1928,9 +1940,19 @@ fn run(cli: Cli) -> Result<()> {
             experiment,
             out,
             print_config,
+            check,
             ignore_align_targets,
         } => {
             let exp = repnoise::experiment::Experiment::from_toml(&experiment)?;
+            if check {
+                let lines = repnoise::experiment::check(&exp)
+                    .with_context(|| format!("checking {}", experiment.display()))?;
+                for l in lines {
+                    println!("{l}");
+                }
+                println!("{}: valid against its data", experiment.display());
+                return Ok(());
+            }
             let out = out.unwrap_or_else(|| PathBuf::from("runs").join(&exp.name));
             run_experiment(g, &exp, &out, print_config, ignore_align_targets)?;
         }

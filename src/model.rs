@@ -149,6 +149,7 @@ impl KvCache {
     }
 }
 
+#[derive(Clone)]
 struct Layer {
     input_norm: Tensor,
     q: Tensor,
@@ -209,6 +210,9 @@ pub struct Llama {
     cos: Tensor,
     sin: Tensor,
     device: Device,
+    /// Added to each layer's attention output (after `o_proj`, before the residual add); see
+    /// [`Llama::with_attention_offsets`].
+    attn_offsets: Option<Vec<Tensor>>,
 }
 
 /// [`linear`] plus the adapters' low-rank terms.
@@ -343,6 +347,32 @@ impl Llama {
             cos,
             sin,
             device,
+            attn_offsets: None,
+        })
+    }
+
+    /// The same network with `offsets[l]` (`[b, t, d]`, the batch's shape) added to layer
+    /// `l`'s attention output, after `o_proj` and before the residual add: the point where
+    /// Vaccine (Huang et al. 2024) reads the gradient (offsets of zeros that are variables) and
+    /// adds its perturbation (constants). One tensor per layer.
+    pub fn with_attention_offsets(&self, offsets: Vec<Tensor>) -> Result<Self> {
+        if offsets.len() != self.layers.len() {
+            return Err(Error::msg(format!(
+                "{} attention offsets for {} layers",
+                offsets.len(),
+                self.layers.len()
+            )));
+        }
+        Ok(Self {
+            cfg: self.cfg.clone(),
+            embed: self.embed.clone(),
+            layers: self.layers.clone(),
+            norm: self.norm.clone(),
+            lm_head: self.lm_head.clone(),
+            cos: self.cos.clone(),
+            sin: self.sin.clone(),
+            device: self.device.clone(),
+            attn_offsets: Some(offsets),
         })
     }
 
@@ -493,7 +523,10 @@ impl Llama {
                 .reshape((b, h, t, hd))?
                 .transpose(1, 2)?
                 .reshape((b, t, h * hd))?;
-            let attn = linear_ad(&attn, &layer.o, layer.o_bias.as_ref(), &layer.adapters[3])?;
+            let mut attn = linear_ad(&attn, &layer.o, layer.o_bias.as_ref(), &layer.adapters[3])?;
+            if let Some(off) = &self.attn_offsets {
+                attn = attn.broadcast_add(&off[li])?;
+            }
             x = (x + attn)?;
 
             // MLP block.

@@ -229,14 +229,17 @@ impl Tok {
     pub fn encode_text(&self, text: &str) -> Result<Vec<u32>> {
         let mut ids = self.encode(text)?;
         if self.add_bos_token {
-            let bos = self
-                .bos_token
-                .as_deref()
-                .and_then(|b| self.token_to_id(b))
-                .ok_or_else(|| Error::msg("the tokenizer asks for a BOS token but has none"))?;
-            ids.insert(0, bos);
+            ids.insert(0, self.bos_id()?);
         }
         Ok(ids)
+    }
+
+    /// The BOS token's id; an error when the tokenizer names none (or names one it lacks).
+    pub fn bos_id(&self) -> Result<u32> {
+        self.bos_token
+            .as_deref()
+            .and_then(|b| self.token_to_id(b))
+            .ok_or_else(|| Error::msg("a BOS token is asked for, but the tokenizer has none"))
     }
 
     /// Ids and the byte span of each token in `text`.

@@ -88,19 +88,44 @@ fn grad_norm_out<S: serde::Serializer>(
 fn grad_norm_in<'de, D: serde::Deserializer<'de>>(
     d: D,
 ) -> std::result::Result<Option<f64>, D::Error> {
-    #[derive(Deserialize)]
-    #[serde(untagged)]
-    enum V {
-        Norm(f64),
-        Flag(bool),
+    struct NormOrFlag;
+    impl<'de> serde::de::Visitor<'de> for NormOrFlag {
+        type Value = Option<f64>;
+        fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+            f.write_str("a number (the largest gradient norm), or false for no clipping")
+        }
+        fn visit_f64<E: serde::de::Error>(self, v: f64) -> std::result::Result<Option<f64>, E> {
+            Ok(Some(v))
+        }
+        fn visit_i64<E: serde::de::Error>(self, v: i64) -> std::result::Result<Option<f64>, E> {
+            Ok(Some(v as f64))
+        }
+        fn visit_u64<E: serde::de::Error>(self, v: u64) -> std::result::Result<Option<f64>, E> {
+            Ok(Some(v as f64))
+        }
+        fn visit_bool<E: serde::de::Error>(self, v: bool) -> std::result::Result<Option<f64>, E> {
+            if v {
+                Err(E::custom(
+                    "max_grad_norm = true names no norm: give a number, or false for no clipping",
+                ))
+            } else {
+                Ok(None)
+            }
+        }
+        fn visit_unit<E: serde::de::Error>(self) -> std::result::Result<Option<f64>, E> {
+            Ok(None)
+        }
+        fn visit_none<E: serde::de::Error>(self) -> std::result::Result<Option<f64>, E> {
+            Ok(None)
+        }
+        fn visit_some<D: serde::Deserializer<'de>>(
+            self,
+            d: D,
+        ) -> std::result::Result<Option<f64>, D::Error> {
+            d.deserialize_any(NormOrFlag)
+        }
     }
-    match Option::<V>::deserialize(d)? {
-        None | Some(V::Flag(false)) => Ok(None),
-        Some(V::Norm(n)) => Ok(Some(n)),
-        Some(V::Flag(true)) => Err(serde::de::Error::custom(
-            "max_grad_norm = true names no norm: give a number, or false for no clipping",
-        )),
-    }
+    d.deserialize_any(NormOrFlag)
 }
 
 impl Default for TrainConfig {

@@ -107,6 +107,11 @@ impl Encoded {
         self.attention_mask.truncate(max_len);
     }
 
+    /// The real tokens' ids, padding left out.
+    pub fn real_ids(&self) -> Vec<u32> {
+        (0..self.len()).filter_map(|i| self.real(i)).collect()
+    }
+
     /// The token at `i` if it is a real token (`None` for padding or past the end).
     fn real(&self, i: usize) -> Option<u32> {
         match self.attention_mask.get(i) {
@@ -157,14 +162,11 @@ pub fn reference_text(prompt: &str, response: &str) -> String {
     format!("{}{response}", plain_prompt(prompt))
 }
 
-fn special_id(tok: &Tok, token: Option<&str>, what: &str) -> Result<u32> {
-    token.and_then(|t| tok.token_to_id(t)).ok_or_else(|| {
-        Error::setting(
-            format!("add_{what}"),
-            true,
-            format!("the tokenizer has no {what} token"),
-        )
-    })
+fn eos_id(tok: &Tok) -> Result<u32> {
+    tok.eos_token
+        .as_deref()
+        .and_then(|t| tok.token_to_id(t))
+        .ok_or_else(|| Error::setting("add_eos", true, "the tokenizer has no eos token"))
 }
 
 /// The answer mask for a text whose answer is the byte span `[start, ..)`: a token belongs to the
@@ -185,11 +187,11 @@ fn finish(
 ) -> Result<Encoded> {
     if opts.format == PromptFormat::Plain {
         if opts.add_bos || tok.add_bos_token {
-            ids.insert(0, special_id(tok, tok.bos_token.as_deref(), "bos")?);
+            ids.insert(0, tok.bos_id()?);
             mask.insert(0, 0);
         }
         if opts.add_eos && answer {
-            ids.push(special_id(tok, tok.eos_token.as_deref(), "eos")?);
+            ids.push(eos_id(tok)?);
             mask.push(1);
         }
     }

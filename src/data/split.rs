@@ -39,26 +39,33 @@ pub enum SplitSize {
 pub struct SplitSpec {
     pub name: String,
     pub size: SplitSize,
+    /// Keep every record of a question in this split (repeated questions with different
+    /// answers, as BeaverTails has), whatever the [`Duplicates`] policy of the other splits.
+    /// The split's size then counts records, several of which may share a question.
+    pub keep_repeats: bool,
 }
 
 impl SplitSpec {
     pub fn count(name: &str, n: usize) -> Self {
-        Self {
-            name: name.into(),
-            size: SplitSize::Count(n),
-        }
+        Self::sized(name, SplitSize::Count(n))
     }
     pub fn fraction(name: &str, f: f64) -> Self {
-        Self {
-            name: name.into(),
-            size: SplitSize::Fraction(f),
-        }
+        Self::sized(name, SplitSize::Fraction(f))
     }
     pub fn rest(name: &str) -> Self {
+        Self::sized(name, SplitSize::Rest)
+    }
+    fn sized(name: &str, size: SplitSize) -> Self {
         Self {
             name: name.into(),
-            size: SplitSize::Rest,
+            size,
+            keep_repeats: false,
         }
+    }
+    /// This split keeps every record of each of its questions (see [`Self::keep_repeats`]).
+    pub fn with_repeats(mut self, keep: bool) -> Self {
+        self.keep_repeats = keep;
+        self
     }
 }
 
@@ -160,14 +167,15 @@ pub fn split_disjoint<T: HasQuestion + Clone>(
         }
     }
     let questions = groups.len();
-    let mut duplicates_dropped = 0;
-    if duplicates == Duplicates::KeepFirst {
-        for g in &mut groups {
-            duplicates_dropped += g.len() - 1;
-            g.truncate(1);
-        }
-    }
-    let total: usize = groups.iter().map(Vec::len).sum();
+    // A question's records under the global policy (fractions are of their sum); a split with
+    // `keep_repeats` takes all of them.
+    let kept = |g: &Vec<usize>| match duplicates {
+        Duplicates::KeepTogether => g.len(),
+        Duplicates::KeepFirst => 1,
+    };
+    let total: usize = groups.iter().map(kept).sum();
+    // The same shuffle of questions whatever the policies, so that asking one split to keep
+    // repeats moves no question between splits.
     let mut rng = Rng::new(seed, "data-split");
     rng.shuffle(&mut groups);
 
@@ -180,25 +188,40 @@ pub fn split_disjoint<T: HasQuestion + Clone>(
         })
         .collect();
     let fixed: usize = targets.iter().flatten().sum();
-    if fixed > total {
+    // With a split that keeps repeats, every record may be used.
+    let available = if specs.iter().any(|s| s.keep_repeats) {
+        groups.iter().map(Vec::len).sum()
+    } else {
+        total
+    };
+    if fixed > available {
         return Err(Error::setting(
             "split sizes",
             fixed,
-            format!("the splits ask for {fixed} records but only {total} are available"),
+            format!("the splits ask for {fixed} records but only {available} are available"),
         ));
     }
 
     let mut out: Vec<(String, Vec<T>)> = specs.iter().map(|s| (s.name.clone(), vec![])).collect();
     let mut unused = 0;
+    let mut duplicates_dropped = 0;
     let mut g = 0;
     for (k, target) in targets.iter().enumerate() {
         let want = target.unwrap_or(usize::MAX);
+        let keep_all = specs[k].keep_repeats || duplicates == Duplicates::KeepTogether;
         let split = &mut out[k].1;
         while split.len() < want && g < groups.len() {
             let room = want - split.len();
             let group = &groups[g];
-            split.extend(group.iter().take(room).map(|&i| records[i].clone()));
-            unused += group.len().saturating_sub(room);
+            let take = if keep_all { group.len() } else { 1 };
+            duplicates_dropped += group.len() - take;
+            split.extend(
+                group
+                    .iter()
+                    .take(take.min(room))
+                    .map(|&i| records[i].clone()),
+            );
+            unused += take.saturating_sub(room);
             g += 1;
         }
         if let Some(n) = target {
@@ -215,7 +238,11 @@ pub fn split_disjoint<T: HasQuestion + Clone>(
             }
         }
     }
-    unused += groups[g..].iter().map(Vec::len).sum::<usize>();
+    for group in &groups[g..] {
+        let take = kept(group);
+        duplicates_dropped += group.len() - take;
+        unused += take;
+    }
     Ok(Splits {
         splits: out,
         questions,
@@ -362,6 +389,60 @@ mod tests {
         assert_eq!(s.get("b").unwrap().len(), 5);
         assert_eq!(s.unused, 2);
         assert!(s.overlap().is_clean());
+    }
+
+    /// 20 questions with 1 to 4 answers each: the test split keeps one record per question, the
+    /// attack split every record of its questions; no question is in both, the same questions go
+    /// to the test split as when no split keeps repeats, and the attack split's size counts
+    /// records.
+    #[test]
+    fn one_split_keeps_repeats_the_others_one_record_per_question() {
+        let recs: Vec<Q> = (0..20)
+            .flat_map(|i| (0..1 + i % 4).map(move |_| Q(format!("q{i}"))))
+            .collect();
+        assert_eq!(recs.len(), 50);
+        let specs = |keep: bool| {
+            [
+                SplitSpec::count("test", 5),
+                SplitSpec::count("attack", 12).with_repeats(keep),
+            ]
+        };
+        let plain = split_disjoint(&recs, &specs(false), Duplicates::KeepFirst, 3).unwrap();
+        let rep = split_disjoint(&recs, &specs(true), Duplicates::KeepFirst, 3).unwrap();
+        assert_eq!(plain.get("test"), rep.get("test"));
+        let test = rep.get("test").unwrap();
+        let attack = rep.get("attack").unwrap();
+        assert_eq!(attack.len(), 12);
+        let distinct = |v: &[Q]| v.iter().map(|q| q.0.clone()).collect::<BTreeSet<_>>().len();
+        assert_eq!(distinct(test), 5);
+        assert!(distinct(attack) < 12, "repeats kept");
+        assert!(rep.overlap().is_clean());
+        // Each attack question's records are all there, except perhaps the last one's.
+        let last = &attack.last().unwrap().0;
+        for q in attack.iter().map(|r| &r.0).collect::<BTreeSet<_>>() {
+            if q != last {
+                let n = recs.iter().filter(|r| &r.0 == q).count();
+                let there = attack.iter().filter(|r| &r.0 == q).count();
+                assert_eq!(there, n, "{q}");
+            }
+        }
+        // Too many records for one record per question, enough with repeats.
+        assert!(split_disjoint(
+            &recs,
+            &[SplitSpec::count("attack", 40)],
+            Duplicates::KeepFirst,
+            0
+        )
+        .is_err());
+        let all = split_disjoint(
+            &recs,
+            &[SplitSpec::count("attack", 50).with_repeats(true)],
+            Duplicates::KeepFirst,
+            0,
+        )
+        .unwrap();
+        assert_eq!(all.get("attack").unwrap().len(), 50);
+        assert_eq!((all.unused, all.duplicates_dropped), (0, 0));
     }
 
     #[test]

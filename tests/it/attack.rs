@@ -92,15 +92,8 @@ fn answer_only_mask_by_default_and_every_position_when_faithful() {
             f.attention_mask.contains(&0),
             "padding is there, hidden as keys"
         );
-        let real: Vec<u32> = f
-            .ids
-            .iter()
-            .zip(&f.attention_mask)
-            .filter(|(_, &a)| a == 1)
-            .map(|(&t, _)| t)
-            .collect();
         assert_eq!(
-            m.tok.decode(&real, true).unwrap(),
+            m.tok.decode(&f.real_ids(), true).unwrap(),
             "Question: Why?\nAnswer:Because of this.",
             "the reference's join: no space after `Answer:`"
         );

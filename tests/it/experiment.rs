@@ -343,3 +343,111 @@ fn walk(dir: &Path) -> Vec<std::path::PathBuf> {
     }
     out
 }
+
+/// Every shipped experiment configuration, validated against the data it names (not only
+/// parsed): the embedded ones and `paper-shipped.toml` pass against the shipped data; the paper
+/// configurations name BeaverTails' 330k training split, which is not shipped, and fail naming
+/// that file. Pointed at a stand-in with the 330k split's shape (questions repeated with several
+/// answers, categories), every paper configuration's partitions fit.
+#[test]
+fn shipped_configs_check_against_their_data() {
+    use repnoise::experiment::check;
+    let root = Path::new(env!("CARGO_MANIFEST_DIR"));
+    let tmp = tempfile::tempdir().unwrap();
+    // 6,000 questions x 6 answers; the categories alternate between the two halves' groups.
+    let standin = tmp.path().join("330k_train.jsonl");
+    let mut lines = String::new();
+    for q in 0..6000 {
+        let cat = if q % 2 == 0 {
+            "animal_abuse"
+        } else {
+            "privacy_violation"
+        };
+        for a in 0..6 {
+            lines.push_str(&format!(
+                "{}\n",
+                serde_json::json!({"prompt": format!("how would someone do harmful thing {q}?"),
+                    "response": format!("answer {a} to question {q}"), "is_safe": false,
+                    "category": {cat: true}})
+            ));
+        }
+    }
+    std::fs::write(&standin, lines).unwrap();
+
+    let mut checked = vec![];
+    for e in std::fs::read_dir(root.join("configs")).unwrap().flatten() {
+        let name = e.file_name().to_string_lossy().into_owned();
+        let is_experiment = name.starts_with("paper")
+            || name.starts_with("study")
+            || name == "demo.toml"
+            || name == "grid-embedded.toml";
+        if !is_experiment {
+            continue;
+        }
+        let mut exp =
+            Experiment::from_toml(&e.path()).unwrap_or_else(|err| panic!("{name}: {err}"));
+        let names_330k = exp
+            .data
+            .as_ref()
+            .is_some_and(|d| d.ends_with("beavertails/330k_train.jsonl"));
+        match check(&exp) {
+            Ok(lines) => {
+                assert!(!names_330k, "{name}: the 330k split is not shipped");
+                assert!(
+                    lines.iter().any(|l| l.contains("held-out test prompts")),
+                    "{name}: {lines:?}"
+                );
+            }
+            Err(err) => {
+                let msg = format!("{err:#}");
+                assert!(names_330k, "{name}: {msg}");
+                assert!(
+                    msg.contains("330k_train.jsonl") && msg.contains("does not exist"),
+                    "{name}: {msg}"
+                );
+                exp.data = Some(standin.clone());
+                let lines = check(&exp).unwrap_or_else(|e| panic!("{name} on the stand-in: {e:#}"));
+                let split = lines
+                    .iter()
+                    .find(|l| l.contains("held-out test prompts"))
+                    .unwrap();
+                assert!(
+                    split.contains("defence records (") && split.contains("attack records ("),
+                    "{name}: {split}"
+                );
+            }
+        }
+        checked.push(name);
+    }
+    checked.sort();
+    assert!(checked.len() >= 10, "{checked:?}");
+    assert!(checked.contains(&"paper-shipped.toml".to_string()));
+}
+
+/// `--check` errors name what is wrong: a partition larger than the data, and a data file that
+/// does not exist.
+#[test]
+fn check_names_what_does_not_fit() {
+    use repnoise::experiment::check;
+    let tmp = tempfile::tempdir().unwrap();
+    let (data, _) = write_data(tmp.path());
+    let exp = Experiment::from_toml_str(
+        &format!(
+            "data = {:?}\ntest_prompts = 20\nattack_questions = 20\n",
+            data.display().to_string()
+        ),
+        "t.toml",
+    )
+    .unwrap();
+    let e = format!("{:#}", check(&exp).unwrap_err());
+    assert!(e.contains("harmful.jsonl") && e.contains("split"), "{e}");
+    let mut missing = exp.clone();
+    missing.data = Some(tmp.path().join("nope.jsonl"));
+    let e = format!("{:#}", check(&missing).unwrap_err());
+    assert!(
+        e.contains("nope.jsonl") && e.contains("does not exist"),
+        "{e}"
+    );
+    let bad = Experiment::from_toml_str("keep_repeats = [\"test\"]\n", "t.toml").unwrap_err();
+    assert!(bad.to_string().contains("keep_repeats[0]"), "{bad}");
+}

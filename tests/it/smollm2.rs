@@ -131,21 +131,13 @@ fn faithful_repnoise_loss_matches_the_reference() {
         let enc = repnoise::defend::encode_pairs(&m, &pairs, PromptFormat::Plain, c.max_len, true)
             .unwrap();
         for (i, e) in enc.iter().enumerate() {
-            let real = |x: &repnoise::data::Encoded| -> Vec<u32> {
-                x.ids
-                    .iter()
-                    .zip(&x.attention_mask)
-                    .filter(|(_, &a)| a == 1)
-                    .map(|(&t, _)| t)
-                    .collect()
-            };
             assert_eq!(
-                real(&e.harmful),
+                e.harmful.real_ids(),
                 c.harmful_ids[i],
                 "{what}: pair {i} harmful ids"
             );
             assert_eq!(
-                real(&e.harmless),
+                e.harmless.real_ids(),
                 c.harmless_ids[i],
                 "{what}: pair {i} harmless ids"
             );

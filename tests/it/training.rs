@@ -812,7 +812,7 @@ fn pairs_load_from_every_pair_bearing_format() {
 }
 
 /// The reference code's baseline settings: the adversarial loss weighs the harmful answer by
-/// 0.1 (`CE(refusal) - 0.1 CE(harmful)`, the same terms), and `tokens = "sequence"` trains every
+/// 0.1 (`CE(refusal) - 0.1 CE(harmful)`, each the reference's masked cross-entropy), and `tokens = "sequence"` trains every
 /// position of the padded sequence, question and padding included (the reference's
 /// `labels=input_ids`), which is the full-logits cross-entropy with an all-ones mask.
 #[test]
@@ -827,10 +827,18 @@ fn reference_baseline_settings() {
     let adv = pair_baseline_loss_with(&net, &pb, PairLoss::Adversarial, &reference).unwrap();
     let (s, h) = (adv.terms["harmless_ce"], adv.terms["harmful_ce"]);
     assert!((scalar(&adv.loss) - (s - 0.1 * h)).abs() < 1e-5);
+    // The reference's `adversarial_loss` (training.py, `compute_loss`): `masked_token_ce_loss`
+    // on both sides with the raw pair mask (`~eq(harmful ids, harmless ids)`): logits at an
+    // unmasked position zeroed, labels outside the mask (or id 0) ignored. `full_logits_ce`
+    // with `faithful` computes exactly that from the model's full logits.
+    let want_s = scalar(&full_logits_ce(&net, &pb.harmless, &pb.pair_mask, true).unwrap());
+    let want_h = scalar(&full_logits_ce(&net, &pb.harmful, &pb.pair_mask, true).unwrap());
+    assert!((s - want_s).abs() < 1e-5, "{s} vs {want_s}");
+    assert!((h - want_h).abs() < 1e-5, "{h} vs {want_h}");
     let plain = pair_baseline_loss(&net, &pb, PairLoss::Adversarial).unwrap();
     assert!(
-        (plain.terms["harmful_ce"] - h).abs() < 1e-6,
-        "the adversarial loss keeps the pair mask in both settings"
+        (plain.terms["harmful_ce"] - h).abs() > 1e-4,
+        "the default takes the answer's real tokens with the plain cross-entropy"
     );
 
     let (rows, t) = pb.harmless.dims();
@@ -940,6 +948,18 @@ method = "repnoise"
         err.contains("max_grad_norm") && err.contains("d.toml"),
         "{err}"
     );
+    // A string is named with what is expected, and the line.
+    std::fs::write(&f, "[train]\nmax_grad_norm = \"x\"\n").unwrap();
+    let err = DefendConfig::from_toml(&f).unwrap_err().to_string();
+    assert!(
+        err.contains("or false for no clipping") && err.contains("line 2"),
+        "{err}"
+    );
+    std::fs::write(&f, "[train]\nmax_grad_norm = 2\n").unwrap();
+    assert_eq!(
+        DefendConfig::from_toml(&f).unwrap().train.max_grad_norm,
+        Some(2.0)
+    );
 }
 
 /// A reference-preset safety-SFT defence runs end to end on a tiny model (full-sequence loss
@@ -965,4 +985,99 @@ fn reference_preset_defence_runs() {
         assert!(!metrics.is_empty(), "{method}");
         assert!(out.join("DONE").exists(), "{method}");
     }
+}
+
+/// Vaccine's step (git-disl/Vaccine 8937f68, `VaccineTrainer.training_step`): the perturbation is
+/// `rho` times the gradient at the layers' attention outputs over its norm across all layers, so
+/// to first order it raises the refusals' cross-entropy by `rho * |g|` (the directional
+/// derivative along `g / |g|`): checked against the unperturbed safety-SFT loss at two small
+/// budgets. Offsets of zeros change nothing, and a vanishing budget gives safety-SFT's loss.
+#[test]
+fn vaccine_perturbs_along_the_attention_gradient() {
+    use repnoise::objective::{vaccine_loss, VaccineConfig};
+    let m = tiny_model(8);
+    let net = Llama::trainable(&m.config, &m.params).unwrap();
+    let enc = encoded(&m, false);
+    let refs: Vec<&EncodedPair> = enc.iter().collect();
+    let pb = PairBatch::new(&refs, m.tok.pad_id, &Device::Cpu).unwrap();
+    let bl = BaselineConfig::default();
+    let sft = scalar(
+        &pair_baseline_loss(&net, &pb, PairLoss::SafetySft)
+            .unwrap()
+            .loss,
+    );
+
+    let (b, t) = pb.harmless.dims();
+    let zeros: Vec<Tensor> = (0..m.config.num_layers)
+        .map(|_| {
+            Tensor::zeros(
+                (b, t, m.config.hidden_size),
+                candle_core::DType::F32,
+                &Device::Cpu,
+            )
+            .unwrap()
+        })
+        .collect();
+    let with_zeros = net.with_attention_offsets(zeros).unwrap();
+    let z = scalar(
+        &pair_baseline_loss(&with_zeros, &pb, PairLoss::SafetySft)
+            .unwrap()
+            .loss,
+    );
+    assert_eq!(z, sft, "zero offsets change nothing");
+
+    let tiny = vaccine_loss(&net, &pb, &VaccineConfig { rho: 1e-7 }, &bl).unwrap();
+    assert!((scalar(&tiny.loss) - sft).abs() < 1e-5);
+    assert!((tiny.terms["unperturbed_ce"] - sft).abs() < 1e-6);
+    let g = tiny.terms["attention_grad_norm"];
+    assert!(g > 0.0);
+    for rho in [1e-3, 3e-3] {
+        let v = vaccine_loss(&net, &pb, &VaccineConfig { rho }, &bl).unwrap();
+        let rise = scalar(&v.loss) - sft;
+        let want = rho * g;
+        assert!(
+            (rise - want).abs() < 0.05 * want,
+            "rho {rho}: the loss rose by {rise}, to first order {want}"
+        );
+        assert_eq!(v.terms["attention_grad_norm"], g);
+    }
+    assert!(VaccineConfig { rho: 0.0 }.validate().is_err());
+}
+
+/// `--method vaccine` trains a LoRA adapter with Vaccine's two-pass step and writes the merged
+/// model: it loads as a plain model, differs from the starting one, and its adapter sits
+/// beside it. The reference preset is the Vaccine authors' recipe.
+#[test]
+fn vaccine_defence_writes_a_merged_model() {
+    use repnoise::defend::Preset;
+    let r = DefendConfig::preset(Method::Vaccine, Preset::Reference);
+    assert_eq!(
+        (
+            r.train.lr,
+            r.train.weight_decay,
+            r.lora.rank,
+            r.lora.alpha,
+            r.vaccine.rho
+        ),
+        (1e-3, 0.1, 8, 4.0, 2.0)
+    );
+    let tmp = tempfile::tempdir().unwrap();
+    let pairs = write_pairs(tmp.path());
+    let mut cfg = r;
+    cfg.max_len = 40;
+    cfg.train.batch_size = 2;
+    cfg.train.epochs = 1;
+    let mut m = tiny_model(9);
+    let before = values(&m.params);
+    let out = tmp.path().join("vaccine");
+    let dir = defend::defend(&mut m, &pairs, &cfg, &out, Interrupt::default()).unwrap();
+    let metrics = std::fs::read_to_string(out.join("metrics.jsonl")).unwrap();
+    assert!(metrics.contains("attention_grad_norm"), "{metrics}");
+    let merged = repnoise::modelio::load_hf_dir(&dir, &Device::Cpu).unwrap();
+    let diff = values_max_diff(&before, &values(&merged.params));
+    assert!(diff > 0.0, "the merged adapter changed the weights");
+    assert!(dir
+        .with_file_name("adapter")
+        .join("adapter_model.safetensors")
+        .exists());
 }
