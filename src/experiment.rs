@@ -563,6 +563,15 @@ impl Experiment {
         Ok(())
     }
 
+    /// The most samples any attack cell trains on.
+    pub fn largest_attack(&self) -> usize {
+        self.attacks
+            .iter()
+            .flat_map(|a| a.samples.iter().copied())
+            .max()
+            .unwrap_or(0)
+    }
+
     /// The attacked models: the undefended one, then each defence once per defence seed.
     pub fn arms(&self) -> Vec<Arm> {
         let mut out = vec![Arm {
@@ -1030,12 +1039,7 @@ pub fn partitions(exp: &Experiment) -> Result<Partitions> {
             ),
         ));
     }
-    let need = exp
-        .attacks
-        .iter()
-        .flat_map(|a| a.samples.iter().copied())
-        .max()
-        .unwrap_or(0);
+    let need = exp.largest_attack();
     if attack.len() < need {
         notes.push(format!(
             "{} attack questions left for up to {need} samples: the larger attacks use all",
@@ -1142,12 +1146,7 @@ pub fn check(exp: &Experiment) -> Result<Vec<String>> {
     let mut lines = vec![];
     let parts = partitions(exp)?;
     lines.extend(parts.notes);
-    let need = exp
-        .attacks
-        .iter()
-        .flat_map(|a| a.samples.iter().copied())
-        .max()
-        .unwrap_or(0);
+    let need = exp.largest_attack();
     lines.push(format!(
         "attacks: up to {need} samples from {} attack records",
         parts.attack.len()
