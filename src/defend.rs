@@ -221,6 +221,15 @@ impl DefendConfig {
                     merge: true,
                 },
                 vaccine: VaccineConfig { rho: 2.0 },
+                // Their data and texts: the answer's tokens (prompt and padding masked out of
+                // the labels, `train.py` 132 and 229), end-of-sequence appended (203), 200
+                // tokens (`model_max_length`, 68-70), 2,000 safe answers (149-150).
+                baseline: BaselineConfig {
+                    tokens: LossTokens::Answer,
+                    ..BaselineConfig::reference()
+                },
+                max_len: 200,
+                max_pairs: 2000,
                 ..reference
             },
             Method::SafetySft | Method::GradientAscent | Method::RandomInit => reference,

@@ -945,7 +945,9 @@ fn split_key(exp: &Experiment) -> String {
         "attack": exp.attack_questions});
     // Only when set, so that the keys of earlier runs stay as they were.
     if !exp.keep_repeats.is_empty() {
-        v["keep_repeats"] = json!(exp.keep_repeats);
+        let mut k = exp.keep_repeats.clone();
+        k.sort();
+        v["keep_repeats"] = json!(k);
     }
     key_of(&v)
 }
@@ -1025,8 +1027,8 @@ pub fn partitions(exp: &Experiment) -> Result<Partitions> {
         return Err(Error::file(
             &path,
             format!(
-                "too few distinct harmful questions: {} test, {} validation, {} defence and {} \
-                 attack asked (test_prompts, validation_prompts, pairs.questions, \
+                "too few harmful questions (records, in a partition that keeps repeats): {} \
+                 test, {} validation, {} defence and {} attack asked (test_prompts, validation_prompts, pairs.questions, \
                  attack_questions), {}, {}, {} and {} available",
                 exp.test_prompts,
                 exp.validation_prompts,
@@ -1042,7 +1044,7 @@ pub fn partitions(exp: &Experiment) -> Result<Partitions> {
     let need = exp.largest_attack();
     if attack.len() < need {
         notes.push(format!(
-            "{} attack questions left for up to {need} samples: the larger attacks use all",
+            "{} attack records left for up to {need} samples: the larger attacks use all",
             attack.len()
         ));
     }

@@ -239,7 +239,7 @@ impl Tok {
         self.bos_token
             .as_deref()
             .and_then(|b| self.token_to_id(b))
-            .ok_or_else(|| Error::msg("a BOS token is asked for, but the tokenizer has none"))
+            .ok_or_else(|| Error::setting("add_bos", true, "the tokenizer has no bos token"))
     }
 
     /// Ids and the byte span of each token in `text`.
