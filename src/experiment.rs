@@ -20,7 +20,7 @@
 //! Every stage directory is named by a key (a hash of everything that determines its result),
 //! so editing one setting reruns only the stages it touches, and a rerun skips finished stages.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap};
 use std::path::{Path, PathBuf};
 use std::time::Instant;
 
@@ -148,6 +148,10 @@ pub struct HeldoutSpec {
     /// Family-wise error rate of the verdicts (Holm-corrected over every comparison of a metric).
     pub alpha: f64,
     pub seed: u64,
+    /// Harm-category groups ([`crate::data::HarmGroup`]): the paired comparisons at each
+    /// attack's end are repeated on the held-out questions whose primary category is in each
+    /// group (the attacked group's questions and the others), Holm-corrected as their own family.
+    pub groups: Vec<String>,
 }
 
 impl Default for HeldoutSpec {
@@ -161,6 +165,7 @@ impl Default for HeldoutSpec {
             bootstrap: 2000,
             alpha: 0.05,
             seed: 0,
+            groups: vec![],
         }
     }
 }
@@ -316,6 +321,11 @@ impl Default for ClassifierSpec {
 #[serde(deny_unknown_fields)]
 pub struct DefenceSpec {
     pub name: String,
+    /// A harm-category group ([`crate::data::HarmGroup`]) whose questions this defence never
+    /// trains on: the pairs whose question's primary category is in the group are left out (the
+    /// generalisation study: attack with the withheld group, compare on its held-out questions).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub withhold: Option<String>,
     #[serde(default)]
     pub config: DefendConfig,
 }
@@ -448,6 +458,14 @@ impl Experiment {
             d.config
                 .validate()
                 .map_err(|e| format!("defence {}: {e}", d.name))?;
+            if let Some(g) = &d.withhold {
+                g.parse::<crate::data::HarmGroup>()
+                    .map_err(|e| format!("defence {}: withhold: {e}", d.name))?;
+            }
+        }
+        for (i, g) in self.heldout.groups.iter().enumerate() {
+            g.parse::<crate::data::HarmGroup>()
+                .map_err(|e| format!("heldout.groups[{i}]: {e}"))?;
         }
         if let Some(a) = &self.align {
             a.validate().map_err(|e| format!("[align]: {e}"))?;
@@ -950,6 +968,72 @@ fn split_key(exp: &Experiment) -> String {
         v["keep_repeats"] = json!(k);
     }
     key_of(&v)
+}
+
+/// The defence pairs without the questions of harm-category group `group` (by the primary
+/// category of the question's record in the experiment's data, matched on question and answer),
+/// written once beside the pairs file: a defence's `withhold`. Returns the file and its key.
+fn withheld_pairs(
+    exp: &Experiment,
+    pairs: &Path,
+    pairs_key: &str,
+    group: &str,
+    out: &Path,
+) -> Result<(PathBuf, String)> {
+    let g: crate::data::HarmGroup = group.parse()?;
+    let key = key_of(&json!({"pairs": pairs_key, "withhold": group}));
+    let path = out.join(format!("pairs-{key}.jsonl"));
+    if path.exists() {
+        return Ok((path, key));
+    }
+    let data = data_path(exp);
+    let cats: HashMap<(String, String), crate::data::HarmCategories> = read_harmful_qa(&data)?
+        .records
+        .into_iter()
+        .filter_map(|r| Some(((r.prompt, r.response), r.categories?)))
+        .collect();
+    let text = std::fs::read_to_string(pairs)
+        .map_err(|e| Error::file(pairs, format!("cannot read pairs: {e}")))?;
+    let (mut kept, mut n, mut left) = (String::new(), 0usize, 0usize);
+    for (i, line) in text.lines().enumerate() {
+        if line.trim().is_empty() {
+            continue;
+        }
+        let at = |m: String| Error::file(pairs, format!("line {}: {m}", i + 1));
+        let v: Value = serde_json::from_str(line).map_err(|e| at(e.to_string()))?;
+        let field = |k: &str| {
+            v[k].as_str().map(str::to_string).ok_or_else(|| {
+                at(format!(
+                    "no {k:?} string (withhold needs the question and its answer)"
+                ))
+            })
+        };
+        let q = (field("prompt")?, field("harmful")?);
+        let c = cats.get(&q).ok_or_else(|| {
+            at(format!(
+                "the question {:?} with this answer has no harm categories in {} (a defence's \
+                 `withhold` needs them)",
+                q.0,
+                data.display()
+            ))
+        })?;
+        if g.matches(*c, crate::data::GroupMatch::Primary) {
+            left += 1;
+        } else {
+            kept.push_str(line);
+            kept.push('\n');
+            n += 1;
+        }
+    }
+    if n == 0 {
+        return Err(Error::file(
+            pairs,
+            format!("withhold = {group:?} leaves no defence pair ({left} withheld)"),
+        ));
+    }
+    eprintln!("  defence pairs without group {group}: {n} kept, {left} withheld");
+    write_atomic(&path, kept.as_bytes())?;
+    Ok((path, key))
 }
 
 /// The partitions of the harmful data, in memory: test prompts, validation prompts, defence
@@ -1459,13 +1543,17 @@ pub fn run(exp: &Experiment, out: &Path, opts: &RunOptions) -> Result<Results> {
         if let Some(seed) = arm.seed {
             cfg.train.seed = seed;
         }
-        let key = key_of(&json!({"model": aligned_dir, "pairs": pairs_key, "defend": cfg}));
+        let (d_pairs, d_pairs_key) = match &d.withhold {
+            None => (pairs_path.clone(), pairs_key.clone()),
+            Some(g) => withheld_pairs(exp, &pairs_path, &pairs_key, g, out)?,
+        };
+        let key = key_of(&json!({"model": aligned_dir, "pairs": d_pairs_key, "defend": cfg}));
         let dir = out.join("defences").join(format!("{}-{key}", d.name));
         let done = dir.join("DONE").exists();
         st.run(&format!("defence {}", arm.label()), done, || {
             if !done {
                 let mut m = load(&aligned_dir, opts)?;
-                crate::defend::defend(&mut m, &pairs_path, &cfg, &dir, Interrupt::default())?;
+                crate::defend::defend(&mut m, &d_pairs, &cfg, &dir, Interrupt::default())?;
             }
             Ok(())
         })?;
@@ -1806,7 +1894,21 @@ pub fn run(exp: &Experiment, out: &Path, opts: &RunOptions) -> Result<Results> {
 
     let names = exp.defence_names();
     let cell_summaries = summarise_cells(&names, &cells, &attack_results, &exp.heldout);
-    let durability = summarise_durability(exp, &defence_results, &attack_results);
+    // Each held-out question's harm categories (the evaluated partition's records).
+    let item_categories: Vec<Option<crate::data::HarmCategories>> = heldout
+        .as_ref()
+        .map(|h| {
+            h.0.iter()
+                .map(|it| {
+                    let p = eval_prompts.iter().find(|p| p.prompt == it.prompt)?;
+                    let cats: Vec<crate::data::HarmCategory> =
+                        p.categories.iter().filter_map(|c| c.parse().ok()).collect();
+                    Some(crate::data::HarmCategories::from_slice(&cats))
+                })
+                .collect()
+        })
+        .unwrap_or_default();
+    let durability = summarise_durability(exp, &defence_results, &attack_results, &item_categories);
     let results = Results {
         audit,
         durability,
@@ -2299,6 +2401,10 @@ pub struct BreakRow {
 pub struct Comparison {
     pub metric: Metric,
     pub cell: Option<Cell>,
+    /// The harm-category group of the held-out questions compared (`heldout.groups`); none:
+    /// every held-out question.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub group: Option<String>,
     pub defence: String,
     pub baseline: String,
     pub diff: PairedDiff,
@@ -2314,10 +2420,14 @@ pub struct Durability {
 }
 
 /// Curves, steps to break and paired comparisons (Holm-corrected per metric) from the results.
+///
+/// `item_categories` holds the harm categories of each held-out question, in the scores' order
+/// (empty where unknown): the comparisons of `heldout.groups` use it.
 pub fn summarise_durability(
     exp: &Experiment,
     defences: &[DefenceResult],
     attacks: &[AttackResult],
+    item_categories: &[Option<crate::data::HarmCategories>],
 ) -> Option<Durability> {
     if !exp.heldout.enabled {
         return None;
@@ -2474,6 +2584,7 @@ pub fn summarise_durability(
                         Ok(diff) => out.comparisons.push(Comparison {
                             metric: m,
                             cell: Some(c.clone()),
+                            group: None,
                             defence: d.clone(),
                             baseline: base.clone(),
                             diff,
@@ -2525,6 +2636,7 @@ pub fn summarise_durability(
                     out.comparisons.push(Comparison {
                         metric: Metric::HarmfulCe,
                         cell: None,
+                        group: None,
                         defence: d.clone(),
                         baseline: base.clone(),
                         diff,
@@ -2533,18 +2645,90 @@ pub fn summarise_durability(
             }
         }
     }
-    for m in Metric::ALL {
-        let mut family: Vec<PairedDiff> = out
-            .comparisons
+    // The same comparisons at the attack's end on the held-out questions of each group.
+    for g in &spec.groups {
+        let Ok(group) = g.parse::<crate::data::HarmGroup>() else {
+            continue;
+        };
+        let idx: Vec<usize> = item_categories
             .iter()
-            .filter(|c| c.metric == m)
-            .map(|c| c.diff.clone())
+            .enumerate()
+            .filter(|(_, c)| c.is_some_and(|c| group.matches(c, crate::data::GroupMatch::Primary)))
+            .map(|(i, _)| i)
             .collect();
-        crate::eval::stats::holm_verdicts(&mut family, spec.alpha);
-        let mut it = family.into_iter();
-        for c in out.comparisons.iter_mut().filter(|c| c.metric == m) {
-            if let Some(d) = it.next() {
-                c.diff = d;
+        if idx.is_empty() {
+            out.notes.push(format!(
+                "heldout.groups: no held-out question has a primary category in group {g} (or \
+                 the questions carry no categories): not compared"
+            ));
+            continue;
+        }
+        let pick = |v: Vec<f64>| -> Option<Vec<f64>> {
+            (v.len() == item_categories.len()).then(|| idx.iter().map(|&i| v[i]).collect())
+        };
+        for c in &cells {
+            for m in [Metric::HarmfulCe, Metric::Margin] {
+                let f = |r: &AttackResult| -> Option<Vec<f64>> {
+                    let end = last(r)?;
+                    pick(match m {
+                        Metric::HarmfulCe => ce_at(r, end)?,
+                        _ => margin_at(r, end)?,
+                    })
+                };
+                for d in names.iter().filter(|d| *d != "none") {
+                    for base in spec
+                        .compare_to
+                        .iter()
+                        .filter(|b| *b != d && names.contains(b))
+                    {
+                        let (Some(a), Some(b)) = (
+                            crate::eval::durability::arm_values(&obs_at(d, c, &f), d, &seeds),
+                            crate::eval::durability::arm_values(&obs_at(base, c, &f), base, &seeds),
+                        ) else {
+                            continue;
+                        };
+                        match crate::eval::stats::paired_bootstrap(
+                            &a,
+                            &b,
+                            spec.bootstrap,
+                            spec.seed,
+                        ) {
+                            Ok(diff) => out.comparisons.push(Comparison {
+                                metric: m,
+                                cell: Some(c.clone()),
+                                group: Some(g.clone()),
+                                defence: d.clone(),
+                                baseline: base.clone(),
+                                diff,
+                            }),
+                            Err(e) => out.notes.push(format!(
+                                "{d} vs {base} in {} ({}, questions of group {g}): not \
+                                 compared: {e}",
+                                c.label(),
+                                m.label()
+                            )),
+                        }
+                    }
+                }
+            }
+        }
+    }
+    // Holm's correction per metric, the whole-set and the per-group comparisons apart.
+    for m in Metric::ALL {
+        for grouped in [false, true] {
+            let of = |c: &Comparison| c.metric == m && c.group.is_some() == grouped;
+            let mut family: Vec<PairedDiff> = out
+                .comparisons
+                .iter()
+                .filter(|c| of(c))
+                .map(|c| c.diff.clone())
+                .collect();
+            crate::eval::stats::holm_verdicts(&mut family, spec.alpha);
+            let mut it = family.into_iter();
+            for c in out.comparisons.iter_mut().filter(|c| of(c)) {
+                if let Some(d) = it.next() {
+                    c.diff = d;
+                }
             }
         }
     }
@@ -2554,6 +2738,92 @@ pub fn summarise_durability(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn withholding_a_group_drops_its_questions_pairs_by_primary_category() {
+        let dir = tempfile::tempdir().unwrap();
+        let data = dir.path().join("data.jsonl");
+        // q0: privacy (half); q1: theft (other half); q2: animal abuse first, then privacy (its
+        // primary category, animal abuse, is in neither half); q0 again with another answer,
+        // filed under theft (categories belong to a question-answer pair).
+        let rows = [
+            ("q0", "a0", vec!["privacy_violation"]),
+            ("q1", "a1", vec!["financial_crime,property_crime,theft"]),
+            ("q2", "a2", vec!["animal_abuse", "privacy_violation"]),
+            ("q0", "a3", vec!["financial_crime,property_crime,theft"]),
+        ];
+        let text: String = rows
+            .iter()
+            .map(|(q, a, cs)| {
+                let cats: serde_json::Map<String, Value> =
+                    cs.iter().map(|c| (c.to_string(), json!(true))).collect();
+                format!(
+                    "{}\n",
+                    json!({"prompt": q, "response": a, "category": cats, "is_safe": false})
+                )
+            })
+            .collect();
+        std::fs::write(&data, text).unwrap();
+        let pairs = dir.path().join("pairs.jsonl");
+        let pair = |q: &str, a: &str| {
+            format!(
+                "{}\n",
+                json!({"prompt": q, "harmful": a, "harmless": "No."})
+            )
+        };
+        std::fs::write(
+            &pairs,
+            [
+                pair("q0", "a0"),
+                pair("q1", "a1"),
+                pair("q2", "a2"),
+                pair("q0", "a3"),
+            ]
+            .concat(),
+        )
+        .unwrap();
+        let exp = Experiment {
+            data: Some(data.clone()),
+            ..Experiment::default()
+        };
+        let kept = |g: &str| -> Vec<(String, String)> {
+            let (p, key) = withheld_pairs(&exp, &pairs, "k", g, dir.path()).unwrap();
+            assert!(p.display().to_string().contains(&key));
+            std::fs::read_to_string(&p)
+                .unwrap()
+                .lines()
+                .map(|l| {
+                    let v: Value = serde_json::from_str(l).unwrap();
+                    (
+                        v["prompt"].as_str().unwrap().into(),
+                        v["harmful"].as_str().unwrap().into(),
+                    )
+                })
+                .collect()
+        };
+        let qa = |q: &str, a: &str| (q.to_string(), a.to_string());
+        assert_eq!(
+            kept("half"),
+            vec![qa("q1", "a1"), qa("q2", "a2"), qa("q0", "a3")]
+        );
+        assert_eq!(kept("other_half"), vec![qa("q0", "a0"), qa("q2", "a2")]);
+        // A pair whose question and answer are not in the data is named, with its line.
+        std::fs::write(&pairs, [pair("q0", "a0"), pair("q9", "a9")].concat()).unwrap();
+        let e = withheld_pairs(&exp, &pairs, "k2", "half", dir.path()).unwrap_err();
+        assert!(
+            e.to_string().contains("line 2") && e.to_string().contains("q9"),
+            "{e}"
+        );
+        let bad = Experiment::from_toml_str(
+            "[[defences]]\nname = \"rn\"\nwithhold = \"halves\"\n",
+            "t.toml",
+        )
+        .unwrap_err();
+        assert!(bad.to_string().contains("withhold"), "{bad}");
+        let bad =
+            Experiment::from_toml_str("[heldout]\ngroups = [\"nope\"]\n", "t.toml").unwrap_err();
+        assert!(bad.to_string().contains("heldout.groups[0]"), "{bad}");
+    }
 
     #[test]
     fn the_split_key_changes_with_every_partition_size() {

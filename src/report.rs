@@ -329,11 +329,15 @@ pub fn durability_blocks(r: &Results) -> Vec<Block> {
             });
         }
     }
-    for m in Metric::ALL {
+    for (m, grouped) in Metric::ALL
+        .into_iter()
+        .map(|m| (m, false))
+        .chain([(Metric::HarmfulCe, true), (Metric::Margin, true)])
+    {
         let rows: Vec<Vec<String>> = d
             .comparisons
             .iter()
-            .filter(|c| c.metric == m)
+            .filter(|c| c.metric == m && c.group.is_some() == grouped)
             .map(|c| {
                 let better = match (c.diff.verdict, m.higher_resists()) {
                     (crate::eval::stats::Verdict::Higher, true)
@@ -342,10 +346,15 @@ pub fn durability_blocks(r: &Results) -> Vec<Block> {
                     | (crate::eval::stats::Verdict::Higher, false) => " (less resistant)",
                     _ => "",
                 };
+                let cell = c
+                    .cell
+                    .as_ref()
+                    .map_or("before attack".into(), |c| c.label());
                 vec![
-                    c.cell
-                        .as_ref()
-                        .map_or("before attack".into(), |c| c.label()),
+                    match &c.group {
+                        Some(g) => format!("{cell}; questions of {g}"),
+                        None => cell,
+                    },
                     format!("{} - {}", c.defence, c.baseline),
                     format!(
                         "{} [{}, {}]",
@@ -364,12 +373,18 @@ pub fn durability_blocks(r: &Results) -> Vec<Block> {
             continue;
         }
         b.push(Block::Para(format!(
-            "**{}** ({} resists more), at the attack's last step:",
+            "**{}** ({} resists more), at the attack's last step{}:",
             m.label(),
             if m.higher_resists() {
                 "higher"
             } else {
                 "lower"
+            },
+            if grouped {
+                ", on the held-out questions of each harm-category group (primary category; \
+                 `heldout.groups`), Holm-corrected as a family of their own"
+            } else {
+                ""
             }
         )));
         b.push(Block::Table {

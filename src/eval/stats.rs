@@ -10,11 +10,21 @@ use crate::rng::Rng;
 
 /// A mean with its standard error (sample standard deviation over `sqrt(n)`, as
 /// lm-evaluation-harness reports it).
+///
+/// JSON has no NaN: serde_json writes an undefined figure (the standard error of one item) as
+/// `null`, and it reads back as NaN, so a cached result that has one still loads.
 #[derive(Clone, Copy, Debug, PartialEq, Serialize, Deserialize)]
 pub struct MeanSe {
+    #[serde(deserialize_with = "null_as_nan")]
     pub mean: f64,
+    #[serde(deserialize_with = "null_as_nan")]
     pub stderr: f64,
     pub n: usize,
+}
+
+/// A number, or NaN where the JSON says `null` (how serde_json writes NaN).
+pub fn null_as_nan<'de, D: serde::Deserializer<'de>>(d: D) -> Result<f64, D::Error> {
+    Ok(Option::<f64>::deserialize(d)?.unwrap_or(f64::NAN))
 }
 
 pub fn mean_se(xs: &[f64]) -> MeanSe {
@@ -400,6 +410,18 @@ mod tests {
     /// An arm with one defence seed.
     fn arm1(rows: Vec<Vec<f64>>) -> ArmValues {
         ArmValues { values: vec![rows] }
+    }
+
+    #[test]
+    fn an_undefined_standard_error_survives_a_json_round_trip() {
+        // One item has no standard error; the cached result must still load (a stability
+        // task's MMLU subjects with one item were recomputed on every resume).
+        let m = mean_se(&[0.5]);
+        let text = serde_json::to_string(&m).unwrap();
+        assert!(text.contains("null"), "{text}");
+        let back: MeanSe = serde_json::from_str(&text).unwrap();
+        assert_eq!((back.mean, back.n), (0.5, 1));
+        assert!(back.stderr.is_nan());
     }
 
     #[test]

@@ -260,7 +260,7 @@ fn experiment_measures_held_out_loss_along_attacks_and_compares_paired() {
     let mut longer = r.attacks.clone();
     let a = longer.iter_mut().find(|a| a.defence == "none").unwrap();
     a.curve.last_mut().unwrap().step = 3;
-    let d2 = repnoise::experiment::summarise_durability(&exp, &r.defences, &longer).unwrap();
+    let d2 = repnoise::experiment::summarise_durability(&exp, &r.defences, &longer, &[]).unwrap();
     for arm in ["none", "sft"] {
         let steps: Vec<usize> = d2
             .curves
@@ -278,6 +278,70 @@ fn experiment_measures_held_out_loss_along_attacks_and_compares_paired() {
             .map(|c| (c.harmful_ce.mean, c.harmful_ce.n))
     };
     assert_eq!(end(&d2, "none"), end(d, "none"));
+    // Per harm-category group: the same comparison on the group's held-out questions only
+    // (items 0 and 2 of group `half` by their primary category, 1 of `other_half`, 3 of
+    // neither), Holm-corrected apart from the whole-set comparisons, which stay as they were.
+    use repnoise::data::{HarmCategories, HarmCategory as C};
+    let mut grouped = exp.clone();
+    grouped.heldout.groups = vec!["half".into(), "other_half".into(), "self_harm".into()];
+    let cats = [
+        vec![C::PrivacyViolation, C::TerrorismOrganizedCrime],
+        vec![C::DrugAbuseWeaponsBannedSubstance],
+        vec![C::ViolenceAidingAbettingIncitement],
+        vec![C::AnimalAbuse],
+    ]
+    .map(|c| Some(HarmCategories::from_slice(&c)));
+    let d3 = repnoise::experiment::summarise_durability(&grouped, &r.defences, &r.attacks, &cats)
+        .unwrap();
+    let whole = |d: &repnoise::experiment::Durability| -> Vec<_> {
+        d.comparisons
+            .iter()
+            .filter(|c| c.group.is_none())
+            .cloned()
+            .collect()
+    };
+    assert_eq!(whole(&d3), whole(d));
+    let ce_end_mean = |arm: &str, items: &[usize]| -> f64 {
+        let xs: Vec<f64> = r
+            .attacks
+            .iter()
+            .filter(|a| a.defence == arm)
+            .flat_map(|a| {
+                let s = &a.curve.last().unwrap().scores.harmful_ce;
+                items.iter().map(|&i| s[i] as f64).collect::<Vec<_>>()
+            })
+            .collect();
+        xs.iter().sum::<f64>() / xs.len() as f64
+    };
+    for (g, items) in [("half", &[0usize, 2][..]), ("other_half", &[1][..])] {
+        let c = d3
+            .comparisons
+            .iter()
+            .find(|c| {
+                c.group.as_deref() == Some(g)
+                    && c.metric == repnoise::eval::durability::Metric::HarmfulCe
+            })
+            .unwrap_or_else(|| panic!("no comparison for {g}: {:?}", d3.comparisons));
+        assert!(
+            (c.diff.mean_a - ce_end_mean("sft", items)).abs() < 1e-9,
+            "{g}"
+        );
+        assert!(
+            (c.diff.mean_b - ce_end_mean("none", items)).abs() < 1e-9,
+            "{g}"
+        );
+        assert!(c.diff.p_holm.is_some() && c.cell.is_some());
+    }
+    assert_eq!(
+        d3.comparisons.iter().filter(|c| c.group.is_some()).count(),
+        4,
+        "harmful CE and margin for each group with questions"
+    );
+    assert!(
+        d3.notes.iter().any(|n| n.contains("group self_harm")),
+        "{:?}",
+        d3.notes
+    );
     let cmp: Vec<_> = d.comparisons.iter().filter(|c| c.cell.is_some()).collect();
     assert_eq!(cmp.len(), 4, "one per metric: {:?}", d.comparisons);
     assert!(cmp
