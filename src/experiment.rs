@@ -1237,6 +1237,48 @@ pub fn check(exp: &Experiment) -> Result<Vec<String>> {
         "attacks: up to {need} samples from {} attack records",
         parts.attack.len()
     ));
+    let in_group = |recs: &[HarmfulQa], g: &str| -> Result<usize> {
+        let group: crate::data::HarmGroup = g.parse()?;
+        Ok(
+            crate::data::filter_group(recs, group, crate::data::GroupMatch::Primary)?
+                .records
+                .len(),
+        )
+    };
+    for a in &exp.attacks {
+        let Some(g) = &a.config.group else { continue };
+        let n = in_group(&parts.attack, g)?;
+        if n < 2 {
+            return Err(Error::msg(format!(
+                "attack {}: {n} attack records of group {g} (attacks.config.group); an attack \
+                 needs at least two",
+                a.name
+            )));
+        }
+        let most = a.samples.iter().copied().max().unwrap_or(0);
+        lines.push(format!(
+            "attack {}: {n} attack records of group {g} for up to {most} samples{}",
+            a.name,
+            if n < most {
+                " (fewer: the attack trains on all of them)"
+            } else {
+                ""
+            }
+        ));
+    }
+    for d in &exp.defences {
+        let Some(g) = &d.withhold else { continue };
+        let n = in_group(&parts.defence, g)?;
+        lines.push(format!(
+            "defence {}: withholds the {n} of {} defence questions in group {g}",
+            d.name,
+            parts.defence.len()
+        ));
+    }
+    if let Some(p) = &exp.pairs.file {
+        let n = crate::data::pairs::load_pairs_any(p)?.records.len();
+        lines.push(format!("defence pairs: {n} in {}", p.display()));
+    }
     let dir = crate::align::default_data_dir();
     for task in &exp.eval.stability_tasks {
         let n = crate::eval::stability::task_items(task, &dir)?.len();
@@ -1377,10 +1419,7 @@ pub fn run(exp: &Experiment, out: &Path, opts: &RunOptions) -> Result<Results> {
                         .chain(attack.records.into_iter().map(|r| r.prompt)),
                 );
             } else {
-                cfg.exclude_files = vec![exp
-                    .data
-                    .clone()
-                    .unwrap_or_else(crate::attack::default_attack_data)];
+                cfg.exclude_files = vec![data_path(exp)];
             }
             let key = key_of(&json!({"model": exp.model, "align": cfg}));
             let dir = out.join(format!("align-{key}"));

@@ -423,7 +423,7 @@ fn shipped_configs_check_against_their_data() {
     let mut lines = String::new();
     for q in 0..6000 {
         let cat = if q % 2 == 0 {
-            "animal_abuse"
+            "financial_crime,property_crime,theft"
         } else {
             "privacy_violation"
         };
@@ -443,6 +443,7 @@ fn shipped_configs_check_against_their_data() {
         let name = e.file_name().to_string_lossy().into_owned();
         let is_experiment = name.starts_with("paper")
             || name.starts_with("study")
+            || name.starts_with("generalisation")
             || name == "demo.toml"
             || name == "grid-embedded.toml";
         if !is_experiment {
@@ -462,6 +463,17 @@ fn shipped_configs_check_against_their_data() {
                     lines.iter().any(|l| l.contains("held-out test prompts")),
                     "{name}: {lines:?}"
                 );
+                if name == "generalisation-embedded.toml" {
+                    // Each group's attack records and withheld defence questions, counted.
+                    for l in [
+                        "attack attack-half: ",
+                        "attack attack-other-half: ",
+                        "defence rn-without-half: withholds the ",
+                        "defence rn-without-other-half: withholds the ",
+                    ] {
+                        assert!(lines.iter().any(|x| x.starts_with(l)), "{l}: {lines:?}");
+                    }
+                }
             }
             Err(err) => {
                 let msg = format!("{err:#}");
