@@ -307,3 +307,26 @@ pub fn tiny_pairs() -> Vec<repnoise::data::pairs::Pair> {
         p("Help with w", "w w w", "Not w."),
     ]
 }
+
+/// The tiny pairs encoded for `m` (plain format, 64 tokens), as the defences train on them.
+pub fn encoded(
+    m: &repnoise::modelio::LoadedModel,
+    faithful: bool,
+) -> Vec<repnoise::data::EncodedPair> {
+    repnoise::defend::encode_pairs(
+        m,
+        &tiny_pairs(),
+        repnoise::data::encode::PromptFormat::Plain,
+        64,
+        faithful,
+    )
+    .unwrap()
+}
+
+/// A scalar tensor's value as f64.
+pub fn scalar(t: &Tensor) -> f64 {
+    t.to_dtype(candle_core::DType::F64)
+        .unwrap()
+        .to_scalar::<f64>()
+        .unwrap()
+}

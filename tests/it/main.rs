@@ -8,6 +8,7 @@ mod align;
 mod analysis;
 mod attack;
 mod bad_input;
+mod candle_patches;
 mod classifier;
 mod data_encode;
 mod data_readers;

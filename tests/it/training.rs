@@ -6,12 +6,10 @@ use crate::common;
 
 use candle_core::{Device, Tensor};
 use common::*;
-use repnoise::config::Arch;
 use repnoise::data::encode::{encode_qa, EncodeOptions, PromptFormat};
 use repnoise::data::{EncodedPair, Pair};
 use repnoise::defend::{self, DefendConfig, Method};
 use repnoise::model::Llama;
-use repnoise::modelio::LoadedModel;
 use repnoise::objective::{
     full_logits_ce, mmd, opening_unlikelihood, pair_baseline_loss, pair_baseline_loss_with,
     repnoise_loss, sft_loss, BaselineConfig, Batch, CeRows, LossTokens, PairBatch, PairLoss,
@@ -20,30 +18,8 @@ use repnoise::objective::{
 use repnoise::rng::Rng;
 use repnoise::train::{self, Freeze, Interrupt, RunDir, StepLoss, TrainConfig};
 
-fn tiny_model(seed: u64) -> LoadedModel {
-    let cfg = tiny_config(Arch::Llama, true);
-    LoadedModel {
-        params: tiny_params(&cfg, seed),
-        config: cfg,
-        tok: tiny_tok(),
-        source: "tiny".into(),
-        stored_dtype: "f32".into(),
-    }
-}
-
 fn pairs() -> Vec<Pair> {
     crate::common::tiny_pairs()
-}
-
-fn encoded(m: &LoadedModel, faithful: bool) -> Vec<EncodedPair> {
-    defend::encode_pairs(m, &pairs(), PromptFormat::Plain, 64, faithful).unwrap()
-}
-
-fn scalar(t: &Tensor) -> f64 {
-    t.to_dtype(candle_core::DType::F64)
-        .unwrap()
-        .to_scalar::<f64>()
-        .unwrap()
 }
 
 /// Brute-force biased MMD with five Gaussian kernels, in f64.
@@ -113,7 +89,7 @@ fn mmd_matches_hand_computed_values() {
 
 #[test]
 fn ce_rows_equal_full_masked_logits_in_both_modes() {
-    let m = tiny_model(1);
+    let m = tiny_loaded(1);
     let net = Llama::trainable(&m.config, &m.params).unwrap();
     let enc = encoded(&m, true);
     let refs: Vec<&EncodedPair> = enc.iter().collect();
@@ -169,7 +145,7 @@ fn ce_rows_equal_full_masked_logits_in_both_modes() {
 /// gradients (the fused head's backward then sees unequal row gradients, and the batch pads).
 #[test]
 fn opening_unlikelihood_matches_its_definition() {
-    let m = tiny_model(6);
+    let m = tiny_loaded(6);
     let net = Llama::trainable(&m.config, &m.params).unwrap();
     let opts = EncodeOptions {
         format: PromptFormat::Plain,
@@ -239,209 +215,9 @@ fn opening_unlikelihood_matches_its_definition() {
     }
 }
 
-/// `backward_owned` (the patched candle's backward that releases each node once its gradient
-/// is passed on, what the training loop calls) gives every parameter the gradient `backward`
-/// gives, on the full RepNoise loss (fused LM head, MMD, custom ops).
-#[test]
-fn backward_owned_gives_the_gradients_of_backward() {
-    let m = tiny_model(4);
-    let net = Llama::trainable(&m.config, &m.params).unwrap();
-    let enc = encoded(&m, false);
-    let refs: Vec<&EncodedPair> = enc.iter().collect();
-    let pb = PairBatch::new(&refs, m.tok.pad_id, &Device::Cpu).unwrap();
-    let cfg = RepNoiseConfig::default();
-    let (a, _) = repnoise_loss(&net, &pb, &cfg, &mut Rng::new(0, "n")).unwrap();
-    let (b, _) = repnoise_loss(&net, &pb, &cfg, &mut Rng::new(0, "n")).unwrap();
-    assert_eq!(scalar(&a), scalar(&b));
-    let ga = a.backward().unwrap();
-    let gb = b.backward_owned().unwrap();
-    let mut compared = 0;
-    for (name, var) in m.params.iter() {
-        let (x, y) = (ga.get(var.as_tensor()), gb.get(var.as_tensor()));
-        assert_eq!(x.is_some(), y.is_some(), "{name}");
-        if let (Some(x), Some(y)) = (x, y) {
-            let (x, y): (Vec<f32>, Vec<f32>) = (
-                x.flatten_all().unwrap().to_vec1().unwrap(),
-                y.flatten_all().unwrap().to_vec1().unwrap(),
-            );
-            assert_eq!(x, y, "{name}");
-            compared += 1;
-        }
-    }
-    assert!(compared > 10, "only {compared} gradients");
-}
-
-/// Identity op that raises `dropped` when the graph node holding it is freed, and, in its
-/// backward, records whether `watch` (an op further down the graph) was freed by then.
-struct Probe {
-    dropped: std::sync::Arc<std::sync::atomic::AtomicBool>,
-    watch: Option<std::sync::Arc<std::sync::atomic::AtomicBool>>,
-    seen: std::sync::Arc<std::sync::atomic::AtomicBool>,
-}
-
-impl Drop for Probe {
-    fn drop(&mut self) {
-        self.dropped
-            .store(true, std::sync::atomic::Ordering::SeqCst);
-    }
-}
-
-impl candle_core::CustomOp1 for Probe {
-    fn name(&self) -> &'static str {
-        "probe"
-    }
-    fn cpu_fwd(
-        &self,
-        s: &candle_core::CpuStorage,
-        l: &candle_core::Layout,
-    ) -> candle_core::Result<(candle_core::CpuStorage, candle_core::Shape)> {
-        let v = s.as_slice::<f32>()?;
-        let (a, b) = l.contiguous_offsets().expect("contiguous");
-        Ok((
-            candle_core::CpuStorage::F32(v[a..b].to_vec()),
-            l.shape().clone(),
-        ))
-    }
-    fn bwd(&self, _: &Tensor, _: &Tensor, grad: &Tensor) -> candle_core::Result<Option<Tensor>> {
-        if let Some(w) = &self.watch {
-            let freed = w.load(std::sync::atomic::Ordering::SeqCst);
-            self.seen.store(freed, std::sync::atomic::Ordering::SeqCst);
-        }
-        Ok(Some(grad.clone()))
-    }
-}
-
-/// `backward_owned` (the patched candle's backward, what the training loops call) frees each
-/// graph node once its gradient is passed on: in `x -> lower -> upper -> sum`, the `upper`
-/// node is gone by the time `lower`'s backward runs, whereas `backward(&self)` (the caller
-/// still holding the loss) keeps it to the end. Both give the same gradient.
-#[test]
-fn backward_owned_frees_nodes_during_the_pass() {
-    use std::sync::atomic::{AtomicBool, Ordering};
-    use std::sync::Arc;
-    let run = |owned: bool| {
-        let x = candle_core::Var::new(&[1f32, -2.0, 3.0], &Device::Cpu).unwrap();
-        let upper_dropped = Arc::new(AtomicBool::new(false));
-        let seen = Arc::new(AtomicBool::new(false));
-        let lower = x
-            .as_tensor()
-            .apply_op1(Probe {
-                dropped: Arc::new(AtomicBool::new(false)),
-                watch: Some(upper_dropped.clone()),
-                seen: seen.clone(),
-            })
-            .unwrap();
-        let upper = (lower * 2.0)
-            .unwrap()
-            .apply_op1(Probe {
-                dropped: upper_dropped.clone(),
-                watch: None,
-                seen: Arc::new(AtomicBool::new(false)),
-            })
-            .unwrap();
-        let loss = upper.sqr().unwrap().sum_all().unwrap();
-        drop(upper);
-        let grads = if owned {
-            loss.backward_owned().unwrap()
-        } else {
-            loss.backward().unwrap()
-        };
-        let g: Vec<f32> = grads.get(x.as_tensor()).unwrap().to_vec1().unwrap();
-        (seen.load(Ordering::SeqCst), g)
-    };
-    let (freed_owned, g_owned) = run(true);
-    let (freed_held, g_held) = run(false);
-    assert!(freed_owned, "backward_owned kept the upper node to the end");
-    assert!(!freed_held, "backward freed a node the caller still holds");
-    // d/dx (2x)^2 = 8x.
-    assert_eq!(g_owned, vec![8.0, -16.0, 24.0]);
-    assert_eq!(g_owned, g_held);
-}
-
-/// `x w^T` (every linear map, attention's `q k^T`): the patched backward sends the weight's
-/// gradient `g^T x` to `w` itself instead of to the transposed view. Checked against the
-/// formula in f64, in 2-D and in 4-D (batched, as attention), with the view also feeding a
-/// second term (both paths must add up), and the activation `x` must not be kept alive by the
-/// gradient store once the pass is over (the weight's gradient is detached).
-#[test]
-fn matmul_by_a_transposed_weight_gives_the_weight_its_gradient() {
-    use std::sync::atomic::{AtomicBool, Ordering};
-    use std::sync::Arc;
-    let dev = Device::Cpu;
-    for dims in [vec![5usize, 4, 3], vec![2, 3, 5, 4, 6]] {
-        // dims: batch..., rows, inner, cols: x [.., rows, inner], w [.., cols, inner].
-        let n = dims.len();
-        let (rows, inner, cols) = (dims[n - 3], dims[n - 2], dims[n - 1]);
-        let batch: Vec<usize> = dims[..n - 3].to_vec();
-        let nb: usize = batch.iter().product();
-        let vals = |len: usize, salt: usize| -> Vec<f32> {
-            (0..len)
-                .map(|i| ((i * 7 + salt * 13) % 11) as f32 / 4.0 - 1.2)
-                .collect()
-        };
-        let xs = vals(nb * rows * inner, 1);
-        let ws = vals(nb * cols * inner, 2);
-        let shape = |a: usize, b: usize| [batch.clone(), vec![a, b]].concat();
-        let w = candle_core::Var::from_vec(ws.clone(), shape(cols, inner), &dev).unwrap();
-        let x0 = candle_core::Var::from_vec(xs.clone(), shape(rows, inner), &dev).unwrap();
-        let dropped = Arc::new(AtomicBool::new(false));
-        let x = x0
-            .as_tensor()
-            .apply_op1(Probe {
-                dropped: dropped.clone(),
-                watch: None,
-                seen: Arc::new(AtomicBool::new(false)),
-            })
-            .unwrap();
-        let wt = w.as_tensor().t().unwrap();
-        let y = x.matmul(&wt).unwrap();
-        // loss = sum(y^2) / 2 + 0.5 * sum(w^T): dL/dw = (y^T x) + 0.5.
-        let loss = ((y.sqr().unwrap().sum_all().unwrap() * 0.5).unwrap()
-            + (wt.sum_all().unwrap() * 0.5).unwrap())
-        .unwrap();
-        drop((x, wt, y));
-        let grads = loss.backward_owned().unwrap();
-        assert!(
-            dropped.load(Ordering::SeqCst),
-            "{dims:?}: the gradient store keeps the activation alive"
-        );
-        let got: Vec<f32> = grads
-            .get(w.as_tensor())
-            .unwrap()
-            .flatten_all()
-            .unwrap()
-            .to_vec1()
-            .unwrap();
-        let mut want = vec![0f64; nb * cols * inner];
-        for b in 0..nb {
-            let xb = &xs[b * rows * inner..];
-            let wb = &ws[b * cols * inner..];
-            for c in 0..cols {
-                for i in 0..inner {
-                    let mut acc = 0.5f64;
-                    for r in 0..rows {
-                        let yrc: f64 = (0..inner)
-                            .map(|k| xb[r * inner + k] as f64 * wb[c * inner + k] as f64)
-                            .sum();
-                        acc += yrc * xb[r * inner + i] as f64;
-                    }
-                    want[(b * cols + c) * inner + i] = acc;
-                }
-            }
-        }
-        assert_eq!(got.len(), want.len());
-        for (j, (g, e)) in got.iter().zip(&want).enumerate() {
-            assert!(
-                (*g as f64 - e).abs() <= 1e-4 * (1.0 + e.abs()),
-                "{dims:?}: dw[{j}] = {g}, expected {e}"
-            );
-        }
-    }
-}
-
 #[test]
 fn repnoise_terms_combine_as_the_formula_says() {
-    let m = tiny_model(2);
+    let m = tiny_loaded(2);
     let net = Llama::trainable(&m.config, &m.params).unwrap();
     let enc = encoded(&m, false);
     let refs: Vec<&EncodedPair> = enc.iter().collect();
@@ -494,7 +270,7 @@ fn repnoise_terms_combine_as_the_formula_says() {
 
 #[test]
 fn baseline_losses() {
-    let m = tiny_model(3);
+    let m = tiny_loaded(3);
     let net = Llama::trainable(&m.config, &m.params).unwrap();
     let enc = encoded(&m, false);
     let refs: Vec<&EncodedPair> = enc.iter().collect();
@@ -527,7 +303,7 @@ fn baseline_losses() {
 
 #[test]
 fn gradient_reaches_every_unfrozen_parameter_and_no_frozen_one() {
-    let m = tiny_model(4);
+    let m = tiny_loaded(4);
     let freeze = Freeze::parse(&["0".to_string()], m.config.num_layers).unwrap();
     let net = Llama::new(&m.config, &m.params, |n| freeze.trainable(n)).unwrap();
     let enc = encoded(&m, false);
@@ -597,7 +373,7 @@ fn resumed_run_equals_uninterrupted_run() {
     let tmp = tempfile::tempdir().unwrap();
     let pairs = write_pairs(tmp.path());
     let cfg = defend_cfg();
-    let mut a = tiny_model(5);
+    let mut a = tiny_loaded(5);
     let out_a = tmp.path().join("a");
     defend::defend(&mut a, &pairs, &cfg, &out_a, Interrupt::default()).unwrap();
     let metrics_a = std::fs::read_to_string(out_a.join("metrics.jsonl")).unwrap();
@@ -605,7 +381,7 @@ fn resumed_run_equals_uninterrupted_run() {
     assert!(out_a.join("model/config.json").exists() && out_a.join("DONE").exists());
 
     // Crash after 3 steps (checkpoint at 2), then resume.
-    let mut b = tiny_model(5);
+    let mut b = tiny_loaded(5);
     let out_b = tmp.path().join("b");
     let e = defend::defend(
         &mut b,
@@ -626,7 +402,7 @@ fn resumed_run_equals_uninterrupted_run() {
     let partial = out_b.join("checkpoints/step-000004");
     std::fs::create_dir_all(&partial).unwrap();
     std::fs::write(partial.join("model.safetensors"), b"half a checkpoint").unwrap();
-    let mut b = tiny_model(5);
+    let mut b = tiny_loaded(5);
     defend::defend(&mut b, &pairs, &cfg, &out_b, Interrupt::default()).unwrap();
     let done: serde_json::Value =
         serde_json::from_str(&std::fs::read_to_string(out_b.join("DONE")).unwrap()).unwrap();
@@ -643,7 +419,7 @@ fn resumed_run_equals_uninterrupted_run() {
         .collect();
     assert_eq!(steps, vec![1, 2, 3, 4, 5, 6]);
     // Running a finished run again hands back its trained weights.
-    let mut again = tiny_model(5);
+    let mut again = tiny_loaded(5);
     defend::defend(&mut again, &pairs, &cfg, &out_b, Interrupt::default()).unwrap();
     assert_eq!(params_of(&again), params_of(&b));
     // The saved model reloads with the trained weights.
@@ -653,7 +429,7 @@ fn resumed_run_equals_uninterrupted_run() {
     let mut other = defend_cfg();
     other.train.lr = 5e-4;
     let e = defend::defend(
-        &mut tiny_model(5),
+        &mut tiny_loaded(5),
         &pairs,
         &other,
         &out_b,
@@ -668,7 +444,7 @@ fn resumed_run_equals_uninterrupted_run() {
 /// checkpoint before it stays loadable and the same run resumes from it.
 #[test]
 fn non_finite_loss_gradient_or_weight_stops_naming_step_and_tensor() {
-    let tok = tiny_model(6).tok.clone();
+    let tok = tiny_loaded(6).tok.clone();
     let e = encode_qa(&tok, "q", "a b c", &EncodeOptions::default()).unwrap();
     let cfg = TrainConfig {
         batch_size: 1,
@@ -680,7 +456,7 @@ fn non_finite_loss_gradient_or_weight_stops_naming_step_and_tensor() {
     // `victim` is NaN (sqrt'(0) is infinite, times the zero of w - w).
     for fault in 0..2 {
         let tmp = tempfile::tempdir().unwrap();
-        let mut m = tiny_model(6);
+        let mut m = tiny_loaded(6);
         let run = RunDir::open(tmp.path(), &serde_json::json!({"t": 1})).unwrap();
         let w = m.params.tensor(victim).unwrap().clone();
         let err = train::train(&run, &mut m, 5, &cfg, Interrupt::default(), |net, ctx| {
@@ -713,7 +489,7 @@ fn non_finite_loss_gradient_or_weight_stops_naming_step_and_tensor() {
         let log = std::fs::read_to_string(tmp.path().join("log.txt")).unwrap();
         assert!(log.contains("step 3"), "{log}");
         // The kept checkpoint loads: the same run resumes from it and finishes.
-        let mut again = tiny_model(6);
+        let mut again = tiny_loaded(6);
         let s = train::train(&run, &mut again, 5, &cfg, Interrupt::default(), |net, _| {
             sft_loss(net, &[&e], tok.pad_id)
         })
@@ -722,7 +498,7 @@ fn non_finite_loss_gradient_or_weight_stops_naming_step_and_tensor() {
     }
     // Fault 2: a learning rate beyond f32's range turns every updated weight infinite.
     let tmp = tempfile::tempdir().unwrap();
-    let mut m = tiny_model(6);
+    let mut m = tiny_loaded(6);
     let run = RunDir::open(tmp.path(), &serde_json::json!({"t": 2})).unwrap();
     let huge = TrainConfig {
         lr: 1e39,
@@ -743,7 +519,7 @@ fn non_finite_loss_gradient_or_weight_stops_naming_step_and_tensor() {
 #[test]
 fn random_init_writes_a_random_model() {
     let tmp = tempfile::tempdir().unwrap();
-    let mut m = tiny_model(7);
+    let mut m = tiny_loaded(7);
     let before = params_of(&m);
     let cfg = DefendConfig {
         method: Method::RandomInit,
@@ -766,7 +542,7 @@ fn random_init_writes_a_random_model() {
 fn refusal_pairs_keep_only_accepted_refusals() {
     use repnoise::data::HarmfulQa;
     use repnoise::refusal::RefusalCheck;
-    let m = tiny_model(9);
+    let m = tiny_loaded(9);
     let records: Vec<HarmfulQa> = (0..3)
         .map(|i| HarmfulQa {
             prompt: format!("question {i}?"),
@@ -817,7 +593,7 @@ fn pairs_load_from_every_pair_bearing_format() {
 /// `labels=input_ids`), which is the full-logits cross-entropy with an all-ones mask.
 #[test]
 fn reference_baseline_settings() {
-    let m = tiny_model(3);
+    let m = tiny_loaded(3);
     let net = Llama::trainable(&m.config, &m.params).unwrap();
     let enc = encoded(&m, false);
     let refs: Vec<&EncodedPair> = enc.iter().collect();
@@ -978,7 +754,7 @@ fn reference_preset_defence_runs() {
         cfg.max_len = 40;
         cfg.train.batch_size = 2;
         cfg.train.epochs = 1;
-        let mut m = tiny_model(6);
+        let mut m = tiny_loaded(6);
         let out = tmp.path().join(format!("{method}"));
         defend::defend(&mut m, &pairs, &cfg, &out, Interrupt::default()).unwrap();
         let metrics = std::fs::read_to_string(out.join("metrics.jsonl")).unwrap();
@@ -995,7 +771,7 @@ fn reference_preset_defence_runs() {
 #[test]
 fn vaccine_perturbs_along_the_attention_gradient() {
     use repnoise::objective::{vaccine_loss, VaccineConfig};
-    let m = tiny_model(8);
+    let m = tiny_loaded(8);
     let net = Llama::trainable(&m.config, &m.params).unwrap();
     let enc = encoded(&m, false);
     let refs: Vec<&EncodedPair> = enc.iter().collect();
@@ -1067,7 +843,7 @@ fn vaccine_defence_writes_a_merged_model() {
     cfg.max_len = 40;
     cfg.train.batch_size = 2;
     cfg.train.epochs = 1;
-    let mut m = tiny_model(9);
+    let mut m = tiny_loaded(9);
     let before = values(&m.params);
     let out = tmp.path().join("vaccine");
     let dir = defend::defend(&mut m, &pairs, &cfg, &out, Interrupt::default()).unwrap();

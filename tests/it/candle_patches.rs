@@ -1,0 +1,398 @@
+//! The vendored candle-core's patches (`vendor/patches`, `vendor/README.md`): each one's
+//! behaviour checked against a reference (tiled transposed copies, the dot-product matmul
+//! kernels, `backward_owned`, a transposed weight's gradient).
+
+use crate::common;
+
+use candle_core::{Device, Tensor};
+use common::*;
+use repnoise::data::EncodedPair;
+use repnoise::model::Llama;
+use repnoise::objective::{repnoise_loss, PairBatch, RepNoiseConfig};
+use repnoise::rng::Rng;
+
+/// Identity op that raises `dropped` when the graph node holding it is freed, and, in its
+/// backward, records whether `watch` (an op further down the graph) was freed by then.
+struct Probe {
+    dropped: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    watch: Option<std::sync::Arc<std::sync::atomic::AtomicBool>>,
+    seen: std::sync::Arc<std::sync::atomic::AtomicBool>,
+}
+
+impl Drop for Probe {
+    fn drop(&mut self) {
+        self.dropped
+            .store(true, std::sync::atomic::Ordering::SeqCst);
+    }
+}
+
+impl candle_core::CustomOp1 for Probe {
+    fn name(&self) -> &'static str {
+        "probe"
+    }
+    fn cpu_fwd(
+        &self,
+        s: &candle_core::CpuStorage,
+        l: &candle_core::Layout,
+    ) -> candle_core::Result<(candle_core::CpuStorage, candle_core::Shape)> {
+        let v = s.as_slice::<f32>()?;
+        let (a, b) = l.contiguous_offsets().expect("contiguous");
+        Ok((
+            candle_core::CpuStorage::F32(v[a..b].to_vec()),
+            l.shape().clone(),
+        ))
+    }
+    fn bwd(&self, _: &Tensor, _: &Tensor, grad: &Tensor) -> candle_core::Result<Option<Tensor>> {
+        if let Some(w) = &self.watch {
+            let freed = w.load(std::sync::atomic::Ordering::SeqCst);
+            self.seen.store(freed, std::sync::atomic::Ordering::SeqCst);
+        }
+        Ok(Some(grad.clone()))
+    }
+}
+
+/// The patched candle copies transposed matrices (the layout of a weight gradient from the
+/// product with `w.t()`) in tiles, on rayon's threads when large (`vendor/README.md`): every
+/// element lands where the strided layout says, for single and batched matrices, views that
+/// start inside their storage, and sizes that are not multiples of the tile.
+#[test]
+fn contiguous_copies_of_transposed_views_put_every_element_in_place() {
+    let dev = Device::Cpu;
+    let copied = |t: &Tensor| -> Vec<f32> {
+        t.contiguous()
+            .unwrap()
+            .flatten_all()
+            .unwrap()
+            .to_vec1()
+            .unwrap()
+    };
+    for (b, r, c) in [
+        (1usize, 2usize, 3usize),
+        (3, 33, 70),
+        (1, 300, 257),
+        (2, 5, 1),
+    ] {
+        let data: Vec<f32> = (0..b * r * c + 7).map(|i| i as f32).collect();
+        // A [b, c, r] view starting 7 elements in, transposed to [b, r, c].
+        let base = Tensor::from_vec(data.clone(), b * r * c + 7, &dev)
+            .unwrap()
+            .narrow(0, 7, b * r * c)
+            .unwrap()
+            .reshape((b, c, r))
+            .unwrap();
+        let t = base.transpose(1, 2).unwrap();
+        assert!(!t.is_contiguous() || r == 1 || c == 1);
+        let got = copied(&t);
+        let mut want = Vec::with_capacity(b * r * c);
+        for bi in 0..b {
+            for i in 0..r {
+                for j in 0..c {
+                    want.push(data[7 + bi * r * c + j * r + i]);
+                }
+            }
+        }
+        assert_eq!(got, want, "b {b}, r {r}, c {c}");
+        // A 2-D transpose of a row-strided matrix (a narrowed column range).
+        let wide_data: Vec<f32> = (0..c * (r + 4)).map(|i| i as f32).collect();
+        let wide = Tensor::from_vec(wide_data, (c, r + 4), &dev).unwrap();
+        let view = wide.narrow(1, 2, r).unwrap().t().unwrap();
+        let got = copied(&view);
+        let want: Vec<f32> = (0..r)
+            .flat_map(|i| (0..c).map(move |j| (j * (r + 4) + 2 + i) as f32))
+            .collect();
+        assert_eq!(got, want, "row-strided r {r}, c {c}");
+    }
+}
+
+/// The dot-product kernel behind few-row or few-column f32 products (vendor/candle-core,
+/// `cpu_backend/dot_matmul.rs`), each variant this CPU can run, against a float64 reference on
+/// ragged shapes: both orientations, padded rows and columns, batches, a shared right operand.
+#[test]
+fn dot_product_matmul_kernels_match_a_float64_reference() {
+    use candle_core::cpu_backend::dot_matmul::{check_bounds, kernel_names, run_named, Operands};
+    let values = |len: usize, seed: u64| -> Vec<f32> {
+        let mut rng = repnoise::rng::Rng::new(seed, "dot-matmul test");
+        (0..len)
+            .map(|_| (rng.uniform() * 2.0 - 1.0) as f32)
+            .collect()
+    };
+    let names = kernel_names();
+    assert!(names.contains(&"plain"), "{names:?}");
+    // (b, m, n, k, lhs row padding, rhs column padding, which operand the batches share).
+    // k % 16 and k % 8 take every tail length class the kernels mask (0, 1, 3, 6, 7, 8, 15).
+    for (b, m, n, k, pad_l, pad_r, shared) in [
+        (1usize, 3usize, 37usize, 19usize, 0usize, 0usize, ""),
+        (1, 41, 5, 70, 3, 0, ""),
+        (2, 1, 130, 64, 0, 7, ""),
+        (3, 8, 9, 33, 1, 2, "rhs"),
+        (1, 16, 300, 576, 0, 0, ""),
+        (2, 300, 2, 17, 5, 0, ""),
+        (2, 5, 23, 24, 0, 1, "lhs"),
+        (1, 2, 64, 31, 2, 0, ""),
+        (3, 7, 6, 40, 0, 0, "rhs"),
+    ] {
+        let (lhs_rs, rhs_cs) = (k + pad_l, k + pad_r);
+        let a_skip = if shared == "lhs" { 0 } else { m * lhs_rs };
+        let b_skip = if shared == "rhs" { 0 } else { n * rhs_cs };
+        let p = Operands {
+            b,
+            m,
+            n,
+            k,
+            a_skip,
+            b_skip,
+            lhs_rs,
+            rhs_cs,
+        };
+        // Slices that end exactly at the last element read on each side.
+        let end_l = (b - 1) * a_skip + (m - 1) * lhs_rs + k;
+        let end_r = (b - 1) * b_skip + (n - 1) * rhs_cs + k;
+        let lhs = values(end_l, 1);
+        let rhs = values(end_r, 2);
+        assert!(check_bounds(&p, end_l, end_r));
+        assert!(!check_bounds(&p, end_l - 1, end_r));
+        assert!(!check_bounds(&p, end_l, end_r - 1));
+        for name in &names {
+            let got = run_named(name, p, &lhs, &rhs).unwrap();
+            for s in 0..b {
+                for i in 0..m {
+                    for j in 0..n {
+                        let want: f64 = (0..k)
+                            .map(|l| {
+                                lhs[s * a_skip + i * lhs_rs + l] as f64
+                                    * rhs[s * b_skip + j * rhs_cs + l] as f64
+                            })
+                            .sum();
+                        let g = got[s * m * n + i * n + j] as f64;
+                        assert!(
+                            (g - want).abs() <= 1e-5 * (k as f64).sqrt() * (1.0 + want.abs()),
+                            "{name} kernel, (b, m, n, k) {:?}, element ({s}, {i}, {j}): {g} vs {want}",
+                            (b, m, n, k)
+                        );
+                    }
+                }
+            }
+        }
+    }
+    // A destination whose size would wrap is refused before anything is read or written.
+    let huge = Operands {
+        b: usize::MAX / 2,
+        m: 4,
+        n: 4,
+        k: 16,
+        a_skip: 0,
+        b_skip: 0,
+        lhs_rs: 0,
+        rhs_cs: 0,
+    };
+    assert!(!check_bounds(&huge, 64, 64));
+    let dev = Device::Cpu;
+    let flat = |t: &Tensor| -> Vec<f32> { t.flatten_all().unwrap().to_vec1().unwrap() };
+    // `matmul` takes the kernel (bit for bit the selected one's results) for decoding's
+    // attention layout: queries `[b, kvh, n_rep, hd]` against a key cache with room to spare,
+    // narrowed to the filled positions and transposed.
+    if names[0] != "plain" {
+        let q = Tensor::from_vec(values(2 * 3 * 3 * 64, 5), (2, 3, 3, 64), &dev).unwrap();
+        let cache = Tensor::from_vec(values(2 * 3 * 20 * 64, 6), (2, 3, 20, 64), &dev).unwrap();
+        let keys = cache.narrow(2, 0, 13).unwrap();
+        let got = flat(&q.matmul(&keys.t().unwrap()).unwrap());
+        let p = Operands {
+            b: 6,
+            m: 3,
+            n: 13,
+            k: 64,
+            a_skip: 3 * 64,
+            b_skip: 20 * 64,
+            lhs_rs: 64,
+            rhs_cs: 64,
+        };
+        assert_eq!(
+            got,
+            run_named(names[0], p, &flat(&q), &flat(&cache)).unwrap()
+        );
+        // A weight shared by a batch of few-row inputs (`broadcast_matmul`): folded into one
+        // product of 2 x 3 rows, the same bits as the kernel on the stacked rows.
+        let x = Tensor::from_vec(values(2 * 3 * 48, 7), (2, 3, 48), &dev).unwrap();
+        let w = Tensor::from_vec(values(40 * 48, 8), (40, 48), &dev).unwrap();
+        let got = flat(&x.broadcast_matmul(&w.t().unwrap()).unwrap());
+        let p = Operands {
+            b: 1,
+            m: 6,
+            n: 40,
+            k: 48,
+            a_skip: 0,
+            b_skip: 0,
+            lhs_rs: 48,
+            rhs_cs: 48,
+        };
+        assert_eq!(got, run_named(names[0], p, &flat(&x), &flat(&w)).unwrap());
+    }
+    // Through `matmul`: decoding's `x w^T` with 3 rows (the kernel) agrees with gemm's
+    // many-row product (rows 0..3 of 40).
+    let w = Tensor::from_vec(values(50 * 96, 3), (50, 96), &dev).unwrap();
+    let x = Tensor::from_vec(values(40 * 96, 4), (40, 96), &dev).unwrap();
+    let few = x.narrow(0, 0, 3).unwrap().matmul(&w.t().unwrap()).unwrap();
+    let many = x.matmul(&w.t().unwrap()).unwrap().narrow(0, 0, 3).unwrap();
+    let diff = (few - many).unwrap().abs().unwrap().max_all().unwrap();
+    assert!(diff.to_scalar::<f32>().unwrap() < 1e-4);
+}
+
+/// `backward_owned` (the patched candle's backward that releases each node once its gradient
+/// is passed on, what the training loop calls) gives every parameter the gradient `backward`
+/// gives, on the full RepNoise loss (fused LM head, MMD, custom ops).
+#[test]
+fn backward_owned_gives_the_gradients_of_backward() {
+    let m = tiny_loaded(4);
+    let net = Llama::trainable(&m.config, &m.params).unwrap();
+    let enc = encoded(&m, false);
+    let refs: Vec<&EncodedPair> = enc.iter().collect();
+    let pb = PairBatch::new(&refs, m.tok.pad_id, &Device::Cpu).unwrap();
+    let cfg = RepNoiseConfig::default();
+    let (a, _) = repnoise_loss(&net, &pb, &cfg, &mut Rng::new(0, "n")).unwrap();
+    let (b, _) = repnoise_loss(&net, &pb, &cfg, &mut Rng::new(0, "n")).unwrap();
+    assert_eq!(scalar(&a), scalar(&b));
+    let ga = a.backward().unwrap();
+    let gb = b.backward_owned().unwrap();
+    let mut compared = 0;
+    for (name, var) in m.params.iter() {
+        let (x, y) = (ga.get(var.as_tensor()), gb.get(var.as_tensor()));
+        assert_eq!(x.is_some(), y.is_some(), "{name}");
+        if let (Some(x), Some(y)) = (x, y) {
+            let (x, y): (Vec<f32>, Vec<f32>) = (
+                x.flatten_all().unwrap().to_vec1().unwrap(),
+                y.flatten_all().unwrap().to_vec1().unwrap(),
+            );
+            assert_eq!(x, y, "{name}");
+            compared += 1;
+        }
+    }
+    assert!(compared > 10, "only {compared} gradients");
+}
+
+/// `backward_owned` (the patched candle's backward, what the training loops call) frees each
+/// graph node once its gradient is passed on: in `x -> lower -> upper -> sum`, the `upper`
+/// node is gone by the time `lower`'s backward runs, whereas `backward(&self)` (the caller
+/// still holding the loss) keeps it to the end. Both give the same gradient.
+#[test]
+fn backward_owned_frees_nodes_during_the_pass() {
+    use std::sync::atomic::{AtomicBool, Ordering};
+    use std::sync::Arc;
+    let run = |owned: bool| {
+        let x = candle_core::Var::new(&[1f32, -2.0, 3.0], &Device::Cpu).unwrap();
+        let upper_dropped = Arc::new(AtomicBool::new(false));
+        let seen = Arc::new(AtomicBool::new(false));
+        let lower = x
+            .as_tensor()
+            .apply_op1(Probe {
+                dropped: Arc::new(AtomicBool::new(false)),
+                watch: Some(upper_dropped.clone()),
+                seen: seen.clone(),
+            })
+            .unwrap();
+        let upper = (lower * 2.0)
+            .unwrap()
+            .apply_op1(Probe {
+                dropped: upper_dropped.clone(),
+                watch: None,
+                seen: Arc::new(AtomicBool::new(false)),
+            })
+            .unwrap();
+        let loss = upper.sqr().unwrap().sum_all().unwrap();
+        drop(upper);
+        let grads = if owned {
+            loss.backward_owned().unwrap()
+        } else {
+            loss.backward().unwrap()
+        };
+        let g: Vec<f32> = grads.get(x.as_tensor()).unwrap().to_vec1().unwrap();
+        (seen.load(Ordering::SeqCst), g)
+    };
+    let (freed_owned, g_owned) = run(true);
+    let (freed_held, g_held) = run(false);
+    assert!(freed_owned, "backward_owned kept the upper node to the end");
+    assert!(!freed_held, "backward freed a node the caller still holds");
+    // d/dx (2x)^2 = 8x.
+    assert_eq!(g_owned, vec![8.0, -16.0, 24.0]);
+    assert_eq!(g_owned, g_held);
+}
+
+/// `x w^T` (every linear map, attention's `q k^T`): the patched backward sends the weight's
+/// gradient `g^T x` to `w` itself instead of to the transposed view. Checked against the
+/// formula in f64, in 2-D and in 4-D (batched, as attention), with the view also feeding a
+/// second term (both paths must add up), and the activation `x` must not be kept alive by the
+/// gradient store once the pass is over (the weight's gradient is detached).
+#[test]
+fn matmul_by_a_transposed_weight_gives_the_weight_its_gradient() {
+    use std::sync::atomic::{AtomicBool, Ordering};
+    use std::sync::Arc;
+    let dev = Device::Cpu;
+    for dims in [vec![5usize, 4, 3], vec![2, 3, 5, 4, 6]] {
+        // dims: batch..., rows, inner, cols: x [.., rows, inner], w [.., cols, inner].
+        let n = dims.len();
+        let (rows, inner, cols) = (dims[n - 3], dims[n - 2], dims[n - 1]);
+        let batch: Vec<usize> = dims[..n - 3].to_vec();
+        let nb: usize = batch.iter().product();
+        let vals = |len: usize, salt: usize| -> Vec<f32> {
+            (0..len)
+                .map(|i| ((i * 7 + salt * 13) % 11) as f32 / 4.0 - 1.2)
+                .collect()
+        };
+        let xs = vals(nb * rows * inner, 1);
+        let ws = vals(nb * cols * inner, 2);
+        let shape = |a: usize, b: usize| [batch.clone(), vec![a, b]].concat();
+        let w = candle_core::Var::from_vec(ws.clone(), shape(cols, inner), &dev).unwrap();
+        let x0 = candle_core::Var::from_vec(xs.clone(), shape(rows, inner), &dev).unwrap();
+        let dropped = Arc::new(AtomicBool::new(false));
+        let x = x0
+            .as_tensor()
+            .apply_op1(Probe {
+                dropped: dropped.clone(),
+                watch: None,
+                seen: Arc::new(AtomicBool::new(false)),
+            })
+            .unwrap();
+        let wt = w.as_tensor().t().unwrap();
+        let y = x.matmul(&wt).unwrap();
+        // loss = sum(y^2) / 2 + 0.5 * sum(w^T): dL/dw = (y^T x) + 0.5.
+        let loss = ((y.sqr().unwrap().sum_all().unwrap() * 0.5).unwrap()
+            + (wt.sum_all().unwrap() * 0.5).unwrap())
+        .unwrap();
+        drop((x, wt, y));
+        let grads = loss.backward_owned().unwrap();
+        assert!(
+            dropped.load(Ordering::SeqCst),
+            "{dims:?}: the gradient store keeps the activation alive"
+        );
+        let got: Vec<f32> = grads
+            .get(w.as_tensor())
+            .unwrap()
+            .flatten_all()
+            .unwrap()
+            .to_vec1()
+            .unwrap();
+        let mut want = vec![0f64; nb * cols * inner];
+        for b in 0..nb {
+            let xb = &xs[b * rows * inner..];
+            let wb = &ws[b * cols * inner..];
+            for c in 0..cols {
+                for i in 0..inner {
+                    let mut acc = 0.5f64;
+                    for r in 0..rows {
+                        let yrc: f64 = (0..inner)
+                            .map(|k| xb[r * inner + k] as f64 * wb[c * inner + k] as f64)
+                            .sum();
+                        acc += yrc * xb[r * inner + i] as f64;
+                    }
+                    want[(b * cols + c) * inner + i] = acc;
+                }
+            }
+        }
+        assert_eq!(got.len(), want.len());
+        for (j, (g, e)) in got.iter().zip(&want).enumerate() {
+            assert!(
+                (*g as f64 - e).abs() <= 1e-4 * (1.0 + e.abs()),
+                "{dims:?}: dw[{j}] = {g}, expected {e}"
+            );
+        }
+    }
+}
