@@ -902,3 +902,14 @@ pub fn save_dir(
     }
     crate::io::write_json_atomic(&dir.join("config.json"), &config)
 }
+
+/// P(class `class`) from class logits `[b, n]` (the head of this encoder or of DeBERTa's):
+/// softmax over classes, sigmoid for one logit.
+pub fn class_probs(logits: &Tensor, class: usize) -> Result<Vec<f32>> {
+    let probs = if logits.dim(1)? == 1 {
+        candle_nn::ops::sigmoid(logits)?
+    } else {
+        candle_nn::ops::softmax(logits, candle_core::D::Minus1)?
+    };
+    Ok(probs.narrow(1, class, 1)?.flatten_all()?.to_vec1()?)
+}

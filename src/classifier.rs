@@ -17,7 +17,7 @@
 
 use std::path::{Path, PathBuf};
 
-use candle_core::{Device, Tensor, D};
+use candle_core::{Device, Tensor};
 use serde::Serialize;
 
 use crate::bert::{self, Bert, BertConfig};
@@ -559,17 +559,7 @@ fn harmful_probs(
 ) -> Result<Vec<f32>> {
     let pad = net.config().pad_token_id;
     let (ids, valid) = bert::pad_batch(rows, pad, net.device())?;
-    class_probs(&net.classify_pooled(&ids, &valid, readout)?, harmful)
-}
-
-/// P(class `class`) from class logits `[b, n]`: softmax over classes, sigmoid for one logit.
-pub fn class_probs(logits: &Tensor, class: usize) -> Result<Vec<f32>> {
-    let probs = if logits.dim(1)? == 1 {
-        candle_nn::ops::sigmoid(logits)?
-    } else {
-        candle_nn::ops::softmax(logits, D::Minus1)?
-    };
-    Ok(probs.narrow(1, class, 1)?.flatten_all()?.to_vec1()?)
+    crate::bert::class_probs(&net.classify_pooled(&ids, &valid, readout)?, harmful)
 }
 
 /// `probs` of rows batched [`SCORE_BATCH`] at a time in order of length (less padding), returned

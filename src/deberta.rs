@@ -102,7 +102,7 @@ impl DebertaClassifier {
 
     /// P(class `class`) of each row (softmax over classes; sigmoid for a one-logit head).
     pub fn probs(&self, rows: &[Vec<u32>], class: usize) -> Result<Vec<f32>> {
-        crate::classifier::class_probs(&self.logits(rows)?, class)
+        crate::bert::class_probs(&self.logits(rows)?, class)
     }
 }
 

@@ -7,7 +7,7 @@ use serde::{Deserialize, Serialize};
 use serde_json::json;
 
 use crate::data::encode::{encode_pair, EncodeOptions, PadLength, PadSide, Padding, PromptFormat};
-use crate::data::pairs::load_pairs_any;
+use crate::data::load_pairs_any;
 use crate::data::{EncodedPair, Pair};
 use crate::error::{Error, Result};
 use crate::lora::{Lora, LoraConfig, SecurityVector};

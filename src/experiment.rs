@@ -1276,7 +1276,7 @@ pub fn check(exp: &Experiment) -> Result<Vec<String>> {
         ));
     }
     if let Some(p) = &exp.pairs.file {
-        let n = crate::data::pairs::load_pairs_any(p)?.records.len();
+        let n = crate::data::load_pairs_any(p)?.records.len();
         lines.push(format!("defence pairs: {n} in {}", p.display()));
     }
     let dir = crate::align::default_data_dir();
@@ -1351,7 +1351,8 @@ pub fn lock_run_dir(out: &Path) -> Result<std::fs::File> {
     Ok(f)
 }
 
-/// Run (or resume) an experiment in `out`.
+/// Run (or resume) an experiment in `out`: every stage, then `results.json` (the report is
+/// `report::write_report`'s, from the returned results).
 pub fn run(exp: &Experiment, out: &Path, opts: &RunOptions) -> Result<Results> {
     exp.validate().map_err(Error::msg)?;
     let t0 = Instant::now();
@@ -1835,7 +1836,7 @@ pub fn run(exp: &Experiment, out: &Path, opts: &RunOptions) -> Result<Results> {
     let mut analyses = vec![];
     if exp.analysis.enabled {
         let an = &exp.analysis;
-        let pairs = crate::data::pairs::load_pairs_any(&pairs_path)?.records;
+        let pairs = crate::data::load_pairs_any(&pairs_path)?.records;
         let pairs = crate::analysis::select_pairs(&pairs, an.pairs, an.seed);
         let aligned = load(&aligned_dir, opts)?;
         for arm in arms
@@ -1974,7 +1975,6 @@ pub fn run(exp: &Experiment, out: &Path, opts: &RunOptions) -> Result<Results> {
         command: opts.command.clone(),
     };
     write_json_atomic(&out.join("results.json"), &results)?;
-    crate::report::write_report(&results, out)?;
     Ok(results)
 }
 
@@ -2348,7 +2348,7 @@ pub fn overlap_audit(
             .collect();
         parts.push(("attack".into(), qs));
     }
-    if let Ok(p) = crate::data::pairs::load_pairs_any(pairs_path) {
+    if let Ok(p) = crate::data::load_pairs_any(pairs_path) {
         parts.push((
             "defence pairs".into(),
             p.records.iter().map(|r| r.prompt.clone()).collect(),

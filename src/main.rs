@@ -1905,7 +1905,7 @@ fn run(cli: Cli) -> Result<()> {
         } => {
             let mut cfg = RepNoiseConfig::default();
             rn.apply(&mut cfg);
-            let loaded = repnoise::data::pairs::load_pairs_any(&pairs)?;
+            let loaded = repnoise::data::load_pairs_any(&pairs)?;
             let m = load(g, &model.model)?;
             let t = repnoise::defend::loss_terms(
                 &m,
@@ -1996,6 +1996,7 @@ fn run_experiment(
         ignore_align_targets,
     };
     let r = repnoise::experiment::run(exp, out, &opts)?;
+    repnoise::report::write_report(&r, out)?;
     for v in repnoise::report::verdicts(&r) {
         println!("{v}");
     }
@@ -2010,7 +2011,7 @@ fn run_experiment(
 
 /// The pairs an analysis uses, after --limit.
 fn analysis_pairs(p: &PairsFlags) -> Result<Vec<repnoise::data::pairs::Pair>> {
-    let loaded = repnoise::data::pairs::load_pairs_any(&p.pairs)
+    let loaded = repnoise::data::load_pairs_any(&p.pairs)
         .with_context(|| format!("reading pairs {}", p.pairs.display()))?;
     if !loaded.skipped.is_empty() {
         eprintln!(

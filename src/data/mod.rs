@@ -143,3 +143,49 @@ pub fn filter_group<T: HasCategories + Clone>(
     }
     Ok(out)
 }
+
+/// Pairs from any file that carries them: a pairs file (`{prompt, harmful, harmless}`),
+/// harmful QA with refusals (BeaverTails-with-refusals, the reference code's format), or
+/// DecodingTrust records with refusals. Records that cannot form a pair are skipped with the
+/// reason; a file with none is an error.
+pub fn load_pairs_any(path: &std::path::Path) -> crate::Result<Loaded<Pair>> {
+    use pairs::{pairs_from_harmful_qa, pairs_from_toxicity};
+    use stats::{load_any, AnyDataset};
+    let (kind, data) = load_any(path)?;
+    let pairs = match data {
+        AnyDataset::Pairs(l) => l,
+        AnyDataset::HarmfulQa(l) => {
+            let mut p = pairs_from_harmful_qa(&l.records);
+            p.skipped.extend(l.skipped);
+            p
+        }
+        AnyDataset::DecodingTrust(l) => {
+            let mut p = pairs_from_toxicity(&l.records);
+            p.skipped.extend(l.skipped);
+            p
+        }
+        _ => {
+            return Err(crate::Error::file(
+                path,
+                format!(
+                    "read as {kind:?}, which has no pairs; expected {{prompt, harmful, harmless}} \
+                     records, harmful QA with refusals, or DecodingTrust with refusals"
+                ),
+            ))
+        }
+    };
+    if pairs.is_empty() {
+        return Err(crate::Error::file(
+            path,
+            format!(
+                "no record forms a pair ({} skipped, e.g. {})",
+                pairs.skipped.len(),
+                pairs
+                    .skipped
+                    .first()
+                    .map_or("-".into(), |s| format!("{}: {}", s.at, s.reason))
+            ),
+        ));
+    }
+    Ok(pairs)
+}

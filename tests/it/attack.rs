@@ -507,7 +507,7 @@ fn write_pairs(dir: &Path) -> PathBuf {
 /// Mean harmful-answer cross-entropy on the pairs, with `extra` adapters stacked on `m`.
 fn harmful_ce(m: &LoadedModel, pairs: &Path, extra: Option<&Path>) -> f64 {
     use repnoise::objective::{pair_baseline_loss, PairBatch, PairLoss};
-    let loaded = repnoise::data::pairs::load_pairs_any(pairs).unwrap();
+    let loaded = repnoise::data::load_pairs_any(pairs).unwrap();
     let enc = defend::encode_pairs(m, &loaded.records, PromptFormat::Plain, 48, false).unwrap();
     let refs: Vec<_> = enc.iter().collect();
     let mut net = Llama::frozen(&m.config, &m.params).unwrap();

@@ -4,7 +4,14 @@
 
 use std::path::Path;
 
-use repnoise::experiment::{run, Experiment, Results, RunOptions, StageTime};
+use repnoise::experiment::{Experiment, Results, RunOptions, StageTime};
+
+/// Run (or resume) the experiment and write its report, as `repnoise run` does.
+fn run(exp: &Experiment, out: &Path, o: &RunOptions) -> repnoise::Result<Results> {
+    let r = repnoise::experiment::run(exp, out, o)?;
+    repnoise::report::write_report(&r, out)?;
+    Ok(r)
+}
 
 use crate::common::{tiny_config, tiny_params, write_tiny_hf};
 

@@ -574,7 +574,7 @@ fn refusal_pairs_keep_only_accepted_refusals() {
 
 #[test]
 fn pairs_load_from_every_pair_bearing_format() {
-    use repnoise::data::pairs::load_pairs_any;
+    use repnoise::data::load_pairs_any;
     let f = |n: &str| std::path::PathBuf::from("tests/fixtures/data").join(n);
     let dt = load_pairs_any(&f("decoding_trust_refusals.json")).unwrap();
     assert!(!dt.records.is_empty());
