@@ -2023,8 +2023,7 @@ pub fn named_prompt_sets(
                 let ext = p.extension().and_then(|e| e.to_str()).unwrap_or("");
                 if ext == "jsonl" {
                     // `{"prompt": ...}` per line (an attack's `test_prompts.jsonl`).
-                    let text = std::fs::read_to_string(p)
-                        .map_err(|e| Error::file(p, format!("cannot read: {e}")))?;
+                    let text = crate::io::read_text(p)?;
                     let mut prompts = vec![];
                     for (i, line) in text.lines().enumerate() {
                         if line.trim().is_empty() {

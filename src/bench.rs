@@ -32,11 +32,7 @@ fn synthetic_batch(m: &LoadedModel, batch: usize, seq: usize, seed: u64) -> Resu
     let ids: Vec<u32> = (0..batch * seq)
         .map(|k| synthetic_token(v, seed as usize, k / seq, k % seq, 13))
         .collect();
-    Ok(Tensor::from_vec(
-        ids,
-        (batch, seq),
-        m.params.tensor("model.embed_tokens.weight")?.device(),
-    )?)
+    Ok(Tensor::from_vec(ids, (batch, seq), m.device()?)?)
 }
 
 /// Seconds of each timed step, the loss of every step (warm-up included), and the seconds spent
@@ -281,8 +277,7 @@ pub fn scaling_charts(results: &std::path::Path) -> Result<Vec<(String, String)>
     use crate::error::Error;
     use crate::plot::{line_chart, Series};
     use std::collections::BTreeMap;
-    let text = std::fs::read_to_string(results)
-        .map_err(|e| Error::file(results, format!("cannot read: {e}")))?;
+    let text = crate::io::read_text(results)?;
     // (what, impl) -> [(batch, seq, median seconds)]
     type Shapes = Vec<(usize, usize, f64)>;
     let mut by: BTreeMap<(String, String), Shapes> = BTreeMap::new();

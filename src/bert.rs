@@ -233,8 +233,7 @@ impl BertConfig {
     /// Read and parse `dir/config.json`.
     pub fn from_dir(dir: &Path) -> Result<Self> {
         let path = dir.join("config.json");
-        let text = std::fs::read_to_string(&path)
-            .map_err(|e| Error::file(&path, format!("cannot read: {e}")))?;
+        let text = crate::io::read_text(&path)?;
         Self::parse(&text, &path)
     }
 

@@ -229,8 +229,7 @@ struct SavedSettings {
 /// `None`, question/answer and `cls`, as for any Hugging Face checkpoint).
 fn saved_settings(dir: &Path) -> Result<SavedSettings> {
     let path = dir.join("config.json");
-    let text = std::fs::read_to_string(&path)
-        .map_err(|e| Error::file(&path, format!("cannot read: {e}")))?;
+    let text = crate::io::read_text(&path)?;
     let v: serde_json::Value = serde_json::from_str(&text)
         .map_err(|e| Error::file(&path, format!("not valid JSON: {e}")))?;
     let max_len = match v.get(MAX_LEN_KEY) {
@@ -924,8 +923,7 @@ pub fn calibrate_dir(
     let clf = Classifier::load(dir, harmful, device)?;
     let report_path = dir.join("report.json");
     let report: Option<serde_json::Value> = if report_path.is_file() {
-        let text = std::fs::read_to_string(&report_path)
-            .map_err(|e| Error::file(&report_path, format!("cannot read: {e}")))?;
+        let text = crate::io::read_text(&report_path)?;
         Some(
             serde_json::from_str(&text)
                 .map_err(|e| Error::file(&report_path, format!("not valid JSON: {e}")))?,
@@ -2234,8 +2232,7 @@ pub fn resolve_encoder(spec: &str, cache: &Path) -> Result<PathBuf> {
 /// Question/answer pairs from a JSONL file of `{"prompt": .., "response": ..}` objects
 /// (`question`/`answer` are accepted too). Blank lines are skipped; errors name the line.
 pub fn read_pairs_jsonl(path: &Path) -> Result<Vec<(String, String)>> {
-    let text = std::fs::read_to_string(path)
-        .map_err(|e| Error::file(path, format!("cannot read: {e}")))?;
+    let text = crate::io::read_text(path)?;
     let mut out = vec![];
     for (i, line) in text.lines().enumerate() {
         if line.trim().is_empty() {

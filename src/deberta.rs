@@ -32,8 +32,7 @@ pub struct DebertaClassifier {
 /// Whether the directory's `config.json` names a DeBERTa-v2 model (`model_type`).
 pub fn is_deberta_dir(dir: &Path) -> Result<bool> {
     let path = dir.join("config.json");
-    let text = std::fs::read_to_string(&path)
-        .map_err(|e| Error::file(&path, format!("cannot read: {e}")))?;
+    let text = crate::io::read_text(&path)?;
     let v: serde_json::Value = serde_json::from_str(&text)
         .map_err(|e| Error::file(&path, format!("not valid JSON: {e}")))?;
     Ok(v.get("model_type").and_then(|m| m.as_str()) == Some("deberta-v2"))
@@ -43,8 +42,7 @@ impl DebertaClassifier {
     /// Load a `DebertaV2ForSequenceClassification` directory.
     pub fn load(dir: &Path, device: &Device) -> Result<Self> {
         let cfg_path = dir.join("config.json");
-        let text = std::fs::read_to_string(&cfg_path)
-            .map_err(|e| Error::file(&cfg_path, format!("cannot read: {e}")))?;
+        let text = crate::io::read_text(&cfg_path)?;
         let config: Config = serde_json::from_str(&text)
             .map_err(|e| Error::file(&cfg_path, format!("not a DeBERTa-v2 configuration: {e}")))?;
         check_config(&config, &cfg_path)?;
@@ -61,8 +59,7 @@ impl DebertaClassifier {
         let net = DebertaV2SeqClassificationModel::load(vb.pp("deberta"), &config, None)
             .map_err(|e| Error::file(&st_path, format!("does not fit config.json: {e}")))?;
         let tok_path = dir.join("tokenizer.json");
-        let tok_text = std::fs::read_to_string(&tok_path)
-            .map_err(|e| Error::file(&tok_path, format!("cannot read: {e}")))?;
+        let tok_text = crate::io::read_text(&tok_path)?;
         let tokenizer = crate::bert::tokenizer_from_json(&tok_text, &tok_path)?;
         Ok(Self {
             net,

@@ -111,8 +111,7 @@ impl DefendConfig {
     /// [`Self::from_toml`] with the method given on the command line: it replaces the file's
     /// before a preset in the file is expanded, so the preset is the method's.
     pub fn from_toml_for(path: &Path, method: Option<Method>) -> Result<Self> {
-        let text = std::fs::read_to_string(path)
-            .map_err(|e| Error::file(path, format!("cannot read: {e}")))?;
+        let text = crate::io::read_text(path)?;
         let invalid = |e: &dyn std::fmt::Display| {
             Error::file(path, format!("not a valid defend config: {e}"))
         };
@@ -404,11 +403,7 @@ pub fn defend(
     )?;
     if cfg.method == Method::RandomInit {
         // The attacker training from scratch: same architecture, random weights.
-        let params = Params::random(
-            &model.config,
-            cfg.train.seed,
-            model.params.tensor("model.embed_tokens.weight")?.device(),
-        )?;
+        let params = Params::random(&model.config, cfg.train.seed, model.device()?)?;
         let dir = run.model_dir();
         save_hf_dir(&dir, &model.config, &params, &model.tok)?;
         crate::io::write_json_atomic(&out.join("DONE"), &json!({"method": "random-init"}))?;

@@ -389,8 +389,7 @@ impl Default for EvalSpec {
 impl Experiment {
     /// Read and check an experiment file.
     pub fn from_toml(path: &Path) -> Result<Self> {
-        let text = std::fs::read_to_string(path)
-            .map_err(|e| Error::file(path, format!("cannot read: {e}")))?;
+        let text = crate::io::read_text(path)?;
         Self::parse(&text, path, "not a valid experiment config")
     }
 

@@ -110,10 +110,15 @@ mod tests {
     }
 }
 
+/// A text file's contents; an error names the file ("cannot read: ...").
+pub fn read_text(path: impl AsRef<Path>) -> Result<String> {
+    let path = path.as_ref();
+    std::fs::read_to_string(path).map_err(|e| Error::file(path, format!("cannot read: {e}")))
+}
+
 /// Read a TOML configuration file (`what` names it in errors: "not a valid defend config").
 pub fn read_toml<T: serde::de::DeserializeOwned>(path: &Path, what: &str) -> Result<T> {
-    let text = std::fs::read_to_string(path)
-        .map_err(|e| crate::error::Error::file(path, format!("cannot read: {e}")))?;
+    let text = read_text(path)?;
     toml::from_str(&text)
         .map_err(|e| crate::error::Error::file(path, format!("not a valid {what} config: {e}")))
 }

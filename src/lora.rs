@@ -275,8 +275,7 @@ pub fn security_vector_of(model: &LoadedModel) -> Option<PathBuf> {
 /// frozen adapters for `base`, checked against its weights' shapes.
 pub fn read_peft(dir: &Path, base: &LoadedModel) -> Result<BTreeMap<String, Adapter>> {
     let cfg_path = dir.join("adapter_config.json");
-    let text = std::fs::read_to_string(&cfg_path)
-        .map_err(|e| Error::file(&cfg_path, format!("cannot read: {e}")))?;
+    let text = crate::io::read_text(&cfg_path)?;
     let v: serde_json::Value = serde_json::from_str(&text)
         .map_err(|e| Error::file(&cfg_path, format!("not valid JSON: {e}")))?;
     if let Some(t) = v.get("peft_type").and_then(|t| t.as_str()) {

@@ -28,6 +28,11 @@ pub struct LoadedModel {
 }
 
 impl LoadedModel {
+    /// The device its weights live on (the token embedding's).
+    pub fn device(&self) -> Result<&candle_core::Device> {
+        Ok(self.params.tensor("model.embed_tokens.weight")?.device())
+    }
+
     /// A copy with its own weight storage (training it leaves `self` unchanged).
     pub fn deep_clone(&self) -> Result<Self> {
         Ok(Self {
@@ -144,8 +149,7 @@ pub fn load_gguf(path: &Path, device: &Device) -> Result<LoadedModel> {
 fn safetensors_files(dir: &Path) -> Result<Vec<PathBuf>> {
     let index = dir.join("model.safetensors.index.json");
     if index.is_file() {
-        let text = std::fs::read_to_string(&index)
-            .map_err(|e| Error::file(&index, format!("cannot read: {e}")))?;
+        let text = crate::io::read_text(&index)?;
         let v: serde_json::Value = serde_json::from_str(&text)
             .map_err(|e| Error::file(&index, format!("not valid JSON: {e}")))?;
         let map = v
@@ -193,8 +197,7 @@ fn safetensors_files(dir: &Path) -> Result<Vec<PathBuf>> {
 
 pub fn load_hf_dir(dir: &Path, device: &Device) -> Result<LoadedModel> {
     let cfg_path = dir.join("config.json");
-    let text = std::fs::read_to_string(&cfg_path)
-        .map_err(|e| Error::file(&cfg_path, format!("cannot read: {e}")))?;
+    let text = crate::io::read_text(&cfg_path)?;
     let config = config::parse_hf_config(&text, &cfg_path)?;
     let files = safetensors_files(dir)?;
     let wanted: HashMap<String, Vec<usize>> = expected_shapes(&config).into_iter().collect();

@@ -112,8 +112,7 @@ impl RefusalCheck {
     /// Read a phrase list: one phrase per line; blank lines and lines starting with `#` are
     /// ignored.
     pub fn from_file(path: &Path) -> Result<Self> {
-        let text = std::fs::read_to_string(path)
-            .map_err(|e| Error::file(path, format!("cannot read: {e}")))?;
+        let text = crate::io::read_text(path)?;
         let phrases: Vec<String> = text
             .lines()
             .map(str::trim)

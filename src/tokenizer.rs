@@ -114,8 +114,7 @@ impl Tok {
         let (mut bos, mut eos, mut pad, mut add_bos) = (None, None, None, None);
         let tc = dir.join("tokenizer_config.json");
         if tc.is_file() {
-            let text = std::fs::read_to_string(&tc)
-                .map_err(|e| Error::file(&tc, format!("cannot read: {e}")))?;
+            let text = crate::io::read_text(&tc)?;
             let v: Value = serde_json::from_str(&text)
                 .map_err(|e| Error::file(&tc, format!("not valid JSON: {e}")))?;
             chat_template = match v.get("chat_template") {
@@ -147,10 +146,7 @@ impl Tok {
         }
         let jinja = dir.join("chat_template.jinja");
         if chat_template.is_none() && jinja.is_file() {
-            chat_template = Some(
-                std::fs::read_to_string(&jinja)
-                    .map_err(|e| Error::file(&jinja, format!("cannot read: {e}")))?,
-            );
+            chat_template = Some(crate::io::read_text(&jinja)?);
         }
         let mut extra = vec![];
         let gc = dir.join("generation_config.json");

@@ -298,8 +298,7 @@ impl RunDir {
             .map_err(|e| Error::file(path, format!("cannot create run directory: {e}")))?;
         let cfg_path = path.join("config.json");
         if cfg_path.exists() {
-            let text = std::fs::read_to_string(&cfg_path)
-                .map_err(|e| Error::file(&cfg_path, format!("cannot read: {e}")))?;
+            let text = crate::io::read_text(&cfg_path)?;
             let old: Value = serde_json::from_str(&text)
                 .map_err(|e| Error::file(&cfg_path, format!("not valid JSON: {e}")))?;
             // A directory whose run never took a step (it stopped on a bad setting, say) holds
@@ -840,11 +839,8 @@ fn load_checkpoint(dir: &Path, store: &Params, opt: &mut AdamW) -> Result<()> {
     let state = candle_core::safetensors::load(&opath, &dev)
         .map_err(|e| Error::file(&opath, format!("cannot read checkpoint: {e}")))?;
     let spath = dir.join("state.json");
-    let s: Value = serde_json::from_str(
-        &std::fs::read_to_string(&spath)
-            .map_err(|e| Error::file(&spath, format!("cannot read: {e}")))?,
-    )
-    .map_err(|e| Error::file(&spath, format!("not valid JSON: {e}")))?;
+    let s: Value = serde_json::from_str(&crate::io::read_text(&spath)?)
+        .map_err(|e| Error::file(&spath, format!("not valid JSON: {e}")))?;
     let ostep = s["optimizer_step"]
         .as_u64()
         .ok_or_else(|| Error::field(&spath, "optimizer_step", "missing"))?;

@@ -69,8 +69,7 @@ pub struct EvalPrompt {
 pub fn read_eval_prompts(spec: &str, limit: usize, seed: u64) -> Result<Vec<EvalPrompt>> {
     let p = Path::new(spec);
     if p.extension().and_then(|e| e.to_str()) == Some("jsonl") && p.exists() {
-        let text =
-            std::fs::read_to_string(p).map_err(|e| Error::file(p, format!("cannot read: {e}")))?;
+        let text = crate::io::read_text(p)?;
         let mut out = vec![];
         for (i, line) in text.lines().enumerate() {
             if line.trim().is_empty() {
@@ -373,8 +372,7 @@ pub fn evaluate(
 /// The per-answer rows `evaluate` wrote to `out/generations.jsonl`.
 pub fn read_generations(out: &Path) -> Result<Vec<Scored>> {
     let path = out.join("generations.jsonl");
-    let text = std::fs::read_to_string(&path)
-        .map_err(|e| Error::file(&path, format!("cannot read: {e}")))?;
+    let text = crate::io::read_text(&path)?;
     text.lines()
         .enumerate()
         .filter(|(_, l)| !l.trim().is_empty())

@@ -25,8 +25,7 @@ pub struct TestInput {
 }
 
 pub fn read_test_inputs(path: &Path) -> Result<Vec<TestInput>> {
-    let text = std::fs::read_to_string(path)
-        .map_err(|e| Error::file(path, format!("cannot read: {e}")))?;
+    let text = crate::io::read_text(path)?;
     text.lines()
         .enumerate()
         .filter(|(_, l)| !l.trim().is_empty())
