@@ -80,17 +80,23 @@ enum Cmd {
         /// System message (with --chat).
         #[arg(long)]
         system: Option<String>,
+        /// Most tokens generated per answer.
         #[arg(long, default_value_t = 128)]
         max_new_tokens: usize,
         /// Sampling temperature; 0 is greedy.
         #[arg(long, default_value_t = 0.0)]
         temperature: f64,
+        /// Sample only among the k most likely tokens (with a temperature above 0).
         #[arg(long)]
         top_k: Option<usize>,
+        /// Nucleus sampling: only among the most likely tokens whose probabilities add up to p
+        /// (with a temperature above 0).
         #[arg(long)]
         top_p: Option<f64>,
+        /// Penalty on tokens already in the text, as transformers applies it (1: none).
         #[arg(long, default_value_t = 1.0)]
         repetition_penalty: f64,
+        /// Seed of the sampling (same seed, same text).
         #[arg(long, default_value_t = 0)]
         seed: u64,
         /// Print JSON instead of text.
@@ -102,6 +108,7 @@ enum Cmd {
     Logprobs {
         #[command(flatten)]
         model: ModelArg,
+        /// The text to score.
         #[arg(long)]
         text: String,
         /// Print `{"ids": [...], "logprobs": [...]}`.
@@ -112,6 +119,7 @@ enum Cmd {
     Convert {
         #[command(flatten)]
         model: ModelArg,
+        /// The Hugging Face directory to write (created if missing).
         #[arg(long)]
         out: PathBuf,
     },
@@ -119,6 +127,7 @@ enum Cmd {
     Info {
         #[command(flatten)]
         model: ModelArg,
+        /// Print JSON instead of text.
         #[arg(long)]
         json: bool,
     },
@@ -135,12 +144,16 @@ enum Cmd {
         /// train-step, lora-step, repnoise-step, generate, score, matmul (this machine's f32
         /// matmul GFLOP/s), or plot (scaling charts from --results into --out).
         what: String,
+        /// Sequences in the benchmarked batch.
         #[arg(long, default_value_t = 4)]
         batch: usize,
+        /// Tokens per sequence.
         #[arg(long, default_value_t = 128)]
         seq: usize,
+        /// Timed repetitions (the report gives each one).
         #[arg(long, default_value_t = 5)]
         steps: usize,
+        /// Untimed repetitions before the timed ones.
         #[arg(long, default_value_t = 1)]
         warmup: usize,
         /// New tokens per row (generate).
@@ -172,8 +185,10 @@ enum Cmd {
         /// BeaverTails questions (disjoint set) to train on with a refusal.
         #[arg(long)]
         beavertails_train: Option<usize>,
+        /// Everyday prompts trained on with the model's own answers (absent: the config's).
         #[arg(long)]
         benign_train: Option<usize>,
+        /// TruthfulQA questions trained on with the model's own answers (absent: the config's).
         #[arg(long)]
         benign_train_truthfulqa: Option<usize>,
         /// self, data or both.
@@ -182,18 +197,25 @@ enum Cmd {
         /// Held-out prompts per evaluation set.
         #[arg(long)]
         eval_per_set: Option<usize>,
+        /// Tokens kept per training sequence (absent: the config's).
         #[arg(long)]
         max_len: Option<usize>,
+        /// A file of refusal phrases, one per line, for the keyword refusal check instead of the
+        /// built-in list.
         #[arg(long)]
         refusal_phrases: Option<PathBuf>,
+        /// Directory of the shipped data sets (default: the repository's data/).
         #[arg(long)]
         data_dir: Option<PathBuf>,
+        /// Skip the evaluation of the model before alignment (the report then has no "before"
+        /// column).
         #[arg(long)]
         skip_eval_before: bool,
         /// Everyday requests to train on (`data/everyday/`, answered by the model itself).
         #[arg(long)]
         everyday_train: Option<usize>,
-        /// Further everyday requests, only ever trained on (`data/everyday/everyday_train_extra.jsonl`).
+        /// Further everyday requests, only ever trained on
+        /// (`data/everyday/everyday_train_extra.jsonl`).
         #[arg(long)]
         everyday_extra_train: Option<usize>,
         /// XSTest safe prompts to train on (answered by the model itself).
@@ -217,17 +239,23 @@ enum Cmd {
         /// Prompts per set (0: all).
         #[arg(long, default_value_t = 0)]
         n: usize,
+        /// Most tokens generated per answer.
         #[arg(long, default_value_t = 48)]
         max_new_tokens: usize,
+        /// Sequences per forward pass or generation batch.
         #[arg(long, default_value_t = 16)]
         batch: usize,
+        /// Prompt format: chat (the model's chat template) or plain ("Question: ...\nAnswer: ...").
         #[arg(long, value_enum, default_value = "chat")]
         format: FormatArg,
+        /// A file of refusal phrases, one per line, for the keyword refusal check instead of the
+        /// built-in list.
         #[arg(long)]
         refusal_phrases: Option<PathBuf>,
         /// Write every response here (JSON).
         #[arg(long)]
         out: Option<PathBuf>,
+        /// Seed of the prompt sample.
         #[arg(long, default_value_t = 42)]
         seed: u64,
     },
@@ -238,6 +266,7 @@ enum Cmd {
     },
     /// Train a defence on pairs (harmful answer, refusal) and write the defended model.
     Defend {
+        /// Defence method (absent: the config's, else repnoise).
         #[arg(long, value_enum)]
         method: Option<repnoise::defend::Method>,
         #[command(flatten)]
@@ -248,6 +277,7 @@ enum Cmd {
         /// Run directory (required unless --print-config).
         #[arg(long)]
         out: Option<PathBuf>,
+        /// A defend config TOML; flags override its values.
         #[arg(long)]
         config: Option<PathBuf>,
         /// Start from a named preset for the method: `repnoise` (this project's defaults) or
@@ -259,10 +289,13 @@ enum Cmd {
         train: TrainFlags,
         #[command(flatten)]
         rn: RepNoiseFlags,
+        /// Prompt format of the pairs: chat or plain (absent: the config's).
         #[arg(long, value_enum)]
         format: Option<FormatArg>,
+        /// Tokens kept per pair sequence (absent: the config's).
         #[arg(long)]
         max_len: Option<usize>,
+        /// Train on at most this many pairs (absent: the config's, else all).
         #[arg(long)]
         max_pairs: Option<usize>,
         /// Weight of the harmful answer's cross-entropy in the adversarial loss (reference: 0.1).
@@ -296,8 +329,10 @@ enum Cmd {
         /// Run directory (a grid or several seeds put one run per cell under it).
         #[arg(long)]
         out: Option<PathBuf>,
+        /// An attack config TOML; flags override its values.
         #[arg(long)]
         config: Option<PathBuf>,
+        /// Attack method (absent: the config's, else full fine-tuning).
         #[arg(long, value_enum)]
         method: Option<repnoise::attack::AttackMethod>,
         #[command(flatten)]
@@ -308,8 +343,10 @@ enum Cmd {
         /// Harmful prompts held out for evaluation.
         #[arg(long)]
         test_prompts: Option<usize>,
+        /// Prompt format of the harmful samples: chat or plain (absent: the config's).
         #[arg(long, value_enum)]
         format: Option<FormatArg>,
+        /// Tokens kept per training sequence (absent: the config's).
         #[arg(long)]
         max_len: Option<usize>,
         /// The reference attack's loss (prompt and padding tokens too).
@@ -321,6 +358,7 @@ enum Cmd {
         /// Benign QA file mixed in (safe records).
         #[arg(long)]
         retain: Option<PathBuf>,
+        /// Benign samples from --retain mixed into the attack's training data.
         #[arg(long)]
         retain_samples: Option<usize>,
         #[command(flatten)]
@@ -356,6 +394,7 @@ enum Cmd {
         /// viggo, e2e, dart, conv_weather, or a data-to-text file.
         #[arg(long)]
         task: String,
+        /// Run directory (created; resumes from its checkpoint).
         #[arg(long)]
         out: PathBuf,
         #[command(flatten)]
@@ -365,21 +404,28 @@ enum Cmd {
     Loss {
         #[command(flatten)]
         model: ModelArg,
+        /// Pairs file: {prompt, harmful, harmless} JSONL, or any file with pairs (harmful QA with
+        /// refusals).
         #[arg(long)]
         pairs: PathBuf,
+        /// Prompt format: chat (the model's chat template) or plain ("Question: ...\nAnswer: ...").
         #[arg(long, value_enum, default_value = "plain")]
         format: FormatArg,
+        /// Tokens kept per sequence.
         #[arg(long, default_value_t = 128)]
         max_len: usize,
         #[command(flatten)]
         rn: RepNoiseFlags,
+        /// Seed of the Gaussian noise the MMD term compares with.
         #[arg(long, default_value_t = 42)]
         seed: u64,
+        /// Print JSON instead of text.
         #[arg(long)]
         json: bool,
     },
     /// The paper's analyses: weight distance by layer, logit lens, PCA and linear probes of
-    /// harmful vs harmless activations. Each writes `<analysis>.json` and `<analysis>.svg` to --out.
+    /// harmful vs harmless activations. Each writes `<analysis>.json` and `<analysis>.svg` to
+    /// --out.
     Analyze {
         #[command(subcommand)]
         cmd: AnalyzeCmd,
@@ -418,6 +464,7 @@ enum Cmd {
     /// every model, evaluate and write the report (configs/demo.toml, built in). A second run
     /// reuses the finished stages.
     Demo {
+        /// Run directory of the demo (created; an interrupted demo resumes there).
         #[arg(long, default_value = "runs/demo")]
         out: PathBuf,
         /// Use this experiment file instead of the built-in demo.
@@ -462,6 +509,7 @@ struct FinetuneFlags {
     /// Test inputs kept (0: all of the test file).
     #[arg(long)]
     test: Option<usize>,
+    /// Tokens kept per training sequence (absent: the config's).
     #[arg(long)]
     max_len: Option<usize>,
     /// The prompt, with `{input}` for the structured input.
@@ -495,8 +543,10 @@ impl FinetuneFlags {
 /// LoRA flags (the attack's adapter, the security vector's).
 #[derive(Args)]
 struct LoraFlags {
+    /// LoRA rank (absent: the config's).
     #[arg(long)]
     lora_rank: Option<usize>,
+    /// LoRA alpha; the update is scaled by alpha / rank (absent: the config's).
     #[arg(long)]
     lora_alpha: Option<f64>,
     /// q_proj, k_proj, v_proj, o_proj, gate_proj, up_proj, down_proj or all; repeatable.
@@ -523,26 +573,34 @@ impl LoraFlags {
 /// Training flags shared by every training command (each overrides the config file).
 #[derive(Args)]
 struct TrainFlags {
+    /// Peak learning rate (absent: the config's).
     #[arg(long)]
     lr: Option<f64>,
     /// constant, linear or cosine.
     #[arg(long)]
     schedule: Option<String>,
+    /// Fraction of the optimizer steps spent warming the learning rate up linearly.
     #[arg(long)]
     warmup_ratio: Option<f64>,
+    /// Passes over the training data.
     #[arg(long)]
     epochs: Option<usize>,
+    /// Sequences per optimizer step.
     #[arg(long)]
     batch_size: Option<usize>,
+    /// Stop after this many optimizer steps.
     #[arg(long)]
     max_steps: Option<usize>,
+    /// AdamW weight decay.
     #[arg(long)]
     weight_decay: Option<f64>,
+    /// Seed of the training's random draws (data order, LoRA initialisation, RepNoise's noise).
     #[arg(long)]
     seed: Option<u64>,
     /// Freeze parameters: layer ranges (0-10), layers (5), embed, lm_head, norm; repeatable.
     #[arg(long)]
     freeze: Vec<String>,
+    /// Write a resumable checkpoint every N optimizer steps (0: only at the end).
     #[arg(long)]
     checkpoint_every: Option<usize>,
     /// Global gradient-norm clipping at this norm (default 1.0).
@@ -606,8 +664,10 @@ impl TrainFlags {
 /// RepNoise flags (override the config file).
 #[derive(Args)]
 struct RepNoiseFlags {
+    /// Weight alpha of the harmful ascent term, -alpha log(1 + harmful CE) (absent: the config's).
     #[arg(long)]
     alpha: Option<f64>,
+    /// Weight beta of the noise term, the MMD to Gaussian noise (absent: the config's).
     #[arg(long)]
     beta: Option<f64>,
     /// Reproduce the reference code's arithmetic (docs/REPNOISE.md).
@@ -661,19 +721,27 @@ enum EvalCmd {
         /// Prompts used (0: all), chosen by a seeded shuffle.
         #[arg(long, default_value_t = 0)]
         limit: usize,
+        /// Most tokens generated per answer.
         #[arg(long, default_value_t = 50)]
         max_new_tokens: usize,
         /// Sampling temperature; 0 is greedy.
         #[arg(long, default_value_t = 0.0)]
         temperature: f64,
+        /// Sample only among the k most likely tokens (with a temperature above 0).
         #[arg(long)]
         top_k: Option<usize>,
+        /// Nucleus sampling: only among the most likely tokens whose probabilities add up to p
+        /// (with a temperature above 0).
         #[arg(long)]
         top_p: Option<f64>,
+        /// Sequences per forward pass or generation batch.
         #[arg(long, default_value_t = 16)]
         batch: usize,
+        /// Prompt format: chat (the model's chat template) or plain ("Question: ...\nAnswer: ...").
         #[arg(long, value_enum, default_value = "chat")]
         format: FormatArg,
+        /// A file of refusal phrases, one per line, for the keyword refusal check instead of the
+        /// built-in list.
         #[arg(long)]
         refusal_phrases: Option<PathBuf>,
         /// A harmfulness (or toxicity) classifier directory (`repnoise classifier train`, or a
@@ -684,6 +752,7 @@ enum EvalCmd {
         /// The classifier's harmful class: a label name, an index, or auto.
         #[arg(long, default_value = "auto")]
         harmful_label: String,
+        /// Seed of the sampling and of the bootstrap intervals.
         #[arg(long, default_value_t = 0)]
         seed: u64,
     },
@@ -703,19 +772,26 @@ enum EvalCmd {
         /// Unsafe prompts answered (0: all 200), a seeded draw.
         #[arg(long = "unsafe", default_value_t = 0)]
         unsafe_prompts: usize,
+        /// Most tokens generated per answer.
         #[arg(long, default_value_t = 32)]
         max_new_tokens: usize,
+        /// Sequences per forward pass or generation batch.
         #[arg(long, default_value_t = 16)]
         batch: usize,
+        /// Prompt format: chat (the model's chat template) or plain ("Question: ...\nAnswer: ...").
         #[arg(long, value_enum, default_value = "chat")]
         format: FormatArg,
+        /// A file of refusal phrases, one per line, for the keyword refusal check instead of the
+        /// built-in list.
         #[arg(long)]
         refusal_phrases: Option<PathBuf>,
         /// A harmfulness classifier directory: the judge of the unsafe prompts' answers.
         #[arg(long)]
         classifier: Option<PathBuf>,
+        /// The classifier's harmful class: a label name, an index, or auto.
         #[arg(long, default_value = "auto")]
         harmful_label: String,
+        /// Seed of the prompt sample (with fewer than all prompts).
         #[arg(long, default_value_t = 0)]
         seed: u64,
     },
@@ -729,12 +805,16 @@ enum EvalCmd {
         /// Items per task (0: all), chosen by a seeded shuffle.
         #[arg(long, default_value_t = 0)]
         limit: usize,
+        /// Tokens kept per scored sequence (context and answer option).
         #[arg(long, default_value_t = 1024)]
         max_len: usize,
+        /// Sequences per forward pass or generation batch.
         #[arg(long, default_value_t = 16)]
         batch: usize,
+        /// Seed of the item sample (with a --limit below the task's size).
         #[arg(long, default_value_t = 0)]
         seed: u64,
+        /// Directory for the per-task JSON results (created if missing).
         #[arg(long)]
         out: PathBuf,
     },
@@ -745,10 +825,12 @@ enum EvalCmd {
         /// viggo, e2e, dart, conv_weather, or a data-to-text file.
         #[arg(long)]
         task: String,
+        /// Run directory of the fine-tuning and its evaluation (created if missing).
         #[arg(long)]
         out: PathBuf,
         #[command(flatten)]
         ft: FinetuneFlags,
+        /// Most tokens generated per test input.
         #[arg(long, default_value_t = 64)]
         max_new_tokens: usize,
     },
@@ -765,6 +847,7 @@ struct PairsFlags {
     /// Pairs used (0: all), chosen by a seeded shuffle.
     #[arg(long, default_value_t = 0)]
     limit: usize,
+    /// Prompt format of the pairs: chat or plain.
     #[arg(long, value_enum, default_value = "chat")]
     format: FormatArg,
     /// Tokens per sample at most (a sample whose answer is cut off entirely is left out).
@@ -793,8 +876,10 @@ enum AnalyzeCmd {
         /// The reference model (relative distances divide by its norm).
         #[arg(long)]
         a: String,
+        /// The compared model.
         #[arg(long)]
         b: String,
+        /// Directory for the JSON and the figure (created if missing).
         #[arg(long)]
         out: PathBuf,
         /// Plot the relative distance |b - a| / |a| instead of |b - a|.
@@ -812,6 +897,7 @@ enum AnalyzeCmd {
         /// Which answers are scored.
         #[arg(long, value_enum, default_value = "harmful")]
         answer: AnswerArg,
+        /// Directory for the JSON and the figure (created if missing).
         #[arg(long)]
         out: PathBuf,
     },
@@ -830,6 +916,7 @@ enum AnalyzeCmd {
         /// Components kept.
         #[arg(long, default_value_t = 2)]
         components: usize,
+        /// Directory for the JSON and the figure (created if missing).
         #[arg(long)]
         out: PathBuf,
     },
@@ -843,11 +930,13 @@ enum AnalyzeCmd {
         /// Split seeds, comma-separated: one probe per seed and layer.
         #[arg(long, value_delimiter = ',', default_value = "1,2,3")]
         seeds: Vec<u64>,
+        /// Which tokens' hidden states a probe reads (their mean): answer or all.
         #[arg(long, value_enum, default_value = "answer")]
         pool: repnoise::analysis::Pool,
         /// L2 penalty of the probe.
         #[arg(long)]
         l2: Option<f64>,
+        /// Directory for the JSON and the figure (created if missing).
         #[arg(long)]
         out: PathBuf,
     },
@@ -860,6 +949,7 @@ enum ClassifierCmd {
     /// their Perspective toxicity), split by question; writes the classifier (a Hugging Face
     /// BertForSequenceClassification directory) and report.json to --out.
     Train {
+        /// Run directory of the classifier (checkpoints, report; created if missing).
         #[arg(long)]
         out: PathBuf,
         /// harmfulness (scores `Question: q\nAnswer: a`) or toxicity (scores the text alone;
@@ -872,6 +962,7 @@ enum ClassifierCmd {
         /// Dataset directory (default: $REPNOISE_DATA or the shipped data/).
         #[arg(long)]
         data: Option<PathBuf>,
+        /// Passes over the training data (absent: the default).
         #[arg(long)]
         epochs: Option<usize>,
         /// Encoder learning rate.
@@ -880,6 +971,7 @@ enum ClassifierCmd {
         /// Classification-layer learning rate.
         #[arg(long)]
         head_lr: Option<f64>,
+        /// Sequences per optimizer step (absent: the default).
         #[arg(long)]
         batch_size: Option<usize>,
         /// At most this many examples before the split (0 = all).
@@ -891,6 +983,7 @@ enum ClassifierCmd {
         /// Fraction of the examples held out (whole questions).
         #[arg(long)]
         test_fraction: Option<f64>,
+        /// Seed of the split, the data order and the head's initialisation (absent: the default).
         #[arg(long)]
         seed: Option<u64>,
         /// Token limit per text, in training and in the saved classifier's scoring.
@@ -947,6 +1040,7 @@ enum ClassifierCmd {
         /// DeBERTa-v2/v3 checkpoint.
         #[arg(long)]
         classifier: PathBuf,
+        /// JSONL file of {prompt, response} records to score.
         #[arg(long)]
         input: PathBuf,
         /// Write JSONL here instead of stdout.
@@ -973,6 +1067,7 @@ enum DataCmd {
         /// Harmful QA file (BeaverTails format, prompt/response/label files).
         #[arg(long)]
         input: PathBuf,
+        /// The pairs file to write (JSONL).
         #[arg(long)]
         out: PathBuf,
         /// Use at most this many harmful records (0: all).
@@ -981,20 +1076,28 @@ enum DataCmd {
         /// Keep only records marked unsafe (default: yes).
         #[arg(long, default_value_t = true, action = clap::ArgAction::Set)]
         unsafe_only: bool,
+        /// Most tokens generated per answer.
         #[arg(long, default_value_t = 96)]
         max_new_tokens: usize,
+        /// Sequences per forward pass or generation batch.
         #[arg(long, default_value_t = 16)]
         batch: usize,
+        /// Prompt format: chat (the model's chat template) or plain ("Question: ...\nAnswer: ...").
         #[arg(long, value_enum, default_value = "chat")]
         format: FormatArg,
+        /// A file of refusal phrases, one per line, for the keyword refusal check instead of the
+        /// built-in list.
         #[arg(long)]
         refusal_phrases: Option<PathBuf>,
+        /// Seed of the question sample.
         #[arg(long, default_value_t = 42)]
         seed: u64,
     },
     /// Counts per split, category and label of a dataset file (format detected from the file).
     Stats {
+        /// The data file (any format `repnoise` reads: JSONL, JSON, CSV, Parquet).
         file: PathBuf,
+        /// Print JSON instead of a table.
         #[arg(long)]
         json: bool,
     },
@@ -2368,4 +2471,32 @@ fn classifier_cmd(g: &Global, cmd: ClassifierCmd) -> Result<()> {
         }
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::Cli;
+    use clap::CommandFactory;
+
+    /// Every flag and argument of every subcommand says what it does in `--help`.
+    #[test]
+    fn every_flag_has_help_text() {
+        fn walk(cmd: &clap::Command, path: &str, missing: &mut Vec<String>) {
+            for a in cmd.get_arguments() {
+                let id = a.get_id().as_str();
+                if id == "help" || id == "version" {
+                    continue;
+                }
+                if a.get_help().is_none() && a.get_long_help().is_none() {
+                    missing.push(format!("{path} --{id}"));
+                }
+            }
+            for sub in cmd.get_subcommands() {
+                walk(sub, &format!("{path} {}", sub.get_name()), missing);
+            }
+        }
+        let mut missing = vec![];
+        walk(&Cli::command(), "repnoise", &mut missing);
+        assert!(missing.is_empty(), "flags without help text: {missing:#?}");
+    }
 }
