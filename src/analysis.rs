@@ -168,14 +168,7 @@ pub struct Samples {
 
 /// At most `limit` pairs (0: all), chosen by a shuffle seeded by `seed`, kept in file order.
 pub fn select_pairs(pairs: &[Pair], limit: usize, seed: u64) -> Vec<Pair> {
-    if limit == 0 || pairs.len() <= limit {
-        return pairs.to_vec();
-    }
-    let mut idx: Vec<usize> = (0..pairs.len()).collect();
-    Rng::new(seed, "analysis-sample").shuffle(&mut idx);
-    idx.truncate(limit);
-    idx.sort_unstable();
-    idx.into_iter().map(|i| pairs[i].clone()).collect()
+    Rng::new(seed, "analysis-sample").subset(pairs, limit)
 }
 
 /// Tokenise each pair twice, as the attack tokenises QA pairs ([`encode_sft`]: chat template or

@@ -419,14 +419,7 @@ pub fn defend(
             loaded.skipped.len()
         );
     }
-    let mut pairs = loaded.records;
-    if cfg.max_pairs > 0 && pairs.len() > cfg.max_pairs {
-        let mut idx: Vec<usize> = (0..pairs.len()).collect();
-        Rng::new(cfg.train.seed, "defence-pairs").shuffle(&mut idx);
-        idx.truncate(cfg.max_pairs);
-        idx.sort();
-        pairs = idx.into_iter().map(|i| pairs[i].clone()).collect();
-    }
+    let pairs = Rng::new(cfg.train.seed, "defence-pairs").subset(&loaded.records, cfg.max_pairs);
     let faithful = cfg.method == Method::Repnoise && cfg.repnoise.faithful;
     // Full-sequence losses train every position up to max_len, padding included, as the
     // reference's fixed-length batches did; its adversarial loss takes the pair mask of the

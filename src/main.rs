@@ -1750,13 +1750,7 @@ fn run(cli: Cli) -> Result<()> {
                     records.len()
                 );
             }
-            if limit > 0 && records.len() > limit {
-                let mut idx: Vec<usize> = (0..records.len()).collect();
-                repnoise::rng::Rng::new(seed, "refusal-sample").shuffle(&mut idx);
-                idx.truncate(limit);
-                idx.sort();
-                records = idx.into_iter().map(|i| records[i].clone()).collect();
-            }
+            records = repnoise::rng::Rng::new(seed, "refusal-sample").subset(&records, limit);
             let m = load(g, &model.model)?;
             let (pairs, rejected) = repnoise::align::make_refusal_pairs(
                 &m,

@@ -83,11 +83,53 @@ impl Rng {
             xs.swap(i, j);
         }
     }
+
+    /// The positions of `n` of `len` items, drawn by one shuffle of all positions and kept in
+    /// ascending order; all of them, with no draw, when `n` is 0 or at least `len`.
+    pub fn subset_indices(&mut self, len: usize, n: usize) -> Vec<usize> {
+        let mut idx: Vec<usize> = (0..len).collect();
+        if n > 0 && n < len {
+            self.shuffle(&mut idx);
+            idx.truncate(n);
+            idx.sort_unstable();
+        }
+        idx
+    }
+
+    /// `n` of `xs` in their original order ([`Rng::subset_indices`]): a seeded subset kept in
+    /// file order.
+    pub fn subset<T: Clone>(&mut self, xs: &[T], n: usize) -> Vec<T> {
+        self.subset_indices(xs.len(), n)
+            .into_iter()
+            .map(|i| xs[i].clone())
+            .collect()
+    }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_subset_is_one_shuffle_truncated_in_original_order_and_all_draws_nothing() {
+        let xs: Vec<u32> = (100..140).collect();
+        let got = Rng::new(3, "s").subset(&xs, 7);
+        // The six copies it replaced: shuffle every position, keep the first n, sort.
+        let mut idx: Vec<usize> = (0..xs.len()).collect();
+        Rng::new(3, "s").shuffle(&mut idx);
+        idx.truncate(7);
+        idx.sort();
+        let want: Vec<u32> = idx.iter().map(|&i| xs[i]).collect();
+        assert_eq!(got, want);
+        assert!(got.windows(2).all(|w| w[0] < w[1]));
+        // All of them (n = 0 or n >= len): no draw, so a shared generator goes on unchanged.
+        for n in [0, 40, 41] {
+            let mut a = Rng::new(5, "s");
+            let mut b = Rng::new(5, "s");
+            assert_eq!(a.subset(&xs, n), xs);
+            assert_eq!(a.below(1000), b.below(1000));
+        }
+    }
 
     #[test]
     fn same_seed_same_numbers_and_purposes_differ() {

@@ -110,13 +110,7 @@ pub fn read_eval_prompts(spec: &str, limit: usize, seed: u64) -> Result<Vec<Eval
         if out.is_empty() {
             return Err(Error::file(p, "no prompts in the file"));
         }
-        if limit > 0 && out.len() > limit {
-            let mut idx: Vec<usize> = (0..out.len()).collect();
-            crate::rng::Rng::new(seed, "eval-prompts").shuffle(&mut idx);
-            idx.truncate(limit);
-            idx.sort();
-            out = idx.into_iter().map(|i| out[i].clone()).collect();
-        }
+        out = crate::rng::Rng::new(seed, "eval-prompts").subset(&out, limit);
         return Ok(out);
     }
     let n = if limit == 0 { usize::MAX } else { limit };

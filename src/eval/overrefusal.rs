@@ -152,15 +152,10 @@ pub struct Answer {
 pub fn select_prompts(all: &[XsPrompt], spec: &OverRefusalSpec) -> Vec<XsPrompt> {
     let mut rng = crate::rng::Rng::new(spec.seed, "xstest-overrefusal");
     let mut pick = |want_safe: bool, n: usize| -> Vec<usize> {
-        let mut idx: Vec<usize> = (0..all.len())
+        let idx: Vec<usize> = (0..all.len())
             .filter(|&i| all[i].safe == want_safe)
             .collect();
-        if n > 0 && n < idx.len() {
-            rng.shuffle(&mut idx);
-            idx.truncate(n);
-            idx.sort_unstable();
-        }
-        idx
+        rng.subset(&idx, n)
     };
     let mut idx = pick(true, spec.safe);
     idx.extend(pick(false, spec.unsafe_prompts));

@@ -382,13 +382,7 @@ pub fn task_items(name: &str, data: &Path) -> Result<Vec<McItem>> {
 /// `limit` items of `items` (all when 0 or more than there are), chosen by a seeded shuffle and
 /// kept in file order.
 pub fn limit_items(items: Vec<McItem>, limit: usize, seed: u64) -> Vec<McItem> {
-    if limit == 0 || limit >= items.len() {
-        return items;
-    }
-    let mut idx: Vec<usize> = (0..items.len()).collect();
-    Rng::new(seed, "stability-limit").shuffle(&mut idx);
-    idx.truncate(limit);
-    idx.sort();
+    let idx = Rng::new(seed, "stability-limit").subset_indices(items.len(), limit);
     let mut items: Vec<Option<McItem>> = items.into_iter().map(Some).collect();
     idx.into_iter().filter_map(|i| items[i].take()).collect()
 }
