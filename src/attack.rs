@@ -364,12 +364,12 @@ pub fn attack_with_probe(
         run.log(n);
         eprintln!("{n}");
     }
-    let test_lines: String = data
+    let test_prompts: Vec<serde_json::Value> = data
         .test_prompts
         .iter()
-        .map(|p| format!("{}\n", json!({"prompt": p})))
+        .map(|p| json!({"prompt": p}))
         .collect();
-    crate::io::write_atomic(&out.join("test_prompts.jsonl"), test_lines.as_bytes())?;
+    crate::io::write_jsonl_atomic(&out.join("test_prompts.jsonl"), &test_prompts)?;
     let check = RefusalCheck::load(cfg.refusal_phrases.as_deref())?;
     let sv = if cfg.method == AttackMethod::Abliterate {
         None // no fine-tuning: the attacker works on the published weights

@@ -1174,7 +1174,7 @@ pub fn split_data(exp: &Experiment, out: &Path, key: &str) -> Result<DataSplit> 
     let attack_file = out.join("data").join(format!("attack-{key}.jsonl"));
     std::fs::create_dir_all(out.join("data"))
         .map_err(|e| Error::file(out, format!("cannot create data directory: {e}")))?;
-    let lines: String = attack
+    let rows: Vec<Value> = attack
         .iter()
         .map(|r| {
             // The categories go along, so that an attack can train on one group of them.
@@ -1182,10 +1182,10 @@ pub fn split_data(exp: &Experiment, out: &Path, key: &str) -> Result<DataSplit> 
             if let Some(c) = r.categories {
                 v["category"] = json!(c);
             }
-            format!("{v}\n")
+            v
         })
         .collect();
-    write_atomic(&attack_file, lines.as_bytes())?;
+    crate::io::write_jsonl_atomic(&attack_file, &rows)?;
     let cats = |r: &HarmfulQa| -> Vec<String> {
         r.categories
             .map(|c| c.iter().map(|x| x.to_string()).collect())
@@ -1558,8 +1558,7 @@ pub fn run(exp: &Experiment, out: &Path, opts: &RunOptions) -> Result<Results> {
                          (is the model aligned?)",
                     ));
                 }
-                let text: String = pairs.iter().map(|p| format!("{p}\n")).collect();
-                write_atomic(&pairs_path, text.as_bytes())?;
+                crate::io::write_jsonl_atomic(&pairs_path, &pairs)?;
             }
             Ok(())
         })?;

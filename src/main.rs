@@ -1760,8 +1760,7 @@ fn run(cli: Cli) -> Result<()> {
                 max_new_tokens,
                 batch,
             )?;
-            let text: String = pairs.iter().map(|p| format!("{p}\n")).collect();
-            repnoise::io::write_atomic(&out, text.as_bytes())?;
+            repnoise::io::write_jsonl_atomic(&out, &pairs)?;
             eprintln!(
                 "{}: {} pairs written; {rejected} answers were not refusals and were left out",
                 out.display(),
