@@ -2700,6 +2700,12 @@ pub fn summarise_durability(
             ));
             continue;
         }
+        out.notes.push(format!(
+            "heldout.groups: {} of the {} held-out questions have their primary category in \
+             group {g}",
+            idx.len(),
+            item_categories.len()
+        ));
         let pick = |v: Vec<f64>| -> Option<Vec<f64>> {
             (v.len() == item_categories.len()).then(|| idx.iter().map(|&i| v[i]).collect())
         };

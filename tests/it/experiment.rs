@@ -345,6 +345,14 @@ fn experiment_measures_held_out_loss_along_attacks_and_compares_paired() {
         "harmful CE and margin for each group with questions"
     );
     assert!(
+        d3.notes.iter().any(
+            |n| n.starts_with("heldout.groups: 2 of the 4 held-out questions")
+                && n.ends_with("group half")
+        ),
+        "{:?}",
+        d3.notes
+    );
+    assert!(
         d3.notes.iter().any(|n| n.contains("group self_harm")),
         "{:?}",
         d3.notes
