@@ -1,14 +1,16 @@
 //! Records the commit the binary was built from (`REPNOISE_BUILD_COMMIT`, with `-dirty` when
-//! tracked files differed from it), so reports name the code that produced them.
+//! the sources it is built from differed from that commit), so reports name the code that
+//! produced them.
 //!
 //! When cargo re-runs this script (and so re-links the binary): when the commit changes (the
-//! watched `.git/HEAD`, and the branch ref it names: its loose file, or `.git/packed-refs` where
-//! the ref is packed), or when a source the binary is built from changes (`src`, `configs`,
-//! `Cargo.toml`, `Cargo.lock`, `vendor`), which rebuilds the binary anyway and re-reads the dirty
-//! state. Not `.git/index`: every `git status` or `git add` rewrites it, and each rewrite used to
-//! re-link the whole binary. So a tree whose only changes are outside those sources (docs, tests)
-//! builds a binary named after the clean commit: its code is that commit's. Only paths that
-//! exist are watched (cargo re-runs a script on every build while a watched path is missing).
+//! watched `.git/HEAD`, `.git/refs` (a commit writes the branch's loose ref there, even where it
+//! was packed) and `.git/packed-refs`), or when a source the binary is built from changes (`src`,
+//! `configs`, `Cargo.toml`, `Cargo.lock`, `vendor`, this script), which rebuilds the binary
+//! anyway. Not `.git/index`: every `git status` or `git add` rewrites it, and each rewrite used to
+//! re-link the whole binary. `-dirty` looks at those sources only, so edits to docs or tests do
+//! not mark a binary whose code is the commit's. Only paths that exist are watched (cargo re-runs
+//! a script on every build while a watched path is missing); in a git worktree (`.git` is a file)
+//! no git path is, and the commit is read again only when a source changes.
 use std::path::Path;
 use std::process::Command;
 
@@ -25,37 +27,39 @@ fn main() {
         .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_string())
         .unwrap_or_default();
     let dirty = !commit.is_empty()
-        && git(&["status", "--porcelain", "--untracked-files=no"])
-            .is_some_and(|o| !o.stdout.is_empty());
+        && git(&[
+            "status",
+            "--porcelain",
+            "--untracked-files=no",
+            "--",
+            "src",
+            "configs",
+            "Cargo.toml",
+            "Cargo.lock",
+            "vendor",
+            "build.rs",
+        ])
+        .is_some_and(|o| !o.stdout.is_empty());
     let value = if dirty {
         format!("{commit}-dirty")
     } else {
         commit
     };
     println!("cargo:rustc-env=REPNOISE_BUILD_COMMIT={value}");
-    let mut watch: Vec<String> = [
+    for p in [
         ".git/HEAD",
+        ".git/refs",
+        ".git/packed-refs",
         "src",
         "configs",
         "Cargo.toml",
         "Cargo.lock",
         "vendor",
+        "build.rs",
     ]
-    .map(String::from)
-    .to_vec();
-    // The ref HEAD names ("ref: refs/heads/main"): its loose file, else the packed refs.
-    if let Some(r) = std::fs::read_to_string(".git/HEAD")
-        .ok()
-        .and_then(|h| h.strip_prefix("ref:").map(|r| r.trim().to_string()))
+    .iter()
+    .filter(|p| Path::new(p).exists())
     {
-        let loose = format!(".git/{r}");
-        watch.push(if Path::new(&loose).exists() {
-            loose
-        } else {
-            ".git/packed-refs".into()
-        });
-    }
-    for p in watch.iter().filter(|p| Path::new(p).exists()) {
         println!("cargo:rerun-if-changed={p}");
     }
 }

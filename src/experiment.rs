@@ -145,7 +145,8 @@ pub struct HeldoutSpec {
     pub compare_to: Vec<String>,
     /// Bootstrap resamples of the paired comparisons.
     pub bootstrap: usize,
-    /// Family-wise error rate of the verdicts (Holm-corrected over every comparison of a metric).
+    /// Family-wise error rate of the verdicts (Holm-corrected over every comparison of a metric;
+    /// the per-group comparisons of `groups` are a family of their own).
     pub alpha: f64,
     pub seed: u64,
     /// Harm-category groups ([`crate::data::HarmGroup`]): the paired comparisons at each
@@ -969,9 +970,10 @@ fn split_key(exp: &Experiment) -> String {
     key_of(&v)
 }
 
-/// The defence pairs without the questions of harm-category group `group` (by the primary
-/// category of the question's record in the experiment's data, matched on question and answer),
-/// written once beside the pairs file: a defence's `withhold`. Returns the file and its key.
+/// The defence pairs without the questions of harm-category group `group` (by primary category:
+/// a pair's own categories where its file has them, else those of its question and answer's
+/// record in the experiment's data), written once beside the pairs file: a defence's
+/// `withhold`. Returns the file and its key.
 fn withheld_pairs(
     exp: &Experiment,
     pairs: &Path,
@@ -980,58 +982,68 @@ fn withheld_pairs(
     out: &Path,
 ) -> Result<(PathBuf, String)> {
     let g: crate::data::HarmGroup = group.parse()?;
-    let key = key_of(&json!({"pairs": pairs_key, "withhold": group}));
+    let data = data_path(exp);
+    // Generated pairs' key already names the data (through the split); a given file's does not.
+    let key = match &exp.pairs.file {
+        None => key_of(&json!({"pairs": pairs_key, "withhold": group})),
+        Some(_) => key_of(&json!({"pairs": pairs_key, "withhold": group, "data": data})),
+    };
     let path = out.join(format!("pairs-{key}.jsonl"));
     if path.exists() {
         return Ok((path, key));
     }
-    let data = data_path(exp);
-    let cats: HashMap<(String, String), crate::data::HarmCategories> = read_harmful_qa(&data)?
-        .records
-        .into_iter()
-        .filter_map(|r| Some(((r.prompt, r.response), r.categories?)))
-        .collect();
-    let text = std::fs::read_to_string(pairs)
-        .map_err(|e| Error::file(pairs, format!("cannot read pairs: {e}")))?;
-    let (mut kept, mut n, mut left) = (String::new(), 0usize, 0usize);
-    for (i, line) in text.lines().enumerate() {
-        if line.trim().is_empty() {
-            continue;
-        }
-        let at = |m: String| Error::file(pairs, format!("line {}: {m}", i + 1));
-        let v: Value = serde_json::from_str(line).map_err(|e| at(e.to_string()))?;
-        let field = |k: &str| {
-            v[k].as_str().map(str::to_string).ok_or_else(|| {
-                at(format!(
-                    "no {k:?} string (withhold needs the question and its answer)"
-                ))
-            })
+    let loaded = crate::data::load_pairs_any(pairs)?;
+    let mut cats: Option<HashMap<(String, String), crate::data::HarmCategories>> = None;
+    let (mut kept, mut left) = (vec![], 0usize);
+    for (i, p) in loaded.records.iter().enumerate() {
+        let c = match p.categories {
+            Some(c) => c,
+            None => {
+                if cats.is_none() {
+                    cats = Some(
+                        read_harmful_qa(&data)?
+                            .records
+                            .into_iter()
+                            .filter_map(|r| Some(((r.prompt, r.response), r.categories?)))
+                            .collect(),
+                    );
+                }
+                let q = (p.prompt.clone(), p.harmful.clone());
+                *cats.as_ref().and_then(|m| m.get(&q)).ok_or_else(|| {
+                    Error::file(
+                        pairs,
+                        format!(
+                            "pair {}: the question {:?} with this answer has no harm categories, \
+                             in the pair or in {} (a defence's `withhold` needs them)",
+                            i + 1,
+                            q.0,
+                            data.display()
+                        ),
+                    )
+                })?
+            }
         };
-        let q = (field("prompt")?, field("harmful")?);
-        let c = cats.get(&q).ok_or_else(|| {
-            at(format!(
-                "the question {:?} with this answer has no harm categories in {} (a defence's \
-                 `withhold` needs them)",
-                q.0,
-                data.display()
-            ))
-        })?;
-        if g.matches(*c, crate::data::GroupMatch::Primary) {
+        if g.matches(c, crate::data::GroupMatch::Primary) {
             left += 1;
         } else {
-            kept.push_str(line);
-            kept.push('\n');
-            n += 1;
+            let mut v = json!({"prompt": p.prompt, "harmful": p.harmful, "harmless": p.harmless});
+            if let Some(c) = p.categories {
+                v["category"] = json!(c);
+            }
+            kept.push(v);
         }
     }
-    if n == 0 {
+    if kept.is_empty() {
         return Err(Error::file(
             pairs,
             format!("withhold = {group:?} leaves no defence pair ({left} withheld)"),
         ));
     }
-    eprintln!("  defence pairs without group {group}: {n} kept, {left} withheld");
-    write_atomic(&path, kept.as_bytes())?;
+    eprintln!(
+        "  defence pairs without group {group}: {} kept, {left} withheld",
+        kept.len()
+    );
+    crate::io::write_jsonl_atomic(&path, &kept)?;
     Ok((path, key))
 }
 
@@ -1267,12 +1279,20 @@ pub fn check(exp: &Experiment) -> Result<Vec<String>> {
     }
     for d in &exp.defences {
         let Some(g) = &d.withhold else { continue };
-        let n = in_group(&parts.defence, g)?;
-        lines.push(format!(
-            "defence {}: withholds the {n} of {} defence questions in group {g}",
-            d.name,
-            parts.defence.len()
-        ));
+        lines.push(match &exp.pairs.file {
+            Some(p) => format!(
+                "defence {}: withholds the pairs of group {g} in {}",
+                d.name,
+                p.display()
+            ),
+            None => format!(
+                "defence {}: withholds the {} of {} defence questions in group {g} (and their \
+                 pairs: only the questions the aligned model refuses make one)",
+                d.name,
+                in_group(&parts.defence, g)?,
+                parts.defence.len()
+            ),
+        });
     }
     if let Some(p) = &exp.pairs.file {
         let n = crate::data::load_pairs_any(p)?.records.len();

@@ -147,13 +147,13 @@ enum Cmd {
         /// Sequences in the benchmarked batch.
         #[arg(long, default_value_t = 4)]
         batch: usize,
-        /// Tokens per sequence.
+        /// Tokens per sequence (train-step, lora-step, repnoise-step, score).
         #[arg(long, default_value_t = 128)]
         seq: usize,
         /// Timed repetitions (the report gives each one).
         #[arg(long, default_value_t = 5)]
         steps: usize,
-        /// Untimed repetitions before the timed ones.
+        /// Untimed repetitions before the timed ones (the training-step benchmarks).
         #[arg(long, default_value_t = 1)]
         warmup: usize,
         /// New tokens per row (generate).
@@ -185,10 +185,12 @@ enum Cmd {
         /// BeaverTails questions (disjoint set) to train on with a refusal.
         #[arg(long)]
         beavertails_train: Option<usize>,
-        /// Everyday prompts trained on with the model's own answers (absent: the config's).
+        /// ARC-Easy quiz questions trained on, answered as --benign-source says (absent: the
+        /// config's).
         #[arg(long)]
         benign_train: Option<usize>,
-        /// TruthfulQA questions trained on with the model's own answers (absent: the config's).
+        /// TruthfulQA questions trained on, answered as --benign-source says (absent: the
+        /// config's).
         #[arg(long)]
         benign_train_truthfulqa: Option<usize>,
         /// self, data or both.
@@ -204,11 +206,12 @@ enum Cmd {
         /// built-in list.
         #[arg(long)]
         refusal_phrases: Option<PathBuf>,
-        /// Directory of the shipped data sets (default: the repository's data/).
+        /// Directory of the shipped data sets (default: $REPNOISE_DATA, else ./data, else the
+        /// source tree's data/).
         #[arg(long)]
         data_dir: Option<PathBuf>,
-        /// Skip the evaluation of the model before alignment (the report then has no "before"
-        /// column).
+        /// Skip the evaluation of the model before alignment (its columns in the report show
+        /// "-", and targets relative to it are not checked).
         #[arg(long)]
         skip_eval_before: bool,
         /// Everyday requests to train on (`data/everyday/`, answered by the model itself).
@@ -752,7 +755,7 @@ enum EvalCmd {
         /// The classifier's harmful class: a label name, an index, or auto.
         #[arg(long, default_value = "auto")]
         harmful_label: String,
-        /// Seed of the sampling and of the bootstrap intervals.
+        /// Seed of the prompt sample (with --limit), the sampling and the bootstrap intervals.
         #[arg(long, default_value_t = 0)]
         seed: u64,
     },

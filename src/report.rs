@@ -272,7 +272,8 @@ pub fn durability_blocks(r: &Results) -> Vec<Block> {
          (lower = more resistant). Differences are defence minus baseline, paired by attack \
          seed and prompt; 95% intervals from a bootstrap over defence seeds ({}), attack seeds \
          ({}) and prompts ({} resamples); verdicts are Holm-corrected over every comparison of \
-         the same metric at a family-wise {}; MDD is the smallest difference this design \
+         the same metric at a family-wise {} (the per-group comparisons, where there are some, \
+         as a family of their own); MDD is the smallest difference this design \
          detects with 80% power.",
         e.evaluate_on,
         e.defence_seeds.len().max(1),

@@ -9,7 +9,17 @@
 # The release is downloaded from crates.io (or taken from $CANDLE_CORE_CRATE, a .crate file) and
 # checked against its SHA-256 (the checksum crates.io lists for the release).
 set -euo pipefail
+# A relative $CANDLE_CORE_CRATE is taken from where the script was started.
+if [ -n "${CANDLE_CORE_CRATE:-}" ]; then
+  CANDLE_CORE_CRATE="$(cd "$(dirname "$CANDLE_CORE_CRATE")" && pwd)/$(basename "$CANDLE_CORE_CRATE")"
+fi
 cd "$(dirname "$0")/.."
+for tool in curl patch sha256sum tar diff; do
+  command -v "$tool" >/dev/null || {
+    echo "$0 needs $tool (for example: apt-get install -y curl patch coreutils tar diffutils)" >&2
+    exit 1
+  }
+done
 
 VERSION=0.11.1
 SHA256=d11c8be87cfbaef9ebb62fb3f850d1fc8e00cc1d11d393fdbe55a4d5c2cdb325
