@@ -2870,11 +2870,11 @@ mod tests {
             vec![qa("q1", "a1"), qa("q2", "a2"), qa("q0", "a3")]
         );
         assert_eq!(kept("other_half"), vec![qa("q0", "a0"), qa("q2", "a2")]);
-        // A pair whose question and answer are not in the data is named, with its line.
+        // A pair whose question and answer are not in the data is named, with its number.
         std::fs::write(&pairs, [pair("q0", "a0"), pair("q9", "a9")].concat()).unwrap();
         let e = withheld_pairs(&exp, &pairs, "k2", "half", dir.path()).unwrap_err();
         assert!(
-            e.to_string().contains("line 2") && e.to_string().contains("q9"),
+            e.to_string().contains("pair 2") && e.to_string().contains("q9"),
             "{e}"
         );
         let bad = Experiment::from_toml_str(
