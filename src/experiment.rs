@@ -2870,6 +2870,18 @@ mod tests {
             vec![qa("q1", "a1"), qa("q2", "a2"), qa("q0", "a3")]
         );
         assert_eq!(kept("other_half"), vec![qa("q0", "a0"), qa("q2", "a2")]);
+        // A pair's own categories come first: q0/a0 filed under theft in the pairs file is kept
+        // when `half` is withheld, whatever the data say.
+        let own = format!(
+            "{}\n",
+            json!({"prompt": "q0", "harmful": "a0", "harmless": "No.",
+                   "category": {"financial_crime,property_crime,theft": true}})
+        );
+        std::fs::write(&pairs, [own, pair("q1", "a1")].concat()).unwrap();
+        let (p, _) = withheld_pairs(&exp, &pairs, "k3", "half", dir.path()).unwrap();
+        let text = std::fs::read_to_string(p).unwrap();
+        assert_eq!(text.lines().count(), 2, "{text}");
+        assert!(text.contains("\"category\":[\"financial_crime"), "{text}");
         // A pair whose question and answer are not in the data is named, with its number.
         std::fs::write(&pairs, [pair("q0", "a0"), pair("q9", "a9")].concat()).unwrap();
         let e = withheld_pairs(&exp, &pairs, "k2", "half", dir.path()).unwrap_err();
