@@ -14,6 +14,16 @@
 use std::path::Path;
 use std::process::Command;
 
+/// What the binary is built from: watched, and what `-dirty` looks at.
+const SOURCES: &[&str] = &[
+    "src",
+    "configs",
+    "Cargo.toml",
+    "Cargo.lock",
+    "vendor",
+    "build.rs",
+];
+
 fn git(args: &[&str]) -> Option<std::process::Output> {
     Command::new("git")
         .args(args)
@@ -28,17 +38,10 @@ fn main() {
         .unwrap_or_default();
     let dirty = !commit.is_empty()
         && git(&[
-            "status",
-            "--porcelain",
-            "--untracked-files=no",
-            "--",
-            "src",
-            "configs",
-            "Cargo.toml",
-            "Cargo.lock",
-            "vendor",
-            "build.rs",
-        ])
+            &["status", "--porcelain", "--untracked-files=no", "--"],
+            SOURCES,
+        ]
+        .concat())
         .is_some_and(|o| !o.stdout.is_empty());
     let value = if dirty {
         format!("{commit}-dirty")
@@ -46,19 +49,10 @@ fn main() {
         commit
     };
     println!("cargo:rustc-env=REPNOISE_BUILD_COMMIT={value}");
-    for p in [
-        ".git/HEAD",
-        ".git/refs",
-        ".git/packed-refs",
-        "src",
-        "configs",
-        "Cargo.toml",
-        "Cargo.lock",
-        "vendor",
-        "build.rs",
-    ]
-    .iter()
-    .filter(|p| Path::new(p).exists())
+    for p in [".git/HEAD", ".git/refs", ".git/packed-refs"]
+        .iter()
+        .chain(SOURCES)
+        .filter(|p| Path::new(p).exists())
     {
         println!("cargo:rerun-if-changed={p}");
     }
