@@ -7,8 +7,8 @@
 use std::time::Instant;
 
 use candle_core::{Device, Var};
-use repnoise::loss::{linear_row_nll_with, row_nll, row_nll_composed};
-use repnoise::rng::Rng;
+use repnoise::model::loss::{linear_row_nll_with, row_nll, row_nll_composed};
+use repnoise::util::rng::Rng;
 
 fn main() -> anyhow::Result<()> {
     let rows: usize = std::env::args()

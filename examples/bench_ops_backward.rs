@@ -35,7 +35,7 @@ fn main() -> anyhow::Result<()> {
             .matmul(&w.as_tensor().t()?)?)
     })?;
     time("rmsnorm", &[&x, &n], || {
-        Ok(repnoise::model::rms_norm(
+        Ok(repnoise::model::llama::rms_norm(
             x.as_tensor(),
             n.as_tensor(),
             1e-5,

@@ -5,12 +5,12 @@ use std::path::{Path, PathBuf};
 use anyhow::{bail, Context, Result};
 use clap::{Args, Parser, Subcommand};
 
-use repnoise::chat::{self, Message};
 use repnoise::data::encode::PromptFormat;
-use repnoise::generate::{self, SamplingConfig};
-use repnoise::model::Llama;
-use repnoise::modelio::{self, LoadedModel};
-use repnoise::objective::RepNoiseConfig;
+use repnoise::model::chat::{self, Message};
+use repnoise::model::generate::{self, SamplingConfig};
+use repnoise::model::llama::Llama;
+use repnoise::model::load::{self, LoadedModel};
+use repnoise::train::objective::RepNoiseConfig;
 use repnoise::train::{Interrupt, TrainConfig};
 
 /// jemalloc reuses freed memory within a step: training allocates and frees hundreds of MB per
@@ -271,7 +271,7 @@ enum Cmd {
     Defend {
         /// Defence method (absent: the config's, else repnoise).
         #[arg(long, value_enum)]
-        method: Option<repnoise::defend::Method>,
+        method: Option<repnoise::defence::Method>,
         #[command(flatten)]
         model: ModelArg,
         /// JSONL/JSON pairs `{prompt, harmful, harmless}` (not needed for random-init).
@@ -287,7 +287,7 @@ enum Cmd {
         /// `reference` (the reference code's settings, docs/REPNOISE.md "Presets"); other flags
         /// override it. In a config file: `preset = "reference"`.
         #[arg(long, value_enum, conflicts_with = "config")]
-        preset: Option<repnoise::defend::Preset>,
+        preset: Option<repnoise::defence::Preset>,
         #[command(flatten)]
         train: TrainFlags,
         #[command(flatten)]
@@ -521,10 +521,10 @@ struct FinetuneFlags {
 }
 
 impl FinetuneFlags {
-    fn resolve(self) -> Result<repnoise::finetune::FinetuneConfig> {
+    fn resolve(self) -> Result<repnoise::train::finetune::FinetuneConfig> {
         let mut cfg = match &self.config {
-            Some(p) => repnoise::io::read_toml(p, "finetune")?,
-            None => repnoise::finetune::FinetuneConfig::default(),
+            Some(p) => repnoise::util::io::read_toml(p, "finetune")?,
+            None => repnoise::train::finetune::FinetuneConfig::default(),
         };
         self.train.apply(&mut cfg.train)?;
         if let Some(x) = self.samples {
@@ -558,7 +558,7 @@ struct LoraFlags {
 }
 
 impl LoraFlags {
-    fn apply(self, cfg: &mut repnoise::lora::LoraConfig) -> Result<()> {
+    fn apply(self, cfg: &mut repnoise::train::lora::LoraConfig) -> Result<()> {
         if let Some(x) = self.lora_rank {
             cfg.rank = x;
         }
@@ -1135,7 +1135,7 @@ fn run_eval(g: &Global, cmd: EvalCmd) -> Result<()> {
             spec.validate().map_err(anyhow::Error::msg)?;
             let clf = load_judge(g, classifier.as_deref(), &harmful_label)?;
             let m = load(g, &model.model)?;
-            let check = repnoise::refusal::RefusalCheck::load(refusal_phrases.as_deref())?;
+            let check = repnoise::eval::refusal::RefusalCheck::load(refusal_phrases.as_deref())?;
             let prompts =
                 eval::overrefusal::select_prompts(&eval::overrefusal::shipped_prompts()?, &spec);
             let scorer = clf
@@ -1182,10 +1182,10 @@ fn run_eval(g: &Global, cmd: EvalCmd) -> Result<()> {
         } => {
             let clf = load_judge(g, classifier.as_deref(), &harmful_label)?;
             let m = load(g, &model.model)?;
-            let check = repnoise::refusal::RefusalCheck::load(refusal_phrases.as_deref())?;
+            let check = repnoise::eval::refusal::RefusalCheck::load(refusal_phrases.as_deref())?;
             let ps = eval::harmfulness::read_eval_prompts(&prompts, limit, seed)?;
             let cfg = eval::harmfulness::HarmfulnessConfig {
-                sampling: repnoise::generate::SamplingConfig {
+                sampling: repnoise::model::generate::SamplingConfig {
                     max_new_tokens,
                     temperature,
                     top_k,
@@ -1224,7 +1224,7 @@ fn run_eval(g: &Global, cmd: EvalCmd) -> Result<()> {
                 r.short_answers
             );
             let what = match clf.as_ref().map(|c| c.input()) {
-                Some(repnoise::classifier::ClassifierInput::Text) => "toxicity",
+                Some(repnoise::eval::classifier::ClassifierInput::Text) => "toxicity",
                 _ => "harmfulness",
             };
             if let (Some(ms), Some(hr)) = (o.mean_score, o.harmful_rate) {
@@ -1326,10 +1326,10 @@ fn load_judge(
     g: &Global,
     dir: Option<&Path>,
     harmful_label: &str,
-) -> Result<Option<repnoise::classifier::Classifier>> {
+) -> Result<Option<repnoise::eval::classifier::Classifier>> {
     let Some(dir) = dir else { return Ok(None) };
-    let label: repnoise::classifier::HarmfulLabel = harmful_label.parse()?;
-    let clf = repnoise::classifier::Classifier::load(dir, &label, &device(&g.device)?)
+    let label: repnoise::eval::classifier::HarmfulLabel = harmful_label.parse()?;
+    let clf = repnoise::eval::classifier::Classifier::load(dir, &label, &device(&g.device)?)
         .with_context(|| format!("loading classifier {}", dir.display()))?;
     Ok(Some(clf))
 }
@@ -1338,9 +1338,9 @@ fn load(global: &Global, spec: &str) -> Result<LoadedModel> {
     let cache = global
         .cache_dir
         .clone()
-        .unwrap_or_else(repnoise::fetch::default_cache_dir);
+        .unwrap_or_else(repnoise::model::assets::default_cache_dir);
     let dev = device(&global.device)?;
-    modelio::load(spec, &cache, &dev).with_context(|| format!("loading model `{spec}`"))
+    load::load(spec, &cache, &dev).with_context(|| format!("loading model `{spec}`"))
 }
 
 /// The fixed prompts both benchmark implementations generate from (see bench/reference.py).
@@ -1472,7 +1472,7 @@ fn run(cli: Cli) -> Result<()> {
         }
         Cmd::Convert { model, out } => {
             let m = load(g, &model.model)?;
-            modelio::save_hf_dir(&out, &m.config, &m.params, &m.tok)?;
+            load::save_hf_dir(&out, &m.config, &m.params, &m.tok)?;
             eprintln!("wrote {}", out.display());
         }
         Cmd::Info { model, json } => {
@@ -1529,9 +1529,9 @@ fn run(cli: Cli) -> Result<()> {
                 let (Some(results), Some(out)) = (results, out) else {
                     bail!("bench plot needs --results FILE and --out DIR");
                 };
-                for (name, svg) in repnoise::bench::scaling_charts(&results)? {
+                for (name, svg) in repnoise::dev::bench::scaling_charts(&results)? {
                     let path = out.join(name);
-                    repnoise::io::write_atomic(&path, svg.as_bytes())?;
+                    repnoise::util::io::write_atomic(&path, svg.as_bytes())?;
                     eprintln!("wrote {}", path.display());
                 }
                 return Ok(());
@@ -1548,7 +1548,7 @@ fn run(cli: Cli) -> Result<()> {
                                flops: f64|
              -> Result<(Vec<f64>, serde_json::Value)> {
                 let (t, losses, ph) =
-                    repnoise::bench::train_steps(trainee, &m, lr, batch, seq, steps, warmup)?;
+                    repnoise::dev::bench::train_steps(trainee, &m, lr, batch, seq, steps, warmup)?;
                 let mut e = phases(ph, t.len());
                 e["losses"] = serde_json::json!(losses);
                 e["step_flops"] = serde_json::json!(flops);
@@ -1556,23 +1556,23 @@ fn run(cli: Cli) -> Result<()> {
             };
             let (times, extra) = match what.as_str() {
                 "train-step" => {
-                    let flops = repnoise::bench::train_step_flops(&m.config, batch, seq);
+                    let flops = repnoise::dev::bench::train_step_flops(&m.config, batch, seq);
                     train_bench(&m, 1e-5, flops)?
                 }
                 "lora-step" => {
-                    let lora = repnoise::lora::Lora::new(&m, &Default::default(), 0)?;
-                    let flops = repnoise::bench::lora_step_flops(&m.config, batch, seq);
+                    let lora = repnoise::train::lora::Lora::new(&m, &Default::default(), 0)?;
+                    let flops = repnoise::dev::bench::lora_step_flops(&m.config, batch, seq);
                     let (t, mut e) = train_bench(&lora, 1e-4, flops)?;
                     e["trainable_params"] = serde_json::json!(lora.num_elements());
                     (t, e)
                 }
                 "repnoise-step" => {
                     let (t, terms, ph) =
-                        repnoise::bench::repnoise_steps(&m, batch, seq, steps, warmup)?;
+                        repnoise::dev::bench::repnoise_steps(&m, batch, seq, steps, warmup)?;
                     // Faithful rows: the answer span minus its first prediction (a constant).
                     let rows = terms.first().map_or(0, |x| x.mask_positions - batch);
                     let readouts = m.config.num_layers + 2;
-                    let flops = repnoise::bench::repnoise_step_flops(
+                    let flops = repnoise::dev::bench::repnoise_step_flops(
                         &m.config, batch, seq, rows, rows, readouts,
                     );
                     let mut e = phases(ph, t.len());
@@ -1582,16 +1582,16 @@ fn run(cli: Cli) -> Result<()> {
                 }
                 "generate" => {
                     let prompts = bench_prompts(&m, batch)?;
-                    let t = repnoise::bench::generation(&m, &prompts, new_tokens, steps)?;
+                    let t = repnoise::dev::bench::generation(&m, &prompts, new_tokens, steps)?;
                     let tps: Vec<f64> = t.iter().map(|s| (batch * new_tokens) as f64 / s).collect();
                     (t, serde_json::json!({"tokens_per_second": tps}))
                 }
                 "score" => (
-                    repnoise::bench::scoring(&m, batch, seq, steps)?,
+                    repnoise::dev::bench::scoring(&m, batch, seq, steps)?,
                     serde_json::json!({}),
                 ),
                 "matmul" => {
-                    let g = repnoise::bench::matmul_peak_gflops(steps)?;
+                    let g = repnoise::dev::bench::matmul_peak_gflops(steps)?;
                     (vec![], serde_json::json!({"gflops": g}))
                 }
                 other => bail!(
@@ -1604,7 +1604,7 @@ fn run(cli: Cli) -> Result<()> {
                 serde_json::json!({
                     "impl": "repnoise", "what": what, "batch": batch, "seq": seq,
                     "new_tokens": new_tokens, "seconds": times, "extra": extra,
-                    "peak_rss_bytes": repnoise::bench::peak_rss_bytes(),
+                    "peak_rss_bytes": repnoise::dev::bench::peak_rss_bytes(),
                     "threads": rayon::current_num_threads(),
                 })
             );
@@ -1640,8 +1640,8 @@ fn run(cli: Cli) -> Result<()> {
             unlikelihood_weight,
             validation_only,
         } => {
-            let mut cfg: repnoise::align::AlignConfig = match &config {
-                Some(p) => repnoise::io::read_toml(p, "align")?,
+            let mut cfg: repnoise::defence::align::AlignConfig = match &config {
+                Some(p) => repnoise::util::io::read_toml(p, "align")?,
                 None => Default::default(),
             };
             train.apply(&mut cfg.train)?;
@@ -1687,7 +1687,7 @@ fn run(cli: Cli) -> Result<()> {
                 cfg.unlikelihood_weight = x;
             }
             let mut m = load(g, &model.model)?;
-            let report = repnoise::align::align(&mut m, &cfg, &out, Interrupt::default())?;
+            let report = repnoise::defence::align::align(&mut m, &cfg, &out, Interrupt::default())?;
             println!("{}", report.markdown());
             println!("model: {}", report.train.model_dir.display());
         }
@@ -1704,10 +1704,10 @@ fn run(cli: Cli) -> Result<()> {
             seed,
         } => {
             let m = load(g, &model.model)?;
-            let check = repnoise::refusal::RefusalCheck::load(refusal_phrases.as_deref())?;
-            let sets = repnoise::align::named_prompt_sets(&set, n, seed)?;
+            let check = repnoise::eval::refusal::RefusalCheck::load(refusal_phrases.as_deref())?;
+            let sets = repnoise::data::prompts::named_prompt_sets(&set, n, seed)?;
             let net = Llama::frozen(&m.config, &m.params)?;
-            let res = repnoise::align::refusal_eval(
+            let res = repnoise::defence::align::refusal_eval(
                 &net,
                 &m.tok,
                 &sets,
@@ -1723,7 +1723,7 @@ fn run(cli: Cli) -> Result<()> {
                 );
             }
             if let Some(p) = out {
-                repnoise::io::write_json_atomic(&p, &res)?;
+                repnoise::util::io::write_json_atomic(&p, &res)?;
             }
         }
         Cmd::Data {
@@ -1741,7 +1741,7 @@ fn run(cli: Cli) -> Result<()> {
                     seed,
                 },
         } => {
-            let check = repnoise::refusal::RefusalCheck::load(refusal_phrases.as_deref())?;
+            let check = repnoise::eval::refusal::RefusalCheck::load(refusal_phrases.as_deref())?;
             let loaded = repnoise::data::read_harmful_qa(&input)?;
             let mut records = loaded.records;
             if unsafe_only {
@@ -1753,9 +1753,9 @@ fn run(cli: Cli) -> Result<()> {
                     records.len()
                 );
             }
-            records = repnoise::rng::Rng::new(seed, "refusal-sample").subset(&records, limit);
+            records = repnoise::util::rng::Rng::new(seed, "refusal-sample").subset(&records, limit);
             let m = load(g, &model.model)?;
-            let (pairs, rejected) = repnoise::align::make_refusal_pairs(
+            let (pairs, rejected) = repnoise::defence::align::make_refusal_pairs(
                 &m,
                 &records,
                 &check,
@@ -1763,7 +1763,7 @@ fn run(cli: Cli) -> Result<()> {
                 max_new_tokens,
                 batch,
             )?;
-            repnoise::io::write_jsonl_atomic(&out, &pairs)?;
+            repnoise::util::io::write_jsonl_atomic(&out, &pairs)?;
             eprintln!(
                 "{}: {} pairs written; {rejected} answers were not refusals and were left out",
                 out.display(),
@@ -1788,7 +1788,7 @@ fn run(cli: Cli) -> Result<()> {
             lora,
             print_config,
         } => {
-            use repnoise::defend::{DefendConfig, Method, Preset};
+            use repnoise::defence::{DefendConfig, Method, Preset};
             let mut cfg = match (&config, preset) {
                 (Some(p), _) => DefendConfig::from_toml_for(p, method)?,
                 (None, p) => DefendConfig::preset(
@@ -1807,8 +1807,8 @@ fn run(cli: Cli) -> Result<()> {
             }
             if let Some(t) = loss_tokens {
                 cfg.baseline.tokens = match t {
-                    LossTokensArg::Answer => repnoise::objective::LossTokens::Answer,
-                    LossTokensArg::Sequence => repnoise::objective::LossTokens::Sequence,
+                    LossTokensArg::Answer => repnoise::train::objective::LossTokens::Answer,
+                    LossTokensArg::Sequence => repnoise::train::objective::LossTokens::Sequence,
                 };
             }
             train.apply(&mut cfg.train)?;
@@ -1832,11 +1832,11 @@ fn run(cli: Cli) -> Result<()> {
             };
             let pairs = match (pairs, cfg.method) {
                 (Some(p), _) => p,
-                (None, repnoise::defend::Method::RandomInit) => PathBuf::new(),
+                (None, repnoise::defence::Method::RandomInit) => PathBuf::new(),
                 (None, m) => bail!("--pairs is required for --method {m}"),
             };
             let mut m = load(g, &model.model)?;
-            let dir = repnoise::defend::defend(&mut m, &pairs, &cfg, &out, Interrupt::default())?;
+            let dir = repnoise::defence::defend(&mut m, &pairs, &cfg, &out, Interrupt::default())?;
             println!("defended model: {}", dir.display());
         }
         Cmd::Attack {
@@ -1972,7 +1972,7 @@ fn run(cli: Cli) -> Result<()> {
                 }));
             }
             if cells.len() > 1 {
-                repnoise::io::write_json_atomic(&out.join("grid.json"), &rows)?;
+                repnoise::util::io::write_json_atomic(&out.join("grid.json"), &rows)?;
             }
         }
         Cmd::Finetune {
@@ -1983,7 +1983,13 @@ fn run(cli: Cli) -> Result<()> {
         } => {
             let cfg = ft.resolve()?;
             let mut m = load(g, &model.model)?;
-            let r = repnoise::finetune::finetune(&mut m, &task, &cfg, &out, Interrupt::default())?;
+            let r = repnoise::train::finetune::finetune(
+                &mut m,
+                &task,
+                &cfg,
+                &out,
+                Interrupt::default(),
+            )?;
             println!(
                 "fine-tuned on {} examples ({} steps); {} test inputs in {}; model {}",
                 r.train_examples,
@@ -2006,7 +2012,7 @@ fn run(cli: Cli) -> Result<()> {
             rn.apply(&mut cfg);
             let loaded = repnoise::data::load_pairs_any(&pairs)?;
             let m = load(g, &model.model)?;
-            let t = repnoise::defend::loss_terms(
+            let t = repnoise::defence::loss_terms(
                 &m,
                 &loaded.records,
                 format.into(),
@@ -2026,13 +2032,13 @@ fn run(cli: Cli) -> Result<()> {
         Cmd::Analyze { cmd } => analyze_cmd(g, cmd)?,
         Cmd::Classifier { cmd } => classifier_cmd(g, cmd)?,
         Cmd::Fetch { name } => {
-            let a = repnoise::fetch::asset(&name)
+            let a = repnoise::model::assets::asset(&name)
                 .with_context(|| format!("`{name}` is not an embedded asset"))?;
             let cache = g
                 .cache_dir
                 .clone()
-                .unwrap_or_else(repnoise::fetch::default_cache_dir);
-            let p = repnoise::fetch::fetch(&a, &cache)?;
+                .unwrap_or_else(repnoise::model::assets::default_cache_dir);
+            let p = repnoise::model::assets::fetch(&a, &cache)?;
             println!("{}", p.display());
         }
         Cmd::Run {
@@ -2089,7 +2095,7 @@ fn run_experiment(
         cache: g
             .cache_dir
             .clone()
-            .unwrap_or_else(repnoise::fetch::default_cache_dir),
+            .unwrap_or_else(repnoise::model::assets::default_cache_dir),
         device: device(&g.device)?,
         command: std::env::args().collect::<Vec<_>>().join(" "),
         ignore_align_targets,
@@ -2309,7 +2315,7 @@ fn analyze_cmd(g: &Global, cmd: AnalyzeCmd) -> Result<()> {
 }
 
 fn classifier_cmd(g: &Global, cmd: ClassifierCmd) -> Result<()> {
-    use repnoise::classifier::{self, Classifier, HarmfulLabel, TrainRun};
+    use repnoise::eval::classifier::{self, Classifier, HarmfulLabel, TrainRun};
     let dev = device(&g.device)?;
     match cmd {
         ClassifierCmd::Train {
@@ -2337,11 +2343,11 @@ fn classifier_cmd(g: &Global, cmd: ClassifierCmd) -> Result<()> {
             let cache = g
                 .cache_dir
                 .clone()
-                .unwrap_or_else(repnoise::fetch::default_cache_dir);
+                .unwrap_or_else(repnoise::model::assets::default_cache_dir);
             let enc = classifier::resolve_encoder(&encoder, &cache)
                 .with_context(|| format!("resolving --encoder {encoder}"))?;
             let command = std::env::args().collect::<Vec<_>>().join(" ");
-            let data = data.unwrap_or_else(repnoise::align::default_data_dir);
+            let data = data.unwrap_or_else(repnoise::data::default_data_dir);
             let mut run = TrainRun::new(enc, data, out.clone(), command);
             run.task = task.parse()?;
             if run.task == classifier::Task::Toxicity && refusals.is_some() {
@@ -2418,7 +2424,7 @@ fn classifier_cmd(g: &Global, cmd: ClassifierCmd) -> Result<()> {
             .with_context(|| format!("calibrating {}", dir.display()))?;
             println!("{}", classifier::calibration_markdown(&c, true));
             if let Some(p) = &out {
-                repnoise::io::write_json_atomic(p, &c)?;
+                repnoise::util::io::write_json_atomic(p, &c)?;
                 eprintln!("wrote {}", p.display());
             }
         }
@@ -2452,7 +2458,7 @@ fn classifier_cmd(g: &Global, cmd: ClassifierCmd) -> Result<()> {
                 })
                 .collect();
             match &output {
-                Some(p) => repnoise::io::write_atomic(p, lines.as_bytes())?,
+                Some(p) => repnoise::util::io::write_atomic(p, lines.as_bytes())?,
                 None => print!("{lines}"),
             }
             let n = pairs.len();

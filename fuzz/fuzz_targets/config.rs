@@ -1,4 +1,4 @@
 #![no_main]
-//! `cargo fuzz run config`: see repnoise::fuzzing::config.
+//! `cargo fuzz run config`: see repnoise::dev::fuzzing::config.
 
-libfuzzer_sys::fuzz_target!(|data: &[u8]| repnoise::fuzzing::config(data));
+libfuzzer_sys::fuzz_target!(|data: &[u8]| repnoise::dev::fuzzing::config(data));

@@ -1,4 +1,4 @@
 #![no_main]
-//! `cargo fuzz run gguf`: see repnoise::fuzzing::gguf.
+//! `cargo fuzz run gguf`: see repnoise::dev::fuzzing::gguf.
 
-libfuzzer_sys::fuzz_target!(|data: &[u8]| repnoise::fuzzing::gguf(data));
+libfuzzer_sys::fuzz_target!(|data: &[u8]| repnoise::dev::fuzzing::gguf(data));

@@ -1,7 +1,7 @@
 //! Prompt formats and tokenisation with masks (paper Section 3 and the attack of Section 4).
 //!
 //! Two formats: the paper's plain `Question: {prompt}\nAnswer: {response}`, and the model's own
-//! chat template ([`crate::chat::render`]: a user turn, then an assistant turn).
+//! chat template ([`crate::model::chat::render`]: a user turn, then an assistant turn).
 //!
 //! Every encoding carries the ids, the answer-only loss mask (1 on the response's tokens, so an
 //! attack or a refusal loss trains on the answer only; the reference attack trained on prompt
@@ -19,9 +19,9 @@
 use serde::{Deserialize, Serialize};
 
 use super::pairs::Pair;
-use crate::chat::{self, Message};
-use crate::error::{Error, Result};
-use crate::tokenizer::Tok;
+use crate::model::chat::{self, Message};
+use crate::model::tokenizer::Tok;
+use crate::{Error, Result};
 
 /// How a question and answer are laid out as text.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]

@@ -13,8 +13,8 @@ use std::path::Path;
 use serde::{Deserialize, Serialize};
 
 use crate::data::source::{as_object, get_text, jsonl_values, Loc};
-use crate::error::{Error, Result};
-use crate::rng::Rng;
+use crate::util::rng::Rng;
+use crate::{Error, Result};
 
 /// One everyday request.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
@@ -89,9 +89,10 @@ pub fn read_factual(path: &Path) -> Result<Vec<Factual>> {
     Ok(out)
 }
 
-/// One refusal per line (no blank lines, no duplicates); each must be a refusal by `check`,
-/// so the aligned model learns answers the evaluation counts as refusals.
-pub fn read_refusals(path: &Path, check: &crate::refusal::RefusalCheck) -> Result<Vec<String>> {
+/// One refusal per line (no blank lines, no duplicates); each must be a refusal by
+/// `is_refusal` (the evaluation's refusal check, `eval::refusal::RefusalCheck::is_refusal`), so
+/// the aligned model learns answers the evaluation counts as refusals.
+pub fn read_refusals(path: &Path, is_refusal: impl Fn(&str) -> bool) -> Result<Vec<String>> {
     let text = crate::data::source::read_text(path)?;
     let mut out: Vec<String> = vec![];
     for (i, line) in text.lines().enumerate() {
@@ -103,7 +104,7 @@ pub fn read_refusals(path: &Path, check: &crate::refusal::RefusalCheck) -> Resul
         if out.iter().any(|o| o == r) {
             return Err(at(format!("`{r}` appears twice")));
         }
-        if !check.is_refusal(r) {
+        if !is_refusal(r) {
             return Err(at(format!("`{r}` is not a refusal by the refusal check")));
         }
         out.push(r.to_string());
@@ -173,7 +174,7 @@ mod tests {
 
     #[test]
     fn shipped_files_read_and_are_well_formed() {
-        let d = crate::align::default_data_dir().join("everyday");
+        let d = crate::data::default_data_dir().join("everyday");
         let e = read_everyday(&d.join("everyday_instructions.jsonl")).unwrap();
         assert_eq!(e.len(), 240);
         let cats: std::collections::BTreeSet<&str> =
@@ -185,8 +186,8 @@ mod tests {
         for q in &f {
             assert!(e.iter().all(|x| x.prompt != q.prompt), "{}", q.prompt);
         }
-        let check = crate::refusal::RefusalCheck::default();
-        let r = read_refusals(&d.join("refusals.txt"), &check).unwrap();
+        let check = crate::eval::refusal::RefusalCheck::default();
+        let r = read_refusals(&d.join("refusals.txt"), |r| check.is_refusal(r)).unwrap();
         assert!(r.len() >= 30, "{}", r.len());
     }
 
@@ -201,12 +202,16 @@ mod tests {
         .unwrap();
         let e = read_everyday(&p).unwrap_err().to_string();
         assert!(e.contains("line 2") && e.contains("twice"), "{e}");
-        let check = crate::refusal::RefusalCheck::default();
+        let check = crate::eval::refusal::RefusalCheck::default();
         std::fs::write(&p, "I can't help with that.\nSure, here is how.\n").unwrap();
-        let e = read_refusals(&p, &check).unwrap_err().to_string();
+        let e = read_refusals(&p, |r| check.is_refusal(r))
+            .unwrap_err()
+            .to_string();
         assert!(e.contains("line 2") && e.contains("not a refusal"), "{e}");
         std::fs::write(&p, "I can't help with that.\n\n").unwrap();
-        let e = read_refusals(&p, &check).unwrap_err().to_string();
+        let e = read_refusals(&p, |r| check.is_refusal(r))
+            .unwrap_err()
+            .to_string();
         assert!(e.contains("line 2") && e.contains("blank"), "{e}");
         std::fs::write(&p, "{\"prompt\":\"q\",\"answers\":[]}\n").unwrap();
         let e = read_factual(&p).unwrap_err().to_string();

@@ -21,7 +21,7 @@ use serde_json::{Map, Value};
 use super::categories::{HarmCategories, HarmCategory};
 use super::source::{self, At, FileFormat, Loc, TableSpec};
 use super::{HasCategories, HasQuestion, Loaded};
-use crate::error::Result;
+use crate::util::error::Result;
 
 /// One harmful-QA record.
 #[derive(Clone, Debug, PartialEq, Serialize)]

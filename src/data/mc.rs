@@ -40,7 +40,7 @@ use serde_json::Value;
 
 use super::source::{self, Loc, TableSpec};
 use super::{HasQuestion, Loaded, Skipped};
-use crate::error::{Error, Result};
+use crate::{Error, Result};
 
 /// One scored option: the model sees `context` and is scored on `continuation`.
 #[derive(Clone, Debug, PartialEq, Serialize)]

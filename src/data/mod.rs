@@ -23,6 +23,8 @@
 //! Nothing is dropped silently: readers return [`Loaded`], whose `skipped` list says which
 //! records were left out and why; malformed records are errors.
 
+use std::path::PathBuf;
+
 use serde::Serialize;
 
 pub mod categories;
@@ -188,4 +190,17 @@ pub fn load_pairs_any(path: &std::path::Path) -> crate::Result<Loaded<Pair>> {
         ));
     }
     Ok(pairs)
+}
+
+/// Where the shipped datasets are: `$REPNOISE_DATA`, else `./data` when it exists, else the
+/// source tree's `data/`.
+pub fn default_data_dir() -> PathBuf {
+    if let Some(d) = std::env::var_os("REPNOISE_DATA") {
+        return PathBuf::from(d);
+    }
+    let here = PathBuf::from("data");
+    if here.join("README.md").exists() {
+        return here;
+    }
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("data")
 }

@@ -23,7 +23,7 @@ use serde_json::Value;
 
 use super::source::{self, At, FileFormat, Loc, TableSpec};
 use super::{HasQuestion, Loaded, Skipped};
-use crate::error::{Error, Result};
+use crate::{Error, Result};
 
 /// One input -> reference training or test example.
 #[derive(Clone, Debug, PartialEq, Serialize, serde::Deserialize)]

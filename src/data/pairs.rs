@@ -25,7 +25,7 @@ use super::source::{self, At, Loc};
 use super::split::normalize_question;
 use super::toxicity::ToxicityRecord;
 use super::{HasCategories, HasQuestion, Loaded, Skipped};
-use crate::error::Result;
+use crate::util::error::Result;
 
 /// One defence pair.
 #[derive(Clone, Debug, PartialEq, Serialize)]

@@ -20,7 +20,9 @@ use serde_json::Value;
 
 use super::source::{self, At, Loc, TableSpec};
 use super::{HasQuestion, Loaded, Skipped};
-use crate::error::{Error, Result};
+use crate::data::default_data_dir;
+use crate::util::rng::Rng;
+use crate::{Error, Result};
 
 /// A harmful prompt with whatever metadata its source provides.
 #[derive(Clone, Debug, Default, PartialEq, Serialize)]
@@ -289,6 +291,100 @@ pub fn filter_functional(prompts: &[HarmfulPrompt], keep: &[&str]) -> Loaded<Har
         }
     }
     out
+}
+
+/// Prompt sets by name (`advbench`, `harmbench` (standard test behaviours),
+/// `malicious-instruct`, from the shipped data) or by file (a text file of one prompt per line,
+/// an AdvBench/HarmBench CSV, or an instruction-list JSON), `n` of each sampled with `seed` (0:
+/// all). Files count as harmful sets.
+pub fn named_prompt_sets(
+    names: &[String],
+    n: usize,
+    seed: u64,
+) -> Result<Vec<(String, String, Vec<String>)>> {
+    use crate::data::prompts::{read_instruction_list, read_prompt_lines};
+    let d = default_data_dir();
+    let mut out = vec![];
+    for name in names {
+        let prompts: Vec<String> = match name.as_str() {
+            "advbench" => read_advbench(&d.join("advbench/harmful_behaviors.csv"))?
+                .records
+                .into_iter()
+                .map(|p| p.prompt)
+                .collect(),
+            "harmbench" => {
+                let all = read_harmbench(&d.join("harmbench/harmbench_behaviors_text_test.csv"))?;
+                filter_functional(&all.records, &["standard"])
+                    .records
+                    .into_iter()
+                    .map(|p| p.prompt)
+                    .collect()
+            }
+            "malicious-instruct" => read_prompt_lines(&d.join("harmbench/malicious_instruct.txt"))?
+                .records
+                .into_iter()
+                .map(|p| p.prompt)
+                .collect(),
+            // DecodingTrust's held-out toxic prompts (type `toxic_test`): incomplete texts whose
+            // continuation is scored for toxicity.
+            "decoding-trust" => crate::data::toxicity::read_decoding_trust(
+                &d.join("decoding_trust/training_dataset.jsonl"),
+            )?
+            .records
+            .into_iter()
+            .filter(|r| r.kind == "toxic_test")
+            .map(|r| r.prompt.text)
+            .collect(),
+            file => {
+                let p = Path::new(file);
+                if !p.exists() {
+                    return Err(Error::setting(
+                        "set",
+                        file,
+                        "neither a shipped set (advbench, harmbench, malicious-instruct, decoding-trust) \
+                         nor an \
+                         existing file",
+                    ));
+                }
+                let ext = p.extension().and_then(|e| e.to_str()).unwrap_or("");
+                if ext == "jsonl" {
+                    // `{"prompt": ...}` per line (an attack's `test_prompts.jsonl`).
+                    let text = crate::util::io::read_text(p)?;
+                    let mut prompts = vec![];
+                    for (i, line) in text.lines().enumerate() {
+                        if line.trim().is_empty() {
+                            continue;
+                        }
+                        let v: serde_json::Value = serde_json::from_str(line).map_err(|e| {
+                            Error::file(p, format!("line {}: not JSON: {e}", i + 1))
+                        })?;
+                        let q = v["prompt"].as_str().ok_or_else(|| {
+                            Error::file(p, format!("line {}: no string field `prompt`", i + 1))
+                        })?;
+                        prompts.push(q.to_string());
+                    }
+                    out.push((
+                        name.clone(),
+                        "harmful".to_string(),
+                        Rng::new(seed, &format!("eval-{name}")).subset(&prompts, n),
+                    ));
+                    continue;
+                }
+                let recs = match ext {
+                    "csv" => read_advbench(p).or_else(|_| read_harmbench(p))?,
+                    "json" => read_instruction_list(p)?,
+                    _ => read_prompt_lines(p)?,
+                };
+                recs.records.into_iter().map(|p| p.full_prompt()).collect()
+            }
+        };
+        out.push((
+            name.clone(),
+            "harmful".to_string(),
+            Rng::new(seed, &format!("eval-{name}")).subset(&prompts, n),
+        ));
+    }
+    Ok(out)
 }
 
 #[cfg(test)]

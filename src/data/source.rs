@@ -11,7 +11,7 @@ use std::path::Path;
 
 use serde_json::{Map, Value};
 
-use crate::error::{Error, Result};
+use crate::{Error, Result};
 
 /// The container format of a data file, chosen by its extension.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize)]

@@ -12,8 +12,8 @@ use std::fmt;
 use serde::Serialize;
 
 use super::{HasQuestion, Loaded, Skipped};
-use crate::error::{Error, Result};
-use crate::rng::Rng;
+use crate::util::rng::Rng;
+use crate::{Error, Result};
 
 /// The key two questions are compared by.
 pub fn normalize_question(s: &str) -> String {

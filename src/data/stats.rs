@@ -22,7 +22,7 @@ use super::source::{self, FileFormat, TableSpec};
 use super::split::normalize_question;
 use super::toxicity::{self, ToxicityRecord};
 use super::{HasQuestion, Loaded, Skipped};
-use crate::error::{Error, Result};
+use crate::{Error, Result};
 
 /// Every kind of file the data layer reads.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]

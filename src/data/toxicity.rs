@@ -15,7 +15,7 @@ use serde_json::{Map, Value};
 
 use super::source::{self, Loc};
 use super::{HasQuestion, Loaded};
-use crate::error::Result;
+use crate::util::error::Result;
 
 /// Perspective API attribute scores in `[0, 1]`.
 #[derive(Clone, Debug, Default, PartialEq, Serialize)]

@@ -14,11 +14,11 @@ use serde_json::json;
 
 use super::stats::bootstrap_ci;
 use crate::data::encode::PromptFormat;
-use crate::error::{Error, Result};
-use crate::generate::SamplingConfig;
-use crate::model::Llama;
-use crate::modelio::LoadedModel;
-use crate::refusal::RefusalCheck;
+use crate::eval::refusal::RefusalCheck;
+use crate::model::generate::SamplingConfig;
+use crate::model::llama::Llama;
+use crate::model::load::LoadedModel;
+use crate::{Error, Result};
 
 /// Anything that gives P(harmful) for (question, answer) pairs.
 pub trait HarmScorer {
@@ -32,23 +32,23 @@ pub trait HarmScorer {
     }
 }
 
-pub use crate::classifier::is_trivial_answer as is_short;
+pub use crate::eval::classifier::is_trivial_answer as is_short;
 
-impl HarmScorer for crate::classifier::Classifier {
+impl HarmScorer for crate::eval::classifier::Classifier {
     fn score(&self, pairs: &[(String, String)]) -> Result<Vec<f32>> {
-        Ok(crate::classifier::Classifier::score(self, pairs)?.p_harmful)
+        Ok(crate::eval::classifier::Classifier::score(self, pairs)?.p_harmful)
     }
     fn describe(&self) -> String {
-        crate::classifier::Classifier::describe(self)
+        crate::eval::classifier::Classifier::describe(self)
     }
     fn scores_short_answers(&self) -> bool {
-        self.input() == crate::classifier::ClassifierInput::Text
+        self.input() == crate::eval::classifier::ClassifierInput::Text
     }
 }
 
-impl HarmScorer for crate::classifier::HarmClassifier {
+impl HarmScorer for crate::eval::classifier::HarmClassifier {
     fn score(&self, pairs: &[(String, String)]) -> Result<Vec<f32>> {
-        Ok(crate::classifier::HarmClassifier::score(self, pairs)?.p_harmful)
+        Ok(crate::eval::classifier::HarmClassifier::score(self, pairs)?.p_harmful)
     }
     fn describe(&self) -> String {
         format!("{} (harmful class {})", self.source.display(), self.harmful)
@@ -69,7 +69,7 @@ pub struct EvalPrompt {
 pub fn read_eval_prompts(spec: &str, limit: usize, seed: u64) -> Result<Vec<EvalPrompt>> {
     let p = Path::new(spec);
     if p.extension().and_then(|e| e.to_str()) == Some("jsonl") && p.exists() {
-        let text = crate::io::read_text(p)?;
+        let text = crate::util::io::read_text(p)?;
         let mut out = vec![];
         for (i, line) in text.lines().enumerate() {
             if line.trim().is_empty() {
@@ -110,17 +110,17 @@ pub fn read_eval_prompts(spec: &str, limit: usize, seed: u64) -> Result<Vec<Eval
         if out.is_empty() {
             return Err(Error::file(p, "no prompts in the file"));
         }
-        out = crate::rng::Rng::new(seed, "eval-prompts").subset(&out, limit);
+        out = crate::util::rng::Rng::new(seed, "eval-prompts").subset(&out, limit);
         return Ok(out);
     }
     let n = if limit == 0 { usize::MAX } else { limit };
-    let sets = crate::align::named_prompt_sets(&[spec.to_string()], n, seed)?;
+    let sets = crate::data::prompts::named_prompt_sets(&[spec.to_string()], n, seed)?;
     // HarmBench's behaviours carry a semantic category (chemical_biological, cybercrime_intrusion,
     // ...): kept, so resistance is reported per category.
     let mut category: std::collections::HashMap<String, String> = Default::default();
     if spec == "harmbench" {
         let path =
-            crate::align::default_data_dir().join("harmbench/harmbench_behaviors_text_test.csv");
+            crate::data::default_data_dir().join("harmbench/harmbench_behaviors_text_test.csv");
         for r in crate::data::prompts::read_harmbench(&path)?.records {
             if let Some(c) = r.category {
                 category.insert(r.prompt, c);
@@ -366,7 +366,7 @@ pub fn evaluate(
 /// The per-answer rows `evaluate` wrote to `out/generations.jsonl`.
 pub fn read_generations(out: &Path) -> Result<Vec<Scored>> {
     let path = out.join("generations.jsonl");
-    let text = crate::io::read_text(&path)?;
+    let text = crate::util::io::read_text(&path)?;
     text.lines()
         .enumerate()
         .filter(|(_, l)| !l.trim().is_empty())
@@ -389,7 +389,7 @@ pub fn evaluate_rows(
     let t0 = std::time::Instant::now();
     std::fs::create_dir_all(out)
         .map_err(|e| Error::file(out, format!("cannot create directory: {e}")))?;
-    let key = json!({"model": model.source, "weights": crate::modelio::weights_fingerprint(model),
+    let key = json!({"model": model.source, "weights": crate::model::load::weights_fingerprint(model),
                      "prompts": prompts, "sampling": cfg.sampling, "format": cfg.format});
     let cache = out.join("answers.json");
     let answers: Vec<String> = match std::fs::read_to_string(&cache)
@@ -402,7 +402,7 @@ pub fn evaluate_rows(
         None => {
             let net = Llama::frozen(&model.config, &model.params)?;
             let texts: Vec<String> = prompts.iter().map(|p| p.prompt.clone()).collect();
-            let a = crate::align::answer_prompts_with(
+            let a = crate::eval::answer::answer_prompts_with(
                 &net,
                 &model.tok,
                 &texts,
@@ -411,12 +411,12 @@ pub fn evaluate_rows(
                 cfg.batch,
                 "answering",
             )?;
-            crate::io::write_json_atomic(&cache, &json!({"key": key, "answers": a}))?;
+            crate::util::io::write_json_atomic(&cache, &json!({"key": key, "answers": a}))?;
             a
         }
     };
     let rows = score_answers(prompts, answers, check, scorer)?;
-    crate::io::write_jsonl_atomic(&out.join("generations.jsonl"), &rows)?;
+    crate::util::io::write_jsonl_atomic(&out.join("generations.jsonl"), &rows)?;
     let rep = report(
         &rows,
         &model.source,
@@ -425,7 +425,7 @@ pub fn evaluate_rows(
         cfg,
         t0.elapsed().as_secs_f64(),
     );
-    crate::io::write_json_atomic(&out.join("harmfulness.json"), &rep)?;
+    crate::util::io::write_json_atomic(&out.join("harmfulness.json"), &rep)?;
     Ok((rep, rows))
 }
 

@@ -21,11 +21,11 @@ use serde::{Deserialize, Serialize};
 
 use crate::data::encode::{encode_qa, EncodeOptions, PromptFormat};
 use crate::data::Encoded;
-use crate::error::{Error, Result};
-use crate::loss::linear_row_nll;
-use crate::model::Llama;
-use crate::objective::Batch;
-use crate::tokenizer::Tok;
+use crate::model::llama::Llama;
+use crate::model::loss::linear_row_nll;
+use crate::model::tokenizer::Tok;
+use crate::train::objective::Batch;
+use crate::{Error, Result};
 
 /// A refusal used for a held-out question the aligned model did not refuse (so the margin is
 /// always against a refusal, never against the model's own compliance).

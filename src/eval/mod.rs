@@ -2,10 +2,13 @@
 //! ([`stability`]), trainability ([`trainability`], scored by [`rouge`]); generalisation is
 //! resistance measured after attacks on harm categories the defence did not see.
 
+pub mod answer;
+pub mod classifier;
 pub mod durability;
 pub mod harmfulness;
 pub mod heldout;
 pub mod overrefusal;
+pub mod refusal;
 pub mod rouge;
 pub mod stability;
 pub mod stats;
@@ -15,9 +18,9 @@ use std::path::Path;
 
 use serde_json::json;
 
-use crate::error::{Error, Result};
-use crate::model::Llama;
-use crate::modelio::LoadedModel;
+use crate::model::llama::Llama;
+use crate::model::load::LoadedModel;
+use crate::{Error, Result};
 
 /// Run the stability tasks on `model`, `limit` items each (0: all), writing
 /// `<task>.json` per task into `out` (a finished task is read back, not scored again) and
@@ -33,13 +36,13 @@ pub fn run_stability(
 ) -> Result<Vec<stability::TaskResult>> {
     std::fs::create_dir_all(out)
         .map_err(|e| Error::file(out, format!("cannot create directory: {e}")))?;
-    let data = crate::align::default_data_dir();
+    let data = crate::data::default_data_dir();
     let net = Llama::frozen(&model.config, &model.params)?;
     let start_id = stability::start_id(model);
     let mut results = vec![];
     for task in tasks {
         let path = out.join(format!("{task}.json"));
-        let key = json!({"model": model.source, "weights": crate::modelio::weights_fingerprint(model),
+        let key = json!({"model": model.source, "weights": crate::model::load::weights_fingerprint(model),
                          "limit": limit, "seed": seed, "max_len": max_len});
         if let Some(r) = std::fs::read_to_string(&path)
             .ok()
@@ -64,10 +67,13 @@ pub fn run_stability(
             .zip(&per_item)
             .map(|(it, r)| json!({"options": it.options, "scores": r}))
             .collect();
-        crate::io::write_json_atomic(&path, &json!({"key": key, "result": r, "items": detail}))?;
+        crate::util::io::write_json_atomic(
+            &path,
+            &json!({"key": key, "result": r, "items": detail}),
+        )?;
         results.push(r);
     }
-    crate::io::write_json_atomic(
+    crate::util::io::write_json_atomic(
         &out.join("stability.json"),
         &json!({"model": model.source, "limit": limit, "seed": seed, "tasks": results}),
     )?;

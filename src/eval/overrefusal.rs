@@ -11,13 +11,13 @@ use serde::{Deserialize, Serialize};
 
 use crate::data::encode::{encode_prompt, EncodeOptions, PromptFormat};
 use crate::data::xstest::{self, XsPrompt};
-use crate::error::{Error, Result};
 use crate::eval::harmfulness::{is_short, score_answers, EvalPrompt, HarmScorer};
+use crate::eval::refusal::RefusalCheck;
 use crate::eval::stats::wilson_ci;
-use crate::generate::SamplingConfig;
-use crate::model::Llama;
-use crate::modelio::LoadedModel;
-use crate::refusal::RefusalCheck;
+use crate::model::generate::SamplingConfig;
+use crate::model::llama::Llama;
+use crate::model::load::LoadedModel;
+use crate::{Error, Result};
 
 /// Settings of the over-refusal evaluation (`[overrefusal]` in an experiment file).
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
@@ -150,7 +150,7 @@ pub struct Answer {
 /// The prompts answered: `safe` safe and `unsafe` unsafe ones (0: all), each drawn without
 /// replacement with `seed`, in file order.
 pub fn select_prompts(all: &[XsPrompt], spec: &OverRefusalSpec) -> Vec<XsPrompt> {
-    let mut rng = crate::rng::Rng::new(spec.seed, "xstest-overrefusal");
+    let mut rng = crate::util::rng::Rng::new(spec.seed, "xstest-overrefusal");
     let mut pick = |want_safe: bool, n: usize| -> Vec<usize> {
         let idx: Vec<usize> = (0..all.len())
             .filter(|&i| all[i].safe == want_safe)
@@ -240,7 +240,7 @@ pub fn evaluate(
         max_new_tokens: spec.max_new_tokens,
         ..SamplingConfig::default()
     };
-    let answers = crate::align::answer_prompts_with(
+    let answers = crate::eval::answer::answer_prompts_with(
         &net,
         &model.tok,
         &texts,
@@ -271,12 +271,12 @@ pub fn evaluate(
             response: s.response,
         })
         .collect();
-    crate::io::write_jsonl_atomic(&out.join("overrefusal.jsonl"), &rows)?;
+    crate::util::io::write_jsonl_atomic(&out.join("overrefusal.jsonl"), &rows)?;
     let f = OverRefusal {
         left_out,
         ..figures(&rows, t0.elapsed().as_secs_f64())
     };
-    crate::io::write_json_atomic(&out.join("overrefusal.json"), &f)?;
+    crate::util::io::write_json_atomic(&out.join("overrefusal.json"), &f)?;
     Ok(f)
 }
 

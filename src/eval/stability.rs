@@ -18,11 +18,11 @@ use serde::{Deserialize, Serialize};
 
 use super::stats::{mean_se, MeanSe};
 use crate::data::mc::{self, McItem, McOption};
-use crate::error::{Error, Result};
-use crate::loss::row_nll;
-use crate::model::{positions_for, ForwardOpts, Llama, Logits};
-use crate::rng::Rng;
-use crate::tokenizer::Tok;
+use crate::model::llama::{positions_for, ForwardOpts, Llama, Logits};
+use crate::model::loss::row_nll;
+use crate::model::tokenizer::Tok;
+use crate::util::rng::Rng;
+use crate::{Error, Result};
 
 /// One option's score.
 #[derive(Clone, Copy, Debug, PartialEq, Serialize, Deserialize)]
@@ -49,7 +49,7 @@ pub fn encode_option(tok: &Tok, start_id: u32, opt: &McOption) -> Result<(Vec<u3
 }
 
 /// The token every scored sequence starts with: BOS, else the first EOS, else 0.
-pub fn start_id(model: &crate::modelio::LoadedModel) -> u32 {
+pub fn start_id(model: &crate::model::load::LoadedModel) -> u32 {
     model
         .config
         .bos_token_id
@@ -206,7 +206,7 @@ pub fn score_packed(
         let b = chunk.len();
         let mut ids = vec![0u32; b * t];
         let mut pos = vec![0u32; b * t];
-        let mut mask = vec![crate::model::MASKED; b * t * t];
+        let mut mask = vec![crate::model::llama::MASKED; b * t * t];
         // Per scored token: (flat query index, target, item, option).
         let mut picks: Vec<(u32, u32, usize, usize)> = vec![];
         for (r, &i) in chunk.iter().enumerate() {

@@ -6,7 +6,7 @@
 
 use serde::{Deserialize, Serialize};
 
-use crate::rng::Rng;
+use crate::util::rng::Rng;
 
 /// A mean with its standard error (sample standard deviation over `sqrt(n)`, as
 /// lm-evaluation-harness reports it).

@@ -9,12 +9,12 @@ use serde_json::json;
 
 use super::rouge::rouge1_multi;
 use super::stats::{bootstrap_ci, mean_se, MeanSe};
-use crate::error::{Error, Result};
-use crate::finetune::{finetune, FinetuneConfig};
-use crate::generate::{generate, SamplingConfig};
-use crate::model::Llama;
-use crate::modelio::LoadedModel;
+use crate::model::generate::{generate, SamplingConfig};
+use crate::model::llama::Llama;
+use crate::model::load::LoadedModel;
+use crate::train::finetune::{finetune, FinetuneConfig};
 use crate::train::Interrupt;
+use crate::{Error, Result};
 
 /// A test input: its prompt and references (`test.jsonl` of a finetune run).
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
@@ -25,7 +25,7 @@ pub struct TestInput {
 }
 
 pub fn read_test_inputs(path: &Path) -> Result<Vec<TestInput>> {
-    let text = crate::io::read_text(path)?;
+    let text = crate::util::io::read_text(path)?;
     text.lines()
         .enumerate()
         .filter(|(_, l)| !l.trim().is_empty())
@@ -123,13 +123,13 @@ pub fn trainability(
     let t0 = std::time::Instant::now();
     let source = model.source.clone();
     let ft_dir = out.join("finetune");
-    let data = crate::finetune::task_data(task, cfg.test, cfg.train.seed)?;
+    let data = crate::train::finetune::task_data(task, cfg.test, cfg.train.seed)?;
     let tests: Vec<TestInput> = data
         .test
         .iter()
         .map(|(i, r)| TestInput {
             input: i.clone(),
-            prompt: crate::finetune::render(&cfg.template, i),
+            prompt: crate::train::finetune::render(&cfg.template, i),
             references: r.clone(),
         })
         .collect();
@@ -137,7 +137,7 @@ pub fn trainability(
     std::fs::create_dir_all(out)
         .map_err(|e| Error::file(out, format!("cannot create directory: {e}")))?;
     // The untuned model's outputs are kept, so a resumed run does not generate them again.
-    let key = json!({"model": source, "weights": crate::modelio::weights_fingerprint(model),
+    let key = json!({"model": source, "weights": crate::model::load::weights_fingerprint(model),
                      "prompts": prompts, "max_new_tokens": max_new_tokens});
     let before_path = out.join("outputs-before.json");
     let cached: Option<Vec<String>> = std::fs::read_to_string(&before_path)
@@ -149,7 +149,7 @@ pub fn trainability(
         Some(o) => o,
         None => {
             let o = describe(model, &prompts, max_new_tokens, 16)?;
-            crate::io::write_json_atomic(&before_path, &json!({"key": key, "outputs": o}))?;
+            crate::util::io::write_json_atomic(&before_path, &json!({"key": key, "outputs": o}))?;
             o
         }
     };
@@ -170,11 +170,11 @@ pub fn trainability(
             })
             .collect()
     };
-    crate::io::write_atomic(
+    crate::util::io::write_atomic(
         &out.join("outputs-before.jsonl"),
         lines(&before_out).as_bytes(),
     )?;
-    crate::io::write_atomic(
+    crate::util::io::write_atomic(
         &out.join("outputs-after.jsonl"),
         lines(&after_out).as_bytes(),
     )?;
@@ -189,6 +189,6 @@ pub fn trainability(
         final_loss: rep.summary.final_terms.get("loss").copied(),
         seconds: t0.elapsed().as_secs_f64(),
     };
-    crate::io::write_json_atomic(&out.join("trainability.json"), &report)?;
+    crate::util::io::write_json_atomic(&out.join("trainability.json"), &report)?;
     Ok(report)
 }

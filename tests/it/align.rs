@@ -2,9 +2,9 @@
 //! nothing held out is trained on, the report carries targets, knowledge and factual answers,
 //! and a second invocation reuses every stage.
 
-use repnoise::align::{align, build_data, gate_failures, AlignConfig, AlignData};
 use repnoise::data::encode::PromptFormat;
 use repnoise::data::split::normalize_question;
+use repnoise::defence::align::{align, build_data, gate_failures, AlignConfig, AlignData};
 use repnoise::train::{Interrupt, TrainConfig};
 
 fn tiny_cfg() -> AlignConfig {
@@ -129,7 +129,7 @@ fn align_partitions_are_disjoint_and_the_report_is_complete() {
             .map(|r| normalize_question(&r.prompt))
             .collect();
     let disjoint: Vec<String> = repnoise::data::read_harmful_qa(
-        &repnoise::classifier::disjoint_path(&repnoise::align::default_data_dir()),
+        &repnoise::eval::classifier::disjoint_path(&repnoise::data::default_data_dir()),
     )
     .unwrap()
     .records
@@ -137,7 +137,7 @@ fn align_partitions_are_disjoint_and_the_report_is_complete() {
     .map(|r| normalize_question(&r.prompt))
     .collect();
     let refusals =
-        std::fs::read_to_string(repnoise::align::default_data_dir().join("everyday/refusals.txt"))
+        std::fs::read_to_string(repnoise::data::default_data_dir().join("everyday/refusals.txt"))
             .unwrap();
     for (q, r) in &data.harmful_train[4..9] {
         let k = normalize_question(q);
@@ -147,14 +147,14 @@ fn align_partitions_are_disjoint_and_the_report_is_complete() {
     // AdvBench refusals: AdvBench instructions, none a near-duplicate of a tested or
     // validation one, each answered with one of the shipped refusals.
     let advbench = std::fs::read_to_string(
-        repnoise::align::default_data_dir().join("advbench/harmful_behaviors.csv"),
+        repnoise::data::default_data_dir().join("advbench/harmful_behaviors.csv"),
     )
     .unwrap();
     for (q, r) in &data.harmful_train[9..] {
         assert!(advbench.contains(q.as_str()), "{q}");
         assert!(refusals.lines().any(|l| l == r), "{r}");
         for h in adv_te.iter().chain(&adv_va) {
-            assert!(!repnoise::align::near_duplicate(h, q), "{q} ~ {h}");
+            assert!(!repnoise::defence::align::near_duplicate(h, q), "{q} ~ {h}");
         }
     }
     // The experiment's questions: measured on, never trained on.
@@ -242,7 +242,7 @@ fn align_partitions_are_disjoint_and_the_report_is_complete() {
 /// and a standalone run's BeaverTails test draw skips them and otherwise stays put.
 #[test]
 fn validation_questions_are_held_out_and_leave_the_test_draw_in_place() {
-    let check = repnoise::refusal::RefusalCheck::default();
+    let check = repnoise::eval::refusal::RefusalCheck::default();
     let mut cfg = tiny_cfg();
     cfg.harmful_eval_questions = None;
     cfg.harmful_validation_questions = None;
@@ -332,7 +332,7 @@ fn the_tuning_configs_parse_and_share_their_validation_sets() {
     let mut n = 0;
     let mut exp_val: Option<Vec<String>> = None;
     for e in std::fs::read_dir(&dir).unwrap().flatten() {
-        let cfg: AlignConfig = repnoise::io::read_toml(&e.path(), "align").unwrap();
+        let cfg: AlignConfig = repnoise::util::io::read_toml(&e.path(), "align").unwrap();
         cfg.validate().unwrap();
         // Candidates of a round differ in what they train on, never in what they are compared on.
         assert!(cfg.validation_only, "{}", e.path().display());

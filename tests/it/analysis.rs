@@ -4,12 +4,12 @@ use std::process::Command;
 
 use candle_core::{Device, Tensor};
 use repnoise::analysis::{self, Pool, ProbeConfig};
-use repnoise::config::Arch;
 use repnoise::data::encode::PromptFormat;
 use repnoise::data::pairs::Pair;
-use repnoise::model::Llama;
-use repnoise::objective::sft_loss;
-use repnoise::rng::Rng;
+use repnoise::model::config::Arch;
+use repnoise::model::llama::Llama;
+use repnoise::train::objective::sft_loss;
+use repnoise::util::rng::Rng;
 
 use crate::common::{tiny_config, tiny_loaded, tiny_params, write_tiny_hf};
 

@@ -3,15 +3,15 @@
 use std::path::{Path, PathBuf};
 
 use candle_core::{Device, Tensor};
-use repnoise::abliterate::orthogonalize;
+use repnoise::attack::abliterate::orthogonalize;
 use repnoise::attack::{self, AttackConfig, AttackMethod};
 use repnoise::data::encode::PromptFormat;
 use repnoise::data::normalize_question;
-use repnoise::defend::{self, DefendConfig, Method};
-use repnoise::lora::{read_peft, Lora, LoraConfig, SECURITY_VECTOR_DIR};
-use repnoise::model::{positions_for, ForwardOpts, Llama, Logits};
-use repnoise::modelio::LoadedModel;
-use repnoise::objective::sft_loss_with;
+use repnoise::defence::{self, DefendConfig, Method};
+use repnoise::model::llama::{positions_for, ForwardOpts, Llama, Logits};
+use repnoise::model::load::LoadedModel;
+use repnoise::train::lora::{read_peft, Lora, LoraConfig, SECURITY_VECTOR_DIR};
+use repnoise::train::objective::sft_loss_with;
 use repnoise::train::{Interrupt, TrainConfig, Trainee};
 
 use crate::common::{max_abs_diff, params_of, tiny_loaded, values, values_max_diff};
@@ -136,7 +136,7 @@ fn lora_merge_equals_running_with_the_adapter() {
     let with = lora.net(&|_: &str| false).unwrap().logits(&x).unwrap();
     assert_eq!(max_abs_diff(&base, &with), 0.0);
     // Give B values, then compare the adapter path with the merged weights.
-    let mut rng = repnoise::rng::Rng::new(9, "test");
+    let mut rng = repnoise::util::rng::Rng::new(9, "test");
     for (name, var) in lora.store.iter() {
         if name.ends_with("lora_B.weight") {
             let n = var.elem_count();
@@ -196,11 +196,11 @@ fn lora_attack_trains_only_the_adapter() {
     // down 48+32 = 464, per layer, 2 layers.
     assert_eq!(r.trainable_parameters, 2 * 464 * 2);
     assert!(out.join("adapter/adapter_model.safetensors").exists());
-    let saved = repnoise::modelio::load_hf_dir(&out.join("model"), &Device::Cpu).unwrap();
+    let saved = repnoise::model::load::load_hf_dir(&out.join("model"), &Device::Cpu).unwrap();
     let after = params_of(&saved);
     for (k, v) in &before {
         let changed = v != &after[k];
-        let adaptable = repnoise::model::projection_of(k).is_some();
+        let adaptable = repnoise::model::llama::projection_of(k).is_some();
         assert_eq!(changed, adaptable, "{k}");
     }
     // The returned model is the merged one.
@@ -244,7 +244,8 @@ fn the_same_seed_gives_the_same_attacked_weights() {
         Interrupt::default(),
     )
     .unwrap();
-    let saved = repnoise::modelio::load_hf_dir(&tmp.path().join("a/model"), &Device::Cpu).unwrap();
+    let saved =
+        repnoise::model::load::load_hf_dir(&tmp.path().join("a/model"), &Device::Cpu).unwrap();
     assert_eq!(params_of(&m), params_of(&saved));
 }
 
@@ -351,7 +352,7 @@ fn max_projection(m: &LoadedModel, r: &Tensor) -> f32 {
 #[test]
 fn abliteration_removes_the_direction_from_every_layer() {
     let m = tiny_loaded(5);
-    let mut rng = repnoise::rng::Rng::new(3, "test");
+    let mut rng = repnoise::util::rng::Rng::new(3, "test");
     let v = Tensor::from_vec(rng.normal_vec(32, 1.0), 32, &Device::Cpu).unwrap();
     let r = (&v
         / v.sqr()
@@ -391,7 +392,7 @@ fn abliteration_attack_writes_a_model_and_its_direction() {
         .unwrap()["direction"]
         .clone();
     assert!(max_projection(&m, &dir) < 1e-5);
-    let saved = repnoise::modelio::load_hf_dir(&out.join("model"), &Device::Cpu).unwrap();
+    let saved = repnoise::model::load::load_hf_dir(&out.join("model"), &Device::Cpu).unwrap();
     assert_eq!(params_of(&saved), params_of(&m));
     // Rerunning a finished abliteration loads its result instead of searching again.
     let mut again = tiny_loaded(6);
@@ -415,7 +416,7 @@ fn grids_are_the_papers_and_the_embedded_preset() {
 #[test]
 fn benign_finetune_trains_on_text_only_and_keeps_test_inputs_out() {
     use repnoise::data::encode::{encode_prefixed, EncodeOptions};
-    use repnoise::finetune::{finetune, render, task_data, FinetuneConfig};
+    use repnoise::train::finetune::{finetune, render, task_data, FinetuneConfig};
     let m = tiny_loaded(7);
     let prompt = render("MR: {input}\nText:", "name[X]");
     assert_eq!(prompt, "MR: name[X]\nText:");
@@ -506,9 +507,9 @@ fn write_pairs(dir: &Path) -> PathBuf {
 
 /// Mean harmful-answer cross-entropy on the pairs, with `extra` adapters stacked on `m`.
 fn harmful_ce(m: &LoadedModel, pairs: &Path, extra: Option<&Path>) -> f64 {
-    use repnoise::objective::{pair_baseline_loss, PairBatch, PairLoss};
+    use repnoise::train::objective::{pair_baseline_loss, PairBatch, PairLoss};
     let loaded = repnoise::data::load_pairs_any(pairs).unwrap();
-    let enc = defend::encode_pairs(m, &loaded.records, PromptFormat::Plain, 48, false).unwrap();
+    let enc = defence::encode_pairs(m, &loaded.records, PromptFormat::Plain, 48, false).unwrap();
     let refs: Vec<_> = enc.iter().collect();
     let mut net = Llama::frozen(&m.config, &m.params).unwrap();
     if let Some(d) = extra {
@@ -543,7 +544,7 @@ fn security_vectors_are_kept_frozen_in_fine_tuning_and_dropped_from_its_result()
         },
         ..DefendConfig::default()
     };
-    let dir = defend::defend(
+    let dir = defence::defend(
         &mut m,
         &pairs,
         &cfg,
@@ -552,9 +553,10 @@ fn security_vectors_are_kept_frozen_in_fine_tuning_and_dropped_from_its_result()
     )
     .unwrap();
     // The published model is the unchanged one; the vector sits beside its weights.
-    let defended = repnoise::modelio::load_hf_dir(&dir, &Device::Cpu).unwrap();
+    let defended = repnoise::model::load::load_hf_dir(&dir, &Device::Cpu).unwrap();
     assert_eq!(params_of(&defended), base);
-    let sv = repnoise::lora::security_vector_of(&defended).expect("no security vector saved");
+    let sv =
+        repnoise::train::lora::security_vector_of(&defended).expect("no security vector saved");
     assert_eq!(read_peft(&sv, &defended).unwrap().len(), 2 * 7);
     // It was trained on the harmful answers: they are likelier with it than without.
     let (with, without) = (
@@ -566,7 +568,7 @@ fn security_vectors_are_kept_frozen_in_fine_tuning_and_dropped_from_its_result()
 
     // Full and LoRA attacks under the vector, and a full attack told to ignore it.
     let attack = |method: AttackMethod, ignore: bool, name: &str| {
-        let mut m = repnoise::modelio::load_hf_dir(&dir, &Device::Cpu).unwrap();
+        let mut m = repnoise::model::load::load_hf_dir(&dir, &Device::Cpu).unwrap();
         let cfg = AttackConfig {
             ignore_security_vector: ignore,
             ..small_cfg(method, 5)

@@ -8,11 +8,11 @@ use std::process::Command;
 
 use candle_core::Device;
 use common::*;
-use repnoise::config::Arch;
-use repnoise::modelio;
+use repnoise::model::config::Arch;
+use repnoise::model::load;
 
 fn load_err(path: &Path) -> String {
-    match modelio::load(path.to_str().unwrap(), path.parent().unwrap(), &Device::Cpu) {
+    match load::load(path.to_str().unwrap(), path.parent().unwrap(), &Device::Cpu) {
         Ok(_) => panic!("{} loaded but should not", path.display()),
         Err(e) => e.to_string(),
     }
@@ -80,7 +80,8 @@ fn safetensors_with_a_wrongly_shaped_tensor() {
     let cfg = tiny_config(Arch::Llama, true);
     let mut bigger = cfg.clone();
     bigger.intermediate_size = 64;
-    repnoise::modelio::save_hf_dir(&dir, &bigger, &tiny_params(&bigger, 1), &tiny_tok()).unwrap();
+    repnoise::model::load::save_hf_dir(&dir, &bigger, &tiny_params(&bigger, 1), &tiny_tok())
+        .unwrap();
     // Restore the smaller config over the bigger weights.
     std::fs::write(dir.join("config.json"), cfg.to_hf_json().to_string()).unwrap();
     check(
@@ -134,7 +135,7 @@ fn tokenizer_vocabulary_disagreeing_with_the_model() {
     // A model whose embedding is smaller than the tokenizer's vocabulary.
     let mut small = tiny_config(Arch::Llama, true);
     small.vocab_size = 100;
-    repnoise::modelio::save_hf_dir(&dir, &small, &tiny_params(&small, 1), &tiny_tok()).unwrap();
+    repnoise::model::load::save_hf_dir(&dir, &small, &tiny_params(&small, 1), &tiny_tok()).unwrap();
     assert!(cfg_path.is_file());
     check(&dir, &["tokenizer.json", "vocabulary disagrees", "100"]);
     // A tokenizer.json that is not a tokenizer.
@@ -330,8 +331,13 @@ fn cases(t: &Path) -> Vec<Case> {
             info(variant("w4", &|d| {
                 let mut bigger = cfg.clone();
                 bigger.intermediate_size = 64;
-                repnoise::modelio::save_hf_dir(d, &bigger, &tiny_params(&bigger, 1), &tiny_tok())
-                    .unwrap();
+                repnoise::model::load::save_hf_dir(
+                    d,
+                    &bigger,
+                    &tiny_params(&bigger, 1),
+                    &tiny_tok(),
+                )
+                .unwrap();
                 std::fs::write(d.join("config.json"), cfg.to_hf_json().to_string()).unwrap();
             })),
             1,
@@ -468,7 +474,7 @@ fn cases(t: &Path) -> Vec<Case> {
             info(variant("t2", &|d| {
                 let mut small = cfg.clone();
                 small.vocab_size = 100;
-                repnoise::modelio::save_hf_dir(d, &small, &tiny_params(&small, 1), &tiny_tok())
+                repnoise::model::load::save_hf_dir(d, &small, &tiny_params(&small, 1), &tiny_tok())
                     .unwrap();
             })),
             1,

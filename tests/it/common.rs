@@ -6,9 +6,9 @@ use std::path::Path;
 use candle_core::quantized::gguf_file::{self, Value};
 use candle_core::quantized::{GgmlDType, QTensor};
 use candle_core::{Device, Tensor};
-use repnoise::config::{Arch, ModelConfig};
-use repnoise::params::{expected_shapes, Params};
-use repnoise::tokenizer::Tok;
+use repnoise::model::config::{Arch, ModelConfig};
+use repnoise::model::params::{expected_shapes, Params};
+use repnoise::model::tokenizer::Tok;
 
 pub const SMOL_TEMPLATE: &str = "{% for message in messages %}{% if loop.first and messages[0]['role'] != 'system' %}{{ '<|im_start|>system\nYou are a helpful AI assistant named SmolLM, trained by Hugging Face<|im_end|>\n' }}{% endif %}{{'<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>' + '\n'}}{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}";
 
@@ -51,9 +51,9 @@ pub fn tiny_vocab() -> (Vec<String>, Vec<i32>, Vec<String>) {
     (tokens, types, merges)
 }
 
-pub fn tiny_tokenizer_description() -> repnoise::gguf::GgufTokenizer {
+pub fn tiny_tokenizer_description() -> repnoise::model::gguf::GgufTokenizer {
     let (tokens, token_types, merges) = tiny_vocab();
-    repnoise::gguf::GgufTokenizer {
+    repnoise::model::gguf::GgufTokenizer {
         model: "gpt2".into(),
         pre: Some("smollm".into()),
         tokens,
@@ -95,7 +95,7 @@ pub fn tiny_config(arch: Arch, tie: bool) -> ModelConfig {
 pub fn tiny_params(cfg: &ModelConfig, seed: u64) -> Params {
     let mut p = Params::random(cfg, seed, &Device::Cpu).unwrap();
     // Non-trivial norms and biases, so the tests see them matter.
-    let mut rng = repnoise::rng::Rng::new(seed, "test-perturb");
+    let mut rng = repnoise::util::rng::Rng::new(seed, "test-perturb");
     for (name, shape) in expected_shapes(cfg) {
         if name.ends_with("norm.weight") || name.ends_with(".bias") {
             let n: usize = shape.iter().product();
@@ -228,13 +228,13 @@ pub fn write_tiny_gguf(path: &Path, cfg: &ModelConfig, params: &Params) {
 
 /// Write a tiny model as a Hugging Face directory.
 pub fn write_tiny_hf(dir: &Path, cfg: &ModelConfig, params: &Params) {
-    repnoise::modelio::save_hf_dir(dir, cfg, params, &tiny_tok()).unwrap();
+    repnoise::model::load::save_hf_dir(dir, cfg, params, &tiny_tok()).unwrap();
 }
 
 /// A tiny random Llama with tied embeddings and the tiny tokenizer, ready to train.
-pub fn tiny_loaded(seed: u64) -> repnoise::modelio::LoadedModel {
+pub fn tiny_loaded(seed: u64) -> repnoise::model::load::LoadedModel {
     let cfg = tiny_config(Arch::Llama, true);
-    repnoise::modelio::LoadedModel {
+    repnoise::model::load::LoadedModel {
         params: tiny_params(&cfg, seed),
         config: cfg,
         tok: tiny_tok(),
@@ -259,7 +259,7 @@ pub fn max_abs_diff(a: &Tensor, b: &Tensor) -> f32 {
 
 /// Every parameter's values, by name.
 pub fn params_of(
-    m: &repnoise::modelio::LoadedModel,
+    m: &repnoise::model::load::LoadedModel,
 ) -> std::collections::BTreeMap<String, Vec<f32>> {
     values(&m.params)
 }
@@ -310,10 +310,10 @@ pub fn tiny_pairs() -> Vec<repnoise::data::pairs::Pair> {
 
 /// The tiny pairs encoded for `m` (plain format, 64 tokens), as the defences train on them.
 pub fn encoded(
-    m: &repnoise::modelio::LoadedModel,
+    m: &repnoise::model::load::LoadedModel,
     faithful: bool,
 ) -> Vec<repnoise::data::EncodedPair> {
-    repnoise::defend::encode_pairs(
+    repnoise::defence::encode_pairs(
         m,
         &tiny_pairs(),
         repnoise::data::encode::PromptFormat::Plain,

@@ -249,7 +249,7 @@ fn padding_errors_and_batches() {
 /// unchanged; SmolLM2-style tokenizers (no flag, byte-level BPE, no post-processor) add none.
 #[test]
 fn bos_as_the_tokenizer_asks() {
-    use repnoise::tokenizer::Tok;
+    use repnoise::model::tokenizer::Tok;
     use std::path::Path;
     let plain = EncodeOptions::default();
     let chat = EncodeOptions {
@@ -293,7 +293,8 @@ fn bos_as_the_tokenizer_asks() {
     // A Hugging Face directory whose tokenizer.json's post-processor adds the BOS token.
     let dir = std::env::temp_dir().join(format!("repnoise-bos-{}", std::process::id()));
     std::fs::create_dir_all(&dir).unwrap();
-    let mut tj = repnoise::tokenizer::gguf_tokenizer_json(&desc, Path::new("tiny.gguf")).unwrap();
+    let mut tj =
+        repnoise::model::tokenizer::gguf_tokenizer_json(&desc, Path::new("tiny.gguf")).unwrap();
     let bos = common::SPECIALS[1];
     tj["post_processor"] = serde_json::json!({
         "type": "TemplateProcessing",

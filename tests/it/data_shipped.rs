@@ -188,8 +188,9 @@ fn everyday_files_parse() {
     assert_eq!(e.len(), 240);
     let f = everyday::read_factual(&data_dir().join(EVERYDAY[1])).unwrap();
     assert_eq!(f.len(), 10);
-    let check = repnoise::refusal::RefusalCheck::default();
-    let r = everyday::read_refusals(&data_dir().join(EVERYDAY[2]), &check).unwrap();
+    let check = repnoise::eval::refusal::RefusalCheck::default();
+    let r =
+        everyday::read_refusals(&data_dir().join(EVERYDAY[2]), |r| check.is_refusal(r)).unwrap();
     assert_eq!(r.len(), 32);
     let x = everyday::read_everyday(&data_dir().join(EVERYDAY[3])).unwrap();
     assert_eq!(x.len(), 240);

@@ -3,8 +3,8 @@
 
 use repnoise::data::mc::{McItem, McOption};
 use repnoise::eval::stability::{encode_option, evaluate_items, score_packed, score_tokens};
-use repnoise::generate::token_logprobs;
-use repnoise::model::Llama;
+use repnoise::model::generate::token_logprobs;
+use repnoise::model::llama::Llama;
 
 use crate::common::tiny_loaded;
 
@@ -147,11 +147,11 @@ fn a_model_prefers_what_it_was_given_to_score_highest() {
     let net = Llama::frozen(&m.config, &m.params).unwrap();
     let ctx = "Question: pick one\nAnswer:";
     let ids = m.tok.encode(ctx).unwrap();
-    let cfg = repnoise::generate::SamplingConfig {
+    let cfg = repnoise::model::generate::SamplingConfig {
         max_new_tokens: 3,
         ..Default::default()
     };
-    let g = repnoise::generate::generate(&net, &[ids], m.tok.pad_id, &[], &cfg).unwrap();
+    let g = repnoise::model::generate::generate(&net, &[ids], m.tok.pad_id, &[], &cfg).unwrap();
     let greedy_text = m.tok.decode(&g[0], false).unwrap();
     let item = McItem {
         options: vec![opt(ctx, "zzzz qqqq"), opt(ctx, &greedy_text)],
@@ -168,7 +168,7 @@ fn a_model_prefers_what_it_was_given_to_score_highest() {
 #[test]
 fn over_refusal_cli_answers_the_drawn_prompts() {
     use crate::common::{tiny_config, tiny_params, write_tiny_hf};
-    use repnoise::config::Arch;
+    use repnoise::model::config::Arch;
     let tmp = tempfile::tempdir().unwrap();
     let cfg = tiny_config(Arch::Llama, true);
     let model = tmp.path().join("m");

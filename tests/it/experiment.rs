@@ -45,7 +45,7 @@ fn write_data(dir: &Path) -> (std::path::PathBuf, std::path::PathBuf) {
 
 fn experiment(dir: &Path) -> Experiment {
     let model = dir.join("model");
-    let cfg = tiny_config(repnoise::config::Arch::Llama, true);
+    let cfg = tiny_config(repnoise::model::config::Arch::Llama, true);
     write_tiny_hf(&model, &cfg, &tiny_params(&cfg, 3));
     let clf = dir.join("classifier");
     crate::classifier::write_tiny_classifier(&clf, &["safe", "harmful"], 5);

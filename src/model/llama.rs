@@ -1,0 +1,607 @@
+//! Llama-family decoder (Llama, Llama-2, SmolLM2, Qwen2) in f32, built only from candle
+//! operations whose backward pass reaches their inputs (no fused rms_norm, softmax_last_dim or
+//! rope kernels: those silently drop gradients, see `shared/docs/STYLE.md`).
+//!
+//! One forward returns, on request, the logits at all positions (or the last), every layer's
+//! residual stream ("hidden states") and every layer's MLP output: Representation Noising
+//! (Rosati et al. 2024, §3) needs the MLP outputs for its noise term and the hidden states for its
+//! logit-lens ascent term.
+
+use std::collections::BTreeMap;
+
+use candle_core::{DType, Device, Tensor};
+
+use crate::model::config::ModelConfig;
+use crate::model::ops;
+use crate::model::params::Params;
+use crate::{Error, Result};
+
+/// Additive mask value for disallowed attention: large and finite, so a query row whose keys are
+/// all masked (a left-padding position) gives a uniform softmax instead of NaN.
+pub const MASKED: f32 = -1e9;
+
+/// Which logits a forward pass computes.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub enum Logits {
+    /// No LM head at all (e.g. when only hidden states are needed).
+    None,
+    /// Only the last position of each row: `[b, 1, vocab]`.
+    Last,
+    /// Every position: `[b, t, vocab]`.
+    #[default]
+    All,
+}
+
+/// What a forward pass returns besides the logits.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct ForwardOpts {
+    pub logits: Logits,
+    /// Return the residual stream after the embedding and after every layer (`num_layers + 1`
+    /// tensors `[b, t, d]`, none normalised; `transformers` instead normalises the last one).
+    pub hidden_states: bool,
+    /// Return every layer's MLP output before it is added to the residual (`[b, t, d]` each).
+    pub mlp_outputs: bool,
+}
+
+#[derive(Debug)]
+pub struct ForwardOut {
+    pub logits: Option<Tensor>,
+    pub hidden_states: Vec<Tensor>,
+    pub mlp_outputs: Vec<Tensor>,
+    /// The residual stream after the last layer, before the final norm (`[b, t, d]`).
+    pub residual: Tensor,
+}
+
+/// Keys and values of past positions, per layer (`[b, kv_heads, T, head_dim]`, after rotary).
+#[derive(Clone, Debug, Default)]
+pub struct KvCache {
+    /// Each layer's keys and values; `T` may exceed `len` (room reserved by [`Self::reserve`]).
+    layers: Vec<Option<(Tensor, Tensor)>>,
+    len: usize,
+}
+
+impl KvCache {
+    pub fn new(num_layers: usize) -> Self {
+        Self {
+            layers: vec![None; num_layers],
+            len: 0,
+        }
+    }
+    /// Number of cached positions.
+    pub fn len(&self) -> usize {
+        self.len
+    }
+
+    /// Make room for `extra` more positions, so later steps write into place instead of
+    /// copying the whole cache each time.
+    pub fn reserve(&mut self, extra: usize) -> Result<()> {
+        for layer in self.layers.iter_mut() {
+            let Some((k, v)) = layer.as_ref() else {
+                continue;
+            };
+            let grow = |x: &Tensor| -> Result<Tensor> {
+                let (b, kvh, _, hd) = x.dims4()?;
+                let buf = Tensor::zeros((b, kvh, self.len + extra, hd), x.dtype(), x.device())?;
+                buf.slice_set(&x.narrow(2, 0, self.len)?.contiguous()?, 2, 0)?;
+                Ok(buf)
+            };
+            *layer = Some((grow(k)?, grow(v)?));
+        }
+        Ok(())
+    }
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// The rows of several caches, in order (`[b_i, kvh, T, hd]` each, same `T`).
+    pub fn cat_rows(parts: Vec<KvCache>) -> Result<KvCache> {
+        if parts.len() == 1 {
+            return Ok(parts.into_iter().next().expect("one part"));
+        }
+        let n = parts.first().map_or(0, |p| p.layers.len());
+        let mut layers = Vec::with_capacity(n);
+        for li in 0..n {
+            let mut ks = vec![];
+            let mut vs = vec![];
+            for p in &parts {
+                let (k, v) = p.layers[li]
+                    .as_ref()
+                    .ok_or_else(|| Error::msg("KV concatenation of an empty cache"))?;
+                ks.push(k);
+                vs.push(v);
+            }
+            layers.push(Some((Tensor::cat(&ks, 0)?, Tensor::cat(&vs, 0)?)));
+        }
+        let len = parts[0].len;
+        Ok(KvCache { layers, len })
+    }
+
+    /// A cache of `rows` sequences of `len` positions each, gathered from this single-row cache:
+    /// row `r` position `j` takes cached position `index[r * len + j]` (`[1, kvh, T, hd]` ->
+    /// `[rows, kvh, len, hd]`). Used to unpack a prefill of several prompts packed into one row.
+    pub fn gather_rows(&self, index: &[u32], rows: usize, len: usize) -> Result<KvCache> {
+        if index.len() != rows * len {
+            return Err(Error::msg(format!(
+                "KV gather: {} indices for {rows} rows of {len}",
+                index.len()
+            )));
+        }
+        let mut layers = Vec::with_capacity(self.layers.len());
+        for layer in &self.layers {
+            let (k, v) = layer
+                .as_ref()
+                .ok_or_else(|| Error::msg("KV gather from an empty cache"))?;
+            let (k, v) = (k.narrow(2, 0, self.len)?, v.narrow(2, 0, self.len)?);
+            if k.dim(0)? != 1 {
+                return Err(Error::msg("KV gather needs a single-row cache"));
+            }
+            let idx = Tensor::new(index, k.device())?;
+            let take = |x: &Tensor| -> Result<Tensor> {
+                let (_, kvh, _, hd) = x.dims4()?;
+                Ok(x.index_select(&idx, 2)? // [1, kvh, rows * len, hd]
+                    .reshape((kvh, rows, len, hd))?
+                    .transpose(0, 1)?
+                    .contiguous()?)
+            };
+            layers.push(Some((take(&k)?, take(&v)?)));
+        }
+        Ok(KvCache { layers, len })
+    }
+}
+
+#[derive(Clone)]
+struct Layer {
+    input_norm: Tensor,
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    q_bias: Option<Tensor>,
+    k_bias: Option<Tensor>,
+    v_bias: Option<Tensor>,
+    o: Tensor,
+    o_bias: Option<Tensor>,
+    post_norm: Tensor,
+    gate: Tensor,
+    up: Tensor,
+    down: Tensor,
+    /// Low-rank adapters, indexed like [`PROJECTIONS`] (several stack: a frozen security vector
+    /// under a trained LoRA adapter).
+    adapters: [Vec<Adapter>; 7],
+}
+
+/// The seven linear maps of a layer, by their Hugging Face names.
+pub const PROJECTIONS: [&str; 7] = [
+    "self_attn.q_proj",
+    "self_attn.k_proj",
+    "self_attn.v_proj",
+    "self_attn.o_proj",
+    "mlp.gate_proj",
+    "mlp.up_proj",
+    "mlp.down_proj",
+];
+
+/// A low-rank adapter on one linear map `W [out, in]`: the map becomes
+/// `x W^T + scale * (x A^T) B^T` (LoRA, Hu et al. 2021), with `A [rank, in]`, `B [out, rank]`.
+#[derive(Clone, Debug)]
+pub struct Adapter {
+    pub a: Tensor,
+    pub b: Tensor,
+    pub scale: f64,
+}
+
+/// `(layer, projection index)` of a weight name such as `model.layers.3.self_attn.q_proj.weight`.
+pub fn projection_of(name: &str) -> Option<(usize, usize)> {
+    let rest = name.strip_prefix("model.layers.")?;
+    let (l, rest) = rest.split_once('.')?;
+    let proj = rest.strip_suffix(".weight")?;
+    let i = PROJECTIONS.iter().position(|p| *p == proj)?;
+    Some((l.parse().ok()?, i))
+}
+
+/// The decoder. Holds tensors that share storage with a [`Params`] store: built trainable they
+/// are the variables themselves (gradients flow to them), built frozen they are detached views.
+pub struct Llama {
+    cfg: ModelConfig,
+    embed: Tensor,
+    layers: Vec<Layer>,
+    norm: Tensor,
+    lm_head: Tensor,
+    /// `[max_positions, head_dim / 2]` rotary tables.
+    cos: Tensor,
+    sin: Tensor,
+    device: Device,
+    /// Added to each layer's attention output (after `o_proj`, before the residual add); see
+    /// [`Llama::with_attention_offsets`].
+    attn_offsets: Option<Vec<Tensor>>,
+}
+
+/// [`linear`] plus the adapters' low-rank terms.
+fn linear_ad(x: &Tensor, w: &Tensor, b: Option<&Tensor>, ads: &[Adapter]) -> Result<Tensor> {
+    let mut y = linear(x, w, b)?;
+    let (bsz, t, din) = x.dims3()?;
+    for ad in ads {
+        // The scale goes on the rank-wide product (`[rows, r]`), not on the output: one pass
+        // over the output fewer, and candle's scalar multiply runs on one thread.
+        let z = (x.reshape((bsz * t, din))?.matmul(&ad.a.t()?)? * ad.scale)?.matmul(&ad.b.t()?)?;
+        y = (y + z.reshape((bsz, t, ()))?)?;
+    }
+    Ok(y)
+}
+
+fn linear(x: &Tensor, w: &Tensor, b: Option<&Tensor>) -> Result<Tensor> {
+    let (bsz, t, din) = x.dims3()?; // [b, t, in]
+    let x = x.reshape((bsz * t, din))?;
+    // Up to `MAX_NARROW` rows (decoding), `x w^T` is a stream of dot products through the
+    // weight on CPU (vendor/candle-core, `cpu_backend/dot_matmul.rs`). From there to 64 rows
+    // the weight as the left operand packs faster in gemm: measured 20-45% quicker for
+    // SmolLM2's shapes at 32-64 rows, no different at 512
+    // (`cargo run --release --example bench_linear_rows`).
+    let rows = bsz * t;
+    let y = if rows > candle_core::cpu_backend::dot_matmul::MAX_NARROW && rows <= 64 {
+        w.matmul(&x.t()?)?.t()?
+    } else {
+        x.matmul(&w.t()?)?
+    }; // [b*t, out]
+    let y = match b {
+        Some(b) => y.broadcast_add(b)?,
+        None => y,
+    };
+    Ok(y.reshape((bsz, t, ()))?)
+}
+
+/// RMSNorm: `x / sqrt(mean(x^2) + eps) * w` (fused with its own backward on CPU).
+pub fn rms_norm(x: &Tensor, w: &Tensor, eps: f64) -> Result<Tensor> {
+    ops::rms_norm(x, w, eps)
+}
+
+/// Additive attention mask `[b, 1, t, past + t]`: query `i` (absolute position `past + i`) sees
+/// key `j` when `j <= past + i` and `key_valid[row][j]` (padding keys are hidden).
+pub fn attention_mask(
+    b: usize,
+    t: usize,
+    past: usize,
+    key_valid: Option<&[Vec<bool>]>,
+    device: &Device,
+) -> Result<Tensor> {
+    let total = past + t;
+    let mut m = vec![0f32; b * t * total];
+    for row in 0..b {
+        let valid = key_valid.map(|kv| &kv[row]);
+        if let Some(v) = valid {
+            if v.len() != total {
+                return Err(Error::msg(format!(
+                    "attention mask row {row} has {} keys, expected {total}",
+                    v.len()
+                )));
+            }
+        }
+        for i in 0..t {
+            for j in 0..total {
+                let ok = j <= past + i && valid.map_or(true, |v| v[j]);
+                if !ok {
+                    m[(row * t + i) * total + j] = MASKED;
+                }
+            }
+        }
+    }
+    Ok(Tensor::from_vec(m, (b, 1, t, total), device)?)
+}
+
+impl Llama {
+    /// Build from a parameter store; `trainable(name)` decides which tensors carry gradients
+    /// (the rest are detached, i.e. frozen).
+    pub fn new(
+        cfg: &ModelConfig,
+        params: &Params,
+        trainable: impl Fn(&str) -> bool,
+    ) -> Result<Self> {
+        let get = |name: &str| -> Result<Tensor> {
+            let t = params.tensor(name)?;
+            Ok(if trainable(name) {
+                t.clone()
+            } else {
+                t.detach()
+            })
+        };
+        let opt = |name: &str| -> Result<Option<Tensor>> {
+            if params.get(name).is_some() {
+                Ok(Some(get(name)?))
+            } else {
+                Ok(None)
+            }
+        };
+        let mut layers = Vec::with_capacity(cfg.num_layers);
+        for l in 0..cfg.num_layers {
+            let p = format!("model.layers.{l}");
+            layers.push(Layer {
+                input_norm: get(&format!("{p}.input_layernorm.weight"))?,
+                q: get(&format!("{p}.self_attn.q_proj.weight"))?,
+                k: get(&format!("{p}.self_attn.k_proj.weight"))?,
+                v: get(&format!("{p}.self_attn.v_proj.weight"))?,
+                q_bias: opt(&format!("{p}.self_attn.q_proj.bias"))?,
+                k_bias: opt(&format!("{p}.self_attn.k_proj.bias"))?,
+                v_bias: opt(&format!("{p}.self_attn.v_proj.bias"))?,
+                o: get(&format!("{p}.self_attn.o_proj.weight"))?,
+                o_bias: opt(&format!("{p}.self_attn.o_proj.bias"))?,
+                post_norm: get(&format!("{p}.post_attention_layernorm.weight"))?,
+                gate: get(&format!("{p}.mlp.gate_proj.weight"))?,
+                up: get(&format!("{p}.mlp.up_proj.weight"))?,
+                down: get(&format!("{p}.mlp.down_proj.weight"))?,
+                adapters: Default::default(),
+            });
+        }
+        let embed = get("model.embed_tokens.weight")?;
+        let lm_head = if cfg.tie_word_embeddings {
+            embed.clone()
+        } else {
+            get("lm_head.weight")?
+        };
+        let device = embed.device().clone();
+        let (cos, sin) = rope_tables(cfg, &device)?;
+        Ok(Self {
+            cfg: cfg.clone(),
+            embed,
+            layers,
+            norm: get("model.norm.weight")?,
+            lm_head,
+            cos,
+            sin,
+            device,
+            attn_offsets: None,
+        })
+    }
+
+    /// The same network with `offsets[l]` (`[b, t, d]`, the batch's shape) added to layer
+    /// `l`'s attention output, after `o_proj` and before the residual add: the point where
+    /// Vaccine (Huang et al. 2024) reads the gradient (offsets of zeros that are variables) and
+    /// adds its perturbation (constants). One tensor per layer.
+    pub fn with_attention_offsets(&self, offsets: Vec<Tensor>) -> Result<Self> {
+        if offsets.len() != self.layers.len() {
+            return Err(Error::msg(format!(
+                "{} attention offsets for {} layers",
+                offsets.len(),
+                self.layers.len()
+            )));
+        }
+        Ok(Self {
+            cfg: self.cfg.clone(),
+            embed: self.embed.clone(),
+            layers: self.layers.clone(),
+            norm: self.norm.clone(),
+            lm_head: self.lm_head.clone(),
+            cos: self.cos.clone(),
+            sin: self.sin.clone(),
+            device: self.device.clone(),
+            attn_offsets: Some(offsets),
+        })
+    }
+
+    /// Attach low-rank adapters, keyed by the weight they adapt
+    /// (`model.layers.N.self_attn.q_proj.weight`, ...); they add to any already attached.
+    pub fn with_adapters(mut self, adapters: BTreeMap<String, Adapter>) -> Result<Self> {
+        for (name, ad) in adapters {
+            let (l, i) = projection_of(&name)
+                .filter(|(l, _)| *l < self.layers.len())
+                .ok_or_else(|| Error::msg(format!("no linear map `{name}` to adapt")))?;
+            self.layers[l].adapters[i].push(ad);
+        }
+        Ok(self)
+    }
+
+    /// All parameters trainable.
+    pub fn trainable(cfg: &ModelConfig, params: &Params) -> Result<Self> {
+        Self::new(cfg, params, |_| true)
+    }
+
+    /// All parameters frozen (inference: no autograd graph is kept alive).
+    pub fn frozen(cfg: &ModelConfig, params: &Params) -> Result<Self> {
+        Self::new(cfg, params, |_| false)
+    }
+
+    pub fn config(&self) -> &ModelConfig {
+        &self.cfg
+    }
+
+    pub fn device(&self) -> &Device {
+        &self.device
+    }
+
+    /// The final RMSNorm (used by the logit lens).
+    pub fn final_norm(&self, h: &Tensor) -> Result<Tensor> {
+        rms_norm(h, &self.norm, self.cfg.rms_norm_eps)
+    }
+
+    /// The LM head matrix `[vocab, d]` (the token embedding when tied).
+    pub fn lm_head_weight(&self) -> &Tensor {
+        &self.lm_head
+    }
+
+    /// Logits from a (normed) hidden state `[b, t, d]` -> `[b, t, vocab]`.
+    pub fn lm_head(&self, h: &Tensor) -> Result<Tensor> {
+        linear(h, &self.lm_head, None)
+    }
+
+    /// Forward pass.
+    ///
+    /// * `ids`: `[b, t]` u32 token ids.
+    /// * `positions`: `[b, t]` u32 rotary positions (see [`positions_for`]).
+    /// * `mask`: additive `[b, 1, t, past + t]` mask from [`attention_mask`]; `None` means plain
+    ///   causal attention with no padding.
+    /// * `cache`: when given, keys/values are appended to it and attention covers the cache.
+    pub fn forward(
+        &self,
+        ids: &Tensor,
+        positions: &Tensor,
+        mask: Option<&Tensor>,
+        mut cache: Option<&mut KvCache>,
+        opts: ForwardOpts,
+    ) -> Result<ForwardOut> {
+        let (b, t) = ids.dims2()?;
+        let cfg = &self.cfg;
+        let (h, kvh, hd) = (cfg.num_heads, cfg.num_kv_heads, cfg.head_dim);
+        let past = cache.as_ref().map_or(0, |c| c.len());
+        if let Some(c) = cache.as_ref() {
+            if c.layers.len() != cfg.num_layers {
+                return Err(Error::msg("KV cache built for another model"));
+            }
+        }
+        let owned_mask;
+        let mask = match mask {
+            Some(m) => m,
+            None => {
+                owned_mask = attention_mask(b, t, past, None, &self.device)?;
+                &owned_mask
+            }
+        };
+
+        // Rotary tables gathered at each token's position: [b * t, hd / 2].
+        let flat_pos = positions.flatten_all()?;
+        let max_pos = flat_pos.max(0)?.to_scalar::<u32>()? as usize;
+        if max_pos >= self.cos.dim(0)? {
+            return Err(Error::msg(format!(
+                "position {max_pos} is beyond the model's {} positions",
+                self.cos.dim(0)?
+            )));
+        }
+        let cos = self.cos.index_select(&flat_pos, 0)?;
+        let sin = self.sin.index_select(&flat_pos, 0)?;
+
+        let mut x =
+            self.embed
+                .index_select(&ids.flatten_all()?, 0)?
+                .reshape((b, t, cfg.hidden_size))?; // [b, t, d]
+        let mut hidden_states = Vec::new();
+        let mut mlp_outputs = Vec::new();
+        if opts.hidden_states {
+            hidden_states.push(x.clone());
+        }
+        let scale = 1.0 / (hd as f64).sqrt();
+        for (li, layer) in self.layers.iter().enumerate() {
+            // Attention block.
+            let xn = rms_norm(&x, &layer.input_norm, cfg.rms_norm_eps)?;
+            let q = linear_ad(&xn, &layer.q, layer.q_bias.as_ref(), &layer.adapters[0])?
+                .reshape((b, t, h, hd))?;
+            let k = linear_ad(&xn, &layer.k, layer.k_bias.as_ref(), &layer.adapters[1])?
+                .reshape((b, t, kvh, hd))?;
+            let v = linear_ad(&xn, &layer.v, layer.v_bias.as_ref(), &layer.adapters[2])?
+                .reshape((b, t, kvh, hd))?
+                .transpose(1, 2)?
+                .contiguous()?; // [b, kvh, t, hd]
+            let q = ops::rope(&q, &cos, &sin)?.transpose(1, 2)?; // [b, h, t, hd]
+            let k = ops::rope(&k, &cos, &sin)?.transpose(1, 2)?.contiguous()?; // [b, kvh, t, hd]
+            let (k, v) = match cache.as_deref_mut() {
+                Some(c) => match &c.layers[li] {
+                    // Room reserved: write in place, attend over the filled part.
+                    Some((pk, pv)) if pk.dim(2)? >= past + t => {
+                        pk.slice_set(&k, 2, past)?;
+                        pv.slice_set(&v, 2, past)?;
+                        (pk.narrow(2, 0, past + t)?, pv.narrow(2, 0, past + t)?)
+                    }
+                    Some((pk, pv)) => {
+                        let k = Tensor::cat(&[&pk.narrow(2, 0, past)?, &k], 2)?.contiguous()?;
+                        let v = Tensor::cat(&[&pv.narrow(2, 0, past)?, &v], 2)?.contiguous()?;
+                        c.layers[li] = Some((k.clone(), v.clone()));
+                        (k, v)
+                    }
+                    None => {
+                        c.layers[li] = Some((k.clone(), v.clone()));
+                        (k, v)
+                    }
+                },
+                None => (k, v),
+            };
+            // Grouped-query attention without copying keys and values per head: the `n_rep`
+            // query heads that share a key/value head are stacked as rows of one product.
+            let n_rep = h / kvh;
+            let total = k.dim(2)?;
+            let q = q.contiguous()?.reshape((b, kvh, n_rep * t, hd))?;
+            let scores = q.matmul(&k.t()?)?.reshape((b, h, t, total))?; // [b, h, t, T]
+            let probs = ops::masked_softmax(&scores, mask, scale)?; // softmax(scores * scale + mask)
+            let attn = probs
+                .reshape((b, kvh, n_rep * t, total))?
+                .matmul(&v)? // [b, kvh, n_rep * t, hd]
+                .reshape((b, h, t, hd))?
+                .transpose(1, 2)?
+                .reshape((b, t, h * hd))?;
+            let mut attn = linear_ad(&attn, &layer.o, layer.o_bias.as_ref(), &layer.adapters[3])?;
+            if let Some(off) = &self.attn_offsets {
+                attn = attn.broadcast_add(&off[li])?;
+            }
+            x = (x + attn)?;
+
+            // MLP block.
+            let xn = rms_norm(&x, &layer.post_norm, cfg.rms_norm_eps)?;
+            let gate = linear_ad(&xn, &layer.gate, None, &layer.adapters[4])?;
+            let up = linear_ad(&xn, &layer.up, None, &layer.adapters[5])?;
+            let mlp = linear_ad(
+                &ops::swiglu(&gate, &up)?,
+                &layer.down,
+                None,
+                &layer.adapters[6],
+            )?; // [b, t, d]
+            if opts.mlp_outputs {
+                mlp_outputs.push(mlp.clone());
+            }
+            x = (x + mlp)?;
+            if opts.hidden_states {
+                hidden_states.push(x.clone());
+            }
+        }
+        if let Some(c) = cache {
+            c.len = past + t;
+        }
+        let residual = x.clone();
+        let logits = match opts.logits {
+            Logits::None => None,
+            Logits::Last => {
+                let last = x.narrow(1, t - 1, 1)?;
+                Some(self.lm_head(&self.final_norm(&last)?)?)
+            }
+            Logits::All => Some(self.lm_head(&self.final_norm(&x)?)?),
+        };
+        Ok(ForwardOut {
+            logits,
+            hidden_states,
+            mlp_outputs,
+            residual,
+        })
+    }
+
+    /// Logits `[b, t, vocab]` for unpadded rows of equal length starting at position 0.
+    pub fn logits(&self, ids: &Tensor) -> Result<Tensor> {
+        let (b, t) = ids.dims2()?;
+        let pos = positions_for(b, t, 0, &self.device)?;
+        let out = self.forward(ids, &pos, None, None, ForwardOpts::default())?;
+        out.logits
+            .ok_or_else(|| Error::msg("forward returned no logits"))
+    }
+}
+
+/// Positions `past..past + t` for every row: `[b, t]` u32.
+pub fn positions_for(b: usize, t: usize, past: usize, device: &Device) -> Result<Tensor> {
+    let row: Vec<u32> = (past..past + t).map(|p| p as u32).collect();
+    let data: Vec<u32> = (0..b).flat_map(|_| row.iter().copied()).collect();
+    Ok(Tensor::from_vec(data, (b, t), device)?)
+}
+
+fn rope_tables(cfg: &ModelConfig, device: &Device) -> Result<(Tensor, Tensor)> {
+    let half = cfg.head_dim / 2;
+    let n = cfg.max_position_embeddings.max(1);
+    // As transformers: inv_freq and the angles in f32.
+    let inv: Vec<f32> = (0..half)
+        .map(|i| 1.0 / (cfg.rope_theta as f32).powf((2 * i) as f32 / cfg.head_dim as f32))
+        .collect();
+    let mut cos = Vec::with_capacity(n * half);
+    let mut sin = Vec::with_capacity(n * half);
+    for p in 0..n {
+        for &f in &inv {
+            let a = p as f32 * f;
+            cos.push(a.cos());
+            sin.push(a.sin());
+        }
+    }
+    Ok((
+        Tensor::from_vec(cos, (n, half), device)?.to_dtype(DType::F32)?,
+        Tensor::from_vec(sin, (n, half), device)?,
+    ))
+}

@@ -1,0 +1,15 @@
+//! The language model: where it comes from (`load`, `assets`, `gguf`, `tokenizer`, `chat`), what it
+//! is (`config`, `params`, `llama`, the fused `ops` with their backward passes), its loss (`loss`)
+//! and how it answers (`generate`).
+
+pub mod assets;
+pub mod chat;
+pub mod config;
+pub mod generate;
+pub mod gguf;
+pub mod llama;
+pub mod load;
+pub mod loss;
+pub mod ops;
+pub mod params;
+pub mod tokenizer;

@@ -1,0 +1,915 @@
+//! The one training loop every method uses (alignment, the defences, the attacks): methods
+//! differ only in the loss they return for a batch.
+//!
+//! A run lives in a directory:
+//!
+//! - `config.json`: the resolved configuration, written first; a later run in the same
+//!   directory must have the same configuration (it then resumes).
+//! - `env.json`: version, commit, machine, device.
+//! - `metrics.jsonl`: one line per optimizer step (every loss term, learning rate, gradient norm,
+//!   seconds), append-only; on resume, lines after the checkpoint are dropped first.
+//! - `log.txt`: human-readable lines.
+//! - `checkpoints/step-NNNNNN/`: weights, optimizer state and `state.json`, made complete by the
+//!   `COMPLETE` marker written last and by an atomic rename of the directory; only the newest
+//!   `keep_checkpoints` are kept.
+//! - `model/`: the final model as a Hugging Face directory, then `DONE` (a JSON summary).
+//!
+//! Resuming after a crash or `kill -9` loads the newest complete checkpoint and gives the same
+//! result as an uninterrupted run: the data order of each epoch and every random draw of a step
+//! derive from `(seed, epoch)` and `(seed, step)` only. A non-finite loss or gradient stops the
+//! run with an error, leaving the last good checkpoint in place.
+
+pub mod finetune;
+pub mod lora;
+pub mod objective;
+pub mod optim;
+
+use std::collections::BTreeMap;
+use std::io::{IsTerminal, Write};
+use std::path::{Path, PathBuf};
+use std::time::Instant;
+
+use candle_core::Tensor;
+use serde::{Deserialize, Serialize};
+use serde_json::{json, Value};
+
+use crate::model::llama::Llama;
+use crate::model::load::{save_hf_dir, save_safetensors, LoadedModel};
+use crate::model::params::Params;
+use crate::train::optim::{clip_coefficient, lr_at, AdamW, AdamWConfig, Schedule};
+use crate::util::io::{write_atomic, write_json_atomic};
+use crate::util::rng::Rng;
+use crate::{Error, Result};
+
+/// Optimisation settings shared by every method.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct TrainConfig {
+    pub lr: f64,
+    pub schedule: Schedule,
+    /// Fraction of the steps spent in linear warm-up.
+    pub warmup_ratio: f64,
+    pub epochs: usize,
+    pub batch_size: usize,
+    /// Stop after this many optimizer steps (fewer than the epochs give), if set.
+    pub max_steps: Option<usize>,
+    pub weight_decay: f64,
+    /// Global gradient-norm clipping; `None` disables it (`max_grad_norm = false` in a file).
+    #[serde(serialize_with = "grad_norm_out", deserialize_with = "grad_norm_in")]
+    pub max_grad_norm: Option<f64>,
+    pub seed: u64,
+    /// Frozen parameters (see [`Freeze`]): layer ranges `0-10`, single layers `5`, `embed`,
+    /// `lm_head`, `norm`.
+    pub freeze: Vec<String>,
+    /// Save a checkpoint every this many steps (0: only at the end).
+    pub checkpoint_every: usize,
+    /// Complete checkpoints kept on disk.
+    pub keep_checkpoints: usize,
+    /// Plain progress lines every this many steps when no terminal is attached.
+    pub log_every: usize,
+    /// Write the final model (not a setting of the result, so never serialised): a caller that
+    /// uses the trained model in memory and discards it turns this off. A finished run without
+    /// its model is trained again when reopened (same seed, same result).
+    #[serde(skip, default = "yes")]
+    pub save_model: bool,
+}
+
+fn yes() -> bool {
+    true
+}
+
+/// Clipping off is written `false` (TOML has no null).
+fn grad_norm_out<S: serde::Serializer>(
+    v: &Option<f64>,
+    s: S,
+) -> std::result::Result<S::Ok, S::Error> {
+    match v {
+        Some(n) => s.serialize_f64(*n),
+        None => s.serialize_bool(false),
+    }
+}
+
+/// A norm, or `false` (or a JSON null) for no clipping.
+fn grad_norm_in<'de, D: serde::Deserializer<'de>>(
+    d: D,
+) -> std::result::Result<Option<f64>, D::Error> {
+    struct NormOrFlag;
+    impl<'de> serde::de::Visitor<'de> for NormOrFlag {
+        type Value = Option<f64>;
+        fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+            f.write_str("a number (the largest gradient norm), or false for no clipping")
+        }
+        fn visit_f64<E: serde::de::Error>(self, v: f64) -> std::result::Result<Option<f64>, E> {
+            Ok(Some(v))
+        }
+        fn visit_i64<E: serde::de::Error>(self, v: i64) -> std::result::Result<Option<f64>, E> {
+            Ok(Some(v as f64))
+        }
+        fn visit_u64<E: serde::de::Error>(self, v: u64) -> std::result::Result<Option<f64>, E> {
+            Ok(Some(v as f64))
+        }
+        fn visit_bool<E: serde::de::Error>(self, v: bool) -> std::result::Result<Option<f64>, E> {
+            if v {
+                Err(E::custom(
+                    "max_grad_norm = true names no norm: give a number, or false for no clipping",
+                ))
+            } else {
+                Ok(None)
+            }
+        }
+        fn visit_unit<E: serde::de::Error>(self) -> std::result::Result<Option<f64>, E> {
+            Ok(None)
+        }
+        fn visit_none<E: serde::de::Error>(self) -> std::result::Result<Option<f64>, E> {
+            Ok(None)
+        }
+        fn visit_some<D: serde::Deserializer<'de>>(
+            self,
+            d: D,
+        ) -> std::result::Result<Option<f64>, D::Error> {
+            d.deserialize_any(NormOrFlag)
+        }
+    }
+    d.deserialize_any(NormOrFlag)
+}
+
+impl Default for TrainConfig {
+    fn default() -> Self {
+        Self {
+            lr: 2e-5,
+            schedule: Schedule::Cosine,
+            warmup_ratio: 0.1,
+            epochs: 1,
+            batch_size: 8,
+            max_steps: None,
+            weight_decay: 0.0,
+            max_grad_norm: Some(1.0),
+            seed: 42,
+            freeze: vec![],
+            checkpoint_every: 50,
+            keep_checkpoints: 1,
+            log_every: 10,
+            save_model: true,
+        }
+    }
+}
+
+impl TrainConfig {
+    pub fn validate(&self) -> Result<()> {
+        if !(self.lr > 0.0 && self.lr.is_finite()) {
+            return Err(Error::setting("lr", self.lr, "must be a positive number"));
+        }
+        if !(0.0..1.0).contains(&self.warmup_ratio) {
+            return Err(Error::setting(
+                "warmup_ratio",
+                self.warmup_ratio,
+                "must be in [0, 1)",
+            ));
+        }
+        if self.epochs == 0 {
+            return Err(Error::setting("epochs", 0, "must be at least 1"));
+        }
+        if self.batch_size == 0 {
+            return Err(Error::setting("batch_size", 0, "must be at least 1"));
+        }
+        if self.max_steps == Some(0) {
+            return Err(Error::setting("max_steps", 0, "must be at least 1"));
+        }
+        if self.keep_checkpoints == 0 {
+            return Err(Error::setting("keep_checkpoints", 0, "must be at least 1"));
+        }
+        if let Some(n) = self.max_grad_norm {
+            if !(n > 0.0) {
+                return Err(Error::setting("max_grad_norm", n, "must be positive"));
+            }
+        }
+        Ok(())
+    }
+
+    /// Optimizer steps for `n` examples.
+    pub fn total_steps(&self, n: usize) -> usize {
+        let per_epoch = n.div_ceil(self.batch_size);
+        let all = per_epoch * self.epochs;
+        self.max_steps.map_or(all, |m| m.min(all))
+    }
+}
+
+/// Which parameters a run leaves untouched.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Freeze {
+    layers: Vec<(usize, usize)>,
+    embed: bool,
+    norm: bool,
+}
+
+impl Freeze {
+    /// Parse specs such as `0-10`, `5`, `embed`, `lm_head`, `norm` (also comma-separated).
+    /// With tied embeddings, `lm_head` and `embed` are the same matrix.
+    pub fn parse(specs: &[String], num_layers: usize) -> Result<Self> {
+        let mut f = Freeze::default();
+        for spec in specs.iter().flat_map(|s| s.split(',')) {
+            let s = spec.trim();
+            match s {
+                "" => {}
+                "embed" | "embed_tokens" | "lm_head" => f.embed = true,
+                "norm" => f.norm = true,
+                _ => {
+                    let (a, b) = match s.split_once('-') {
+                        Some((a, b)) => (a.trim(), b.trim()),
+                        None => (s, s),
+                    };
+                    let parse = |x: &str| {
+                        x.parse::<usize>().map_err(|_| {
+                            Error::setting(
+                                "freeze",
+                                s,
+                                "expected a layer index, a range such as 0-10, embed, lm_head or norm",
+                            )
+                        })
+                    };
+                    let (a, b) = (parse(a)?, parse(b)?);
+                    if a > b || b >= num_layers {
+                        return Err(Error::setting(
+                            "freeze",
+                            s,
+                            format!(
+                                "layers must be an increasing range within 0-{}",
+                                num_layers - 1
+                            ),
+                        ));
+                    }
+                    f.layers.push((a, b));
+                }
+            }
+        }
+        Ok(f)
+    }
+
+    /// Whether the named parameter is trained.
+    pub fn trainable(&self, name: &str) -> bool {
+        if name == "model.embed_tokens.weight" || name == "lm_head.weight" {
+            return !self.embed;
+        }
+        if name == "model.norm.weight" {
+            return !self.norm;
+        }
+        if let Some(rest) = name.strip_prefix("model.layers.") {
+            if let Some(l) = rest.split('.').next().and_then(|x| x.parse::<usize>().ok()) {
+                return !self.layers.iter().any(|&(a, b)| a <= l && l <= b);
+            }
+        }
+        true
+    }
+}
+
+/// What a method's loss function returns for one batch.
+pub struct StepLoss {
+    /// The scalar to minimise.
+    pub loss: Tensor,
+    /// Named terms for the metrics (e.g. `harmless_ce`, `harmful_ce`, `noise_mmd`).
+    pub terms: BTreeMap<String, f64>,
+}
+
+/// What the loop hands the loss function: the batch's example indices, and a generator for
+/// the step's random draws (derived from the seed and the step, so resumed runs draw the same).
+pub struct StepCtx<'a> {
+    pub step: usize,
+    pub indices: &'a [usize],
+    pub rng: Rng,
+}
+
+/// Result of a completed run.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct TrainSummary {
+    pub steps: usize,
+    pub examples: usize,
+    pub seconds: f64,
+    pub seconds_per_step: f64,
+    pub resumed_from: Option<usize>,
+    pub final_terms: BTreeMap<String, f64>,
+    pub model_dir: PathBuf,
+}
+
+/// A run directory.
+pub struct RunDir {
+    pub path: PathBuf,
+}
+
+impl RunDir {
+    /// Open `path` for a run with `config` (any JSON value): write it when the directory is new;
+    /// when it holds a run already, the configurations must match.
+    pub fn open(path: &Path, config: &Value) -> Result<Self> {
+        std::fs::create_dir_all(path)
+            .map_err(|e| Error::file(path, format!("cannot create run directory: {e}")))?;
+        let cfg_path = path.join("config.json");
+        if cfg_path.exists() {
+            let text = crate::util::io::read_text(&cfg_path)?;
+            let old: Value = serde_json::from_str(&text)
+                .map_err(|e| Error::file(&cfg_path, format!("not valid JSON: {e}")))?;
+            // A directory whose run never took a step (it stopped on a bad setting, say) holds
+            // nothing to keep: the new configuration replaces the old.
+            let started = ["metrics.jsonl", "checkpoints", "DONE", "model"]
+                .iter()
+                .any(|f| {
+                    let p = path.join(f);
+                    p.is_dir() || std::fs::metadata(&p).is_ok_and(|m| m.len() > 0)
+                });
+            if &old != config && !started {
+                write_json_atomic(&cfg_path, config)?;
+            } else if &old != config {
+                let diff = diff_keys(&old, config, "");
+                return Err(Error::file(
+                    &cfg_path,
+                    format!(
+                        "this directory holds a run with another configuration (differs at: \
+                         {}); choose another --out, or delete the directory to start over",
+                        diff.join(", ")
+                    ),
+                ));
+            }
+        } else {
+            write_json_atomic(&cfg_path, config)?;
+        }
+        let dir = Self {
+            path: path.to_path_buf(),
+        };
+        if !path.join("env.json").exists() {
+            write_json_atomic(&path.join("env.json"), &environment())?;
+        }
+        Ok(dir)
+    }
+
+    pub fn done(&self) -> Option<TrainSummary> {
+        let text = std::fs::read_to_string(self.path.join("DONE")).ok()?;
+        serde_json::from_str(&text).ok()
+    }
+
+    pub fn model_dir(&self) -> PathBuf {
+        self.path.join("model")
+    }
+
+    fn checkpoints(&self) -> PathBuf {
+        self.path.join("checkpoints")
+    }
+
+    /// Complete checkpoints, oldest first: `(step, dir)`.
+    pub fn complete_checkpoints(&self) -> Vec<(usize, PathBuf)> {
+        let mut out = vec![];
+        if let Ok(rd) = std::fs::read_dir(self.checkpoints()) {
+            for e in rd.flatten() {
+                let name = e.file_name().to_string_lossy().into_owned();
+                if let Some(n) = name.strip_prefix("step-").and_then(|s| s.parse().ok()) {
+                    if e.path().join("COMPLETE").exists() {
+                        out.push((n, e.path()));
+                    }
+                }
+            }
+        }
+        out.sort();
+        out
+    }
+
+    pub fn log(&self, line: &str) {
+        if let Ok(mut f) = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(self.path.join("log.txt"))
+        {
+            let _ = writeln!(f, "{line}");
+        }
+    }
+
+    fn append_metrics(&self, v: &Value) -> Result<()> {
+        let p = self.path.join("metrics.jsonl");
+        let mut f = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&p)
+            .map_err(|e| Error::file(&p, format!("cannot open: {e}")))?;
+        let line = format!("{v}\n");
+        if crate::util::fault::armed("metrics.partial") {
+            let _ = f.write_all(&line.as_bytes()[..line.len() / 2]);
+            crate::util::fault::kill_now();
+        }
+        f.write_all(line.as_bytes())
+            .map_err(|e| Error::file(&p, format!("cannot write: {e}")))
+    }
+
+    /// Keep only the metric lines of steps `<= step` (the rest came after the checkpoint).
+    fn truncate_metrics(&self, step: usize) -> Result<()> {
+        let p = self.path.join("metrics.jsonl");
+        let Ok(text) = std::fs::read_to_string(&p) else {
+            return Ok(());
+        };
+        let kept: String = text
+            .lines()
+            .filter(|l| {
+                serde_json::from_str::<Value>(l)
+                    .ok()
+                    .and_then(|v| v["step"].as_u64())
+                    .is_some_and(|s| s as usize <= step)
+            })
+            .map(|l| format!("{l}\n"))
+            .collect();
+        write_atomic(&p, kept.as_bytes())
+    }
+}
+
+/// Keys under which two JSON values differ.
+fn diff_keys(a: &Value, b: &Value, prefix: &str) -> Vec<String> {
+    match (a, b) {
+        (Value::Object(x), Value::Object(y)) => {
+            let mut keys: Vec<&String> = x.keys().chain(y.keys()).collect();
+            keys.sort();
+            keys.dedup();
+            keys.into_iter()
+                .flat_map(|k| {
+                    let p = if prefix.is_empty() {
+                        k.clone()
+                    } else {
+                        format!("{prefix}.{k}")
+                    };
+                    diff_keys(
+                        x.get(k).unwrap_or(&Value::Null),
+                        y.get(k).unwrap_or(&Value::Null),
+                        &p,
+                    )
+                })
+                .collect()
+        }
+        _ if a == b => vec![],
+        _ => vec![if prefix.is_empty() {
+            "(top level)".into()
+        } else {
+            prefix.into()
+        }],
+    }
+}
+
+/// The environment a run used: versions, commit, machine.
+pub fn environment() -> Value {
+    let commit = std::process::Command::new("git")
+        .args(["rev-parse", "HEAD"])
+        .output()
+        .ok()
+        .filter(|o| o.status.success())
+        .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_string());
+    let cpu = std::fs::read_to_string("/proc/cpuinfo").ok().and_then(|s| {
+        s.lines()
+            .find(|l| l.starts_with("model name"))
+            .and_then(|l| l.split(':').nth(1))
+            .map(|x| x.trim().to_string())
+    });
+    json!({
+        "repnoise_version": env!("CARGO_PKG_VERSION"),
+        "git_commit": commit,
+        // The commit this binary was built from (`-dirty`: with uncommitted changes); it can
+        // differ from the checkout's `git_commit` above.
+        "build_commit": Some(env!("REPNOISE_BUILD_COMMIT")).filter(|c| !c.is_empty()),
+        "os": std::env::consts::OS,
+        "arch": std::env::consts::ARCH,
+        "cpu": cpu,
+        "threads": std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1),
+        "cuda_feature": cfg!(feature = "cuda"),
+        "started": std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_secs())
+            .unwrap_or(0),
+    })
+}
+
+/// The example order of one epoch: a seeded permutation.
+pub fn epoch_order(seed: u64, epoch: usize, n: usize) -> Vec<usize> {
+    let mut idx: Vec<usize> = (0..n).collect();
+    Rng::new(seed, &format!("data-order-epoch-{epoch}")).shuffle(&mut idx);
+    idx
+}
+
+/// The example indices of optimizer step `step`.
+pub fn batch_indices(cfg: &TrainConfig, n: usize, step: usize) -> Vec<usize> {
+    let per_epoch = n.div_ceil(cfg.batch_size);
+    let epoch = step / per_epoch;
+    let b = step % per_epoch;
+    let order = epoch_order(cfg.seed, epoch, n);
+    let end = ((b + 1) * cfg.batch_size).min(n);
+    order[b * cfg.batch_size..end].to_vec()
+}
+
+/// How a run ends early on purpose (tests of resume simulate a crash with it).
+#[derive(Clone, Copy, Debug, Default)]
+pub struct Interrupt {
+    /// Return after this many steps of this invocation, as if killed (no final model).
+    pub after_steps: Option<usize>,
+}
+
+/// What a run trains: the variables it optimises and checkpoints, the network built from them,
+/// and how its result is written and read back. A whole model ([`LoadedModel`]) is one; a LoRA
+/// adapter over a frozen model is another (`crate::train::lora`).
+pub trait Trainee {
+    /// The optimised (and checkpointed) variables.
+    fn store(&self) -> &Params;
+    /// Layers of the model (for `--freeze` ranges).
+    fn num_layers(&self) -> usize;
+    /// The network for one step; `trainable(name)` says which store entries carry gradients.
+    fn net(&self, trainable: &dyn Fn(&str) -> bool) -> Result<Llama>;
+    /// Write the final result into `dir`.
+    fn save_final(&self, dir: &Path) -> Result<()>;
+    /// Read a finished run's result from `dir` back into the store.
+    fn load_final(&self, dir: &Path) -> Result<()>;
+}
+
+impl Trainee for LoadedModel {
+    fn store(&self) -> &Params {
+        &self.params
+    }
+    fn num_layers(&self) -> usize {
+        self.config.num_layers
+    }
+    fn net(&self, trainable: &dyn Fn(&str) -> bool) -> Result<Llama> {
+        Llama::new(&self.config, &self.params, trainable)
+    }
+    fn save_final(&self, dir: &Path) -> Result<()> {
+        save_hf_dir(dir, &self.config, &self.params, &self.tok)
+    }
+    fn load_final(&self, dir: &Path) -> Result<()> {
+        let dev = self
+            .params
+            .tensor("model.embed_tokens.weight")?
+            .device()
+            .clone();
+        let trained = crate::model::load::load_hf_dir(dir, &dev)?;
+        for (name, var) in self.params.iter() {
+            var.set(trained.params.tensor(name)?)?;
+        }
+        Ok(())
+    }
+}
+
+/// Train `model` in place on `n` examples with `loss_fn`, in `run`. Resumes from the newest
+/// complete checkpoint when there is one. Writes the final model and the `DONE` marker.
+pub fn train(
+    run: &RunDir,
+    model: &mut LoadedModel,
+    n: usize,
+    cfg: &TrainConfig,
+    interrupt: Interrupt,
+    loss_fn: impl FnMut(&Llama, &mut StepCtx) -> Result<StepLoss>,
+) -> Result<TrainSummary> {
+    train_any(run, &*model, n, cfg, interrupt, loss_fn)
+}
+
+/// [`train`] for any [`Trainee`]. A finished run (its `DONE` marker present) is not trained
+/// again: its result is loaded back, so later stages use it.
+pub fn train_any<T: Trainee + ?Sized>(
+    run: &RunDir,
+    model: &T,
+    n: usize,
+    cfg: &TrainConfig,
+    interrupt: Interrupt,
+    mut loss_fn: impl FnMut(&Llama, &mut StepCtx) -> Result<StepLoss>,
+) -> Result<TrainSummary> {
+    cfg.validate()?;
+    if n == 0 {
+        return Err(Error::msg("no training examples"));
+    }
+    if let Some(s) = run.done() {
+        if run.model_dir().exists() {
+            model.load_final(&run.model_dir())?;
+            // A crash after the DONE marker can leave the superseded checkpoints.
+            let _ = std::fs::remove_dir_all(run.checkpoints());
+            run.log("run already complete; loaded its final result");
+            return Ok(s);
+        }
+        run.log("run complete but its final model was not kept: training it again");
+    }
+    let freeze = Freeze::parse(&cfg.freeze, model.num_layers())?;
+    let trainable = |name: &str| freeze.trainable(name);
+    let mut opt = AdamW::new(
+        model.store(),
+        trainable,
+        AdamWConfig {
+            weight_decay: cfg.weight_decay,
+            ..AdamWConfig::default()
+        },
+    )?;
+    if opt.vars().next().is_none() {
+        return Err(Error::setting(
+            "freeze",
+            cfg.freeze.join(","),
+            "every parameter is frozen",
+        ));
+    }
+    let total = cfg.total_steps(n);
+    let warmup = (cfg.warmup_ratio * total as f64).ceil() as usize;
+
+    // Resume.
+    let mut start = 0;
+    let mut resumed_from = None;
+    if let Some((step, dir)) = run.complete_checkpoints().pop() {
+        load_checkpoint(&dir, model.store(), &mut opt)?;
+        run.truncate_metrics(step)?;
+        start = step;
+        resumed_from = Some(step);
+        run.log(&format!("resumed from checkpoint at step {step}"));
+        eprintln!("resuming from {} (step {step} of {total})", dir.display());
+    } else {
+        run.truncate_metrics(0)?;
+    }
+
+    let tty = std::io::stderr().is_terminal();
+    let bar = if tty {
+        let pb = indicatif::ProgressBar::new(total as u64);
+        pb.set_style(
+            indicatif::ProgressStyle::with_template(
+                "{elapsed_precise} [{bar:30}] {pos}/{len} eta {eta} {msg}",
+            )
+            .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar())
+            .progress_chars("=> "),
+        );
+        pb.set_position(start as u64);
+        Some(pb)
+    } else {
+        None
+    };
+
+    let t_run = Instant::now();
+    let mut last_terms = BTreeMap::new();
+    let mut done_here = 0;
+    for step in start..total {
+        if interrupt.after_steps.is_some_and(|k| done_here >= k) {
+            if let Some(pb) = &bar {
+                pb.abandon();
+            }
+            return Err(Error::msg(format!("interrupted after step {step}")));
+        }
+        let t0 = Instant::now();
+        let indices = batch_indices(cfg, n, step);
+        let lr = lr_at(cfg.schedule, cfg.lr, step, total, warmup);
+        let net = model.net(&trainable)?;
+        let mut ctx = StepCtx {
+            step,
+            indices: &indices,
+            rng: Rng::new(
+                cfg.seed ^ (step as u64).wrapping_mul(0x9e37_79b9_7f4a_7c15),
+                "step",
+            ),
+        };
+        let out = loss_fn(&net, &mut ctx)?;
+        let loss_v = out
+            .loss
+            .to_dtype(candle_core::DType::F64)?
+            .to_scalar::<f64>()?;
+        if !loss_v.is_finite() {
+            let bad: Vec<&str> = out
+                .terms
+                .iter()
+                .filter(|(_, v)| !v.is_finite())
+                .map(|(k, _)| k.as_str())
+                .collect();
+            let terms = if bad.is_empty() {
+                "the total".into()
+            } else {
+                bad.join(", ")
+            };
+            return Err(stop(
+                run,
+                step,
+                &format!(
+                    "the loss is {loss_v} (not finite: {terms}; terms {:?})",
+                    out.terms
+                ),
+            ));
+        }
+        let grads = out.loss.backward_owned()?;
+        let norm = opt.grad_norm(&grads)?;
+        if !norm.is_finite() {
+            let culprit = opt
+                .non_finite_grad(&grads, norm)?
+                .unwrap_or_else(|| "no single parameter".into());
+            return Err(stop(
+                run,
+                step,
+                &format!("the gradient norm is {norm}; the gradient of {culprit}"),
+            ));
+        }
+        if let Err(e) = opt.step(&grads, lr, clip_coefficient(norm, cfg.max_grad_norm)) {
+            return Err(stop(
+                run,
+                step,
+                &format!("{e}; the weights in memory are spoilt"),
+            ));
+        }
+        drop(grads);
+        let secs = t0.elapsed().as_secs_f64();
+        let mut line = serde_json::Map::new();
+        line.insert("step".into(), json!(step + 1));
+        line.insert("epoch".into(), json!(step / n.div_ceil(cfg.batch_size)));
+        line.insert("loss".into(), json!(loss_v));
+        for (k, v) in &out.terms {
+            line.insert(k.clone(), json!(v));
+        }
+        line.insert("lr".into(), json!(lr));
+        line.insert("grad_norm".into(), json!(norm));
+        line.insert("seconds".into(), json!(secs));
+        run.append_metrics(&Value::Object(line))?;
+        last_terms = out.terms.clone();
+        last_terms.insert("loss".into(), loss_v);
+        let msg = last_terms
+            .iter()
+            .map(|(k, v)| format!("{k} {v:.4}"))
+            .collect::<Vec<_>>()
+            .join(" ");
+        match &bar {
+            Some(pb) => {
+                pb.set_message(msg.clone());
+                pb.inc(1);
+            }
+            None => {
+                if (step + 1) % cfg.log_every.max(1) == 0 || step + 1 == total {
+                    eprintln!("step {}/{total} {msg} lr {lr:.3e} {secs:.1}s", step + 1);
+                }
+            }
+        }
+        if (step + 1) % cfg.log_every.max(1) == 0 {
+            run.log(&format!(
+                "step {} {msg} lr {lr:.3e} gnorm {norm:.3}",
+                step + 1
+            ));
+        }
+        done_here += 1;
+        let last = step + 1 == total;
+        if cfg.checkpoint_every > 0 && (step + 1) % cfg.checkpoint_every == 0 && !last {
+            save_checkpoint(run, step + 1, model.store(), &opt, cfg.keep_checkpoints)?;
+        }
+    }
+    if let Some(pb) = &bar {
+        pb.finish();
+    }
+    let seconds = t_run.elapsed().as_secs_f64();
+    let model_dir = run.model_dir();
+    if cfg.save_model {
+        model.save_final(&model_dir)?;
+    }
+    let summary = TrainSummary {
+        steps: total,
+        examples: n,
+        seconds,
+        seconds_per_step: seconds / done_here.max(1) as f64,
+        resumed_from,
+        final_terms: last_terms,
+        model_dir,
+    };
+    write_json_atomic(&run.path.join("DONE"), &summary)?;
+    crate::util::fault::point("done.marker");
+    // The final model supersedes the checkpoints.
+    let _ = std::fs::remove_dir_all(run.checkpoints());
+    run.log(&format!(
+        "done: {total} steps in {seconds:.1}s ({:.2}s/step)",
+        summary.seconds_per_step
+    ));
+    Ok(summary)
+}
+
+/// The error that stops a run at `step` for `what` (a non-finite loss, gradient or weight),
+/// written to the run's log too; the last good checkpoint stays where it is.
+fn stop(run: &RunDir, step: usize, what: &str) -> Error {
+    let msg = format!(
+        "step {step}: {what}; stopping. The last good checkpoint is kept in {}",
+        run.checkpoints().display()
+    );
+    run.log(&msg);
+    Error::msg(msg)
+}
+
+fn save_checkpoint(
+    run: &RunDir,
+    step: usize,
+    store: &Params,
+    opt: &AdamW,
+    keep: usize,
+) -> Result<()> {
+    let root = run.checkpoints();
+    let tmp = root.join(format!(".tmp-step-{step:06}"));
+    let dst = root.join(format!("step-{step:06}"));
+    let _ = std::fs::remove_dir_all(&tmp);
+    std::fs::create_dir_all(&tmp).map_err(|e| Error::file(&tmp, format!("cannot create: {e}")))?;
+    crate::util::fault::point("checkpoint.dir");
+    let weights: Vec<(String, Tensor)> = store
+        .iter()
+        .map(|(k, v)| (k.clone(), v.as_tensor().clone()))
+        .collect();
+    save_safetensors(&tmp.join("model.safetensors"), &weights)?;
+    crate::util::fault::point("checkpoint.weights");
+    save_safetensors(&tmp.join("optimizer.safetensors"), &opt.state_tensors()?)?;
+    write_json_atomic(
+        &tmp.join("state.json"),
+        &json!({"step": step, "optimizer_step": opt.step}),
+    )?;
+    write_atomic(&tmp.join("COMPLETE"), b"ok\n")?;
+    crate::util::fault::point("checkpoint.marker");
+    let _ = std::fs::remove_dir_all(&dst);
+    std::fs::rename(&tmp, &dst).map_err(|e| Error::file(&dst, format!("cannot rename: {e}")))?;
+    crate::util::fault::point("checkpoint.renamed");
+    run.log(&format!("checkpoint at step {step}"));
+    let all = run.complete_checkpoints();
+    if all.len() > keep {
+        for (_, d) in &all[..all.len() - keep] {
+            let _ = std::fs::remove_dir_all(d);
+        }
+    }
+    Ok(())
+}
+
+fn load_checkpoint(dir: &Path, store: &Params, opt: &mut AdamW) -> Result<()> {
+    let dev = store
+        .iter()
+        .next()
+        .ok_or_else(|| Error::msg("nothing to train"))?
+        .1
+        .device()
+        .clone();
+    let wpath = dir.join("model.safetensors");
+    let weights = candle_core::safetensors::load(&wpath, &dev)
+        .map_err(|e| Error::file(&wpath, format!("cannot read checkpoint: {e}")))?;
+    for (name, var) in store.iter() {
+        let t = weights
+            .get(name)
+            .ok_or_else(|| Error::tensor(&wpath, name, "missing from the checkpoint"))?;
+        if t.dims() != var.dims() {
+            return Err(Error::tensor(&wpath, name, "wrong shape in the checkpoint"));
+        }
+        var.set(t)?;
+    }
+    let opath = dir.join("optimizer.safetensors");
+    let state = candle_core::safetensors::load(&opath, &dev)
+        .map_err(|e| Error::file(&opath, format!("cannot read checkpoint: {e}")))?;
+    let spath = dir.join("state.json");
+    let s: Value = serde_json::from_str(&crate::util::io::read_text(&spath)?)
+        .map_err(|e| Error::file(&spath, format!("not valid JSON: {e}")))?;
+    let ostep = s["optimizer_step"]
+        .as_u64()
+        .ok_or_else(|| Error::field(&spath, "optimizer_step", "missing"))?;
+    opt.load_state(ostep as usize, |k| state.get(k).cloned())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn freeze_specs() {
+        let f = Freeze::parse(&["0-2,lm_head".into(), "5".into()], 8).unwrap();
+        assert!(!f.trainable("model.layers.0.mlp.up_proj.weight"));
+        assert!(!f.trainable("model.layers.2.self_attn.q_proj.weight"));
+        assert!(f.trainable("model.layers.3.self_attn.q_proj.weight"));
+        assert!(!f.trainable("model.layers.5.input_layernorm.weight"));
+        assert!(!f.trainable("model.embed_tokens.weight"));
+        assert!(f.trainable("model.norm.weight"));
+        for bad in ["3-1", "0-8", "x", "1-y"] {
+            let e = Freeze::parse(&[bad.into()], 8).unwrap_err().to_string();
+            assert!(e.contains("freeze"), "{e}");
+        }
+    }
+
+    #[test]
+    fn batches_cover_each_epoch_once_and_are_seeded() {
+        let cfg = TrainConfig {
+            batch_size: 3,
+            epochs: 2,
+            ..TrainConfig::default()
+        };
+        assert_eq!(cfg.total_steps(10), 8);
+        let mut seen: Vec<usize> = (0..4).flat_map(|s| batch_indices(&cfg, 10, s)).collect();
+        seen.sort();
+        assert_eq!(seen, (0..10).collect::<Vec<_>>());
+        assert_eq!(batch_indices(&cfg, 10, 5), batch_indices(&cfg, 10, 5));
+        assert_ne!(epoch_order(42, 0, 10), epoch_order(42, 1, 10));
+        assert_ne!(epoch_order(42, 0, 10), epoch_order(43, 0, 10));
+        assert_eq!(batch_indices(&cfg, 10, 3).len(), 1);
+    }
+
+    #[test]
+    fn a_run_directory_without_progress_takes_a_new_configuration() {
+        let tmp = tempfile::tempdir().unwrap();
+        let a = json!({"lr": 1.0});
+        let b = json!({"lr": 2.0});
+        RunDir::open(tmp.path(), &a).unwrap();
+        // Stopped before its first step (a bad setting): the corrected run may use the directory.
+        let run = RunDir::open(tmp.path(), &b).unwrap();
+        run.append_metrics(&json!({"step": 1})).unwrap();
+        // Once a step is recorded, another configuration is refused, naming the difference.
+        let e = RunDir::open(tmp.path(), &a).err().unwrap().to_string();
+        assert!(
+            e.contains("another configuration") && e.contains("lr"),
+            "{e}"
+        );
+        RunDir::open(tmp.path(), &b).unwrap();
+    }
+
+    #[test]
+    fn config_diff_names_the_keys() {
+        let a = json!({"train": {"lr": 1e-5, "seed": 1}, "method": "sft"});
+        let b = json!({"train": {"lr": 2e-5, "seed": 1}, "method": "sft"});
+        assert_eq!(diff_keys(&a, &b, ""), vec!["train.lr".to_string()]);
+    }
+}
