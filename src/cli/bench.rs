@@ -1,0 +1,153 @@
+//! `repnoise bench`.
+
+use super::*;
+
+/// Time the hot paths and print JSON (used by bench/run.sh).
+#[derive(Args)]
+pub struct Args {
+    #[command(flatten)]
+    pub model: ModelArg,
+    /// train-step, lora-step, repnoise-step, generate, score, matmul (this machine's f32
+    /// matmul GFLOP/s), or plot (scaling charts from --results into --out).
+    pub what: String,
+    /// Sequences in the benchmarked batch.
+    #[arg(long, default_value_t = 4)]
+    pub batch: usize,
+    /// Tokens per sequence (train-step, lora-step, repnoise-step, score).
+    #[arg(long, default_value_t = 128)]
+    pub seq: usize,
+    /// Timed repetitions (the report gives each one).
+    #[arg(long, default_value_t = 5)]
+    pub steps: usize,
+    /// Untimed repetitions before the timed ones (the training-step benchmarks).
+    #[arg(long, default_value_t = 1)]
+    pub warmup: usize,
+    /// New tokens per row (generate).
+    #[arg(long, default_value_t = 64)]
+    pub new_tokens: usize,
+    /// Results file (JSON lines of earlier bench runs) to plot.
+    #[arg(long)]
+    pub results: Option<PathBuf>,
+    /// Directory the charts are written to (plot).
+    #[arg(long)]
+    pub out: Option<PathBuf>,
+}
+
+pub fn run(g: &Global, a: Args) -> Result<()> {
+    let Args {
+        model,
+        what,
+        batch,
+        seq,
+        steps,
+        warmup,
+        new_tokens,
+        results,
+        out,
+    } = a;
+    if what == "plot" {
+        let (Some(results), Some(out)) = (results, out) else {
+            bail!("bench plot needs --results FILE and --out DIR");
+        };
+        for (name, svg) in repnoise::dev::bench::scaling_charts(&results)? {
+            let path = out.join(name);
+            repnoise::util::io::write_atomic(&path, svg.as_bytes())?;
+            eprintln!("wrote {}", path.display());
+        }
+        return Ok(());
+    }
+    let m = load(g, &model.model)?;
+    let phases = |ph: [f64; 3], n: usize| {
+        let n = n.max(1) as f64;
+        serde_json::json!({"forward_s": ph[0] / n, "backward_s": ph[1] / n,
+            "optimizer_s": ph[2] / n})
+    };
+    // One fine-tuning step benchmark (full or LoRA): times, losses, phases and FLOPs.
+    let train_bench = |trainee: &dyn repnoise::train::Trainee,
+                       lr: f64,
+                       flops: f64|
+     -> Result<(Vec<f64>, serde_json::Value)> {
+        let (t, losses, ph) =
+            repnoise::dev::bench::train_steps(trainee, &m, lr, batch, seq, steps, warmup)?;
+        let mut e = phases(ph, t.len());
+        e["losses"] = serde_json::json!(losses);
+        e["step_flops"] = serde_json::json!(flops);
+        Ok((t, e))
+    };
+    let (times, extra) = match what.as_str() {
+        "train-step" => {
+            let flops = repnoise::dev::bench::train_step_flops(&m.config, batch, seq);
+            train_bench(&m, 1e-5, flops)?
+        }
+        "lora-step" => {
+            let lora = repnoise::train::lora::Lora::new(&m, &Default::default(), 0)?;
+            let flops = repnoise::dev::bench::lora_step_flops(&m.config, batch, seq);
+            let (t, mut e) = train_bench(&lora, 1e-4, flops)?;
+            e["trainable_params"] = serde_json::json!(lora.num_elements());
+            (t, e)
+        }
+        "repnoise-step" => {
+            let (t, terms, ph) =
+                repnoise::dev::bench::repnoise_steps(&m, batch, seq, steps, warmup)?;
+            // Faithful rows: the answer span minus its first prediction (a constant).
+            let rows = terms.first().map_or(0, |x| x.mask_positions - batch);
+            let readouts = m.config.num_layers + 2;
+            let flops = repnoise::dev::bench::repnoise_step_flops(
+                &m.config, batch, seq, rows, rows, readouts,
+            );
+            let mut e = phases(ph, t.len());
+            e["terms"] = serde_json::json!(terms);
+            e["step_flops"] = serde_json::json!(flops);
+            (t, e)
+        }
+        "generate" => {
+            let prompts = bench_prompts(&m, batch)?;
+            let t = repnoise::dev::bench::generation(&m, &prompts, new_tokens, steps)?;
+            let tps: Vec<f64> = t.iter().map(|s| (batch * new_tokens) as f64 / s).collect();
+            (t, serde_json::json!({"tokens_per_second": tps}))
+        }
+        "score" => (
+            repnoise::dev::bench::scoring(&m, batch, seq, steps)?,
+            serde_json::json!({}),
+        ),
+        "matmul" => {
+            let g = repnoise::dev::bench::matmul_peak_gflops(steps)?;
+            (vec![], serde_json::json!({"gflops": g}))
+        }
+        other => bail!(
+            "bench {other}: expected train-step, lora-step, repnoise-step, generate, \
+             score, matmul or plot"
+        ),
+    };
+    println!(
+        "{}",
+        serde_json::json!({
+            "impl": "repnoise", "what": what, "batch": batch, "seq": seq,
+            "new_tokens": new_tokens, "seconds": times, "extra": extra,
+            "peak_rss_bytes": repnoise::dev::bench::peak_rss_bytes(),
+            "threads": rayon::current_num_threads(),
+        })
+    );
+    Ok(())
+}
+
+/// The fixed prompts both benchmark implementations generate from (see bench/reference.py).
+pub const BENCH_PROMPTS: &[&str] = &[
+    "What is the capital of France?",
+    "Write a short poem about the sea.",
+    "Explain photosynthesis to a child.",
+    "List three uses of a paperclip.",
+    "How do I boil an egg?",
+    "What causes rain?",
+    "Give me a tip for learning to code.",
+    "Why is the sky blue?",
+];
+
+pub fn bench_prompts(m: &LoadedModel, batch: usize) -> Result<Vec<Vec<u32>>> {
+    (0..batch)
+        .map(|i| {
+            let p = BENCH_PROMPTS[i % BENCH_PROMPTS.len()];
+            Ok(chat::render(&m.tok, &[Message::user(p)], true)?.ids)
+        })
+        .collect()
+}
