@@ -7,11 +7,11 @@ use anyhow::{bail, Context, Result};
 use clap::{Args, Parser, Subcommand};
 
 use repnoise::data::encode::PromptFormat;
+use repnoise::defence::repnoise::RepNoiseConfig;
 use repnoise::model::chat::{self, Message};
 use repnoise::model::generate::SamplingConfig;
 use repnoise::model::llama::Llama;
 use repnoise::model::load::{self, LoadedModel};
-use repnoise::train::objective::RepNoiseConfig;
 use repnoise::train::{Interrupt, TrainConfig};
 
 mod align;

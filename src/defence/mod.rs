@@ -2,6 +2,8 @@
 //! defence pairs, through the shared training loop ([`crate::train`]).
 
 pub mod align;
+pub mod baselines;
+pub mod repnoise;
 
 use std::path::{Path, PathBuf};
 
@@ -11,14 +13,15 @@ use serde_json::json;
 use crate::data::encode::{encode_pair, EncodeOptions, PadLength, PadSide, Padding, PromptFormat};
 use crate::data::load_pairs_any;
 use crate::data::{EncodedPair, Pair};
+use crate::defence::baselines::{
+    pair_baseline_loss_with, vaccine_loss, BaselineConfig, PairLoss, VaccineConfig,
+};
+use crate::defence::repnoise::{repnoise_loss, PairBatch, RepNoiseConfig, RepNoiseTerms};
 use crate::model::llama::Llama;
 use crate::model::load::{save_hf_dir, LoadedModel};
 use crate::model::params::Params;
 use crate::train::lora::{Lora, LoraConfig, SecurityVector};
-use crate::train::objective::{
-    pair_baseline_loss_with, repnoise_loss, vaccine_loss, BaselineConfig, LossTokens, PairBatch,
-    PairLoss, RepNoiseConfig, RepNoiseTerms, VaccineConfig,
-};
+use crate::train::objective::LossTokens;
 use crate::train::{self, Interrupt, RunDir, StepLoss, TrainConfig};
 use crate::util::rng::Rng;
 use crate::{Error, Result};
@@ -36,7 +39,7 @@ pub enum Method {
     SecurityVectors,
     RandomInit,
     /// Vaccine (Huang et al. 2024): perturbation-aware alignment on the refusals with a LoRA
-    /// adapter, merged into the model at the end ([`crate::train::objective::vaccine_loss`]).
+    /// adapter, merged into the model at the end ([`crate::defence::baselines::vaccine_loss`]).
     Vaccine,
 }
 

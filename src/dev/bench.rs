@@ -8,10 +8,11 @@ use candle_core::Tensor;
 
 use crate::data::encode::EncodedPair;
 use crate::data::Encoded;
+use crate::defence::repnoise::{repnoise_loss, PairBatch, RepNoiseConfig, RepNoiseTerms};
 use crate::model::generate::{self, SamplingConfig};
 use crate::model::llama::Llama;
 use crate::model::load::LoadedModel;
-use crate::train::objective::{repnoise_loss, sft_loss, PairBatch, RepNoiseConfig, RepNoiseTerms};
+use crate::train::objective::sft_loss;
 use crate::train::optim::{clip_coefficient, AdamW, AdamWConfig};
 use crate::train::Trainee;
 use crate::util::error::Result;

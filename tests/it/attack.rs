@@ -507,7 +507,8 @@ fn write_pairs(dir: &Path) -> PathBuf {
 
 /// Mean harmful-answer cross-entropy on the pairs, with `extra` adapters stacked on `m`.
 fn harmful_ce(m: &LoadedModel, pairs: &Path, extra: Option<&Path>) -> f64 {
-    use repnoise::train::objective::{pair_baseline_loss, PairBatch, PairLoss};
+    use repnoise::defence::baselines::{pair_baseline_loss, PairLoss};
+    use repnoise::defence::repnoise::PairBatch;
     let loaded = repnoise::data::load_pairs_any(pairs).unwrap();
     let enc = defence::encode_pairs(m, &loaded.records, PromptFormat::Plain, 48, false).unwrap();
     let refs: Vec<_> = enc.iter().collect();

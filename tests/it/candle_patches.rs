@@ -7,8 +7,8 @@ use crate::common;
 use candle_core::{Device, Tensor};
 use common::*;
 use repnoise::data::EncodedPair;
+use repnoise::defence::repnoise::{repnoise_loss, PairBatch, RepNoiseConfig};
 use repnoise::model::llama::Llama;
-use repnoise::train::objective::{repnoise_loss, PairBatch, RepNoiseConfig};
 use repnoise::util::rng::Rng;
 
 /// Identity op that raises `dropped` when the graph node holding it is freed, and, in its

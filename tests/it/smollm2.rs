@@ -111,7 +111,7 @@ struct LossCase {
 #[test]
 fn faithful_repnoise_loss_matches_the_reference() {
     use repnoise::data::encode::PromptFormat;
-    use repnoise::train::objective::RepNoiseConfig;
+    use repnoise::defence::repnoise::RepNoiseConfig;
     let r: LossReference =
         serde_json::from_str(include_str!("../reference/repnoise_loss_reference.json")).unwrap();
     let m = smollm2();

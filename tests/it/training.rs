@@ -8,12 +8,14 @@ use candle_core::{Device, Tensor};
 use common::*;
 use repnoise::data::encode::{encode_qa, EncodeOptions, PromptFormat};
 use repnoise::data::{EncodedPair, Pair};
+use repnoise::defence::baselines::{
+    pair_baseline_loss, pair_baseline_loss_with, BaselineConfig, PairLoss,
+};
+use repnoise::defence::repnoise::{mmd, repnoise_loss, PairBatch, RepNoiseConfig};
 use repnoise::defence::{self, DefendConfig, Method};
 use repnoise::model::llama::Llama;
 use repnoise::train::objective::{
-    full_logits_ce, mmd, opening_unlikelihood, pair_baseline_loss, pair_baseline_loss_with,
-    repnoise_loss, sft_loss, BaselineConfig, Batch, CeRows, LossTokens, PairBatch, PairLoss,
-    RepNoiseConfig,
+    full_logits_ce, opening_unlikelihood, sft_loss, Batch, CeRows, LossTokens,
 };
 use repnoise::train::{self, Freeze, Interrupt, RunDir, StepLoss, TrainConfig};
 use repnoise::util::rng::Rng;
@@ -782,7 +784,7 @@ fn reference_preset_defence_runs() {
 /// budgets. Offsets of zeros change nothing, and a vanishing budget gives safety-SFT's loss.
 #[test]
 fn vaccine_perturbs_along_the_attention_gradient() {
-    use repnoise::train::objective::{vaccine_loss, VaccineConfig};
+    use repnoise::defence::baselines::{vaccine_loss, VaccineConfig};
     let m = tiny_loaded(8);
     let net = Llama::trainable(&m.config, &m.params).unwrap();
     let enc = encoded(&m, false);
