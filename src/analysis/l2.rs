@@ -1,0 +1,131 @@
+//! The L2 distance between two models' weights, by layer (paper §5: where a defence changed the
+//! model).
+
+use super::*;
+
+/// The weight distance of one part of the model (embeddings, one decoder layer, final norm, LM
+/// head, or tensors of no known part).
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct LayerDistance {
+    /// `embeddings`, `layer N`, `final_norm`, `lm_head` or `other`.
+    pub part: String,
+    /// The decoder layer, for `layer N` rows.
+    pub layer: Option<usize>,
+    /// `sqrt(sum over the part's tensors of sum((b - a)^2))`.
+    pub l2: f64,
+    /// `sqrt(sum of a^2)` over the same tensors.
+    pub norm_a: f64,
+    /// `l2 / norm_a` (0 when both are 0).
+    pub relative: f64,
+    /// Number of tensors in the part.
+    pub tensors: usize,
+}
+
+/// Which row of [`l2_by_layer`] a tensor belongs to: 0 embeddings, 1 + i layer i, then final
+/// norm, LM head and other.
+pub(super) fn part_of(name: &str, num_layers: usize) -> Result<usize> {
+    if name.starts_with("model.embed_tokens.") {
+        return Ok(0);
+    }
+    if let Some(rest) = name.strip_prefix("model.layers.") {
+        let l: usize = rest
+            .split('.')
+            .next()
+            .and_then(|s| s.parse().ok())
+            .ok_or_else(|| tensor_err(name, "cannot read the layer index"))?;
+        if l >= num_layers {
+            return Err(Error::tensor(
+                "",
+                name,
+                format!("layer {l} is beyond the {num_layers} layers compared"),
+            ));
+        }
+        return Ok(1 + l);
+    }
+    if name.starts_with("model.norm.") {
+        return Ok(num_layers + 1);
+    }
+    if name.starts_with("lm_head.") {
+        return Ok(num_layers + 2);
+    }
+    Ok(num_layers + 3)
+}
+
+pub(super) fn tensor_err(name: &str, msg: impl std::fmt::Display) -> Error {
+    Error::msg(format!("tensor `{name}`: {msg}"))
+}
+
+pub(super) fn flat_f32(t: &Tensor) -> Result<Vec<f32>> {
+    Ok(t.flatten_all()?
+        .to_dtype(candle_core::DType::F32)?
+        .to_vec1::<f32>()?)
+}
+
+/// Per part of the model (embeddings, each of `num_layers` decoder layers, final norm, LM head
+/// when untied, other tensors when any) the L2 norm of `b - a` and its size relative to `a`.
+/// Both stores must hold the same tensor names with the same shapes; an error names the first
+/// tensor that differs.
+pub fn l2_by_layer(a: &Params, b: &Params, num_layers: usize) -> Result<Vec<LayerDistance>> {
+    if let Some(n) = b.names().find(|n| a.get(n).is_none()) {
+        return Err(tensor_err(n, "present in the second model only"));
+    }
+    let nrows = num_layers + 4;
+    let mut sq_diff = vec![0f64; nrows];
+    let mut sq_a = vec![0f64; nrows];
+    let mut count = vec![0usize; nrows];
+    for (name, va) in a.iter() {
+        let vb = b
+            .get(name)
+            .ok_or_else(|| tensor_err(name, "present in the first model only"))?;
+        if va.dims() != vb.dims() {
+            return Err(Error::tensor(
+                "",
+                name,
+                format!(
+                    "shape {:?} in the first model, {:?} in the second",
+                    va.dims(),
+                    vb.dims()
+                ),
+            ));
+        }
+        let row = part_of(name, num_layers)?;
+        let (xa, xb) = (flat_f32(va.as_tensor())?, flat_f32(vb.as_tensor())?);
+        let (d, n) = xa
+            .par_iter()
+            .zip(xb.par_iter())
+            .map(|(&p, &q)| {
+                let (p, q) = (p as f64, q as f64);
+                ((q - p) * (q - p), p * p)
+            })
+            .reduce(|| (0.0, 0.0), |x, y| (x.0 + y.0, x.1 + y.1));
+        sq_diff[row] += d;
+        sq_a[row] += n;
+        count[row] += 1;
+    }
+    let mut out = vec![];
+    for row in 0..nrows {
+        let (part, layer) = match row {
+            0 => ("embeddings".to_string(), None),
+            r if r <= num_layers => (format!("layer {}", r - 1), Some(r - 1)),
+            r if r == num_layers + 1 => ("final_norm".to_string(), None),
+            r if r == num_layers + 2 => ("lm_head".to_string(), None),
+            _ => ("other".to_string(), None),
+        };
+        // Decoder layers always get a row; the other parts only when they hold tensors.
+        if count[row] == 0 && layer.is_none() {
+            continue;
+        }
+        let l2 = sq_diff[row].sqrt();
+        let norm_a = sq_a[row].sqrt();
+        let relative = if l2 == 0.0 { 0.0 } else { l2 / norm_a };
+        out.push(LayerDistance {
+            part,
+            layer,
+            l2,
+            norm_a,
+            relative,
+            tensors: count[row],
+        });
+    }
+    Ok(out)
+}
