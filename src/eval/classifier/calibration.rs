@@ -88,9 +88,6 @@ pub fn metrics(scores: &[f32], labels: &[bool], threshold: f64) -> Metrics {
     }
 }
 
-// ---------------------------------------------------------------------------------------------
-// Calibration.
-
 /// Published agreement of harm judges with human labels, as reported by HarmBench (Mazeika et
 /// al. 2024) for its classifier and the judges it compared. Not measured here: a fixed
 /// reference row beside our figures.
@@ -530,6 +527,3 @@ pub fn read_test_jsonl(path: &Path) -> Result<Vec<Example>> {
     }
     Ok(out)
 }
-
-// ---------------------------------------------------------------------------------------------
-// Data.

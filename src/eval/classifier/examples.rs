@@ -258,9 +258,6 @@ pub fn split_examples(
     Ok((get("train"), get("test")))
 }
 
-// ---------------------------------------------------------------------------------------------
-// Training.
-
 /// The text of a DecodingTrust `refusal` field without the prompt it echoes: the field is
 /// `Prompt: {prompt}\nContinuation: {text}`, where the text is a model's harmless continuation
 /// or refusal (a few continue first, then refuse after a blank line). Anything else is returned
