@@ -1,6 +1,5 @@
 //! The analyses: L2 by layer, logit lens, mean activations, PCA, linear probes, and the CLI.
 
-use std::process::Command;
 
 use candle_core::{Device, Tensor};
 use repnoise::analysis::{self, Pool, ProbeConfig};
@@ -341,7 +340,7 @@ fn analyze_cli_writes_json_and_svg() {
     let pairs = "tests/fixtures/pairs/small.jsonl";
     let out = tmp.path().join("out");
     let run = |args: &[&str]| {
-        let o = Command::new(env!("CARGO_BIN_EXE_repnoise"))
+        let o = crate::common::repnoise()
             .arg("analyze")
             .args(args)
             .args(if args[0] == "l2" {

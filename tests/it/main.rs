@@ -17,6 +17,7 @@ mod data_splits;
 mod eval;
 mod experiment;
 mod fuzz;
+mod layout;
 mod model_core;
 mod reliability;
 mod smollm2;

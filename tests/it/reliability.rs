@@ -21,7 +21,7 @@ struct Job {
 
 impl Job {
     fn command(&self, out: &Path, kill_at: Option<&str>) -> Command {
-        let mut c = Command::new(env!("CARGO_BIN_EXE_repnoise"));
+        let mut c = crate::common::repnoise();
         c.args(&self.args)
             .arg("--out")
             .arg(out)
@@ -339,7 +339,7 @@ fn full_disk_or_read_only_directory_gives_a_clear_error_and_keeps_earlier_output
             weights / 2 / 1024,
             limited.display()
         ))
-        .arg(env!("CARGO_BIN_EXE_repnoise"))
+        .arg(crate::common::BIN)
         .args(&job.args)
         .output()
         .unwrap();
@@ -378,7 +378,7 @@ fn full_disk_or_read_only_directory_gives_a_clear_error_and_keeps_earlier_output
     "#;
     let o = Command::new("unshare")
         .args(["-rm", "sh", "-c", script, "sh"])
-        .arg(env!("CARGO_BIN_EXE_repnoise"))
+        .arg(crate::common::BIN)
         .arg(&mnt)
         .arg(&host)
         .arg(size_kb.to_string())
