@@ -17,6 +17,7 @@ use crate::eval::stats::wilson_ci;
 use crate::model::generate::SamplingConfig;
 use crate::model::llama::Llama;
 use crate::model::load::LoadedModel;
+use crate::util::error::check_at_least_one;
 use crate::{Error, Result};
 
 /// Settings of the over-refusal evaluation (`[overrefusal]` in an experiment file).
@@ -70,12 +71,9 @@ impl OverRefusalSpec {
                 self.unsafe_prompts
             ));
         }
-        if self.max_new_tokens == 0 {
-            return Err("overrefusal.max_new_tokens must be at least 1".into());
-        }
-        if self.batch == 0 {
-            return Err("overrefusal.batch must be at least 1".into());
-        }
+        check_at_least_one("overrefusal.max_new_tokens", self.max_new_tokens)
+            .map_err(|e| e.to_string())?;
+        check_at_least_one("overrefusal.batch", self.batch).map_err(|e| e.to_string())?;
         if !(0.0..=1.0).contains(&self.flag_margin) {
             return Err(format!(
                 "overrefusal.flag_margin must be in [0, 1], found {}",

@@ -3,6 +3,7 @@
 //! and cells it expands to.
 
 use super::*;
+use crate::util::error::{check_at_least_one, check_positive};
 
 /// The demo experiment shipped with the binary (`configs/demo.toml`).
 pub const DEMO_TOML: &str = include_str!("../../configs/demo.toml");
@@ -473,9 +474,7 @@ impl Experiment {
                 ));
             }
         }
-        if self.test_prompts == 0 {
-            return Err("`test_prompts` must be at least 1".into());
-        }
+        check_at_least_one("test_prompts", self.test_prompts).map_err(|e| e.to_string())?;
         if self.evaluate_on == Partition::Validation && self.validation_prompts == 0 {
             return Err(
                 "evaluate_on = \"validation\" needs `validation_prompts` of at least 1".into(),
@@ -509,11 +508,7 @@ impl Experiment {
             ));
         }
         if let Some(t) = self.heldout.break_threshold {
-            if !(t.is_finite() && t > 0.0) {
-                return Err(format!(
-                    "heldout.break_threshold = {t}: must be a positive number"
-                ));
-            }
+            check_positive("heldout.break_threshold", t).map_err(|e| e.to_string())?;
         }
         for a in &self.attacks {
             a.config
@@ -529,9 +524,8 @@ impl Experiment {
                 ));
             }
         }
-        if self.eval.harmfulness.batch == 0 {
-            return Err("eval.harmfulness.batch = 0: must be at least 1".into());
-        }
+        check_at_least_one("eval.harmfulness.batch", self.eval.harmfulness.batch)
+            .map_err(|e| e.to_string())?;
         Ok(())
     }
 

@@ -5,6 +5,7 @@
 use candle_core::Tensor;
 
 use crate::model::llama::{attention_mask, ForwardOpts, KvCache, Llama, Logits, MASKED};
+use crate::util::error::{check_at_least_one, check_positive};
 use crate::util::rng::Rng;
 use crate::{Error, Result};
 
@@ -48,16 +49,10 @@ impl SamplingConfig {
                 return Err(Error::setting("top_p", p, "must be in (0, 1]"));
             }
         }
-        if self.top_k == Some(0) {
-            return Err(Error::setting("top_k", 0, "must be >= 1"));
+        if let Some(k) = self.top_k {
+            check_at_least_one("top_k", k)?;
         }
-        if !(self.repetition_penalty > 0.0) || !self.repetition_penalty.is_finite() {
-            return Err(Error::setting(
-                "repetition_penalty",
-                self.repetition_penalty,
-                "must be > 0",
-            ));
-        }
+        check_positive("repetition_penalty", self.repetition_penalty)?;
         Ok(())
     }
 }

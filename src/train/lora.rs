@@ -19,6 +19,7 @@ use crate::model::llama::{Adapter, Llama, PROJECTIONS};
 use crate::model::load::{save_hf_dir, save_safetensors, LoadedModel};
 use crate::model::params::Params;
 use crate::train::Trainee;
+use crate::util::error::check_at_least_one;
 use crate::util::rng::Rng;
 use crate::{Error, Result};
 
@@ -58,9 +59,7 @@ impl LoraConfig {
 
     /// Indices into [`PROJECTIONS`] of the adapted maps.
     pub fn projection_indices(&self) -> Result<Vec<usize>> {
-        if self.rank == 0 {
-            return Err(Error::setting("lora.rank", "0", "must be at least 1"));
-        }
+        check_at_least_one("lora.rank", self.rank)?;
         let mut out = vec![];
         for t in &self.targets {
             if t == "all" {

@@ -37,6 +37,7 @@ use crate::model::llama::Llama;
 use crate::model::load::{save_hf_dir, save_safetensors, LoadedModel};
 use crate::model::params::Params;
 use crate::train::optim::{clip_coefficient, lr_at, AdamW, AdamWConfig, Schedule};
+use crate::util::error::{check_at_least_one, check_positive};
 use crate::util::io::{write_atomic, write_json_atomic};
 use crate::util::rng::Rng;
 use crate::{Error, Result};
@@ -156,9 +157,7 @@ impl Default for TrainConfig {
 
 impl TrainConfig {
     pub fn validate(&self) -> Result<()> {
-        if !(self.lr > 0.0 && self.lr.is_finite()) {
-            return Err(Error::setting("lr", self.lr, "must be a positive number"));
-        }
+        check_positive("lr", self.lr)?;
         if !(0.0..1.0).contains(&self.warmup_ratio) {
             return Err(Error::setting(
                 "warmup_ratio",
@@ -166,18 +165,12 @@ impl TrainConfig {
                 "must be in [0, 1)",
             ));
         }
-        if self.epochs == 0 {
-            return Err(Error::setting("epochs", 0, "must be at least 1"));
+        check_at_least_one("epochs", self.epochs)?;
+        check_at_least_one("batch_size", self.batch_size)?;
+        if let Some(n) = self.max_steps {
+            check_at_least_one("max_steps", n)?;
         }
-        if self.batch_size == 0 {
-            return Err(Error::setting("batch_size", 0, "must be at least 1"));
-        }
-        if self.max_steps == Some(0) {
-            return Err(Error::setting("max_steps", 0, "must be at least 1"));
-        }
-        if self.keep_checkpoints == 0 {
-            return Err(Error::setting("keep_checkpoints", 0, "must be at least 1"));
-        }
+        check_at_least_one("keep_checkpoints", self.keep_checkpoints)?;
         if let Some(n) = self.max_grad_norm {
             if !(n > 0.0) {
                 return Err(Error::setting("max_grad_norm", n, "must be positive"));

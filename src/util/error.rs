@@ -83,6 +83,24 @@ impl Error {
     }
 }
 
+/// A setting that must be a finite number above zero (a learning rate, a threshold, a penalty).
+pub fn check_positive(name: &str, value: f64) -> Result<()> {
+    if value > 0.0 && value.is_finite() {
+        Ok(())
+    } else {
+        Err(Error::setting(name, value, "must be a positive number"))
+    }
+}
+
+/// A count that must be at least 1 (a batch size, a step or token count, a rank).
+pub fn check_at_least_one(name: &str, n: usize) -> Result<()> {
+    if n >= 1 {
+        Ok(())
+    } else {
+        Err(Error::setting(name, n, "must be at least 1"))
+    }
+}
+
 /// Attach context to candle errors.
 pub trait CandleContext<T> {
     fn ctx(self, context: impl FnOnce() -> String) -> Result<T>;

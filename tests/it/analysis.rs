@@ -1,6 +1,5 @@
 //! The analyses: L2 by layer, logit lens, mean activations, PCA, linear probes, and the CLI.
 
-
 use candle_core::{Device, Tensor};
 use repnoise::analysis::{self, Pool, ProbeConfig};
 use repnoise::data::encode::PromptFormat;
