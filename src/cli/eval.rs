@@ -21,10 +21,10 @@ pub enum EvalCmd {
         #[arg(long, default_value_t = 0)]
         limit: usize,
         /// Most tokens generated per answer.
-        #[arg(long, default_value_t = 50)]
+        #[arg(long, default_value_t = repnoise::eval::harmfulness::HarmfulnessConfig::default().sampling.max_new_tokens)]
         max_new_tokens: usize,
         /// Sampling temperature; 0 is greedy.
-        #[arg(long, default_value_t = 0.0)]
+        #[arg(long, default_value_t = repnoise::eval::harmfulness::HarmfulnessConfig::default().sampling.temperature)]
         temperature: f64,
         /// Sample only among the k most likely tokens (with a temperature above 0).
         #[arg(long)]
@@ -34,7 +34,7 @@ pub enum EvalCmd {
         #[arg(long)]
         top_p: Option<f64>,
         /// Sequences per forward pass or generation batch.
-        #[arg(long, default_value_t = 16)]
+        #[arg(long, default_value_t = repnoise::eval::harmfulness::HarmfulnessConfig::default().batch)]
         batch: usize,
         /// Prompt format: chat (the model's chat template) or plain ("Question: ...\nAnswer: ...").
         #[arg(long, value_enum, default_value = "chat")]
@@ -52,7 +52,7 @@ pub enum EvalCmd {
         #[arg(long, default_value = "auto")]
         harmful_label: String,
         /// Seed of the prompt sample (with --limit), the sampling and the bootstrap intervals.
-        #[arg(long, default_value_t = 0)]
+        #[arg(long, default_value_t = repnoise::eval::harmfulness::HarmfulnessConfig::default().seed)]
         seed: u64,
     },
     /// Over-refusal and degeneracy on XSTest (docs/EVALUATION.md): the shipped prompts that only
@@ -66,16 +66,16 @@ pub enum EvalCmd {
         #[arg(long)]
         out: PathBuf,
         /// Safe prompts answered (0: all 250), a seeded draw.
-        #[arg(long, default_value_t = 0)]
+        #[arg(long, default_value_t = repnoise::eval::overrefusal::OverRefusalSpec::default().safe)]
         safe: usize,
         /// Unsafe prompts answered (0: all 200), a seeded draw.
-        #[arg(long = "unsafe", default_value_t = 0)]
+        #[arg(long = "unsafe", default_value_t = repnoise::eval::overrefusal::OverRefusalSpec::default().unsafe_prompts)]
         unsafe_prompts: usize,
         /// Most tokens generated per answer.
-        #[arg(long, default_value_t = 32)]
+        #[arg(long, default_value_t = repnoise::eval::overrefusal::OverRefusalSpec::default().max_new_tokens)]
         max_new_tokens: usize,
         /// Sequences per forward pass or generation batch.
-        #[arg(long, default_value_t = 16)]
+        #[arg(long, default_value_t = repnoise::eval::overrefusal::OverRefusalSpec::default().batch)]
         batch: usize,
         /// Prompt format: chat (the model's chat template) or plain ("Question: ...\nAnswer: ...").
         #[arg(long, value_enum, default_value = "chat")]
@@ -91,7 +91,7 @@ pub enum EvalCmd {
         #[arg(long, default_value = "auto")]
         harmful_label: String,
         /// Seed of the prompt sample (with fewer than all prompts).
-        #[arg(long, default_value_t = 0)]
+        #[arg(long, default_value_t = repnoise::eval::overrefusal::OverRefusalSpec::default().seed)]
         seed: u64,
     },
     /// Multiple-choice benchmarks scored by log-likelihood (lm-evaluation-harness style).

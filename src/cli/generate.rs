@@ -16,11 +16,12 @@ pub struct Args {
     /// System message (with --chat).
     #[arg(long)]
     pub system: Option<String>,
-    /// Most tokens generated per answer.
+    /// Most tokens generated per answer (the command's own default: longer than the
+    /// evaluations' 50-token answers).
     #[arg(long, default_value_t = 128)]
     pub max_new_tokens: usize,
     /// Sampling temperature; 0 is greedy.
-    #[arg(long, default_value_t = 0.0)]
+    #[arg(long, default_value_t = SamplingConfig::default().temperature)]
     pub temperature: f64,
     /// Sample only among the k most likely tokens (with a temperature above 0).
     #[arg(long)]
@@ -30,10 +31,10 @@ pub struct Args {
     #[arg(long)]
     pub top_p: Option<f64>,
     /// Penalty on tokens already in the text, as transformers applies it (1: none).
-    #[arg(long, default_value_t = 1.0)]
+    #[arg(long, default_value_t = SamplingConfig::default().repetition_penalty)]
     pub repetition_penalty: f64,
     /// Seed of the sampling (same seed, same text).
-    #[arg(long, default_value_t = 0)]
+    #[arg(long, default_value_t = SamplingConfig::default().seed)]
     pub seed: u64,
     /// Print JSON instead of text.
     #[arg(long)]
