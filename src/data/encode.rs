@@ -260,6 +260,28 @@ pub fn encode_prompt(tok: &Tok, prompt: &str, opts: &EncodeOptions) -> Result<En
 }
 
 /// Pad one sequence to `len` tokens with `pad_id` on `side` (mask 0 on padding).
+/// Which end of [`length_order`] comes first.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Longest {
+    /// Shortest first (generation and scoring: the last, longest batch is the only wide one).
+    Last,
+    /// Longest first (scoring under a memory limit: the widest batch is met at once).
+    First,
+}
+
+/// Item indices sorted by length, ties in input order: batching sequences in this order puts
+/// sequences of similar length together, so little is padded. The one batching order of the
+/// crate; callers cut it with `chunks(batch)` and put results back by index.
+pub fn length_order(lens: impl IntoIterator<Item = usize>, longest: Longest) -> Vec<usize> {
+    let lens: Vec<usize> = lens.into_iter().collect();
+    let mut order: Vec<usize> = (0..lens.len()).collect();
+    match longest {
+        Longest::Last => order.sort_by_key(|&i| lens[i]),
+        Longest::First => order.sort_by_key(|&i| std::cmp::Reverse(lens[i])),
+    }
+    order
+}
+
 pub fn pad_to(enc: &mut Encoded, len: usize, side: PadSide, pad_id: u32) -> Result<()> {
     let n = enc.len();
     if n > len {
@@ -352,6 +374,14 @@ pub fn encode_pair(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_length_order_keeps_ties_in_input_order_at_either_end() {
+        let lens = [3, 1, 3, 2, 1];
+        assert_eq!(length_order(lens, Longest::Last), vec![1, 4, 3, 0, 2]);
+        assert_eq!(length_order(lens, Longest::First), vec![0, 2, 3, 1, 4]);
+        assert!(length_order(Vec::<usize>::new(), Longest::Last).is_empty());
+    }
 
     fn enc(ids: &[u32], attn: &[u8]) -> Encoded {
         Encoded {

@@ -5,6 +5,7 @@
 use std::io::IsTerminal;
 
 use crate::data::encode::{encode_prompt, EncodeOptions, PromptFormat};
+use crate::data::encode::{length_order, Longest};
 use crate::model::generate::{generate, SamplingConfig};
 use crate::model::llama::Llama;
 use crate::model::tokenizer::Tok;
@@ -46,8 +47,7 @@ pub fn answer_prompts_with(
         .iter()
         .map(|p| encode_prompt(tok, p, &opts).map(|e| e.ids))
         .collect::<Result<_>>()?;
-    let mut order: Vec<usize> = (0..prompts.len()).collect();
-    order.sort_by_key(|&i| enc[i].len());
+    let order = length_order(enc.iter().map(Vec::len), Longest::Last);
     let bar = std::io::stderr().is_terminal().then(|| {
         let pb = indicatif::ProgressBar::new(prompts.len() as u64);
         pb.set_style(

@@ -20,6 +20,7 @@ use candle_core::Tensor;
 use serde::{Deserialize, Serialize};
 
 use crate::data::encode::{encode_qa, EncodeOptions, PromptFormat};
+use crate::data::encode::{length_order, Longest};
 use crate::data::Encoded;
 use crate::model::llama::Llama;
 use crate::model::loss::linear_row_nll;
@@ -184,8 +185,7 @@ pub fn per_sequence_ce(
     pad_id: u32,
     batch: usize,
 ) -> Result<Vec<f32>> {
-    let mut order: Vec<usize> = (0..seqs.len()).collect();
-    order.sort_by_key(|&i| (seqs[i].len(), i));
+    let order = length_order(seqs.iter().map(|s| s.len()), Longest::Last);
     let mut out = vec![f32::NAN; seqs.len()];
     for chunk in order.chunks(batch.max(1)) {
         let group: Vec<&Encoded> = chunk.iter().map(|&i| &seqs[i]).collect();

@@ -17,6 +17,7 @@ use candle_core::{DType, Tensor};
 use serde::{Deserialize, Serialize};
 
 use super::stats::{mean_se, MeanSe};
+use crate::data::encode::{length_order, Longest};
 use crate::data::mc::{self, McItem, McOption};
 use crate::model::llama::{positions_for, ForwardOpts, Llama, Logits};
 use crate::model::loss::row_nll;
@@ -73,8 +74,7 @@ pub fn score_tokens(
         ));
     }
     let dev = net.device().clone();
-    let mut order: Vec<usize> = (0..seqs.len()).collect();
-    order.sort_by_key(|&i| std::cmp::Reverse(seqs[i].0.len() + seqs[i].1.len()));
+    let order = length_order(seqs.iter().map(|(c, k)| c.len() + k.len()), Longest::First);
     let mut out = vec![
         OptionScore {
             loglik: 0.0,
@@ -182,8 +182,7 @@ pub fn score_packed(
     let packed_len = |(c, os): &(Vec<u32>, Vec<Vec<u32>>)| {
         c.len() + os.iter().map(|o| o.len().saturating_sub(1)).sum::<usize>()
     };
-    let mut order: Vec<usize> = (0..items.len()).collect();
-    order.sort_by_key(|&i| std::cmp::Reverse(packed_len(&items[i])));
+    let order = length_order(items.iter().map(packed_len), Longest::First);
     let mut out: Vec<Vec<OptionScore>> = items
         .iter()
         .map(|(_, os)| {

@@ -9,6 +9,7 @@ use serde_json::json;
 
 use super::rouge::rouge1_multi;
 use super::stats::{bootstrap_ci, mean_se, MeanSe};
+use crate::data::encode::{length_order, Longest};
 use crate::model::generate::{generate, SamplingConfig};
 use crate::model::llama::Llama;
 use crate::model::load::LoadedModel;
@@ -52,8 +53,7 @@ pub fn describe(
         max_new_tokens,
         ..SamplingConfig::default()
     };
-    let mut order: Vec<usize> = (0..prompts.len()).collect();
-    order.sort_by_key(|&i| enc[i].len());
+    let order = length_order(enc.iter().map(Vec::len), Longest::Last);
     let mut out = vec![String::new(); prompts.len()];
     for chunk in order.chunks(batch.max(1)) {
         let ids: Vec<Vec<u32>> = chunk.iter().map(|&i| enc[i].clone()).collect();

@@ -3,6 +3,7 @@
 //! its saved settings, and batched scoring.
 
 use super::*;
+use crate::data::encode::{length_order, Longest};
 
 /// The text a question/answer pair is scored as (the paper's classifier input).
 pub fn render(question: &str, answer: &str) -> String {
@@ -545,8 +546,7 @@ pub(super) fn batched_by_length(
     rows: &[Vec<u32>],
     probs: impl Fn(&[Vec<u32>]) -> Result<Vec<f32>>,
 ) -> Result<Vec<f32>> {
-    let mut order: Vec<usize> = (0..rows.len()).collect();
-    order.sort_by_key(|&i| rows[i].len());
+    let order = length_order(rows.iter().map(Vec::len), Longest::Last);
     let mut out = vec![0f32; rows.len()];
     for chunk in order.chunks(SCORE_BATCH) {
         let batch: Vec<Vec<u32>> = chunk.iter().map(|&i| rows[i].clone()).collect();

@@ -6,6 +6,7 @@
 //! no run directory, checkpoint or resume; the experiment caches the trained judge as a stage.
 
 use super::*;
+use crate::data::encode::{length_order, Longest};
 
 /// Fine-tuning settings. One source of truth for the defaults: [`TrainConfig::default`].
 #[derive(Clone, Debug, PartialEq, Serialize, serde::Deserialize)]
@@ -282,8 +283,7 @@ pub(super) fn is_pooler_or_head(name: &str) -> bool {
 /// The frozen encoder's features `[n, d]` of rows of ids (`readout`, no gradients), in input
 /// order; batched [`SCORE_BATCH`] rows at a time in order of length (less padding).
 pub fn frozen_features(net: &Bert, rows: &[Vec<u32>], readout: Readout) -> Result<Tensor> {
-    let mut order: Vec<usize> = (0..rows.len()).collect();
-    order.sort_by_key(|&i| rows[i].len());
+    let order = length_order(rows.iter().map(Vec::len), Longest::Last);
     let mut parts = Vec::with_capacity(rows.len().div_ceil(SCORE_BATCH));
     for chunk in order.chunks(SCORE_BATCH) {
         let batch: Vec<Vec<u32>> = chunk.iter().map(|&i| rows[i].clone()).collect();
