@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-# The same prompts as `repnoise bench generate` (src/main.rs BENCH_PROMPTS).
+# The same prompts as `repnoise bench generate` (src/cli/bench.rs BENCH_PROMPTS).
 PROMPTS = [
     "What is the capital of France?",
     "Write a short poem about the sea.",
@@ -44,12 +44,12 @@ tok = AutoTokenizer.from_pretrained(a.model)
 vocab = model.config.vocab_size
 gen = torch.Generator().manual_seed(0)
 
-# src/bench.rs synthetic_token: ordinary tokens spread over the vocabulary.
+# src/dev/bench.rs synthetic_token: ordinary tokens spread over the vocabulary.
 def synthetic_token(step, r, i, offset):
     return 256 + ((step * 131 + r) * 7919 + i * 104729 + offset) % (vocab - 256)
 
 def batch(seed):
-    # The same tokens as `repnoise bench` (src/bench.rs synthetic_batch).
+    # The same tokens as `repnoise bench` (src/dev/bench.rs synthetic_batch).
     return torch.tensor([[synthetic_token(seed, r, i, 13) for i in range(a.seq)] for r in range(a.batch)])
 
 def timed_steps(params, lr, loss_of):
@@ -80,7 +80,7 @@ def lm_step(s):
     out = model(input_ids=ids, labels=ids)
     return out.loss, out.loss.item()
 
-# The synthetic pairs of `repnoise bench repnoise-step` (src/bench.rs synthetic_pairs).
+# The synthetic pairs of `repnoise bench repnoise-step` (src/dev/bench.rs synthetic_pairs).
 
 def synthetic_pairs(step):
     p = a.seq // 2

@@ -2,6 +2,7 @@
 //! log-probability of the answer tokens read out at every layer) and mean activations per layer.
 
 use super::*;
+use crate::util::error::check_at_least_one;
 
 /// Harmful (prompt + harmful answer) and harmless (prompt + harmless answer) samples of the same
 /// pairs, each with its answer-token mask.
@@ -42,10 +43,7 @@ pub fn encode_samples(
 }
 
 pub(super) fn check_batch_size(batch_size: usize) -> Result<()> {
-    if batch_size == 0 {
-        return Err(Error::setting("batch_size", 0, "must be at least 1"));
-    }
-    Ok(())
+    check_at_least_one("batch_size", batch_size)
 }
 
 /// Logit lens: the mean log-probability of the answer tokens (the tokens the SFT loss is taken

@@ -259,7 +259,6 @@ pub fn encode_prompt(tok: &Tok, prompt: &str, opts: &EncodeOptions) -> Result<En
     finish(tok, ids, vec![0; n], opts, false)
 }
 
-/// Pad one sequence to `len` tokens with `pad_id` on `side` (mask 0 on padding).
 /// Which end of [`length_order`] comes first.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Longest {
@@ -282,6 +281,7 @@ pub fn length_order(lens: impl IntoIterator<Item = usize>, longest: Longest) -> 
     order
 }
 
+/// Pad one sequence to `len` tokens with `pad_id` on `side` (mask 0 on padding).
 pub fn pad_to(enc: &mut Encoded, len: usize, side: PadSide, pad_id: u32) -> Result<()> {
     let n = enc.len();
     if n > len {

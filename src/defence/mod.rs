@@ -39,7 +39,7 @@ pub enum Method {
     SecurityVectors,
     RandomInit,
     /// Vaccine (Huang et al. 2024): perturbation-aware alignment on the refusals with a LoRA
-    /// adapter, merged into the model at the end ([`crate::defence::baselines::vaccine_loss`]).
+    /// adapter, merged into the model at the end (the loss: `defence::baselines::vaccine_loss`).
     Vaccine,
 }
 

@@ -1,5 +1,5 @@
-//! Representation Noising (Rosati et al. 2024, §3; `shared/docs/ALGORITHM.md` "The defence"): the
-//! loss in one place, beside the paper's equation. For a harmful batch `h` and its paired harmless
+//! Representation Noising (Rosati et al. 2024, §3; docs/REPNOISE.md): the loss in one place,
+//! beside the paper's equation. For a harmful batch `h` and its paired harmless
 //! batch `s`, with the pair mask `M` (the answer span),
 //!
 //! ```text

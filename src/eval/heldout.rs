@@ -26,6 +26,7 @@ use crate::model::llama::Llama;
 use crate::model::loss::linear_row_nll;
 use crate::model::tokenizer::Tok;
 use crate::train::objective::Batch;
+use crate::util::error::check_at_least_one;
 use crate::{Error, Result};
 
 /// A refusal used for a held-out question the aligned model did not refuse (so the margin is
@@ -75,12 +76,9 @@ impl HeldoutConfig {
                 self.max_len
             ));
         }
-        if self.batch == 0 {
-            return Err("heldout.batch = 0: must be at least 1".into());
-        }
-        if self.refusal_tokens == 0 {
-            return Err("heldout.refusal_tokens = 0: must be at least 1".into());
-        }
+        check_at_least_one("heldout.batch", self.batch).map_err(|e| e.to_string())?;
+        check_at_least_one("heldout.refusal_tokens", self.refusal_tokens)
+            .map_err(|e| e.to_string())?;
         Ok(())
     }
 }

@@ -7,6 +7,7 @@
 
 use super::*;
 use crate::data::encode::{length_order, Longest};
+use crate::util::error::{check_at_least_one, check_positive};
 
 /// Fine-tuning settings. One source of truth for the defaults: [`TrainConfig::default`].
 #[derive(Clone, Debug, PartialEq, Serialize, serde::Deserialize)]
@@ -90,21 +91,10 @@ impl TrainConfig {
     }
 
     pub fn validate(&self) -> Result<()> {
-        let positive = |name: &str, v: f64| {
-            if v > 0.0 && v.is_finite() {
-                Ok(())
-            } else {
-                Err(Error::setting(name, v, "must be a positive number"))
-            }
-        };
-        positive("lr", self.lr)?;
-        positive("head-lr", self.head_lr)?;
-        if self.epochs == 0 {
-            return Err(Error::setting("epochs", 0, "must be at least 1"));
-        }
-        if self.batch_size == 0 {
-            return Err(Error::setting("batch-size", 0, "must be at least 1"));
-        }
+        check_positive("lr", self.lr)?;
+        check_positive("head-lr", self.head_lr)?;
+        check_at_least_one("epochs", self.epochs)?;
+        check_at_least_one("batch-size", self.batch_size)?;
         if self.pool_layers == 0 {
             return Err(Error::setting(
                 "pool-layers",
