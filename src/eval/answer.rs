@@ -4,8 +4,7 @@
 
 use std::io::IsTerminal;
 
-use crate::data::encode::{encode_prompt, EncodeOptions, PromptFormat};
-use crate::data::encode::{length_order, Longest};
+use crate::data::encode::{encode_prompt, length_order, EncodeOptions, Longest, PromptFormat};
 use crate::model::generate::{generate, SamplingConfig};
 use crate::model::llama::Llama;
 use crate::model::tokenizer::Tok;

@@ -19,8 +19,7 @@
 use candle_core::Tensor;
 use serde::{Deserialize, Serialize};
 
-use crate::data::encode::{encode_qa, EncodeOptions, PromptFormat};
-use crate::data::encode::{length_order, Longest};
+use crate::data::encode::{encode_qa, length_order, EncodeOptions, Longest, PromptFormat};
 use crate::data::Encoded;
 use crate::model::llama::Llama;
 use crate::model::loss::linear_row_nll;

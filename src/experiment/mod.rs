@@ -47,8 +47,7 @@ use crate::eval::trainability::TrainabilityReport;
 use crate::model::load::LoadedModel;
 use crate::train::finetune::FinetuneConfig;
 use crate::train::Interrupt;
-use crate::util::io::read_json;
-use crate::util::io::{write_atomic, write_json_atomic};
+use crate::util::io::{read_json, write_atomic, write_json_atomic};
 use crate::{Error, Result};
 
 mod check;

@@ -33,8 +33,7 @@ use crate::model::load::LoadedModel;
 use crate::model::tokenizer::Tok;
 use crate::train::objective::{opening_unlikelihood, sft_loss};
 use crate::train::{self, Interrupt, RunDir, TrainConfig, TrainSummary};
-use crate::util::io::cached;
-use crate::util::io::{write_atomic, write_json_atomic};
+use crate::util::io::{cached, write_atomic, write_json_atomic};
 use crate::util::rng::Rng;
 use crate::{Error, Result};
 
