@@ -53,6 +53,35 @@ impl Stages {
         self.list.push(st);
         Ok(v)
     }
+
+    /// A stage whose earlier result the caller read back (`found`), or `make`'s.
+    fn resume<T>(
+        &mut self,
+        name: &str,
+        found: Option<T>,
+        make: impl FnOnce() -> Result<T>,
+    ) -> Result<T> {
+        let cached = found.is_some();
+        self.run(name, cached, || match found {
+            Some(v) => Ok(v),
+            None => make(),
+        })
+    }
+
+    /// A stage whose result is the JSON value at `path`: read back when an earlier invocation
+    /// wrote it, else `make`'s, written there atomically ([`crate::util::io::cached`], timed).
+    fn json<T: Serialize + serde::de::DeserializeOwned>(
+        &mut self,
+        name: &str,
+        path: &Path,
+        make: impl FnOnce() -> Result<T>,
+    ) -> Result<T> {
+        self.resume(name, read_json(path), || {
+            let v = make()?;
+            write_json_atomic(path, &v)?;
+            Ok(v)
+        })
+    }
 }
 
 pub(super) fn load(spec: &str, opts: &RunOptions) -> Result<LoadedModel> {
@@ -129,15 +158,11 @@ pub fn run(exp: &Experiment, out: &Path, opts: &RunOptions) -> Result<Results> {
     let split_key = split_key(exp);
     let split_path = out.join(format!("split-{split_key}.json"));
     let split: DataSplit = {
-        let cached = read_json::<DataSplit>(&split_path).filter(|s| s.attack_file.exists());
-        let is_cached = cached.is_some();
-        st.run("split the harmful data", is_cached, || match cached {
-            Some(s) => Ok(s),
-            None => {
-                let s = split_data(exp, out, &split_key)?;
-                write_json_atomic(&split_path, &s)?;
-                Ok(s)
-            }
+        let found = read_json::<DataSplit>(&split_path).filter(|s| s.attack_file.exists());
+        st.resume("split the harmful data", found, || {
+            let s = split_data(exp, out, &split_key)?;
+            write_json_atomic(&split_path, &s)?;
+            Ok(s)
         })?
     };
 
@@ -375,22 +400,11 @@ pub fn run(exp: &Experiment, out: &Path, opts: &RunOptions) -> Result<Results> {
         let key = key_of(&json!({"model": aligned_dir, "split": split_key,
             "on": exp.evaluate_on, "heldout": hcfg, "prompts": exp.heldout.prompts}));
         let path = out.join(format!("heldout-{key}.json"));
-        let cached = read_json::<(Vec<HeldoutItem>, Vec<String>)>(&path);
-        let c = cached.is_some();
-        let (items, notes) = st.run(
-            "held-out refusals (the aligned model)",
-            c,
-            || match cached {
-                Some(v) => Ok(v),
-                None => {
-                    let m = load(&aligned_dir, opts)?;
-                    let v =
-                        heldout_items(&m, &eval_prompts[..n], &eval_answers[..n], hcfg, &check)?;
-                    write_json_atomic(&path, &v)?;
-                    Ok(v)
-                }
-            },
-        )?;
+        let (items, notes): (Vec<HeldoutItem>, Vec<String>) =
+            st.json("held-out refusals (the aligned model)", &path, || {
+                let m = load(&aligned_dir, opts)?;
+                heldout_items(&m, &eval_prompts[..n], &eval_answers[..n], hcfg, &check)
+            })?;
         for n in &notes {
             eprintln!("  {n}");
         }
@@ -429,47 +443,33 @@ pub fn run(exp: &Experiment, out: &Path, opts: &RunOptions) -> Result<Results> {
             "classifier": clf_dir, "on": exp.evaluate_on, "judge_prompts": exp.eval.judge_prompts}));
         let hdir = edir.join(format!("harm-{hkey}"));
         let (harm, rows): (HarmReport, Vec<crate::eval::harmfulness::Scored>) = {
-            let cached = read_json::<HarmReport>(&hdir.join("harmfulness.json"))
+            // `evaluate_rows` writes the report and the generations into `hdir` itself.
+            let found = read_json::<HarmReport>(&hdir.join("harmfulness.json"))
                 .zip(crate::eval::harmfulness::read_generations(&hdir).ok());
-            let c = cached.is_some();
-            st.run(
-                &format!("harmfulness of {}", arm.label()),
-                c,
-                || match cached {
-                    Some(r) => Ok(r),
-                    None => {
-                        let m = load(&mdir, opts)?;
-                        crate::eval::harmfulness::evaluate_rows(
-                            &m,
-                            &judge_prompts,
-                            &format!("held-out {} prompts", exp.evaluate_on),
-                            harm_cfg,
-                            &check,
-                            Some(&clf),
-                            &hdir,
-                        )
-                    }
-                },
-            )?
+            st.resume(&format!("harmfulness of {}", arm.label()), found, || {
+                let m = load(&mdir, opts)?;
+                crate::eval::harmfulness::evaluate_rows(
+                    &m,
+                    &judge_prompts,
+                    &format!("held-out {} prompts", exp.evaluate_on),
+                    harm_cfg,
+                    &check,
+                    Some(&clf),
+                    &hdir,
+                )
+            })?
         };
         let heldout_scores = match &heldout {
             None => None,
             Some((_, enc, hk)) => {
                 let path = edir.join(format!("heldout-{hk}.json"));
-                let cached = read_json::<HeldoutScores>(&path);
-                let c = cached.is_some();
-                Some(st.run(
+                Some(st.json::<HeldoutScores>(
                     &format!("held-out loss of {}", arm.label()),
-                    c,
-                    || match cached {
-                        Some(v) => Ok(v),
-                        None => {
-                            let m = load(&mdir, opts)?;
-                            let net = crate::model::llama::Llama::frozen(&m.config, &m.params)?;
-                            let v = crate::eval::heldout::score(&net, enc, hcfg.batch)?;
-                            write_json_atomic(&path, &v)?;
-                            Ok(v)
-                        }
+                    &path,
+                    || {
+                        let m = load(&mdir, opts)?;
+                        let net = crate::model::llama::Llama::frozen(&m.config, &m.params)?;
+                        crate::eval::heldout::score(&net, enc, hcfg.batch)
                     },
                 )?)
             }
@@ -478,24 +478,21 @@ pub fn run(exp: &Experiment, out: &Path, opts: &RunOptions) -> Result<Results> {
             let okey = key_of(&json!({"model": mdir, "spec": exp.overrefusal,
                 "classifier": clf_dir, "left_out": xs_used}));
             let odir = edir.join(format!("overrefusal-{okey}"));
-            let cached = read_json::<OverRefusal>(&odir.join("overrefusal.json"));
-            let c = cached.is_some();
-            Some(st.run(
+            // `evaluate` writes its report into `odir` itself.
+            let found = read_json::<OverRefusal>(&odir.join("overrefusal.json"));
+            Some(st.resume(
                 &format!("XSTest over-refusal of {}", arm.label()),
-                c,
-                || match cached {
-                    Some(r) => Ok(r),
-                    None => {
-                        let m = load(&mdir, opts)?;
-                        crate::eval::overrefusal::evaluate(
-                            &m,
-                            &xs_prompts,
-                            &exp.overrefusal,
-                            &check,
-                            Some(&clf),
-                            &odir,
-                        )
-                    }
+                found,
+                || {
+                    let m = load(&mdir, opts)?;
+                    crate::eval::overrefusal::evaluate(
+                        &m,
+                        &xs_prompts,
+                        &exp.overrefusal,
+                        &check,
+                        Some(&clf),
+                        &odir,
+                    )
                 },
             )?)
         } else {
@@ -508,28 +505,21 @@ pub fn run(exp: &Experiment, out: &Path, opts: &RunOptions) -> Result<Results> {
                 "limit": exp.eval.stability_limit, "max_len": exp.eval.stability_max_len,
                 "seed": exp.split_seed}));
             let sdir = edir.join(format!("stability-{skey}"));
-            let cached = read_json::<Value>(&sdir.join("stability.json"))
+            // `run_stability` writes its report into `sdir` itself.
+            let found = read_json::<Value>(&sdir.join("stability.json"))
                 .and_then(|v| serde_json::from_value::<Vec<TaskResult>>(v["tasks"].clone()).ok());
-            let c = cached.is_some();
-            stability = st.run(
-                &format!("stability of {}", arm.label()),
-                c,
-                || match cached {
-                    Some(r) => Ok(r),
-                    None => {
-                        let m = load(&mdir, opts)?;
-                        crate::eval::run_stability(
-                            &m,
-                            &exp.eval.stability_tasks,
-                            exp.eval.stability_limit,
-                            exp.split_seed,
-                            exp.eval.stability_max_len,
-                            8,
-                            &sdir,
-                        )
-                    }
-                },
-            )?;
+            stability = st.resume(&format!("stability of {}", arm.label()), found, || {
+                let m = load(&mdir, opts)?;
+                crate::eval::run_stability(
+                    &m,
+                    &exp.eval.stability_tasks,
+                    exp.eval.stability_limit,
+                    exp.split_seed,
+                    exp.eval.stability_max_len,
+                    8,
+                    &sdir,
+                )
+            })?;
         }
         let mut trainability = None;
         if let Some(task) = &exp.eval.trainability_task {
@@ -539,29 +529,26 @@ pub fn run(exp: &Experiment, out: &Path, opts: &RunOptions) -> Result<Results> {
                     "tokens": exp.eval.trainability_tokens}));
                 let tdir = edir.join(format!("trainability-{key}"));
                 let tpath = tdir.join("trainability.json");
-                let cached = read_json::<TrainabilityReport>(&tpath);
-                let c = cached.is_some();
-                trainability =
-                    Some(st.run(&format!("trainability of {}", arm.label()), c, || {
-                        match cached {
-                            Some(r) => Ok(r),
-                            None => {
-                                let mut m = load(&mdir, opts)?;
-                                let r = crate::eval::trainability::trainability(
-                                    &mut m,
-                                    task,
-                                    ft,
-                                    exp.eval.trainability_tokens,
-                                    &tdir,
-                                    Interrupt::default(),
-                                )?;
-                                // The fine-tuned model is not needed again.
-                                let _ =
-                                    std::fs::remove_dir_all(tdir.join("finetune").join("model"));
-                                Ok(r)
-                            }
-                        }
-                    })?);
+                // `trainability` writes its report into `tdir` itself.
+                let found = read_json::<TrainabilityReport>(&tpath);
+                trainability = Some(st.resume(
+                    &format!("trainability of {}", arm.label()),
+                    found,
+                    || {
+                        let mut m = load(&mdir, opts)?;
+                        let r = crate::eval::trainability::trainability(
+                            &mut m,
+                            task,
+                            ft,
+                            exp.eval.trainability_tokens,
+                            &tdir,
+                            Interrupt::default(),
+                        )?;
+                        // The fine-tuned model is not needed again.
+                        let _ = std::fs::remove_dir_all(tdir.join("finetune").join("model"));
+                        Ok(r)
+                    },
+                )?);
             }
         }
         defence_results.push(DefenceResult {
@@ -601,16 +588,9 @@ pub fn run(exp: &Experiment, out: &Path, opts: &RunOptions) -> Result<Results> {
                 "analysis": an}),
             );
             let path = out.join("analysis").join(format!("{name}-{key}.json"));
-            let cached = read_json::<ModelAnalysis>(&path);
-            let c = cached.is_some();
-            let a = st.run(&format!("analyses of {name}"), c, || match cached {
-                Some(a) => Ok(a),
-                None => {
-                    let m = load(&mdir, opts)?;
-                    let a = analyse(name, &m, &aligned, &pairs, an)?;
-                    write_json_atomic(&path, &a)?;
-                    Ok(a)
-                }
+            let a: ModelAnalysis = st.json(&format!("analyses of {name}"), &path, || {
+                let m = load(&mdir, opts)?;
+                analyse(name, &m, &aligned, &pairs, an)
             })?;
             analyses.push(a);
         }
@@ -641,39 +621,32 @@ pub fn run(exp: &Experiment, out: &Path, opts: &RunOptions) -> Result<Results> {
                         .join(&id)
                         .join(format!("{}-{akey}", a.name))
                         .join(cell.dir_name(seed));
-                    let rpath = dir.join("result.json");
-                    let cached = read_json::<AttackResult>(&rpath);
-                    let c = cached.is_some();
                     let label = format!("attack {} with {} seed {seed}", arm.label(), cell.label());
-                    let r = st.run(&label, c, || match cached {
-                        Some(r) => Ok(r),
-                        None => {
-                            if defended.is_none() {
-                                defended = Some(load(&mdir, opts)?);
-                            }
-                            let base = defended.as_ref().expect("loaded above");
-                            let ctx = AttackCtx {
-                                arm,
-                                spec: a,
-                                cell,
-                                seed,
-                                split: &split,
-                                prompts: &judge_prompts,
-                                exp,
-                                check: &check,
-                                clf: &clf,
-                                heldout: heldout.as_ref().map(|h| &h.1),
-                                before: before.as_ref(),
-                            };
-                            let r = attack_one(&ctx, base, &dir)?;
-                            write_json_atomic(&rpath, &r)?;
-                            if !exp.keep_attacked_models {
-                                let _ = std::fs::remove_dir_all(dir.join("model"));
-                                let _ = std::fs::remove_dir_all(dir.join("adapter"));
-                            }
-                            Ok(r)
+                    let r: AttackResult = st.json(&label, &dir.join("result.json"), || {
+                        if defended.is_none() {
+                            defended = Some(load(&mdir, opts)?);
                         }
+                        let base = defended.as_ref().expect("loaded above");
+                        let ctx = AttackCtx {
+                            arm,
+                            spec: a,
+                            cell,
+                            seed,
+                            split: &split,
+                            prompts: &judge_prompts,
+                            exp,
+                            check: &check,
+                            clf: &clf,
+                            heldout: heldout.as_ref().map(|h| &h.1),
+                            before: before.as_ref(),
+                        };
+                        attack_one(&ctx, base, &dir)
                     })?;
+                    // Once its result is written (a kill before leaves them for the rerun).
+                    if !exp.keep_attacked_models {
+                        let _ = std::fs::remove_dir_all(dir.join("model"));
+                        let _ = std::fs::remove_dir_all(dir.join("adapter"));
+                    }
                     attack_results.push(r);
                 }
             }
