@@ -531,24 +531,23 @@ pub fn run(exp: &Experiment, out: &Path, opts: &RunOptions) -> Result<Results> {
                 let tpath = tdir.join("trainability.json");
                 // `trainability` writes its report into `tdir` itself.
                 let found = read_json::<TrainabilityReport>(&tpath);
-                trainability = Some(st.resume(
-                    &format!("trainability of {}", arm.label()),
-                    found,
-                    || {
-                        let mut m = load(&mdir, opts)?;
-                        let r = crate::eval::trainability::trainability(
-                            &mut m,
-                            task,
-                            ft,
-                            exp.eval.trainability_tokens,
-                            &tdir,
-                            Interrupt::default(),
-                        )?;
-                        // The fine-tuned model is not needed again.
-                        let _ = std::fs::remove_dir_all(tdir.join("finetune").join("model"));
-                        Ok(r)
-                    },
-                )?);
+                trainability =
+                    Some(
+                        st.resume(&format!("trainability of {}", arm.label()), found, || {
+                            let mut m = load(&mdir, opts)?;
+                            let r = crate::eval::trainability::trainability(
+                                &mut m,
+                                task,
+                                ft,
+                                exp.eval.trainability_tokens,
+                                &tdir,
+                                Interrupt::default(),
+                            )?;
+                            // The fine-tuned model is not needed again.
+                            let _ = std::fs::remove_dir_all(tdir.join("finetune").join("model"));
+                            Ok(r)
+                        })?,
+                    );
             }
         }
         defence_results.push(DefenceResult {
