@@ -46,9 +46,24 @@ pub fn answer_prompts_with(
         .iter()
         .map(|p| encode_prompt(tok, p, &opts).map(|e| e.ids))
         .collect::<Result<_>>()?;
+    let out = generate_batched(net, tok, &enc, cfg, batch, label)?;
+    Ok(out.into_iter().map(|t| t.trim().to_string()).collect())
+}
+
+/// The decoded continuations (untrimmed) of encoded prompts, in input order: batches of
+/// `batch` in order of length, each with its own sampling stream (`cfg.seed` + the batch's
+/// index), a progress bar on a terminal and a line every 8 batches otherwise.
+pub fn generate_batched(
+    net: &Llama,
+    tok: &Tok,
+    enc: &[Vec<u32>],
+    cfg: &SamplingConfig,
+    batch: usize,
+    label: &str,
+) -> Result<Vec<String>> {
     let order = length_order(enc.iter().map(Vec::len), Longest::Last);
     let bar = std::io::stderr().is_terminal().then(|| {
-        let pb = indicatif::ProgressBar::new(prompts.len() as u64);
+        let pb = indicatif::ProgressBar::new(enc.len() as u64);
         pb.set_style(
             indicatif::ProgressStyle::with_template("{msg} [{bar:30}] {pos}/{len} eta {eta}")
                 .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar())
@@ -57,7 +72,7 @@ pub fn answer_prompts_with(
         pb.set_message(label.to_string());
         pb
     });
-    let mut out = vec![String::new(); prompts.len()];
+    let mut out = vec![String::new(); enc.len()];
     for (k, chunk) in order.chunks(batch.max(1)).enumerate() {
         let ids: Vec<Vec<u32>> = chunk.iter().map(|&i| enc[i].clone()).collect();
         // One sampling stream per batch, so a batch's draws do not depend on the others.
@@ -67,7 +82,7 @@ pub fn answer_prompts_with(
         };
         let gen = generate(net, &ids, tok.pad_id, &tok.stop_ids, &c)?;
         for (&i, g) in chunk.iter().zip(gen) {
-            out[i] = tok.decode(&g, true)?.trim().to_string();
+            out[i] = tok.decode(&g, true)?;
         }
         match &bar {
             Some(pb) => pb.inc(chunk.len() as u64),
@@ -75,8 +90,8 @@ pub fn answer_prompts_with(
                 if k % 8 == 0 {
                     eprintln!(
                         "{label}: {}/{} answered",
-                        ((k + 1) * batch).min(prompts.len()),
-                        prompts.len()
+                        ((k + 1) * batch).min(enc.len()),
+                        enc.len()
                     );
                 }
             }

@@ -9,8 +9,8 @@ use serde_json::json;
 
 use super::rouge::rouge1_multi;
 use super::stats::{bootstrap_ci, mean_se, MeanSe};
-use crate::data::encode::{length_order, Longest};
-use crate::model::generate::{generate, SamplingConfig};
+use crate::eval::answer::generate_batched;
+use crate::model::generate::SamplingConfig;
 use crate::model::llama::Llama;
 use crate::model::load::LoadedModel;
 use crate::train::finetune::{finetune, FinetuneConfig};
@@ -49,27 +49,23 @@ pub fn describe(
         .iter()
         .map(|p| model.tok.encode_text(p))
         .collect::<Result<_>>()?;
+    // Greedy: the batches' sampling streams draw nothing.
     let cfg = SamplingConfig {
         max_new_tokens,
         ..SamplingConfig::default()
     };
-    let order = length_order(enc.iter().map(Vec::len), Longest::Last);
-    let mut out = vec![String::new(); prompts.len()];
-    for chunk in order.chunks(batch.max(1)) {
-        let ids: Vec<Vec<u32>> = chunk.iter().map(|&i| enc[i].clone()).collect();
-        let gen = generate(&net, &ids, model.tok.pad_id, &model.tok.stop_ids, &cfg)?;
-        for (&i, g) in chunk.iter().zip(gen) {
-            let text = model.tok.decode(&g, true)?;
-            out[i] = text
-                .trim_start()
+    let out = generate_batched(&net, &model.tok, &enc, &cfg, batch, "descriptions")?;
+    Ok(out
+        .iter()
+        .map(|text| {
+            text.trim_start()
                 .lines()
                 .next()
                 .unwrap_or("")
                 .trim()
-                .to_string();
-        }
-    }
-    Ok(out)
+                .to_string()
+        })
+        .collect())
 }
 
 /// ROUGE-1 F over test inputs, with a 95% bootstrap interval.
