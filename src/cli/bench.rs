@@ -63,17 +63,18 @@ pub fn run(g: &Global, a: Args) -> Result<()> {
             "optimizer_s": ph[2] / n})
     };
     // One fine-tuning step benchmark (full or LoRA): times, losses, phases and FLOPs.
-    let train_bench = |trainee: &dyn repnoise::train::Trainee,
-                       lr: f64,
-                       flops: f64|
-     -> Result<(Vec<f64>, serde_json::Value)> {
-        let (t, losses, ph) =
-            repnoise::dev::bench::train_steps(trainee, &m, lr, batch, seq, steps, warmup)?;
-        let mut e = phases(ph, t.len());
-        e["losses"] = serde_json::json!(losses);
-        e["step_flops"] = serde_json::json!(flops);
-        Ok((t, e))
-    };
+    let train_bench =
+        |trainee: &dyn repnoise::train::Trainee<Net = repnoise::model::llama::Llama>,
+         lr: f64,
+         flops: f64|
+         -> Result<(Vec<f64>, serde_json::Value)> {
+            let (t, losses, ph) =
+                repnoise::dev::bench::train_steps(trainee, &m, lr, batch, seq, steps, warmup)?;
+            let mut e = phases(ph, t.len());
+            e["losses"] = serde_json::json!(losses);
+            e["step_flops"] = serde_json::json!(flops);
+            Ok((t, e))
+        };
     let (times, extra) = match what.as_str() {
         "train-step" => {
             let flops = repnoise::dev::bench::train_step_flops(&m.config, batch, seq);

@@ -42,7 +42,7 @@ pub type StepTimes<L> = (Vec<f64>, Vec<L>, [f64; 3]);
 
 /// Times `warmup + steps` optimizer steps of `loss_of(net, step)`: forward and loss, backward,
 /// clipping at 1.0 and AdamW at `lr` over every variable of `trainee`.
-fn timed_steps<T: Trainee + ?Sized, L>(
+fn timed_steps<T: Trainee<Net = Llama> + ?Sized, L>(
     trainee: &T,
     lr: f64,
     steps: usize,
@@ -84,7 +84,7 @@ fn timed_steps<T: Trainee + ?Sized, L>(
 /// lr 1e-5) or a LoRA adapter on it (lr 1e-4). The loss is the attack's, [`sft_loss`] (the fused
 /// LM head and cross-entropy), with every token an answer token: next-token cross-entropy on
 /// every position.
-pub fn train_steps<T: Trainee + ?Sized>(
+pub fn train_steps<T: Trainee<Net = Llama> + ?Sized>(
     trainee: &T,
     m: &LoadedModel,
     lr: f64,

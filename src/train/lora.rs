@@ -242,6 +242,7 @@ fn adapter_dir(model_dir: &Path) -> std::path::PathBuf {
 }
 
 impl Trainee for Lora<'_> {
+    type Net = Llama;
     fn store(&self) -> &Params {
         &self.store
     }
@@ -401,12 +402,13 @@ pub fn read_peft(dir: &Path, base: &LoadedModel) -> Result<BTreeMap<String, Adap
 
 /// A trainee with frozen adapters stacked on its network: fine-tuning under a security vector.
 /// What it saves is the trainee's own result, without them.
-pub struct WithFrozen<'a, T: Trainee + ?Sized> {
+pub struct WithFrozen<'a, T: Trainee<Net = Llama> + ?Sized> {
     pub inner: &'a T,
     pub frozen: BTreeMap<String, Adapter>,
 }
 
-impl<T: Trainee + ?Sized> Trainee for WithFrozen<'_, T> {
+impl<T: Trainee<Net = Llama> + ?Sized> Trainee for WithFrozen<'_, T> {
+    type Net = Llama;
     fn store(&self) -> &Params {
         self.inner.store()
     }
@@ -431,6 +433,7 @@ impl<T: Trainee + ?Sized> Trainee for WithFrozen<'_, T> {
 pub struct SecurityVector<'a>(pub Lora<'a>);
 
 impl Trainee for SecurityVector<'_> {
+    type Net = Llama;
     fn store(&self) -> &Params {
         &self.0.store
     }
@@ -466,7 +469,7 @@ pub fn load_security_vector(
 }
 
 /// [`crate::train::train_any`], under frozen adapters when there are some.
-pub fn train_under<T: Trainee + ?Sized>(
+pub fn train_under<T: Trainee<Net = Llama> + ?Sized>(
     run: &crate::train::RunDir,
     trainee: &T,
     frozen: Option<BTreeMap<String, Adapter>>,

@@ -30,7 +30,7 @@ use serde_json::{json, Value};
 use crate::model::llama::Llama;
 use crate::model::load::{save_hf_dir, LoadedModel};
 use crate::model::params::Params;
-use crate::train::optim::{clip_coefficient, lr_at, AdamW, AdamWConfig, Schedule};
+use crate::train::optim::{clip_coefficient, lr_at, AdamWConfig, AdamWGroups, Schedule};
 use crate::util::error::{check_at_least_one, check_positive};
 use crate::util::io::write_json_atomic;
 use crate::util::rng::Rng;
@@ -303,14 +303,22 @@ pub struct Interrupt {
 
 /// What a run trains: the variables it optimises and checkpoints, the network built from them,
 /// and how its result is written and read back. A whole model ([`LoadedModel`]) is one; a LoRA
-/// adapter over a frozen model is another (`crate::train::lora`).
+/// adapter over a frozen model is another (`crate::train::lora`); the judge's encoder with its
+/// head, or the head alone on frozen features, are two more (`crate::eval::classifier`).
 pub trait Trainee {
+    /// What the loss function of a step runs (a [`Llama`] for the language models).
+    type Net;
     /// The optimised (and checkpointed) variables.
     fn store(&self) -> &Params;
     /// Layers of the model (for `--freeze` ranges).
     fn num_layers(&self) -> usize;
+    /// The peak learning rate of store entry `name` in a run whose own is `lr`: `lr`, unless
+    /// part of the trainee learns at its own rate (a fresh classification head).
+    fn peak_lr(&self, _name: &str, lr: f64) -> f64 {
+        lr
+    }
     /// The network for one step; `trainable(name)` says which store entries carry gradients.
-    fn net(&self, trainable: &dyn Fn(&str) -> bool) -> Result<Llama>;
+    fn net(&self, trainable: &dyn Fn(&str) -> bool) -> Result<Self::Net>;
     /// Write the final result into `dir`.
     fn save_final(&self, dir: &Path) -> Result<()>;
     /// Read a finished run's result from `dir` back into the store.
@@ -318,6 +326,7 @@ pub trait Trainee {
 }
 
 impl Trainee for LoadedModel {
+    type Net = Llama;
     fn store(&self) -> &Params {
         &self.params
     }
@@ -365,7 +374,7 @@ pub fn train_any<T: Trainee + ?Sized>(
     n: usize,
     cfg: &TrainConfig,
     interrupt: Interrupt,
-    mut loss_fn: impl FnMut(&Llama, &mut StepCtx) -> Result<StepLoss>,
+    mut loss_fn: impl FnMut(&T::Net, &mut StepCtx) -> Result<StepLoss>,
 ) -> Result<TrainSummary> {
     cfg.validate()?;
     if n == 0 {
@@ -383,15 +392,16 @@ pub fn train_any<T: Trainee + ?Sized>(
     }
     let freeze = Freeze::parse(&cfg.freeze, model.num_layers())?;
     let trainable = |name: &str| freeze.trainable(name);
-    let mut opt = AdamW::new(
+    let mut opt = AdamWGroups::new(
         model.store(),
         trainable,
+        |name| model.peak_lr(name, cfg.lr),
         AdamWConfig {
             weight_decay: cfg.weight_decay,
             ..AdamWConfig::default()
         },
     )?;
-    if opt.vars().next().is_none() {
+    if opt.is_empty() {
         return Err(Error::setting(
             "freeze",
             cfg.freeze.join(","),
@@ -491,7 +501,8 @@ pub fn train_any<T: Trainee + ?Sized>(
                 &format!("the gradient norm is {norm}; the gradient of {culprit}"),
             ));
         }
-        if let Err(e) = opt.step(&grads, lr, clip_coefficient(norm, cfg.max_grad_norm)) {
+        let lr_of = |peak| lr_at(cfg.schedule, peak, step, total, warmup);
+        if let Err(e) = opt.step(&grads, lr_of, clip_coefficient(norm, cfg.max_grad_norm)) {
             return Err(stop(
                 run,
                 step,

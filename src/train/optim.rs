@@ -338,6 +338,105 @@ impl AdamW {
     }
 }
 
+/// AdamW over groups of parameters that each have their own peak learning rate (a fresh
+/// classification head trained faster than the encoder under it): one [`AdamW`] per group, in
+/// the order of the groups' first parameters in the store; the gradient norm is taken over all
+/// of them (one group: its own norm); every group follows the same schedule from its own peak.
+pub struct AdamWGroups {
+    groups: Vec<(f64, AdamW)>,
+}
+
+impl AdamWGroups {
+    /// The parameters for which `trainable(name)` holds, grouped by `peak(name)`.
+    pub fn new(
+        params: &Params,
+        trainable: impl Fn(&str) -> bool,
+        peak: impl Fn(&str) -> f64,
+        cfg: AdamWConfig,
+    ) -> Result<Self> {
+        let mut peaks: Vec<f64> = vec![];
+        for (name, _) in params.iter() {
+            let p = peak(name);
+            if trainable(name) && !peaks.contains(&p) {
+                peaks.push(p);
+            }
+        }
+        let groups = peaks
+            .into_iter()
+            .map(|p| {
+                Ok((
+                    p,
+                    AdamW::new(params, |n| trainable(n) && peak(n) == p, cfg)?,
+                ))
+            })
+            .collect::<Result<_>>()?;
+        Ok(Self { groups })
+    }
+
+    /// No parameter is trained.
+    pub fn is_empty(&self) -> bool {
+        self.groups.iter().all(|(_, o)| o.vars().next().is_none())
+    }
+
+    /// Updates taken so far.
+    pub fn step_count(&self) -> usize {
+        self.groups.first().map_or(0, |(_, o)| o.step)
+    }
+
+    /// Global L2 norm of the gradients of every group ([`AdamW::grad_norm`]).
+    pub fn grad_norm(&self, grads: &GradStore) -> Result<f64> {
+        if let [(_, o)] = self.groups.as_slice() {
+            return o.grad_norm(grads);
+        }
+        let mut sq = 0f64;
+        for (_, o) in &self.groups {
+            sq += o.grad_norm(grads)?.powi(2);
+        }
+        Ok(sq.sqrt())
+    }
+
+    /// [`AdamW::non_finite_grad`] over every group: the first group's culprit.
+    pub fn non_finite_grad(&self, grads: &GradStore, norm: f64) -> Result<Option<String>> {
+        for (_, o) in &self.groups {
+            if let Some(c) = o.non_finite_grad(grads, norm)? {
+                return Ok(Some(c));
+            }
+        }
+        Ok(None)
+    }
+
+    /// One update of every group at the learning rate `lr_of(its peak)`.
+    pub fn step(
+        &mut self,
+        grads: &GradStore,
+        lr_of: impl Fn(f64) -> f64,
+        grad_scale: f64,
+    ) -> Result<()> {
+        for (peak, o) in &mut self.groups {
+            o.step(grads, lr_of(*peak), grad_scale)?;
+        }
+        Ok(())
+    }
+
+    /// Every group's [`AdamW::state_tensors`] (the names are the parameters', so they do not
+    /// collide).
+    pub fn state_tensors(&self) -> Result<Vec<(String, Tensor)>> {
+        let mut out = vec![];
+        for (_, o) in &self.groups {
+            out.extend(o.state_tensors()?);
+        }
+        Ok(out)
+    }
+
+    /// Restore every group ([`AdamW::load_state`]).
+    pub fn load_state(&mut self, step: usize, get: impl Fn(&str) -> Option<Tensor>) -> Result<()> {
+        for (_, o) in &mut self.groups {
+            o.load_state(step, &get)?;
+        }
+        Ok(())
+    }
+}
+
 /// The factor that scales gradients of global norm `norm` down to `max_norm` (1 when below;
 /// as PyTorch's `clip_grad_norm_`).
 pub fn clip_coefficient(norm: f64, max_norm: Option<f64>) -> f64 {
@@ -482,5 +581,111 @@ mod tests {
                 want_b[i]
             );
         }
+    }
+
+    /// Parameter groups as PyTorch's: each group an AdamW of its own at its own learning rate,
+    /// clipped by one norm over every gradient (`clip_grad_norm_` over all parameters). The
+    /// reference is two single-group optimizers stepped by hand with the norm of the known
+    /// gradients; a single group is the plain optimizer.
+    #[test]
+    fn groups_step_each_at_its_peak_under_one_norm() {
+        let dev = Device::Cpu;
+        let fresh = || {
+            let mut p = Params::new();
+            p.insert("w", Tensor::new(&[[1f32, -2.], [3., 0.5]], &dev).unwrap())
+                .unwrap();
+            p.insert("head.b", Tensor::new(&[0.3f32, -0.7], &dev).unwrap())
+                .unwrap();
+            p
+        };
+        let (gw, gb) = ([[3f32, -4.], [0., 12.]], [1f32, -1.]);
+        let grads = |p: &Params| {
+            let loss = ((p.tensor("w").unwrap() * Tensor::new(&gw, &dev).unwrap())
+                .unwrap()
+                .sum_all()
+                .unwrap()
+                + (p.tensor("head.b").unwrap() * Tensor::new(&gb, &dev).unwrap())
+                    .unwrap()
+                    .sum_all()
+                    .unwrap())
+            .unwrap();
+            loss.backward().unwrap()
+        };
+        let cfg = AdamWConfig {
+            weight_decay: 0.5,
+            ..Default::default()
+        };
+        let peak = |n: &str| if n.starts_with("head.") { 0.01 } else { 0.1 };
+        let half = |peak: f64| peak / 2.0;
+        let grouped = fresh();
+        let mut g = AdamWGroups::new(&grouped, |_| true, peak, cfg).unwrap();
+        let by_hand = fresh();
+        let mut ow = AdamW::new(&by_hand, |n| n == "w", cfg).unwrap();
+        let mut ob = AdamW::new(&by_hand, |n| n == "head.b", cfg).unwrap();
+        // |G| = sqrt(9 + 16 + 144 + 1 + 1) = sqrt(171).
+        let want_norm = 171f64.sqrt();
+        for _ in 0..2 {
+            let s = grads(&grouped);
+            let norm = g.grad_norm(&s).unwrap();
+            assert!((norm - want_norm).abs() < 1e-9, "{norm}");
+            g.step(&s, half, clip_coefficient(norm, Some(1.0))).unwrap();
+            let s = grads(&by_hand);
+            let c = clip_coefficient(norm, Some(1.0));
+            ow.step(&s, 0.05, c).unwrap();
+            ob.step(&s, 0.005, c).unwrap();
+        }
+        assert_eq!(g.step_count(), 2);
+        for n in ["w", "head.b"] {
+            let a: Vec<f32> = grouped
+                .tensor(n)
+                .unwrap()
+                .flatten_all()
+                .unwrap()
+                .to_vec1()
+                .unwrap();
+            let b: Vec<f32> = by_hand
+                .tensor(n)
+                .unwrap()
+                .flatten_all()
+                .unwrap()
+                .to_vec1()
+                .unwrap();
+            assert_eq!(a, b, "{n}");
+        }
+        // One group: the plain optimizer, its norm included.
+        let single = fresh();
+        let mut one = AdamWGroups::new(&single, |_| true, |_| 0.1, cfg).unwrap();
+        let plain = fresh();
+        let mut opt = AdamW::new(&plain, |_| true, cfg).unwrap();
+        let (s1, s2) = (grads(&single), grads(&plain));
+        assert_eq!(one.grad_norm(&s1).unwrap(), opt.grad_norm(&s2).unwrap());
+        one.step(&s1, |p| p, 0.5).unwrap();
+        opt.step(&s2, 0.1, 0.5).unwrap();
+        for n in ["w", "head.b"] {
+            let a: Vec<f32> = single
+                .tensor(n)
+                .unwrap()
+                .flatten_all()
+                .unwrap()
+                .to_vec1()
+                .unwrap();
+            let b: Vec<f32> = plain
+                .tensor(n)
+                .unwrap()
+                .flatten_all()
+                .unwrap()
+                .to_vec1()
+                .unwrap();
+            assert_eq!(a, b, "{n}");
+        }
+        // Checkpointed state round-trips through names that do not collide.
+        let state = g.state_tensors().unwrap();
+        assert_eq!(state.len(), 4);
+        let mut back = AdamWGroups::new(&fresh(), |_| true, peak, cfg).unwrap();
+        back.load_state(2, |k| {
+            state.iter().find(|(n, _)| n == k).map(|(_, t)| t.clone())
+        })
+        .unwrap();
+        assert_eq!(back.step_count(), 2);
     }
 }

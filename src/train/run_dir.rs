@@ -21,7 +21,7 @@ use serde_json::{json, Value};
 use super::TrainSummary;
 use crate::model::load::save_safetensors;
 use crate::model::params::Params;
-use crate::train::optim::AdamW;
+use crate::train::optim::AdamWGroups;
 use crate::util::io::{write_atomic, write_json_atomic};
 use crate::{Error, Result};
 
@@ -217,7 +217,7 @@ pub(super) fn save_checkpoint(
     run: &RunDir,
     step: usize,
     store: &Params,
-    opt: &AdamW,
+    opt: &AdamWGroups,
     keep: usize,
 ) -> Result<()> {
     let root = run.checkpoints();
@@ -235,7 +235,7 @@ pub(super) fn save_checkpoint(
     save_safetensors(&tmp.join("optimizer.safetensors"), &opt.state_tensors()?)?;
     write_json_atomic(
         &tmp.join("state.json"),
-        &json!({"step": step, "optimizer_step": opt.step}),
+        &json!({"step": step, "optimizer_step": opt.step_count()}),
     )?;
     write_atomic(&tmp.join("COMPLETE"), b"ok\n")?;
     crate::util::fault::point("checkpoint.marker");
@@ -252,7 +252,7 @@ pub(super) fn save_checkpoint(
     Ok(())
 }
 
-pub(super) fn load_checkpoint(dir: &Path, store: &Params, opt: &mut AdamW) -> Result<()> {
+pub(super) fn load_checkpoint(dir: &Path, store: &Params, opt: &mut AdamWGroups) -> Result<()> {
     let dev = store
         .iter()
         .next()

@@ -394,7 +394,8 @@ fn classifier_mean_pooling_is_saved_and_loaded() {
         Pooling::Cls,
         "full fine-tuning keeps [CLS]"
     );
-    classifier::train(&mut clf, &toy_examples(0), &cfg, &mut |_| {}).unwrap();
+    let run = tempfile::tempdir().unwrap();
+    classifier::train(&mut clf, &toy_examples(0), &cfg, run.path()).unwrap();
     assert_eq!(clf.pooling, Pooling::Mean);
     let (_, m) = classifier::evaluate(&clf, &toy_examples(1)).unwrap();
     assert!(m.auroc.unwrap() >= 0.9, "{m:?}");
@@ -572,11 +573,18 @@ fn classifier_training_separates_a_toy_set() {
     let mut clf = tiny_classifier_from_encoder(dir.path(), 7);
     let train = toy_examples(0);
     let test = toy_examples(1);
-    let mut losses = vec![];
-    classifier::train(&mut clf, &train, &toy_config(7, 12), &mut |s| {
-        losses.push(s.loss)
-    })
-    .unwrap();
+    let run = tempfile::tempdir().unwrap();
+    classifier::train(&mut clf, &train, &toy_config(7, 12), run.path()).unwrap();
+    // The shared loop's metrics: one line per step.
+    let losses: Vec<f64> = std::fs::read_to_string(run.path().join("metrics.jsonl"))
+        .unwrap()
+        .lines()
+        .map(|l| {
+            serde_json::from_str::<serde_json::Value>(l).unwrap()["loss"]
+                .as_f64()
+                .unwrap()
+        })
+        .collect();
     let (_, m) = classifier::evaluate(&clf, &test).unwrap();
     assert!(
         m.accuracy >= 0.9,
@@ -616,7 +624,8 @@ fn toxicity_classifier_scores_the_text_alone_and_keeps_that_when_saved() {
             })
             .collect()
     };
-    classifier::train(&mut clf, &texts(0), &toy_config(9, 12), &mut |_| {}).unwrap();
+    let run = tempfile::tempdir().unwrap();
+    classifier::train(&mut clf, &texts(0), &toy_config(9, 12), run.path()).unwrap();
     let (_, m) = classifier::evaluate(&clf, &texts(1)).unwrap();
     assert!(m.accuracy >= 0.9, "{m:?}");
     let out = tempfile::tempdir().unwrap();
@@ -668,18 +677,21 @@ fn back_tokenizer(dir: &Path) -> tokenizers::Tokenizer {
 fn classifier_same_seed_same_weights() {
     let dir = tempfile::tempdir().unwrap();
     write_tiny_encoder(dir.path(), 8);
-    let run = |seed: u64| -> Params {
+    let runs = tempfile::tempdir().unwrap();
+    let run = |seed: u64, name: &str| -> Params {
         let mut clf = tiny_classifier_from_encoder(dir.path(), seed);
         classifier::train(
             &mut clf,
             &toy_examples(0),
             &toy_config(seed, 2),
-            &mut |_| {},
+            &runs.path().join(name),
         )
         .unwrap();
         clf.params().clone()
     };
-    let (a, b, c) = (run(3), run(3), run(4));
+    let (a, b, c) = (run(3, "a"), run(3, "b"), run(4, "c"));
+    // A finished run's directory gives its trained weights back to a fresh classifier.
+    let again = run(3, "a");
     let flat = |p: &Params| -> Vec<f32> {
         p.iter()
             .flat_map(|(_, v)| {
@@ -693,6 +705,12 @@ fn classifier_same_seed_same_weights() {
     };
     assert_eq!(flat(&a), flat(&b));
     assert_ne!(flat(&a), flat(&c));
+    assert_eq!(flat(&a), flat(&again));
+    assert_ne!(
+        flat(&tiny_classifier_from_encoder(dir.path(), 3).params().clone()),
+        flat(&a),
+        "training changed the weights"
+    );
 }
 
 #[test]

@@ -37,7 +37,7 @@ use crate::data::split::{split_disjoint, Duplicates, SplitSpec};
 use crate::data::HasQuestion;
 pub use crate::eval::classifier::bert::{Pooling, Readout};
 use crate::model::params::Params;
-use crate::train::optim::{self, AdamW, AdamWConfig, Schedule};
+use crate::train::optim::Schedule;
 use crate::util::rng::Rng;
 use crate::{Error, Result};
 use bert::{Bert, BertConfig};

@@ -1,12 +1,13 @@
 //! Training the judge: fine-tuning the encoder with a head, or a head on frozen features, and the
 //! whole `classifier train` run (data, training, calibration, report).
 //!
-//! Over 700 lines because the whole run is here, in its order. Its two loops (fine-tuning, and a
-//! head on frozen features) are still its own rather than `crate::train`'s shared loop: they have
-//! no run directory, checkpoint or resume; the experiment caches the trained judge as a stage.
+//! Over 700 lines because the whole run is here, in its order. Both ways of training run on the
+//! shared loop (`crate::train::train_any`, the judge as a [`Trainee`]), in `OUT/train/`: run
+//! directory, `metrics.jsonl`, checkpoints and resume as every other training.
 
 use super::*;
 use crate::data::encode::{length_order, Longest};
+use crate::train::{train_any, Interrupt, RunDir, StepLoss, TrainSummary, Trainee};
 use crate::util::error::{check_at_least_one, check_positive};
 
 /// Fine-tuning settings. One source of truth for the defaults: [`TrainConfig::default`].
@@ -120,16 +121,6 @@ impl TrainConfig {
     }
 }
 
-/// Progress of one optimizer step.
-#[derive(Clone, Debug, Serialize)]
-pub struct StepLog {
-    pub step: usize,
-    pub total: usize,
-    pub epoch: usize,
-    pub loss: f64,
-    pub lr: f64,
-}
-
 /// Names of the classification layer's tensors (trained at `head_lr`).
 pub(super) fn is_head(name: &str) -> bool {
     name.starts_with("classifier.")
@@ -196,14 +187,117 @@ pub fn batch_loss(
     Ok(candle_nn::loss::cross_entropy(&logits, &targets)?)
 }
 
-/// Fine-tune `clf` (encoder, pooler and head) on `train` with AdamW, seeded batch order, linear
-/// warm-up and decay, and global-norm clipping. `log` sees every step.
+impl TrainConfig {
+    /// The shared loop's settings for this run: a linear schedule after the warm-up, clipping
+    /// at [`TrainConfig::max_grad_norm`], and, with a frozen encoder, the pooler and head at
+    /// `head_lr` (the encoder, when trained, at `lr`; the head at `head_lr`, [`Judge`]).
+    pub fn shared(&self) -> crate::train::TrainConfig {
+        crate::train::TrainConfig {
+            lr: if self.freeze_encoder {
+                self.head_lr
+            } else {
+                self.lr
+            },
+            schedule: Schedule::Linear,
+            warmup_ratio: self.warmup_fraction,
+            epochs: self.epochs,
+            batch_size: self.batch_size,
+            max_steps: None,
+            weight_decay: self.weight_decay,
+            max_grad_norm: Some(self.max_grad_norm),
+            seed: self.seed,
+            ..crate::train::TrainConfig::default()
+        }
+    }
+}
+
+/// The judge as a [`Trainee`] of the shared training loop: the encoder with its pooler and
+/// classification layer (fine-tuning; the layer at `head_lr`), or, with a frozen encoder, the
+/// pooler and the layer alone, read on features computed once.
+struct Judge<'a> {
+    clf: &'a HarmClassifier,
+    /// What is trained and checkpointed: the whole store, or the pooler and the layer (the
+    /// same variables as `clf.params`'s).
+    store: Params,
+    head_lr: f64,
+}
+
+impl Trainee for Judge<'_> {
+    type Net = Bert;
+    fn store(&self) -> &Params {
+        &self.store
+    }
+    fn num_layers(&self) -> usize {
+        self.clf.cfg.num_hidden_layers
+    }
+    fn peak_lr(&self, name: &str, lr: f64) -> f64 {
+        if is_head(name) {
+            self.head_lr
+        } else {
+            lr
+        }
+    }
+    fn net(&self, trainable: &dyn Fn(&str) -> bool) -> Result<Bert> {
+        Bert::new(&self.clf.cfg, &self.clf.params, |n| {
+            self.store.get(n).is_some() && trainable(n)
+        })
+    }
+    fn save_final(&self, dir: &Path) -> Result<()> {
+        std::fs::create_dir_all(dir)
+            .map_err(|e| Error::file(dir, format!("cannot create directory: {e}")))?;
+        let tensors: Vec<(String, Tensor)> = self
+            .store
+            .iter()
+            .map(|(k, v)| (k.clone(), v.as_tensor().clone()))
+            .collect();
+        crate::model::load::save_safetensors(&dir.join("model.safetensors"), &tensors)
+    }
+    fn load_final(&self, dir: &Path) -> Result<()> {
+        let path = dir.join("model.safetensors");
+        let dev = self
+            .clf
+            .params
+            .tensor("classifier.weight")?
+            .device()
+            .clone();
+        let saved = candle_core::safetensors::load(&path, &dev)
+            .map_err(|e| Error::file(&path, format!("cannot read: {e}")))?;
+        for (name, var) in self.store.iter() {
+            let t = saved
+                .get(name)
+                .ok_or_else(|| Error::tensor(&path, name, "missing"))?;
+            var.set(t)?;
+        }
+        Ok(())
+    }
+}
+
+/// The training rows' identity in a run directory's configuration: a digest of every row's
+/// token ids and label, so a directory never resumes a run on other data.
+fn data_digest(rows: &[Vec<u32>], labels: &[bool]) -> String {
+    use sha2::{Digest, Sha256};
+    let mut h = Sha256::new();
+    for (r, &l) in rows.iter().zip(labels) {
+        h.update((r.len() as u64).to_le_bytes());
+        for id in r {
+            h.update(id.to_le_bytes());
+        }
+        h.update([l as u8]);
+    }
+    format!("{:x}", h.finalize())
+}
+
+/// Fine-tune `clf` (encoder, pooler and head) on `train` in the run directory `dir`, on the
+/// shared training loop ([`crate::train::train_any`]: seeded batch order, linear warm-up and
+/// decay, global-norm clipping, checkpoints, resume, `metrics.jsonl`); with
+/// [`TrainConfig::freeze_encoder`], the frozen encoder's features are computed once and only the
+/// pooler and the head are trained on them, at `head_lr`.
 pub fn train(
     clf: &mut HarmClassifier,
     train: &[Example],
     cfg: &TrainConfig,
-    log: &mut dyn FnMut(&StepLog),
-) -> Result<()> {
+    dir: &Path,
+) -> Result<TrainSummary> {
     cfg.validate()?;
     if train.is_empty() {
         return Err(Error::msg("no training examples"));
@@ -222,48 +316,68 @@ pub fn train(
         .iter()
         .map(|e| clf.encode_pair(&e.question, &e.answer))
         .collect::<Result<_>>()?;
-    if cfg.freeze_encoder {
-        return train_head(clf, &rows, train, cfg, log);
-    }
-    let adam = AdamWConfig {
-        weight_decay: cfg.weight_decay,
-        ..AdamWConfig::default()
+    let labels: Vec<bool> = train.iter().map(|e| e.harmful).collect();
+    let shared = cfg.shared();
+    let run = RunDir::open(
+        dir,
+        &serde_json::json!({"classifier": cfg, "train": shared, "examples": rows.len(),
+            "data": data_digest(&rows, &labels)}),
+    )?;
+    let clf = &*clf;
+    let readout = clf.readout();
+    let terms = |loss: Tensor| -> Result<StepLoss> {
+        Ok(StepLoss {
+            loss,
+            terms: Default::default(),
+        })
     };
-    let mut opt_body = AdamW::new(&clf.params, |n| !is_head(n), adam)?;
-    let mut opt_head = AdamW::new(&clf.params, is_head, adam)?;
-    let net = Bert::new(&clf.cfg, &clf.params, |_| true)?;
-    let per_epoch = train.len().div_ceil(cfg.batch_size);
-    let total = per_epoch * cfg.epochs;
-    let warmup = (cfg.warmup_fraction * total as f64).round() as usize;
-    let mut order_rng = Rng::new(cfg.seed, "classifier-order");
-    let mut step = 0;
-    for epoch in 0..cfg.epochs {
-        let mut order: Vec<usize> = (0..train.len()).collect();
-        order_rng.shuffle(&mut order);
-        for chunk in order.chunks(cfg.batch_size) {
-            let batch: Vec<Vec<u32>> = chunk.iter().map(|&i| rows[i].clone()).collect();
-            let labels: Vec<bool> = chunk.iter().map(|&i| train[i].harmful).collect();
-            let loss = batch_loss(&net, &batch, &labels, clf.readout())?;
-            let loss_v = loss.to_scalar::<f32>()? as f64;
-            let grads = loss.backward_owned()?;
-            let norm =
-                (opt_body.grad_norm(&grads)?.powi(2) + opt_head.grad_norm(&grads)?.powi(2)).sqrt();
-            let scale = optim::clip_coefficient(norm, Some(cfg.max_grad_norm));
-            let lr = optim::lr_at(Schedule::Linear, cfg.lr, step, total, warmup);
-            let head_lr = optim::lr_at(Schedule::Linear, cfg.head_lr, step, total, warmup);
-            opt_body.step(&grads, lr, scale)?;
-            opt_head.step(&grads, head_lr, scale)?;
-            step += 1;
-            log(&StepLog {
-                step,
-                total,
-                epoch,
-                loss: loss_v,
-                lr,
-            });
+    if cfg.freeze_encoder {
+        let frozen = Bert::new(&clf.cfg, &clf.params, |_| false)?;
+        let feats = frozen_features(&frozen, &rows, readout)?; // [n, d]
+        let mut store = Params::new();
+        for (name, var) in clf.params.iter().filter(|(n, _)| is_pooler_or_head(n)) {
+            store.insert(name.clone(), var.as_tensor().clone())?;
         }
+        let judge = Judge {
+            clf,
+            store,
+            head_lr: cfg.head_lr,
+        };
+        train_any(
+            &run,
+            &judge,
+            rows.len(),
+            &shared,
+            Interrupt::default(),
+            |net, ctx| {
+                let dev = feats.device();
+                let idx: Vec<u32> = ctx.indices.iter().map(|&i| i as u32).collect();
+                let idx = Tensor::from_vec(idx, ctx.indices.len(), dev)?;
+                let logits = net.head(&feats.index_select(&idx, 0)?)?;
+                let t: Vec<u32> = ctx.indices.iter().map(|&i| labels[i] as u32).collect();
+                let t = Tensor::from_vec(t, ctx.indices.len(), dev)?;
+                terms(candle_nn::loss::cross_entropy(&logits, &t)?)
+            },
+        )
+    } else {
+        let judge = Judge {
+            clf,
+            store: clf.params.clone(),
+            head_lr: cfg.head_lr,
+        };
+        train_any(
+            &run,
+            &judge,
+            rows.len(),
+            &shared,
+            Interrupt::default(),
+            |net, ctx| {
+                let batch: Vec<Vec<u32>> = ctx.indices.iter().map(|&i| rows[i].clone()).collect();
+                let batch_labels: Vec<bool> = ctx.indices.iter().map(|&i| labels[i]).collect();
+                terms(batch_loss(net, &batch, &batch_labels, readout)?)
+            },
+        )
     }
-    Ok(())
 }
 
 pub(super) fn is_pooler_or_head(name: &str) -> bool {
@@ -287,85 +401,6 @@ pub fn frozen_features(net: &Bert, rows: &[Vec<u32>], readout: Readout) -> Resul
     }
     let back = Tensor::from_vec(back, rows.len(), sorted.device())?;
     Ok(sorted.index_select(&back, 0)?)
-}
-
-/// [`train`] with the encoder frozen: its features ([`TrainConfig::pooling`]) are computed once,
-/// then the pooler and the head are trained on them (`head_lr`, same schedule and clipping).
-pub(super) fn train_head(
-    clf: &mut HarmClassifier,
-    rows: &[Vec<u32>],
-    train: &[Example],
-    cfg: &TrainConfig,
-    log: &mut dyn FnMut(&StepLog),
-) -> Result<()> {
-    let frozen = Bert::new(&clf.cfg, &clf.params, |_| false)?;
-    let feats = frozen_features(&frozen, rows, clf.readout())?; // [n, d]
-    let labels: Vec<bool> = train.iter().map(|e| e.harmful).collect();
-    fit_head(&clf.params, &feats, &labels, cfg, log)
-}
-
-/// Train the pooler and the classification layer of `params` on features `[n, d]` with labels
-/// (true = harmful): AdamW at `head_lr`, linear warm-up and decay, clipping, seeded order.
-pub(super) fn fit_head(
-    params: &Params,
-    feats: &Tensor,
-    labels: &[bool],
-    cfg: &TrainConfig,
-    log: &mut dyn FnMut(&StepLog),
-) -> Result<()> {
-    let adam = AdamWConfig {
-        weight_decay: cfg.weight_decay,
-        ..AdamWConfig::default()
-    };
-    let mut opt = AdamW::new(params, is_pooler_or_head, adam)?;
-    let var = |n: &str| -> Result<Tensor> {
-        Ok(params
-            .get(n)
-            .ok_or_else(|| Error::msg(format!("the classifier has no `{n}`")))?
-            .as_tensor()
-            .clone())
-    };
-    let (pw, pb) = (
-        var("bert.pooler.dense.weight")?,
-        var("bert.pooler.dense.bias")?,
-    );
-    let (cw, cb) = (var("classifier.weight")?, var("classifier.bias")?);
-    let n = labels.len();
-    let per_epoch = n.div_ceil(cfg.batch_size);
-    let total = per_epoch * cfg.epochs;
-    let warmup = (cfg.warmup_fraction * total as f64).round() as usize;
-    let mut order_rng = Rng::new(cfg.seed, "classifier-order");
-    let dev = feats.device().clone();
-    let mut step = 0;
-    for epoch in 0..cfg.epochs {
-        let mut order: Vec<usize> = (0..n).collect();
-        order_rng.shuffle(&mut order);
-        for chunk in order.chunks(cfg.batch_size) {
-            let idx: Vec<u32> = chunk.iter().map(|&i| i as u32).collect();
-            let idx = Tensor::from_vec(idx, chunk.len(), &dev)?;
-            let x = feats.index_select(&idx, 0)?;
-            let pooled = x.matmul(&pw.t()?)?.broadcast_add(&pb)?.tanh()?;
-            let logits = pooled.matmul(&cw.t()?)?.broadcast_add(&cb)?;
-            let targets: Vec<u32> = chunk.iter().map(|&i| labels[i] as u32).collect();
-            let targets = Tensor::from_vec(targets, chunk.len(), &dev)?;
-            let loss = candle_nn::loss::cross_entropy(&logits, &targets)?;
-            let loss_v = loss.to_scalar::<f32>()? as f64;
-            let grads = loss.backward_owned()?;
-            let norm = opt.grad_norm(&grads)?;
-            let scale = optim::clip_coefficient(norm, Some(cfg.max_grad_norm));
-            let lr = optim::lr_at(Schedule::Linear, cfg.head_lr, step, total, warmup);
-            opt.step(&grads, lr, scale)?;
-            step += 1;
-            log(&StepLog {
-                step,
-                total,
-                epoch,
-                loss: loss_v,
-                lr,
-            });
-        }
-    }
-    Ok(())
 }
 
 /// P(harmful) on labelled examples, and the metrics (trivial answers scored 0, as always).
@@ -663,25 +698,10 @@ pub fn run_train(
     let ck = bert::load_dir(&run.encoder, device)?;
     let mut clf = init_from_encoder(ck, run.task, run.train.max_len, seed, device)?;
     let t0 = std::time::Instant::now();
-    let mut final_loss = f64::NAN;
-    let mut ema: Option<f64> = None;
-    train(&mut clf, train_set, &run.train, &mut |s: &StepLog| {
-        final_loss = s.loss;
-        let e = ema.map_or(s.loss, |e| 0.9 * e + 0.1 * s.loss);
-        ema = Some(e);
-        if s.step % 10 == 0 || s.step == s.total {
-            log(&format!(
-                "step {}/{} epoch {} loss {:.4} (avg {:.4}) lr {:.2e} {:.0}s",
-                s.step,
-                s.total,
-                s.epoch + 1,
-                s.loss,
-                e,
-                s.lr,
-                t0.elapsed().as_secs_f64()
-            ));
-        }
-    })?;
+    // The training run's directory (`config.json`, `metrics.jsonl`, checkpoints): an
+    // interrupted run resumes there.
+    let summary = train(&mut clf, train_set, &run.train, &run.out.join("train"))?;
+    let final_loss = summary.final_terms.get("loss").copied().unwrap_or(f64::NAN);
     let train_seconds = t0.elapsed().as_secs_f64();
     let (scores, held_out) = evaluate(&clf, test_set)?;
     clf.save(&run.out)?;
