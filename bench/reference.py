@@ -2,8 +2,8 @@
 model, shapes, data and thread count as `repnoise bench`, printing one JSON line.
 
 Usage: bench/.venv/bin/python bench/reference.py WHAT MODEL_DIR [--batch B] [--seq T]
-       [--steps N] [--warmup W] [--new-tokens K]
-WHAT: train-step | lora-step | repnoise-step | generate | score
+       [--steps N] [--warmup W] [--new-tokens K] [--items N]
+WHAT: train-step | lora-step | repnoise-step | generate | score | heldout-ce | generate-eval
 
 repnoise-step is the authors' RepNoise loss as shared/docs/ALGORITHM.md and docs/REPNOISE.md
 describe it (written from that description, not copied): MLP outputs caught by forward hooks,
@@ -36,6 +36,7 @@ p.add_argument("--steps", type=int, default=5)
 p.add_argument("--warmup", type=int, default=1)
 p.add_argument("--new-tokens", type=int, default=64)
 p.add_argument("--threads", type=int, default=2)
+p.add_argument("--items", type=int, default=100)
 a = p.parse_args()
 torch.set_num_threads(a.threads)
 torch.manual_seed(0)
@@ -201,6 +202,54 @@ elif a.what == "score":
             lp.sum(-1).tolist(), greedy.tolist()
         if r > 0:
             times.append(time.perf_counter() - t0)
+elif a.what == "heldout-ce":
+    # The instrument's held-out cross-entropy (`repnoise`'s eval::heldout::per_sequence_ce):
+    # --items sequences of --seq tokens whose second half is the answer, --batch at a time,
+    # forward only, the mean cross-entropy of each sequence's answer tokens.
+    model.eval()
+    half = a.seq // 2
+    seqs = [[synthetic_token(7, r, i, 13 if i < half else 77) for i in range(a.seq)]
+            for r in range(a.items)]
+    for r in range(a.steps):
+        t0 = time.perf_counter()
+        ces = []
+        with torch.no_grad():
+            for c in range(0, a.items, a.batch):
+                ids = torch.tensor(seqs[c:c + a.batch])
+                logits = model(input_ids=ids).logits[:, half - 1:-1]
+                ce = F.cross_entropy(logits.reshape(-1, logits.shape[-1]),
+                                     ids[:, half:].reshape(-1), reduction="none")
+                ces += ce.view(ids.shape[0], -1).mean(-1).tolist()
+        times.append(time.perf_counter() - t0)
+    extra = {"items": a.items, "mean_ce": sum(ces) / len(ces)}
+elif a.what == "generate-eval":
+    # The evaluation's generation: --items chat prompts, exactly --new-tokens greedy tokens
+    # each, --batch at a time, left-padded, the batches in order of prompt length as `repnoise`
+    # forms them.
+    model.eval()
+    tok.padding_side = "left"
+    if tok.pad_token is None:
+        tok.pad_token = tok.eos_token
+    texts = [tok.apply_chat_template([{"role": "user", "content": PROMPTS[i % len(PROMPTS)]}],
+                                     tokenize=False, add_generation_prompt=True)
+             for i in range(a.items)]
+    lens = [len(tok(t, add_special_tokens=False).input_ids) for t in texts]
+    order = sorted(range(a.items), key=lambda i: lens[i])
+    tps = []
+    for _ in range(a.steps):
+        t0 = time.perf_counter()
+        for c in range(0, a.items, a.batch):
+            chunk = [texts[i] for i in order[c:c + a.batch]]
+            enc = tok(chunk, return_tensors="pt", padding=True, add_special_tokens=False)
+            with torch.no_grad():
+                out = model.generate(**enc, max_new_tokens=a.new_tokens,
+                                     min_new_tokens=a.new_tokens, do_sample=False,
+                                     pad_token_id=tok.pad_token_id)
+            assert out.shape[1] - enc.input_ids.shape[1] == a.new_tokens
+        dt = time.perf_counter() - t0
+        times.append(dt)
+        tps.append(a.items * a.new_tokens / dt)
+    extra = {"items": a.items, "tokens_per_second": tps}
 else:
     raise SystemExit(f"unknown benchmark {a.what}")
 

@@ -16,6 +16,10 @@ rows = [r for r in rows if r["what"] != "matmul"]
 def shape(r):
     if r["what"] == "generate":
         return f"batch {r['batch']} x {r['new_tokens']} new tokens"
+    if r["what"] == "generate-eval":
+        return f"{r['extra']['items']} prompts x {r['new_tokens']} new tokens, batch {r['batch']}"
+    if r["what"] == "heldout-ce":
+        return f"{r['extra']['items']} sequences x {r['seq']} tokens, batch {r['batch']}"
     unit = "pairs" if r["what"] == "repnoise-step" else "sequences"
     return f"{r['batch']} {unit} x {r['seq']} tokens"
 
@@ -42,7 +46,7 @@ for key, rs in by.items():
     for r in rs:
         s = r["seconds"]
         med = statistics.median(s)
-        if what == "generate":
+        if what in ("generate", "generate-eval"):
             tps = statistics.median(r["extra"]["tokens_per_second"])
             value = f"{med:.2f} s ({tps:.0f} tok/s)"
         elif what in ("train-step", "lora-step"):
@@ -51,6 +55,8 @@ for key, rs in by.items():
         elif what == "repnoise-step" and not is_ref(r):
             # The reference does more arithmetic (the lens at every position): ours only.
             value = f"{med:.2f} s" + flops_note(r, ours_flops, med)
+        elif what == "heldout-ce":
+            value = f"{med:.2f} s (mean CE {r['extra']['mean_ce']:.5f})"
         else:
             value = f"{med:.2f} s"
         mem = r["peak_rss_bytes"] / 2**30

@@ -7,8 +7,10 @@ use super::*;
 pub struct Args {
     #[command(flatten)]
     pub model: ModelArg,
-    /// train-step, lora-step, repnoise-step, generate, score, matmul (this machine's f32
-    /// matmul GFLOP/s), or plot (scaling charts from --results into --out).
+    /// train-step, lora-step, repnoise-step, generate, score, heldout-ce (the held-out
+    /// cross-entropy of --items answers), generate-eval (--new-tokens for --items prompts,
+    /// --batch at a time), matmul (this machine's f32 matmul GFLOP/s), or plot (scaling charts
+    /// from --results into --out).
     pub what: String,
     /// Sequences in the benchmarked batch.
     #[arg(long, default_value_t = 4)]
@@ -22,9 +24,12 @@ pub struct Args {
     /// Untimed repetitions before the timed ones (the training-step benchmarks).
     #[arg(long, default_value_t = 1)]
     pub warmup: usize,
-    /// New tokens per row (generate).
+    /// New tokens per row (generate, generate-eval).
     #[arg(long, default_value_t = 64)]
     pub new_tokens: usize,
+    /// Sequences or prompts in all (heldout-ce, generate-eval).
+    #[arg(long, default_value_t = 100)]
+    pub items: usize,
     /// Results file (JSON lines of earlier bench runs) to plot.
     #[arg(long)]
     pub results: Option<PathBuf>,
@@ -42,6 +47,7 @@ pub fn run(g: &Global, a: Args) -> Result<()> {
         steps,
         warmup,
         new_tokens,
+        items,
         results,
         out,
     } = a;
@@ -107,6 +113,20 @@ pub fn run(g: &Global, a: Args) -> Result<()> {
             let tps: Vec<f64> = t.iter().map(|s| (batch * new_tokens) as f64 / s).collect();
             (t, serde_json::json!({"tokens_per_second": tps}))
         }
+        "heldout-ce" => {
+            let (t, mean_ce) = repnoise::dev::bench::heldout_ce(&m, items, batch, seq, steps)?;
+            (t, serde_json::json!({"items": items, "mean_ce": mean_ce}))
+        }
+        "generate-eval" => {
+            let prompts = bench_prompts(&m, items)?;
+            let t =
+                repnoise::dev::bench::generation_batched(&m, &prompts, batch, new_tokens, steps)?;
+            let tps: Vec<f64> = t.iter().map(|s| (items * new_tokens) as f64 / s).collect();
+            (
+                t,
+                serde_json::json!({"items": items, "tokens_per_second": tps}),
+            )
+        }
         "score" => (
             repnoise::dev::bench::scoring(&m, batch, seq, steps)?,
             serde_json::json!({}),
@@ -117,7 +137,7 @@ pub fn run(g: &Global, a: Args) -> Result<()> {
         }
         other => bail!(
             "bench {other}: expected train-step, lora-step, repnoise-step, generate, \
-             score, matmul or plot"
+             score, heldout-ce, generate-eval, matmul or plot"
         ),
     };
     println!(

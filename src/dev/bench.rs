@@ -209,6 +209,72 @@ pub fn scoring(m: &LoadedModel, batch: usize, seq: usize, reps: usize) -> Result
     Ok(times)
 }
 
+/// The instrument's held-out cross-entropy ([`crate::eval::heldout::per_sequence_ce`], forward
+/// only): `items` sequences of `seq` synthetic tokens whose second half is the answer, `batch`
+/// at a time, timed `reps` times. Returns the times and the mean of the sequences' answer
+/// cross-entropies (the same number as bench/reference.py's).
+pub fn heldout_ce(
+    m: &LoadedModel,
+    items: usize,
+    batch: usize,
+    seq: usize,
+    reps: usize,
+) -> Result<(Vec<f64>, f64)> {
+    let net = Llama::frozen(&m.config, &m.params)?;
+    let half = seq / 2;
+    let seqs: Vec<Encoded> = (0..items)
+        .map(|r| Encoded {
+            ids: (0..seq)
+                .map(|i| {
+                    let offset = if i < half { 13 } else { 77 };
+                    synthetic_token(m.config.vocab_size, 7, r, i, offset)
+                })
+                .collect(),
+            loss_mask: (0..seq).map(|i| (i >= half) as u8).collect(),
+            attention_mask: vec![1; seq],
+        })
+        .collect();
+    let mut times = vec![];
+    let mut mean = f64::NAN;
+    for _ in 0..reps.max(1) {
+        let t0 = Instant::now();
+        let ce = crate::eval::heldout::per_sequence_ce(&net, &seqs, m.tok.pad_id, batch)?;
+        times.push(t0.elapsed().as_secs_f64());
+        mean = ce.iter().map(|&c| c as f64).sum::<f64>() / ce.len().max(1) as f64;
+    }
+    Ok((times, mean))
+}
+
+/// The evaluation's generation: `prompts` answered `batch` at a time in order of length (as
+/// [`crate::eval::answer::generate_batched`] forms its batches), exactly `new_tokens` greedy
+/// tokens each (no early stop), timed `reps` times.
+pub fn generation_batched(
+    m: &LoadedModel,
+    prompts: &[Vec<u32>],
+    batch: usize,
+    new_tokens: usize,
+    reps: usize,
+) -> Result<Vec<f64>> {
+    use crate::data::encode::{length_order, Longest};
+    let net = Llama::frozen(&m.config, &m.params)?;
+    let cfg = SamplingConfig {
+        max_new_tokens: new_tokens,
+        ..Default::default()
+    };
+    let order = length_order(prompts.iter().map(Vec::len), Longest::Last);
+    let mut times = vec![];
+    for _ in 0..reps {
+        let t0 = Instant::now();
+        for chunk in order.chunks(batch.max(1)) {
+            let ids: Vec<Vec<u32>> = chunk.iter().map(|&i| prompts[i].clone()).collect();
+            let out = generate::generate(&net, &ids, m.tok.pad_id, &[], &cfg)?;
+            debug_assert!(out.iter().all(|o| o.len() == new_tokens));
+        }
+        times.push(t0.elapsed().as_secs_f64());
+    }
+    Ok(times)
+}
+
 /// This machine's f32 matrix-multiply rate in GFLOP/s (best of `reps` 2048^3 products), the
 /// peak that step FLOP/s are reported against.
 pub fn matmul_peak_gflops(reps: usize) -> Result<f64> {
