@@ -6,7 +6,7 @@
 # there by hand with the machine description) and bench/out/scaling-*.svg (the charts).
 #
 # Usage: bash bench/run.sh [STEPS]     (STEPS timed repetitions per benchmark, default 3;
-#                                       the scaling shapes use 2)
+#                                       the scaling shapes use 2; SCALING=0 leaves them out)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 STEPS=${1:-3}
@@ -50,19 +50,21 @@ run "$R" "$STEPS" generate --batch 64 --new-tokens 64
 run "$R" "$STEPS" generate --batch 1 --new-tokens 64
 # Scaling: time per step against sequence length (batch 4) and batch size (128 tokens).
 S="$OUT/scaling.jsonl"
-for shape in "4 64" "4 256" "1 128" "2 128" "8 128"; do
-  set -- $shape
-  run "$S" 2 train-step --batch "$1" --seq "$2"
-done
-for shape in "4 64" "4 256" "2 128" "8 128"; do
-  set -- $shape
-  run "$S" 2 repnoise-step --ours-only --batch "$1" --seq "$2"
-done
+if [ "${SCALING:-1}" != 0 ]; then
+  for shape in "4 64" "4 256" "1 128" "2 128" "8 128"; do
+    set -- $shape
+    run "$S" 2 train-step --batch "$1" --seq "$2"
+  done
+  for shape in "4 64" "4 256" "2 128" "8 128"; do
+    set -- $shape
+    run "$S" 2 repnoise-step --ours-only --batch "$1" --seq "$2"
+  done
+fi
 cat "$R" "$S" > "$OUT/all.jsonl"
 "$BIN" bench plot --results "$OUT/all.jsonl" --out "$OUT"
 {
   echo "Machine: $(lscpu | sed -n 's/Model name: *//p'), $(nproc) cores, $(free -g | awk '/Mem:/{print $2}') GiB; $(date -u +%Y-%m-%d)"
-  echo "Command: bash bench/run.sh $STEPS (build $BUILD)"
+  echo "Command: $([ "${SCALING:-1}" = 0 ] && echo "SCALING=0 ")bash bench/run.sh $STEPS (build $BUILD)"
   echo
   python3 bench/report.py "$R" "$S"
 } | tee "$OUT/table.md"
