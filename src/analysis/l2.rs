@@ -64,6 +64,25 @@ pub(super) fn flat_f32(t: &Tensor) -> Result<Vec<f32>> {
 /// Per part of the model (embeddings, each of `num_layers` decoder layers, final norm, LM head
 /// when untied, other tensors when any) the L2 norm of `b - a` and its size relative to `a`.
 /// Both stores must hold the same tensor names with the same shapes; an error names the first
+/// `(sum((b - a)^2), sum(a^2))` in f64, the same bits whatever the thread count: fixed chunks
+/// summed in parallel, then the chunk sums in order (a rayon `reduce` combines partial sums in
+/// an order that depends on the scheduling, which changed the last digits from run to run).
+fn sums_of_squares(a: &[f32], b: &[f32]) -> (f64, f64) {
+    const CHUNK: usize = 1 << 14;
+    let parts: Vec<(f64, f64)> = a
+        .par_chunks(CHUNK)
+        .zip(b.par_chunks(CHUNK))
+        .map(|(a, b)| {
+            a.iter().zip(b).fold((0.0, 0.0), |(d, n), (&p, &q)| {
+                let (p, q) = (p as f64, q as f64);
+                (d + (q - p) * (q - p), n + p * p)
+            })
+        })
+        .collect();
+    parts
+        .iter()
+        .fold((0.0, 0.0), |(d, n), &(x, y)| (d + x, n + y))
+}
 /// tensor that differs.
 pub fn l2_by_layer(a: &Params, b: &Params, num_layers: usize) -> Result<Vec<LayerDistance>> {
     if let Some(n) = b.names().find(|n| a.get(n).is_none()) {
@@ -90,14 +109,7 @@ pub fn l2_by_layer(a: &Params, b: &Params, num_layers: usize) -> Result<Vec<Laye
         }
         let row = part_of(name, num_layers)?;
         let (xa, xb) = (flat_f32(va.as_tensor())?, flat_f32(vb.as_tensor())?);
-        let (d, n) = xa
-            .par_iter()
-            .zip(xb.par_iter())
-            .map(|(&p, &q)| {
-                let (p, q) = (p as f64, q as f64);
-                ((q - p) * (q - p), p * p)
-            })
-            .reduce(|| (0.0, 0.0), |x, y| (x.0 + y.0, x.1 + y.1));
+        let (d, n) = sums_of_squares(&xa, &xb);
         sq_diff[row] += d;
         sq_a[row] += n;
         count[row] += 1;
@@ -128,4 +140,33 @@ pub fn l2_by_layer(a: &Params, b: &Params, num_layers: usize) -> Result<Vec<Laye
         });
     }
     Ok(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The sums do not depend on how many threads share the work (the rayon `reduce` they
+    /// replace did: its partial sums met in a scheduling-dependent order).
+    #[test]
+    fn sums_of_squares_are_the_same_on_any_thread_count() {
+        let mut rng = crate::util::rng::Rng::new(3, "l2-test");
+        let a = rng.normal_vec(300_001, 1.0);
+        let b: Vec<f32> = a.iter().map(|&x| x + 1e-3 * x.sin()).collect();
+        let on = |threads: usize| {
+            rayon::ThreadPoolBuilder::new()
+                .num_threads(threads)
+                .build()
+                .unwrap()
+                .install(|| sums_of_squares(&a, &b))
+        };
+        let one = on(1);
+        for t in [2, 3, 5] {
+            assert_eq!(on(t), one, "{t} threads");
+        }
+        let (d, n) = one;
+        let exact_n: f64 = a.iter().map(|&p| (p as f64) * (p as f64)).sum();
+        assert!((n - exact_n).abs() < 1e-9 * exact_n);
+        assert!(d > 0.0 && d < 1e-5 * n);
+    }
 }
