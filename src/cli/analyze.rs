@@ -62,7 +62,8 @@ pub enum AnalyzeCmd {
         #[command(flatten)]
         pairs: PairsFlags,
         /// Split seeds, comma-separated: one probe per seed and layer.
-        #[arg(long, value_delimiter = ',', default_value = "1,2,3")]
+        #[arg(long, value_delimiter = ',',
+              default_values_t = repnoise::experiment::AnalysisSpec::default().probe_seeds)]
         seeds: Vec<u64>,
         /// Which tokens' hidden states a probe reads (their mean): answer or all.
         #[arg(long, value_enum, default_value = "answer")]

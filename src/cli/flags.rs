@@ -226,7 +226,7 @@ pub struct PairsFlags {
     #[arg(long, value_enum, default_value = "chat")]
     pub format: FormatArg,
     /// Tokens per sample at most (a sample whose answer is cut off entirely is left out).
-    #[arg(long, default_value_t = 128)]
+    #[arg(long, default_value_t = repnoise::experiment::AnalysisSpec::default().max_len)]
     pub max_len: usize,
     /// Sequences per forward pass.
     #[arg(long, default_value_t = 8)]

@@ -3,6 +3,9 @@
 //! multiple-comparison correction, and a paired, hierarchical bootstrap that compares two arms of
 //! an experiment (a defence against the undefended model, or two defences) under the same attack
 //! seeds and prompts.
+//!
+//! Just over 700 lines: the estimators, and their tests by hand and against enumerated
+//! distributions, together.
 
 use serde::{Deserialize, Serialize};
 

@@ -6,6 +6,9 @@
 //! (log_softmax + gather) made about ten full-vocabulary passes and took 1.8 s of a 4 x 128
 //! SmolLM2 step on the 2-core machine (see docs/BENCHMARKS.md); it remains the path on other
 //! devices and the reference in the tests.
+//!
+//! Just over 700 lines: the fused loss, its backward and the fused LM-head variant (which
+//! recomputes its logits chunk by chunk in the backward) are read together.
 
 use std::sync::{Arc, Mutex};
 

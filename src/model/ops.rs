@@ -7,6 +7,9 @@
 //! times its forward (see docs/BENCHMARKS.md). Each op here runs rows in parallel with rayon.
 //! On other devices the composed versions run instead; the tests check both agree, values and
 //! gradients.
+//!
+//! About 770 lines because each op sits beside its backward and its composed twin, which the
+//! tests compare it with; split, an op would be read away from the gradient it must match.
 
 use candle_core::{CpuStorage, CustomOp1, CustomOp2, CustomOp3, Layout, Shape, Tensor, D};
 use rayon::prelude::*;
