@@ -216,7 +216,9 @@ elif a.what == "heldout-ce":
         with torch.no_grad():
             for c in range(0, a.items, a.batch):
                 ids = torch.tensor(seqs[c:c + a.batch])
-                logits = model(input_ids=ids).logits[:, half - 1:-1]
+                # The LM head only where an answer token is predicted, as the instrument does.
+                h = model.model(input_ids=ids).last_hidden_state[:, half - 1:-1]
+                logits = model.lm_head(h)
                 ce = F.cross_entropy(logits.reshape(-1, logits.shape[-1]),
                                      ids[:, half:].reshape(-1), reduction="none")
                 ces += ce.view(ids.shape[0], -1).mean(-1).tolist()

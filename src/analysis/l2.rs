@@ -61,9 +61,6 @@ pub(super) fn flat_f32(t: &Tensor) -> Result<Vec<f32>> {
         .to_vec1::<f32>()?)
 }
 
-/// Per part of the model (embeddings, each of `num_layers` decoder layers, final norm, LM head
-/// when untied, other tensors when any) the L2 norm of `b - a` and its size relative to `a`.
-/// Both stores must hold the same tensor names with the same shapes; an error names the first
 /// `(sum((b - a)^2), sum(a^2))` in f64, the same bits whatever the thread count: fixed chunks
 /// summed in parallel, then the chunk sums in order (a rayon `reduce` combines partial sums in
 /// an order that depends on the scheduling, which changed the last digits from run to run).
@@ -83,6 +80,10 @@ fn sums_of_squares(a: &[f32], b: &[f32]) -> (f64, f64) {
         .iter()
         .fold((0.0, 0.0), |(d, n), &(x, y)| (d + x, n + y))
 }
+
+/// Per part of the model (embeddings, each of `num_layers` decoder layers, final norm, LM head
+/// when untied, other tensors when any) the L2 norm of `b - a` and its size relative to `a`.
+/// Both stores must hold the same tensor names with the same shapes; an error names the first
 /// tensor that differs.
 pub fn l2_by_layer(a: &Params, b: &Params, num_layers: usize) -> Result<Vec<LayerDistance>> {
     if let Some(n) = b.names().find(|n| a.get(n).is_none()) {

@@ -621,6 +621,7 @@ pub fn run(exp: &Experiment, out: &Path, opts: &RunOptions) -> Result<Results> {
                         .join(format!("{}-{akey}", a.name))
                         .join(cell.dir_name(seed));
                     let label = format!("attack {} with {} seed {seed}", arm.label(), cell.label());
+                    let fresh = !dir.join("result.json").exists();
                     let r: AttackResult = st.json(&label, &dir.join("result.json"), || {
                         if defended.is_none() {
                             defended = Some(load(&mdir, opts)?);
@@ -641,8 +642,9 @@ pub fn run(exp: &Experiment, out: &Path, opts: &RunOptions) -> Result<Results> {
                         };
                         attack_one(&ctx, base, &dir)
                     })?;
-                    // Once its result is written (a kill before leaves them for the rerun).
-                    if !exp.keep_attacked_models {
+                    // Once its result is written (a kill before leaves them for the rerun),
+                    // and only by the invocation that made them.
+                    if fresh && !exp.keep_attacked_models {
                         let _ = std::fs::remove_dir_all(dir.join("model"));
                         let _ = std::fs::remove_dir_all(dir.join("adapter"));
                     }

@@ -415,6 +415,9 @@ impl<T: Trainee<Net = Llama> + ?Sized> Trainee for WithFrozen<'_, T> {
     fn num_layers(&self) -> usize {
         self.inner.num_layers()
     }
+    fn peak_lr(&self, name: &str, lr: f64) -> f64 {
+        self.inner.peak_lr(name, lr)
+    }
     fn net(&self, trainable: &dyn Fn(&str) -> bool) -> Result<Llama> {
         self.inner
             .net(trainable)?

@@ -321,7 +321,7 @@ pub fn train(
     let run = RunDir::open(
         dir,
         &serde_json::json!({"classifier": cfg, "train": shared, "examples": rows.len(),
-            "data": data_digest(&rows, &labels)}),
+            "data": data_digest(&rows, &labels), "encoder": clf.source}),
     )?;
     let clf = &*clf;
     let readout = clf.readout();
