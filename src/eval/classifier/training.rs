@@ -331,25 +331,31 @@ pub fn train(
             terms: Default::default(),
         })
     };
-    if cfg.freeze_encoder {
+    // With a frozen encoder: its features, computed once, and only the pooler and the head to
+    // train on them; otherwise the whole store.
+    let (feats, store) = if cfg.freeze_encoder {
         let frozen = Bert::new(&clf.cfg, &clf.params, |_| false)?;
-        let feats = frozen_features(&frozen, &rows, readout)?; // [n, d]
         let mut store = Params::new();
         for (name, var) in clf.params.iter().filter(|(n, _)| is_pooler_or_head(n)) {
             store.insert(name.clone(), var.as_tensor().clone())?;
         }
-        let judge = Judge {
-            clf,
-            store,
-            head_lr: cfg.head_lr,
-        };
-        train_any(
-            &run,
-            &judge,
-            rows.len(),
-            &shared,
-            Interrupt::default(),
-            |net, ctx| {
+        (Some(frozen_features(&frozen, &rows, readout)?), store) // [n, d]
+    } else {
+        (None, clf.params.clone())
+    };
+    let judge = Judge {
+        clf,
+        store,
+        head_lr: cfg.head_lr,
+    };
+    train_any(
+        &run,
+        &judge,
+        rows.len(),
+        &shared,
+        Interrupt::default(),
+        |net, ctx| match &feats {
+            Some(feats) => {
                 let dev = feats.device();
                 let idx: Vec<u32> = ctx.indices.iter().map(|&i| i as u32).collect();
                 let idx = Tensor::from_vec(idx, ctx.indices.len(), dev)?;
@@ -357,27 +363,14 @@ pub fn train(
                 let t: Vec<u32> = ctx.indices.iter().map(|&i| labels[i] as u32).collect();
                 let t = Tensor::from_vec(t, ctx.indices.len(), dev)?;
                 terms(candle_nn::loss::cross_entropy(&logits, &t)?)
-            },
-        )
-    } else {
-        let judge = Judge {
-            clf,
-            store: clf.params.clone(),
-            head_lr: cfg.head_lr,
-        };
-        train_any(
-            &run,
-            &judge,
-            rows.len(),
-            &shared,
-            Interrupt::default(),
-            |net, ctx| {
+            }
+            None => {
                 let batch: Vec<Vec<u32>> = ctx.indices.iter().map(|&i| rows[i].clone()).collect();
                 let batch_labels: Vec<bool> = ctx.indices.iter().map(|&i| labels[i]).collect();
                 terms(batch_loss(net, &batch, &batch_labels, readout)?)
-            },
-        )
-    }
+            }
+        },
+    )
 }
 
 pub(super) fn is_pooler_or_head(name: &str) -> bool {
