@@ -203,27 +203,34 @@ elif a.what == "score":
         if r > 0:
             times.append(time.perf_counter() - t0)
 elif a.what == "heldout-ce":
-    # The instrument's held-out cross-entropy (`repnoise`'s eval::heldout::per_sequence_ce):
-    # --items sequences of --seq tokens whose second half is the answer, --batch at a time,
-    # forward only, the mean cross-entropy of each sequence's answer tokens.
+    # The instrument's held-out cross-entropy (`repnoise`'s eval::heldout::score): --items items
+    # of a prompt of --seq/2 tokens, a harmful answer of --seq/2 and a refusal of --seq/4, each
+    # answer scored as its own sequence after the prompt (the plain way; repnoise packs the two
+    # behind the prompt), --batch sequences at a time in order of length, forward only; the mean
+    # cross-entropy of each sequence's answer tokens.
     model.eval()
-    half = a.seq // 2
-    seqs = [[synthetic_token(7, r, i, 13 if i < half else 77) for i in range(a.seq)]
-            for r in range(a.items)]
+    p = a.seq // 2
+    def seqs(n, offset):
+        return [[synthetic_token(7, r, i, 13 if i < p else offset) for i in range(p + n)]
+                for r in range(a.items)]
+    parts = [seqs(a.seq // 2, 77), seqs(a.seq // 4, 5077)]
     for r in range(a.steps):
         t0 = time.perf_counter()
-        ces = []
+        means = []
         with torch.no_grad():
-            for c in range(0, a.items, a.batch):
-                ids = torch.tensor(seqs[c:c + a.batch])
-                # The LM head only where an answer token is predicted, as the instrument does.
-                h = model.model(input_ids=ids).last_hidden_state[:, half - 1:-1]
-                logits = model.lm_head(h)
-                ce = F.cross_entropy(logits.reshape(-1, logits.shape[-1]),
-                                     ids[:, half:].reshape(-1), reduction="none")
-                ces += ce.view(ids.shape[0], -1).mean(-1).tolist()
+            for part in parts:
+                ces = []
+                for c in range(0, a.items, a.batch):
+                    ids = torch.tensor(part[c:c + a.batch])
+                    # The LM head only where an answer token is predicted, as the instrument does.
+                    h = model.model(input_ids=ids).last_hidden_state[:, p - 1:-1]
+                    logits = model.lm_head(h)
+                    ce = F.cross_entropy(logits.reshape(-1, logits.shape[-1]),
+                                         ids[:, p:].reshape(-1), reduction="none")
+                    ces += ce.view(ids.shape[0], -1).mean(-1).tolist()
+                means.append(sum(ces) / len(ces))
         times.append(time.perf_counter() - t0)
-    extra = {"items": a.items, "mean_ce": sum(ces) / len(ces)}
+    extra = {"items": a.items, "mean_harmful_ce": means[0], "mean_refusal_ce": means[1]}
 elif a.what == "generate-eval":
     # The evaluation's generation: --items chat prompts, exactly --new-tokens greedy tokens
     # each, --batch at a time, left-padded, the batches in order of prompt length as `repnoise`

@@ -19,7 +19,9 @@ def shape(r):
     if r["what"] == "generate-eval":
         return f"{r['extra']['items']} prompts x {r['new_tokens']} new tokens, batch {r['batch']}"
     if r["what"] == "heldout-ce":
-        return f"{r['extra']['items']} sequences x {r['seq']} tokens, batch {r['batch']}"
+        p = r['seq'] // 2
+        return (f"{r['extra']['items']} items: prompt {p} + answers {p} and {r['seq'] // 4} "
+                f"tokens, batch {r['batch']}")
     unit = "pairs" if r["what"] == "repnoise-step" else "sequences"
     return f"{r['batch']} {unit} x {r['seq']} tokens"
 
@@ -56,7 +58,8 @@ for key, rs in by.items():
             # The reference does more arithmetic (the lens at every position): ours only.
             value = f"{med:.2f} s" + flops_note(r, ours_flops, med)
         elif what == "heldout-ce":
-            value = f"{med:.2f} s (mean CE {r['extra']['mean_ce']:.5f})"
+            e = r["extra"]
+            value = f"{med:.2f} s (mean CE {e['mean_harmful_ce']:.5f} / {e['mean_refusal_ce']:.5f})"
         else:
             value = f"{med:.2f} s"
         mem = r["peak_rss_bytes"] / 2**30

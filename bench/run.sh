@@ -42,9 +42,12 @@ run "$R" "$STEPS" repnoise-step --batch 4 --seq 128
 run "$R" "$STEPS" generate --batch 8 --new-tokens 64
 run "$R" "$STEPS" score --batch 4 --seq 128
 # The study's evaluation work (configs/study-embedded.toml): the held-out cross-entropy of 100
-# answers ([heldout.config]: max_len 64, batch 16) and 50 tokens for 100 prompts at the
-# generation batch of 50; generation at batch 64 and 1 (per-token latency) too.
+# items' harmful answers and refusals ([heldout.config]: max_len 64, batch 16; repnoise packs an
+# item's two answers behind their prompt, and once more scores them apart as it used to) and 50
+# tokens for 100 prompts at the generation batch of 50; generation at batch 64 and 1 (per-token
+# latency) too.
 run "$R" "$STEPS" heldout-ce --batch 16 --seq 64 --items 100
+run "$R" "$STEPS" heldout-ce --ours-only --apart --batch 16 --seq 64 --items 100
 run "$R" "$STEPS" generate-eval --batch 50 --new-tokens 50 --items 100
 run "$R" "$STEPS" generate --batch 64 --new-tokens 64
 run "$R" "$STEPS" generate --batch 1 --new-tokens 64

@@ -8,7 +8,7 @@ pub struct Args {
     #[command(flatten)]
     pub model: ModelArg,
     /// train-step, lora-step, repnoise-step, generate, score, heldout-ce (the held-out
-    /// cross-entropy of --items answers), generate-eval (--new-tokens for --items prompts,
+    /// cross-entropy of --items items' harmful answers and refusals), generate-eval (--new-tokens for --items prompts,
     /// --batch at a time), matmul (this machine's f32 matmul GFLOP/s), or plot (scaling charts
     /// from --results into --out).
     pub what: String,
@@ -30,6 +30,10 @@ pub struct Args {
     /// Sequences or prompts in all (heldout-ce, generate-eval).
     #[arg(long, default_value_t = 100)]
     pub items: usize,
+    /// heldout-ce: score each item's two answers as separate sequences (the instrument's way
+    /// before it packed them behind their shared prompt).
+    #[arg(long)]
+    pub apart: bool,
     /// Results file (JSON lines of earlier bench runs) to plot.
     #[arg(long)]
     pub results: Option<PathBuf>,
@@ -48,9 +52,13 @@ pub fn run(g: &Global, a: Args) -> Result<()> {
         warmup,
         new_tokens,
         items,
+        apart,
         results,
         out,
     } = a;
+    if apart && what != "heldout-ce" {
+        bail!("bench {what}: --apart applies to heldout-ce only");
+    }
     if what == "plot" {
         let (Some(results), Some(out)) = (results, out) else {
             bail!("bench plot needs --results FILE and --out DIR");
@@ -114,8 +122,13 @@ pub fn run(g: &Global, a: Args) -> Result<()> {
             (t, serde_json::json!({"tokens_per_second": tps}))
         }
         "heldout-ce" => {
-            let (t, mean_ce) = repnoise::dev::bench::heldout_ce(&m, items, batch, seq, steps)?;
-            (t, serde_json::json!({"items": items, "mean_ce": mean_ce}))
+            let (t, [harmful, refusal]) =
+                repnoise::dev::bench::heldout_ce(&m, items, batch, seq, steps, apart)?;
+            (
+                t,
+                serde_json::json!({"items": items, "mean_harmful_ce": harmful,
+                    "mean_refusal_ce": refusal}),
+            )
         }
         "generate-eval" => {
             let prompts = bench_prompts(&m, items)?;
@@ -143,7 +156,7 @@ pub fn run(g: &Global, a: Args) -> Result<()> {
     println!(
         "{}",
         serde_json::json!({
-            "impl": "repnoise", "what": what, "batch": batch, "seq": seq,
+            "impl": if apart { "repnoise (answers apart)" } else { "repnoise" }, "what": what, "batch": batch, "seq": seq,
             "new_tokens": new_tokens, "seconds": times, "extra": extra,
             "peak_rss_bytes": repnoise::dev::bench::peak_rss_bytes(),
             "threads": rayon::current_num_threads(),

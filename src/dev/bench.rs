@@ -209,40 +209,57 @@ pub fn scoring(m: &LoadedModel, batch: usize, seq: usize, reps: usize) -> Result
     Ok(times)
 }
 
-/// The instrument's held-out cross-entropy ([`crate::eval::heldout::per_sequence_ce`], forward
-/// only): `items` sequences of `seq` synthetic tokens whose second half is the answer, `batch`
-/// at a time, timed `reps` times. Returns the times and the mean of the sequences' answer
-/// cross-entropies (the same number as bench/reference.py's).
+/// The instrument's held-out cross-entropy ([`crate::eval::heldout::score`], forward only):
+/// `items` synthetic items of a prompt of `seq / 2` tokens followed by a harmful answer of
+/// `seq / 2` tokens and a refusal of `seq / 4` (two sequences of `seq` and `3 seq / 4` tokens),
+/// `batch` at a time, timed `reps` times; `apart` scores the two answers as separate sequences
+/// ([`crate::eval::heldout::per_sequence_ce`] twice, the instrument's way before it packed
+/// them behind their shared prompt). Returns the times and the mean cross-entropy of the
+/// harmful answers and of the refusals (the same numbers as bench/reference.py's).
 pub fn heldout_ce(
     m: &LoadedModel,
     items: usize,
     batch: usize,
     seq: usize,
     reps: usize,
-) -> Result<(Vec<f64>, f64)> {
+    apart: bool,
+) -> Result<(Vec<f64>, [f64; 2])> {
+    use crate::eval::heldout::{per_sequence_ce, score, HeldoutEncoded};
     let net = Llama::frozen(&m.config, &m.params)?;
-    let half = seq / 2;
-    let seqs: Vec<Encoded> = (0..items)
-        .map(|r| Encoded {
-            ids: (0..seq)
-                .map(|i| {
-                    let offset = if i < half { 13 } else { 77 };
-                    synthetic_token(m.config.vocab_size, 7, r, i, offset)
-                })
-                .collect(),
-            loss_mask: (0..seq).map(|i| (i >= half) as u8).collect(),
-            attention_mask: vec![1; seq],
-        })
-        .collect();
+    let (prompt, harmful, refusal) = (seq / 2, seq / 2, seq / 4);
+    let seq_of = |r: usize, answer: usize, offset: usize| Encoded {
+        ids: (0..prompt + answer)
+            .map(|i| {
+                let o = if i < prompt { 13 } else { offset };
+                synthetic_token(m.config.vocab_size, 7, r, i, o)
+            })
+            .collect(),
+        loss_mask: (0..prompt + answer).map(|i| (i >= prompt) as u8).collect(),
+        attention_mask: vec![1; prompt + answer],
+    };
+    let enc = HeldoutEncoded {
+        harmful: (0..items).map(|r| seq_of(r, harmful, 77)).collect(),
+        refusal: (0..items).map(|r| seq_of(r, refusal, 5077)).collect(),
+        pad_id: m.tok.pad_id,
+    };
+    let mean = |xs: &[f32]| xs.iter().map(|&c| c as f64).sum::<f64>() / xs.len().max(1) as f64;
     let mut times = vec![];
-    let mut mean = f64::NAN;
+    let mut means = [f64::NAN; 2];
     for _ in 0..reps.max(1) {
         let t0 = Instant::now();
-        let ce = crate::eval::heldout::per_sequence_ce(&net, &seqs, m.tok.pad_id, batch)?;
+        let (h, r) = if apart {
+            (
+                per_sequence_ce(&net, &enc.harmful, enc.pad_id, batch)?,
+                per_sequence_ce(&net, &enc.refusal, enc.pad_id, batch)?,
+            )
+        } else {
+            let s = score(&net, &enc, batch)?;
+            (s.harmful_ce, s.refusal_ce)
+        };
         times.push(t0.elapsed().as_secs_f64());
-        mean = ce.iter().map(|&c| c as f64).sum::<f64>() / ce.len().max(1) as f64;
+        means = [mean(&h), mean(&r)];
     }
-    Ok((times, mean))
+    Ok((times, means))
 }
 
 /// The evaluation's generation: `prompts` answered `batch` at a time in order of length (as

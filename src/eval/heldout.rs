@@ -21,6 +21,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::data::encode::{encode_qa, length_order, EncodeOptions, Longest, PromptFormat};
 use crate::data::Encoded;
+use crate::eval::stability::{score_packed_with, OptionScore};
 use crate::model::llama::Llama;
 use crate::model::loss::linear_row_nll;
 use crate::model::tokenizer::Tok;
@@ -167,11 +168,77 @@ pub fn mean(xs: &[f32]) -> f64 {
 
 /// Score every held-out item with `net` (forward passes only; no gradient is kept, whatever
 /// `net` tracks).
+///
+/// An item's harmful answer and refusal follow the same prompt, so they are scored in one
+/// packed row: the prompt once, then each answer attending to the prompt and to itself only, at
+/// the positions it has alone ([`score_packed_with`]). The same arithmetic as scoring the two
+/// sequences apart ([`per_sequence_ce`]) up to float rounding, for the prompt's tokens once
+/// instead of twice. An item whose two encodings do not share their prompt tokens, or whose
+/// answer tokens are not one unbroken span, is scored apart.
 pub fn score(net: &Llama, enc: &HeldoutEncoded, batch: usize) -> Result<HeldoutScores> {
-    Ok(HeldoutScores {
-        harmful_ce: per_sequence_ce(net, &enc.harmful, enc.pad_id, batch)?,
-        refusal_ce: per_sequence_ce(net, &enc.refusal, enc.pad_id, batch)?,
-    })
+    let n = enc.harmful.len();
+    if enc.refusal.len() != n {
+        return Err(Error::msg(format!(
+            "held-out scoring: {n} harmful answers but {} refusals",
+            enc.refusal.len()
+        )));
+    }
+    let mut out = HeldoutScores {
+        harmful_ce: vec![f32::NAN; n],
+        refusal_ce: vec![f32::NAN; n],
+    };
+    let (mut packed, mut packed_items, mut apart) = (vec![], vec![], vec![]);
+    for i in 0..n {
+        match shared_prompt(&enc.harmful[i], &enc.refusal[i]) {
+            Some(p) => {
+                packed.push(p);
+                packed_items.push(i);
+            }
+            None => apart.push(i),
+        }
+    }
+    for (scores, &i) in score_packed_with(net, &packed, batch, false)?
+        .iter()
+        .zip(&packed_items)
+    {
+        let ce = |s: &OptionScore| (-s.loglik / s.tokens as f64) as f32;
+        out.harmful_ce[i] = ce(&scores[0]);
+        out.refusal_ce[i] = ce(&scores[1]);
+    }
+    if !apart.is_empty() {
+        let pick = |v: &[Encoded]| apart.iter().map(|&i| v[i].clone()).collect::<Vec<_>>();
+        let harmful = per_sequence_ce(net, &pick(&enc.harmful), enc.pad_id, batch)?;
+        let refusal = per_sequence_ce(net, &pick(&enc.refusal), enc.pad_id, batch)?;
+        for (k, &i) in apart.iter().enumerate() {
+            out.harmful_ce[i] = harmful[k];
+            out.refusal_ce[i] = refusal[k];
+        }
+    }
+    Ok(out)
+}
+
+/// The tokens that count in `e` ([`per_sequence_ce`]'s: answer tokens that are not padding),
+/// as one span `first..=last`; `None` when there are none, when the first is the sequence's
+/// first token (nothing predicts it), or when the span has a gap.
+fn answer_span(e: &Encoded) -> Option<(usize, usize)> {
+    let counts = |p: usize| e.loss_mask[p] == 1 && e.attention_mask[p] == 1;
+    let first = (1..e.len()).find(|&p| counts(p))?;
+    let last = (first..e.len()).rev().find(|&p| counts(p))?;
+    (first..=last).all(counts).then_some((first, last))
+}
+
+/// The shared prompt of an item's two encodings and their answer spans, as
+/// [`score_packed_with`] takes them; `None` when they cannot be packed.
+fn shared_prompt(harmful: &Encoded, refusal: &Encoded) -> Option<(Vec<u32>, Vec<Vec<u32>>)> {
+    let (hf, hl) = answer_span(harmful)?;
+    let (rf, rl) = answer_span(refusal)?;
+    if hf != rf || harmful.ids[..hf] != refusal.ids[..rf] {
+        return None;
+    }
+    Some((
+        harmful.ids[..hf].to_vec(),
+        vec![harmful.ids[hf..=hl].to_vec(), refusal.ids[rf..=rl].to_vec()],
+    ))
 }
 
 /// Mean cross-entropy of each sequence's answer tokens (`loss_mask`), in the input order.

@@ -20,7 +20,7 @@ use super::stats::{mean_se, MeanSe};
 use crate::data::encode::{length_order, Longest};
 use crate::data::mc::{self, McItem, McOption};
 use crate::model::llama::{positions_for, ForwardOpts, Llama, Logits};
-use crate::model::loss::row_nll;
+use crate::model::loss::{linear_row_nll, row_nll};
 use crate::model::tokenizer::Tok;
 use crate::util::rng::Rng;
 use crate::{Error, Result};
@@ -115,7 +115,7 @@ pub fn score_tokens(
         }
         let ids = Tensor::from_vec(ids, (b, t), &dev)?;
         let pos = positions_for(b, t, 0, &dev)?;
-        let (chosen, best) = picked_logprobs(net, &ids, &pos, None, pick, &targets)?;
+        let (chosen, best) = picked_logprobs(net, &ids, &pos, None, pick, &targets, true)?;
         let mut k = 0;
         for (r, &i) in chunk.iter().enumerate() {
             let m = rows[r].2.len();
@@ -130,7 +130,9 @@ pub fn score_tokens(
 }
 
 /// One forward pass of `ids` `[b, t]`; at each flat position of `index` (row * t + column),
-/// log p(target) and the argmax token (the LM head runs on those positions only).
+/// log p(target) and, when `greedy`, the argmax token (else no tokens). The LM head runs on
+/// those positions only; without `greedy`, a chunk of positions at a time
+/// ([`linear_row_nll`]: the logits of every position are never held at once).
 fn picked_logprobs(
     net: &Llama,
     ids: &Tensor,
@@ -138,6 +140,7 @@ fn picked_logprobs(
     mask: Option<&Tensor>,
     index: Vec<u32>,
     targets: &[u32],
+    greedy: bool,
 ) -> Result<(Vec<f32>, Vec<u32>)> {
     let (b, t) = ids.dims2()?;
     let fwd = net.forward(
@@ -160,6 +163,11 @@ fn picked_logprobs(
         .reshape((b * t, h.dim(2)?))?
         .index_select(&Tensor::from_vec(index, n, net.device())?, 0)?
         .unsqueeze(0)?;
+    if !greedy {
+        let normed = net.final_norm(&rows_h)?.squeeze(0)?.detach();
+        let nll = linear_row_nll(&normed, &net.lm_head_weight().detach(), targets.to_vec())?;
+        return Ok((nll.neg()?.to_vec1()?, vec![]));
+    }
     // Logits [n, vocab]; log p(target) = -NLL, from the fused row cross-entropy.
     let logits = net.lm_head(&net.final_norm(&rows_h)?)?.squeeze(0)?;
     let chosen: Vec<f32> = row_nll(&logits, targets.to_vec())?.neg()?.to_vec1()?;
@@ -178,6 +186,18 @@ pub fn score_packed(
     items: &[(Vec<u32>, Vec<Vec<u32>>)],
     batch: usize,
 ) -> Result<Vec<Vec<OptionScore>>> {
+    score_packed_with(net, items, batch, true)
+}
+
+/// [`score_packed`]; without `greedy`, no argmax is taken (every `greedy` flag is false) and the
+/// LM head runs a chunk of positions at a time, so the logits of a whole batch are never held
+/// at once (the held-out cross-entropy's way, `eval::heldout::score`).
+pub fn score_packed_with(
+    net: &Llama,
+    items: &[(Vec<u32>, Vec<Vec<u32>>)],
+    batch: usize,
+    greedy: bool,
+) -> Result<Vec<Vec<OptionScore>>> {
     let dev = net.device().clone();
     let packed_len = |(c, os): &(Vec<u32>, Vec<Vec<u32>>)| {
         c.len() + os.iter().map(|o| o.len().saturating_sub(1)).sum::<usize>()
@@ -189,7 +209,7 @@ pub fn score_packed(
             vec![
                 OptionScore {
                     loglik: 0.0,
-                    greedy: true,
+                    greedy,
                     tokens: 0
                 };
                 os.len()
@@ -255,12 +275,13 @@ pub fn score_packed(
             Some(&Tensor::from_vec(mask, (b, 1, t, t), &dev)?),
             index,
             &targets,
+            greedy,
         )?;
         for (j, &(_, y, i, k)) in picks.iter().enumerate() {
             let s = &mut out[i][k];
             s.tokens += 1;
             s.loglik += chosen[j] as f64;
-            s.greedy &= best[j] == y;
+            s.greedy &= greedy && best[j] == y;
         }
     }
     Ok(out)

@@ -205,3 +205,64 @@ fn over_refusal_cli_answers_the_drawn_prompts() {
     let err = String::from_utf8_lossy(&o.stderr);
     assert!(err.contains("safe") && err.contains("250"), "{err}");
 }
+
+/// The held-out cross-entropy packs each item's harmful answer and refusal behind their shared
+/// prompt; every item's two figures are those of scoring each sequence alone (the mean
+/// negative log-probability of its answer tokens), in any batch, for an item whose answer the
+/// length cap cuts, and for one whose two encodings do not share their prompt (scored apart).
+#[test]
+fn packed_heldout_scores_equal_each_sequence_alone() {
+    use repnoise::data::encode::PromptFormat;
+    use repnoise::eval::heldout::{self, HeldoutConfig, HeldoutItem};
+    let m = tiny_loaded(29);
+    let net = Llama::frozen(&m.config, &m.params).unwrap();
+    let item = |p: &str, h: &str, r: &str| HeldoutItem {
+        prompt: p.into(),
+        harmful: h.into(),
+        refusal: r.into(),
+    };
+    let items = [
+        item("how to", "like so", "no"),
+        item("a", "a long answer that the cap cuts", "no"),
+        item("why", "as", "not that"),
+        item("the long one", "so", "no"),
+    ];
+    let cfg = |max_len| HeldoutConfig {
+        format: PromptFormat::Chat,
+        max_len,
+        ..HeldoutConfig::default()
+    };
+    // A cap 6 tokens short of the second item's harmful sequence, above every other one.
+    let whole = heldout::encode(&m.tok, &items, &cfg(1000)).unwrap();
+    let cap = whole.harmful[1].len() - 6;
+    assert!((whole.harmful.iter().chain(&whole.refusal))
+        .enumerate()
+        .all(|(k, e)| k == 1 || e.len() <= cap));
+    let mut enc = heldout::encode(&m.tok, &items, &cfg(cap)).unwrap();
+    assert_eq!(enc.harmful[1].len(), cap);
+    // The last item's refusal gets another prompt token: its pair cannot share a prompt.
+    enc.refusal[3].ids[1] = enc.refusal[3].ids[1] % 200 + 1;
+    let alone = |e: &repnoise::data::Encoded| -> f32 {
+        let lp = token_logprobs(&net, &e.ids).unwrap();
+        let picked: Vec<f64> = (1..e.len())
+            .filter(|&p| e.loss_mask[p] == 1)
+            .map(|p| -lp[p - 1] as f64)
+            .collect();
+        (picked.iter().sum::<f64>() / picked.len() as f64) as f32
+    };
+    for batch in [1, 2, 3] {
+        let got = heldout::score(&net, &enc, batch).unwrap();
+        for i in 0..items.len() {
+            for (what, g, e) in [
+                ("harmful", got.harmful_ce[i], &enc.harmful[i]),
+                ("refusal", got.refusal_ce[i], &enc.refusal[i]),
+            ] {
+                let want = alone(e);
+                assert!(
+                    (g - want).abs() < 1e-4 * want.abs().max(1.0),
+                    "item {i} {what} batch {batch}: {g} against {want} alone"
+                );
+            }
+        }
+    }
+}
