@@ -34,6 +34,11 @@ pub struct Args {
     /// before it packed them behind their shared prompt).
     #[arg(long)]
     pub apart: bool,
+    /// heldout-ce: score these held-out items (the JSON an experiment writes to
+    /// `OUT/heldout-KEY.json`: the items, then notes) in the chat format, cut to --seq tokens,
+    /// instead of synthetic ones; --items caps how many.
+    #[arg(long)]
+    pub heldout: Option<PathBuf>,
     /// Results file (JSON lines of earlier bench runs) to plot.
     #[arg(long)]
     pub results: Option<PathBuf>,
@@ -53,11 +58,15 @@ pub fn run(g: &Global, a: Args) -> Result<()> {
         new_tokens,
         items,
         apart,
+        heldout,
         results,
         out,
     } = a;
     if apart && what != "heldout-ce" {
         bail!("bench {what}: --apart applies to heldout-ce only");
+    }
+    if heldout.is_some() && what != "heldout-ce" {
+        bail!("bench {what}: --heldout applies to heldout-ce only");
     }
     if what == "plot" {
         let (Some(results), Some(out)) = (results, out) else {
@@ -122,12 +131,22 @@ pub fn run(g: &Global, a: Args) -> Result<()> {
             (t, serde_json::json!({"tokens_per_second": tps}))
         }
         "heldout-ce" => {
+            let (enc, source) = match &heldout {
+                None => (
+                    repnoise::dev::bench::synthetic_heldout(&m, items, seq),
+                    "synthetic".to_string(),
+                ),
+                Some(path) => (
+                    real_heldout(&m, path, items, seq)?,
+                    path.display().to_string(),
+                ),
+            };
             let (t, [harmful, refusal]) =
-                repnoise::dev::bench::heldout_ce(&m, items, batch, seq, steps, apart)?;
+                repnoise::dev::bench::heldout_ce(&m, &enc, batch, steps, apart)?;
             (
                 t,
-                serde_json::json!({"items": items, "mean_harmful_ce": harmful,
-                    "mean_refusal_ce": refusal}),
+                serde_json::json!({"items": enc.harmful.len(), "mean_harmful_ce": harmful,
+                    "mean_refusal_ce": refusal, "source": source}),
             )
         }
         "generate-eval" => {
@@ -163,6 +182,27 @@ pub fn run(g: &Global, a: Args) -> Result<()> {
         })
     );
     Ok(())
+}
+
+/// The first `items` held-out items of an experiment's `heldout-KEY.json`, encoded as the
+/// instrument encodes them (chat format, `max_len` tokens); items that do not fit are an error
+/// (the experiment left them out already, at its own `max_len`).
+fn real_heldout(
+    m: &LoadedModel,
+    path: &Path,
+    items: usize,
+    max_len: usize,
+) -> Result<repnoise::eval::heldout::HeldoutEncoded> {
+    use repnoise::eval::heldout::{encode, HeldoutConfig, HeldoutItem};
+    let text = std::fs::read_to_string(path).with_context(|| format!("{}", path.display()))?;
+    let (mut list, _notes): (Vec<HeldoutItem>, Vec<String>) = serde_json::from_str(&text)
+        .with_context(|| format!("{}: expected [items, notes]", path.display()))?;
+    list.truncate(items);
+    let cfg = HeldoutConfig {
+        max_len,
+        ..HeldoutConfig::default()
+    };
+    Ok(encode(&m.tok, &list, &cfg).with_context(|| format!("{}", path.display()))?)
 }
 
 /// The fixed prompts both benchmark implementations generate from (see bench/reference.py).

@@ -9,6 +9,7 @@ use candle_core::Tensor;
 use crate::data::encode::EncodedPair;
 use crate::data::Encoded;
 use crate::defence::repnoise::{repnoise_loss, PairBatch, RepNoiseConfig, RepNoiseTerms};
+use crate::eval::heldout::HeldoutEncoded;
 use crate::model::generate::{self, SamplingConfig};
 use crate::model::llama::Llama;
 use crate::model::load::LoadedModel;
@@ -209,23 +210,10 @@ pub fn scoring(m: &LoadedModel, batch: usize, seq: usize, reps: usize) -> Result
     Ok(times)
 }
 
-/// The instrument's held-out cross-entropy ([`crate::eval::heldout::score`], forward only):
-/// `items` synthetic items of a prompt of `seq / 2` tokens followed by a harmful answer of
-/// `seq / 2` tokens and a refusal of `seq / 4` (two sequences of `seq` and `3 seq / 4` tokens),
-/// `batch` at a time, timed `reps` times; `apart` scores the two answers as separate sequences
-/// ([`crate::eval::heldout::per_sequence_ce`] twice, the instrument's way before it packed
-/// them behind their shared prompt). Returns the times and the mean cross-entropy of the
-/// harmful answers and of the refusals (the same numbers as bench/reference.py's).
-pub fn heldout_ce(
-    m: &LoadedModel,
-    items: usize,
-    batch: usize,
-    seq: usize,
-    reps: usize,
-    apart: bool,
-) -> Result<(Vec<f64>, [f64; 2])> {
-    use crate::eval::heldout::{per_sequence_ce, score, HeldoutEncoded};
-    let net = Llama::frozen(&m.config, &m.params)?;
+/// The held-out arm's synthetic items: `items` of a prompt of `seq / 2` tokens followed by a
+/// harmful answer of `seq / 2` tokens and a refusal of `seq / 4` (two sequences of `seq` and
+/// `3 seq / 4` tokens); the same tokens as bench/reference.py's.
+pub fn synthetic_heldout(m: &LoadedModel, items: usize, seq: usize) -> HeldoutEncoded {
     let (prompt, harmful, refusal) = (seq / 2, seq / 2, seq / 4);
     let seq_of = |r: usize, answer: usize, offset: usize| Encoded {
         ids: (0..prompt + answer)
@@ -237,12 +225,27 @@ pub fn heldout_ce(
         loss_mask: (0..prompt + answer).map(|i| (i >= prompt) as u8).collect(),
         attention_mask: vec![1; prompt + answer],
     };
-    let enc = HeldoutEncoded {
+    HeldoutEncoded {
         harmful: (0..items).map(|r| seq_of(r, harmful, 77)).collect(),
         refusal: (0..items).map(|r| seq_of(r, refusal, 5077)).collect(),
         pad_id: m.tok.pad_id,
-    };
-    let mean = |xs: &[f32]| xs.iter().map(|&c| c as f64).sum::<f64>() / xs.len().max(1) as f64;
+    }
+}
+
+/// The instrument's held-out cross-entropy ([`crate::eval::heldout::score`], forward only) of
+/// `enc`, `batch` sequences at a time, timed `reps` times; `apart` scores each item's two
+/// answers as separate sequences ([`crate::eval::heldout::per_sequence_ce`] twice, the
+/// instrument's way before it packed them behind their shared prompt). Returns the times and
+/// the mean cross-entropy of the harmful answers and of the refusals.
+pub fn heldout_ce(
+    m: &LoadedModel,
+    enc: &HeldoutEncoded,
+    batch: usize,
+    reps: usize,
+    apart: bool,
+) -> Result<(Vec<f64>, [f64; 2])> {
+    use crate::eval::heldout::{mean, per_sequence_ce, score};
+    let net = Llama::frozen(&m.config, &m.params)?;
     let mut times = vec![];
     let mut means = [f64::NAN; 2];
     for _ in 0..reps.max(1) {
@@ -253,7 +256,7 @@ pub fn heldout_ce(
                 per_sequence_ce(&net, &enc.refusal, enc.pad_id, batch)?,
             )
         } else {
-            let s = score(&net, &enc, batch)?;
+            let s = score(&net, enc, batch)?;
             (s.harmful_ce, s.refusal_ce)
         };
         times.push(t0.elapsed().as_secs_f64());
