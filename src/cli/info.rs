@@ -33,7 +33,7 @@ pub fn run(g: &Global, a: Args) -> Result<()> {
         "qkv_bias": c.qkv_bias,
         "parameters": m.params.num_elements(),
         "stored_dtype": m.stored_dtype,
-        "compute_dtype": "f32",
+        "compute_dtype": m.config.compute_dtype.as_str(),
         "tokenizer_vocab": m.tok.vocab_size(),
         "bos_token": m.tok.bos_token,
         "eos_token": m.tok.eos_token,

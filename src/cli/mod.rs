@@ -29,6 +29,7 @@ mod finetune;
 mod flags;
 mod generate;
 mod info;
+mod init;
 mod logprobs;
 mod loss;
 mod refusal_rate;
@@ -63,6 +64,12 @@ struct Global {
     /// Device: cpu, or cuda[:N] when built with the `cuda` feature.
     #[arg(long, global = true, default_value = "cpu")]
     device: String,
+    /// The dtype models compute in: f32, or bf16/f16 (mixed precision: weights, gradients and
+    /// AdamW moments stay f32; activations in bf16/f16; logits, losses, the logit lens and the
+    /// MMD in f32; f16 training scales the loss dynamically). For GPUs; f32 on CPU, where
+    /// bf16/f16 run the unfused path, slower.
+    #[arg(long, global = true, default_value = "f32")]
+    dtype: String,
 }
 
 #[derive(Args)]
@@ -84,6 +91,11 @@ enum Cmd {
     Convert(convert::Args),
     /// Describe a model: architecture, sizes, tokenizer, template, dtype, parameter count.
     Info(info::Args),
+    /// Write a model of a shape (llama-2-7b, llama-3-8b, or a config.json) with random weights.
+    Init(init::InitArgs),
+    /// The memory a step needs, term by term, for a model or a shape (a model of what this
+    /// implementation holds; checked against measured peaks in docs/BENCHMARKS.md).
+    Memory(init::MemoryArgs),
     /// Dataset tools.
     Data {
         #[command(subcommand)]
@@ -163,6 +175,8 @@ pub fn run(cli: Cli) -> Result<()> {
         Cmd::Generate(a) => generate::run(g, a),
         Cmd::Logprobs(a) => logprobs::run(g, a),
         Cmd::Convert(a) => convert::run(g, a),
+        Cmd::Init(a) => init::run_init(a),
+        Cmd::Memory(a) => init::run_memory(g, a),
         Cmd::Info(a) => info::run(g, a),
         Cmd::Bench(a) => bench::run(g, a),
         Cmd::Align(a) => align::run(g, a),
@@ -179,6 +193,10 @@ pub fn run(cli: Cli) -> Result<()> {
         Cmd::Classifier { cmd } => classifier::run(g, cmd),
         Cmd::Data { cmd } => data::run(g, cmd),
     }
+}
+
+fn dtype(spec: &str) -> Result<candle_core::DType> {
+    Ok(repnoise::model::config::parse_compute_dtype(spec)?)
 }
 
 fn device(spec: &str) -> Result<candle_core::Device> {
@@ -217,7 +235,11 @@ fn load(global: &Global, spec: &str) -> Result<LoadedModel> {
         .clone()
         .unwrap_or_else(repnoise::model::assets::default_cache_dir);
     let dev = device(&global.device)?;
-    load::load(spec, &cache, &dev).with_context(|| format!("loading model `{spec}`"))
+    let dt = dtype(&global.dtype)?;
+    let mut m =
+        load::load(spec, &cache, &dev).with_context(|| format!("loading model `{spec}`"))?;
+    m.config.compute_dtype = dt;
+    Ok(m)
 }
 
 #[cfg(test)]

@@ -66,6 +66,7 @@ pub fn run_experiment(
         device: device(&g.device)?,
         command: std::env::args().collect::<Vec<_>>().join(" "),
         ignore_align_targets,
+        dtype: dtype(&g.dtype)?,
     };
     let r = repnoise::experiment::run(exp, out, &opts)?;
     repnoise::report::write_report(&r, out)?;

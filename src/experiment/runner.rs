@@ -14,6 +14,22 @@ pub struct RunOptions {
     pub command: String,
     /// Go on past an aligned model that misses its over-refusal or knowledge targets.
     pub ignore_align_targets: bool,
+    /// The dtype every model of the run computes in (`--dtype`; f32 by default).
+    pub dtype: candle_core::DType,
+}
+
+impl RunOptions {
+    /// The cache key of a stage that runs a model: its settings, and the compute dtype when it
+    /// is not f32 (so f32 keys, and the runs made before `--dtype` existed, are unchanged, and
+    /// a bf16 run never reuses an f32 result).
+    pub fn stage_key(&self, mut v: Value) -> String {
+        if self.dtype != candle_core::DType::F32 {
+            if let Value::Object(m) = &mut v {
+                m.insert("dtype".into(), Value::from(self.dtype.as_str()));
+            }
+        }
+        key_of(&v)
+    }
 }
 
 pub(super) struct Stages {
@@ -85,7 +101,9 @@ impl Stages {
 }
 
 pub(super) fn load(spec: &str, opts: &RunOptions) -> Result<LoadedModel> {
-    crate::model::load::load(spec, &opts.cache, &opts.device)
+    let mut m = crate::model::load::load(spec, &opts.cache, &opts.device)?;
+    m.config.compute_dtype = opts.dtype;
+    Ok(m)
 }
 
 /// Hold `OUT/.lock` (an advisory `flock`, released when the returned file is dropped or the
@@ -198,7 +216,7 @@ pub fn run(exp: &Experiment, out: &Path, opts: &RunOptions) -> Result<Results> {
             } else {
                 cfg.exclude_files = vec![data_path(exp)];
             }
-            let key = key_of(&json!({"model": exp.model, "align": cfg}));
+            let key = opts.stage_key(json!({"model": exp.model, "align": cfg}));
             let dir = out.join(format!("align-{key}"));
             let done = dir.join("report.json").exists() && dir.join("DONE").exists();
             let rep = st.run("align the model", done, || {
@@ -297,7 +315,7 @@ pub fn run(exp: &Experiment, out: &Path, opts: &RunOptions) -> Result<Results> {
             (p.clone(), key_of(&json!({"file": p, "text": text})))
         }
         None => {
-            let key = key_of(&json!({"model": aligned_dir, "split": split_key,
+            let key = opts.stage_key(json!({"model": aligned_dir, "split": split_key,
                 "pairs": exp.pairs}));
             (out.join(format!("pairs-{key}.jsonl")), key)
         }
@@ -363,7 +381,8 @@ pub fn run(exp: &Experiment, out: &Path, opts: &RunOptions) -> Result<Results> {
             None => (pairs_path.clone(), pairs_key.clone()),
             Some(g) => withheld_pairs(exp, &pairs_path, &pairs_key, g, out)?,
         };
-        let key = key_of(&json!({"model": aligned_dir, "pairs": d_pairs_key, "defend": cfg}));
+        let key =
+            opts.stage_key(json!({"model": aligned_dir, "pairs": d_pairs_key, "defend": cfg}));
         let dir = out.join("defences").join(format!("{}-{key}", d.name));
         let done = dir.join("DONE").exists();
         st.run(&format!("defence {}", arm.label()), done, || {
@@ -397,7 +416,7 @@ pub fn run(exp: &Experiment, out: &Path, opts: &RunOptions) -> Result<Results> {
             0 => eval_prompts.len(),
             n => n.min(eval_prompts.len()),
         };
-        let key = key_of(&json!({"model": aligned_dir, "split": split_key,
+        let key = opts.stage_key(json!({"model": aligned_dir, "split": split_key,
             "on": exp.evaluate_on, "heldout": hcfg, "prompts": exp.heldout.prompts}));
         let path = out.join(format!("heldout-{key}.json"));
         let (items, notes): (Vec<HeldoutItem>, Vec<String>) =
@@ -439,7 +458,7 @@ pub fn run(exp: &Experiment, out: &Path, opts: &RunOptions) -> Result<Results> {
         let first_seed = arm.is_first_seed(exp);
         let (mdir, method, secs) = model_dirs[&id].clone();
         let edir = out.join("eval").join(&id);
-        let hkey = key_of(&json!({"model": mdir, "split": split_key, "eval": harm_cfg,
+        let hkey = opts.stage_key(json!({"model": mdir, "split": split_key, "eval": harm_cfg,
             "classifier": clf_dir, "on": exp.evaluate_on, "judge_prompts": exp.eval.judge_prompts}));
         let hdir = edir.join(format!("harm-{hkey}"));
         let (harm, rows): (HarmReport, Vec<crate::eval::harmfulness::Scored>) = {
@@ -475,7 +494,7 @@ pub fn run(exp: &Experiment, out: &Path, opts: &RunOptions) -> Result<Results> {
             }
         };
         let overrefusal = if exp.overrefusal.enabled {
-            let okey = key_of(&json!({"model": mdir, "spec": exp.overrefusal,
+            let okey = opts.stage_key(json!({"model": mdir, "spec": exp.overrefusal,
                 "classifier": clf_dir, "left_out": xs_used}));
             let odir = edir.join(format!("overrefusal-{okey}"));
             // `evaluate` writes its report into `odir` itself.
@@ -501,7 +520,7 @@ pub fn run(exp: &Experiment, out: &Path, opts: &RunOptions) -> Result<Results> {
         let mut stability = vec![];
         let wants = |list: &Vec<String>| first_seed && (list.is_empty() || list.contains(name));
         if !exp.eval.stability_tasks.is_empty() && wants(&exp.eval.stability_on) {
-            let skey = key_of(&json!({"model": mdir, "tasks": exp.eval.stability_tasks,
+            let skey = opts.stage_key(json!({"model": mdir, "tasks": exp.eval.stability_tasks,
                 "limit": exp.eval.stability_limit, "max_len": exp.eval.stability_max_len,
                 "seed": exp.split_seed}));
             let sdir = edir.join(format!("stability-{skey}"));
@@ -525,7 +544,7 @@ pub fn run(exp: &Experiment, out: &Path, opts: &RunOptions) -> Result<Results> {
         if let Some(task) = &exp.eval.trainability_task {
             if wants(&exp.eval.trainability_on) {
                 let ft = &exp.eval.trainability;
-                let key = key_of(&json!({"model": mdir, "task": task, "ft": ft,
+                let key = opts.stage_key(json!({"model": mdir, "task": task, "ft": ft,
                     "tokens": exp.eval.trainability_tokens}));
                 let tdir = edir.join(format!("trainability-{key}"));
                 let tpath = tdir.join("trainability.json");
@@ -582,8 +601,8 @@ pub fn run(exp: &Experiment, out: &Path, opts: &RunOptions) -> Result<Results> {
         {
             let name = &arm.defence;
             let (mdir, _, _) = model_dirs[&arm.id()].clone();
-            let key = key_of(
-                &json!({"model": mdir, "aligned": aligned_dir, "pairs": pairs_key,
+            let key = opts.stage_key(
+                json!({"model": mdir, "aligned": aligned_dir, "pairs": pairs_key,
                 "analysis": an}),
             );
             let path = out.join("analysis").join(format!("{name}-{key}.json"));
@@ -607,12 +626,10 @@ pub fn run(exp: &Experiment, out: &Path, opts: &RunOptions) -> Result<Results> {
         // Loaded once, when the first attack on it runs; each attack trains a copy.
         let mut defended: Option<LoadedModel> = None;
         for a in &exp.attacks {
-            let akey = key_of(
-                &json!({"model": mdir, "data": split_key, "attack": a.config,
+            let akey = opts.stage_key(json!({"model": mdir, "data": split_key, "attack": a.config,
                 "eval": harm_cfg, "classifier": clf_dir, "on": exp.evaluate_on,
                 "judge_prompts": exp.eval.judge_prompts, "eval_steps": a.eval_steps,
-                "heldout": heldout.as_ref().map(|h| &h.2)}),
-            );
+                "heldout": heldout.as_ref().map(|h| &h.2)}));
             for cell in cells.iter().filter(|c| c.attack == a.name) {
                 for &seed in &exp.seeds {
                     let dir = out

@@ -53,6 +53,27 @@ pub struct ModelConfig {
     pub o_bias: bool,
     pub bos_token_id: Option<u32>,
     pub eos_token_ids: Vec<u32>,
+    /// The dtype activations are computed in (`--dtype`): f32 (the default), or bf16/f16 with
+    /// the weights kept in f32 and cast on use (mixed precision). Not part of the file: a
+    /// model's `config.json` says how it is stored, this says how it is run.
+    #[serde(skip, default = "f32_dtype")]
+    pub compute_dtype: candle_core::DType,
+}
+
+fn f32_dtype() -> candle_core::DType {
+    candle_core::DType::F32
+}
+
+/// `--dtype`: the compute dtypes a model can run in.
+pub fn parse_compute_dtype(s: &str) -> Result<candle_core::DType> {
+    match s {
+        "f32" => Ok(candle_core::DType::F32),
+        "bf16" => Ok(candle_core::DType::BF16),
+        "f16" => Ok(candle_core::DType::F16),
+        other => Err(Error::msg(format!(
+            "--dtype {other}: expected f32, bf16 or f16"
+        ))),
+    }
 }
 
 impl ModelConfig {
@@ -270,6 +291,7 @@ pub fn parse_hf_config(text: &str, path: &Path) -> Result<ModelConfig> {
         o_bias: arch == Arch::Llama && attention_bias,
         bos_token_id: ids_of(&hf.bos_token_id).first().copied(),
         eos_token_ids: ids_of(&hf.eos_token_id),
+        compute_dtype: candle_core::DType::F32,
     };
     cfg.validate(path)?;
     Ok(cfg)

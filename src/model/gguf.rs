@@ -216,6 +216,7 @@ pub fn load(path: &Path, device: &Device) -> Result<GgufModel> {
         o_bias: has_o_bias,
         bos_token_id: tokenizer.bos_id,
         eos_token_ids: tokenizer.eos_id.into_iter().collect(),
+        compute_dtype: candle_core::DType::F32,
     };
     config.validate(path)?;
 

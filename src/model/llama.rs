@@ -1,4 +1,5 @@
-//! Llama-family decoder (Llama, Llama-2, SmolLM2, Qwen2) in f32, built only from candle
+//! Llama-family decoder (Llama, Llama-2, SmolLM2, Qwen2) in f32 or mixed precision (bf16/f16
+//! activations over f32 weights, [`ModelConfig::compute_dtype`]), built only from candle
 //! operations whose backward pass reaches their inputs (no fused rms_norm, softmax_last_dim or
 //! rope kernels: those silently drop gradients, see `shared/docs/STYLE.md`).
 //!
@@ -200,6 +201,7 @@ pub fn projection_of(name: &str) -> Option<(usize, usize)> {
 
 /// The decoder. Holds tensors that share storage with a [`Params`] store: built trainable they
 /// are the variables themselves (gradients flow to them), built frozen they are detached views.
+#[derive(Clone)]
 pub struct Llama {
     cfg: ModelConfig,
     embed: Tensor,
@@ -210,6 +212,8 @@ pub struct Llama {
     cos: Tensor,
     sin: Tensor,
     device: Device,
+    /// The dtype activations are computed in ([`ModelConfig::compute_dtype`]).
+    dtype: DType,
     /// Added to each layer's attention output (after `o_proj`, before the residual add); see
     /// [`Llama::with_attention_offsets`].
     attn_offsets: Option<Vec<Tensor>>,
@@ -220,16 +224,21 @@ fn linear_ad(x: &Tensor, w: &Tensor, b: Option<&Tensor>, ads: &[Adapter]) -> Res
     let mut y = linear(x, w, b)?;
     let (bsz, t, din) = x.dims3()?;
     for ad in ads {
+        // Mixed precision: weights stay f32 variables and are cast on use (PyTorch's autocast);
+        // `to_dtype` is a cheap handle when the dtype already matches.
+        let (a, bm) = (ad.a.to_dtype(x.dtype())?, ad.b.to_dtype(x.dtype())?);
         // The scale goes on the rank-wide product (`[rows, r]`), not on the output: one pass
         // over the output fewer, and candle's scalar multiply runs on one thread.
-        let z = (x.reshape((bsz * t, din))?.matmul(&ad.a.t()?)? * ad.scale)?.matmul(&ad.b.t()?)?;
+        let z = (x.reshape((bsz * t, din))?.matmul(&a.t()?)? * ad.scale)?.matmul(&bm.t()?)?;
         y = (y + z.reshape((bsz, t, ()))?)?;
     }
     Ok(y)
 }
 
+/// `x w^T + b` for `x` `[b, t, in]`, `w` `[out, in]`, in `x`'s dtype.
 fn linear(x: &Tensor, w: &Tensor, b: Option<&Tensor>) -> Result<Tensor> {
     let (bsz, t, din) = x.dims3()?; // [b, t, in]
+    let w = &w.to_dtype(x.dtype())?;
     let x = x.reshape((bsz * t, din))?;
     // Up to `MAX_NARROW` rows (decoding), `x w^T` is a stream of dot products through the
     // weight on CPU (vendor/candle-core, `cpu_backend/dot_matmul.rs`). From there to 64 rows
@@ -243,15 +252,16 @@ fn linear(x: &Tensor, w: &Tensor, b: Option<&Tensor>) -> Result<Tensor> {
         x.matmul(&w.t()?)?
     }; // [b*t, out]
     let y = match b {
-        Some(b) => y.broadcast_add(b)?,
+        Some(b) => y.broadcast_add(&b.to_dtype(y.dtype())?)?,
         None => y,
     };
     Ok(y.reshape((bsz, t, ()))?)
 }
 
-/// RMSNorm: `x / sqrt(mean(x^2) + eps) * w` (fused with its own backward on CPU).
+/// RMSNorm: `x / sqrt(mean(x^2) + eps) * w` in `x`'s dtype (fused with its own backward on
+/// CPU in f32; other dtypes reduce in f32, as `transformers` does).
 pub fn rms_norm(x: &Tensor, w: &Tensor, eps: f64) -> Result<Tensor> {
-    ops::rms_norm(x, w, eps)
+    ops::rms_norm(x, &w.to_dtype(x.dtype())?, eps)
 }
 
 /// Additive attention mask `[b, 1, t, past + t]`: query `i` (absolute position `past + i`) sees
@@ -289,18 +299,21 @@ pub fn attention_mask(
 
 impl Llama {
     /// Build from a parameter store; `trainable(name)` decides which tensors carry gradients
-    /// (the rest are detached, i.e. frozen).
+    /// (the rest are detached, i.e. frozen). In a compute dtype other than f32
+    /// ([`ModelConfig::compute_dtype`]) the frozen weights are cast once here (a copy in that
+    /// dtype beside the f32 store) and the trainable ones stay the f32 variables, cast on use.
     pub fn new(
         cfg: &ModelConfig,
         params: &Params,
         trainable: impl Fn(&str) -> bool,
     ) -> Result<Self> {
+        let dtype = cfg.compute_dtype;
         let get = |name: &str| -> Result<Tensor> {
             let t = params.tensor(name)?;
             Ok(if trainable(name) {
                 t.clone()
             } else {
-                t.detach()
+                t.detach().to_dtype(dtype)?
             })
         };
         let opt = |name: &str| -> Result<Option<Tensor>> {
@@ -347,6 +360,7 @@ impl Llama {
             cos,
             sin,
             device,
+            dtype,
             attn_offsets: None,
         })
     }
@@ -372,6 +386,7 @@ impl Llama {
             cos: self.cos.clone(),
             sin: self.sin.clone(),
             device: self.device.clone(),
+            dtype: self.dtype,
             attn_offsets: Some(offsets),
         })
     }
@@ -406,9 +421,15 @@ impl Llama {
         &self.device
     }
 
-    /// The final RMSNorm (used by the logit lens).
+    /// The dtype activations are computed in.
+    pub fn dtype(&self) -> DType {
+        self.dtype
+    }
+
+    /// The final RMSNorm (used by the logit lens), computed in the model's dtype; f32 out.
     pub fn final_norm(&self, h: &Tensor) -> Result<Tensor> {
-        rms_norm(h, &self.norm, self.cfg.rms_norm_eps)
+        let y = rms_norm(&h.to_dtype(self.dtype)?, &self.norm, self.cfg.rms_norm_eps)?;
+        Ok(y.to_dtype(DType::F32)?)
     }
 
     /// The LM head matrix `[vocab, d]` (the token embedding when tied).
@@ -416,9 +437,10 @@ impl Llama {
         &self.lm_head
     }
 
-    /// Logits from a (normed) hidden state `[b, t, d]` -> `[b, t, vocab]`.
+    /// Logits from a (normed) hidden state `[b, t, d]` -> `[b, t, vocab]`: the product in the
+    /// model's dtype, the logits in f32.
     pub fn lm_head(&self, h: &Tensor) -> Result<Tensor> {
-        linear(h, &self.lm_head, None)
+        Ok(linear(&h.to_dtype(self.dtype)?, &self.lm_head, None)?.to_dtype(DType::F32)?)
     }
 
     /// Forward pass.
@@ -463,17 +485,22 @@ impl Llama {
                 self.cos.dim(0)?
             )));
         }
-        let cos = self.cos.index_select(&flat_pos, 0)?;
-        let sin = self.sin.index_select(&flat_pos, 0)?;
+        // The angles in f32, then in the compute dtype (as `transformers`).
+        let cos = self.cos.index_select(&flat_pos, 0)?.to_dtype(self.dtype)?;
+        let sin = self.sin.index_select(&flat_pos, 0)?.to_dtype(self.dtype)?;
 
-        let mut x =
-            self.embed
-                .index_select(&ids.flatten_all()?, 0)?
-                .reshape((b, t, cfg.hidden_size))?; // [b, t, d]
+        let mut x = self
+            .embed
+            .index_select(&ids.flatten_all()?, 0)?
+            .reshape((b, t, cfg.hidden_size))?
+            .to_dtype(self.dtype)?; // [b, t, d]
+                                    // What the forward returns besides logits is f32 whatever the compute dtype: the
+                                    // RepNoise loss, the logit lens and the MMD accumulate in f32.
+        let f32 = |t: &Tensor| t.to_dtype(DType::F32);
         let mut hidden_states = Vec::new();
         let mut mlp_outputs = Vec::new();
         if opts.hidden_states {
-            hidden_states.push(x.clone());
+            hidden_states.push(f32(&x)?);
         }
         let scale = 1.0 / (hd as f64).sqrt();
         for (li, layer) in self.layers.iter().enumerate() {
@@ -525,7 +552,7 @@ impl Llama {
                 .reshape((b, t, h * hd))?;
             let mut attn = linear_ad(&attn, &layer.o, layer.o_bias.as_ref(), &layer.adapters[3])?;
             if let Some(off) = &self.attn_offsets {
-                attn = attn.broadcast_add(&off[li])?;
+                attn = attn.broadcast_add(&off[li].to_dtype(attn.dtype())?)?;
             }
             x = (x + attn)?;
 
@@ -540,17 +567,17 @@ impl Llama {
                 &layer.adapters[6],
             )?; // [b, t, d]
             if opts.mlp_outputs {
-                mlp_outputs.push(mlp.clone());
+                mlp_outputs.push(f32(&mlp)?);
             }
             x = (x + mlp)?;
             if opts.hidden_states {
-                hidden_states.push(x.clone());
+                hidden_states.push(f32(&x)?);
             }
         }
         if let Some(c) = cache {
             c.len = past + t;
         }
-        let residual = x.clone();
+        let residual = f32(&x)?;
         let logits = match opts.logits {
             Logits::None => None,
             Logits::Last => {

@@ -236,14 +236,16 @@ pub fn load_hf_dir(dir: &Path, device: &Device) -> Result<LoadedModel> {
     })
 }
 
-struct F32View {
+/// One tensor's bytes, little-endian, as a safetensors view.
+struct RawView {
+    dtype: safetensors::Dtype,
     shape: Vec<usize>,
     bytes: Vec<u8>,
 }
 
-impl safetensors::View for &F32View {
+impl safetensors::View for &RawView {
     fn dtype(&self) -> safetensors::Dtype {
-        safetensors::Dtype::F32
+        self.dtype
     }
     fn shape(&self) -> &[usize] {
         &self.shape
@@ -256,8 +258,6 @@ impl safetensors::View for &F32View {
     }
 }
 
-/// Write `tensors` as one f32 safetensors file (with `format: pt` metadata, which
-/// `transformers` expects), atomically.
 /// Every tensor of a safetensors file, mapped read-only: `f(name, tensor)` for each, loaded
 /// onto `device` (the reader checks each tensor's offsets against the file before it is read).
 /// Errors name the file, and the tensor when one fails to load.
@@ -282,17 +282,55 @@ pub fn for_each_safetensor(
     Ok(())
 }
 
+/// Write `tensors` as one f32 safetensors file (with `format: pt` metadata, which
+/// `transformers` expects), atomically.
 pub fn save_safetensors(path: &Path, tensors: &[(String, Tensor)]) -> Result<()> {
+    save_safetensors_as(path, tensors, candle_core::DType::F32)
+}
+
+/// [`save_safetensors`] storing every tensor as `store` (f32, bf16 or f16).
+pub fn save_safetensors_as(
+    path: &Path,
+    tensors: &[(String, Tensor)],
+    store: candle_core::DType,
+) -> Result<()> {
+    use candle_core::DType;
     let mut views = Vec::with_capacity(tensors.len());
     for (name, t) in tensors {
-        let data: Vec<f32> = t
-            .flatten_all()?
-            .to_dtype(candle_core::DType::F32)?
-            .to_vec1()?;
-        let bytes: Vec<u8> = data.iter().flat_map(|x| x.to_le_bytes()).collect();
+        let flat = t.flatten_all()?.to_dtype(store)?;
+        let (dtype, bytes): (_, Vec<u8>) = match store {
+            DType::F32 => (
+                safetensors::Dtype::F32,
+                flat.to_vec1::<f32>()?
+                    .iter()
+                    .flat_map(|x| x.to_le_bytes())
+                    .collect(),
+            ),
+            DType::BF16 => (
+                safetensors::Dtype::BF16,
+                flat.to_vec1::<half::bf16>()?
+                    .iter()
+                    .flat_map(|x| x.to_le_bytes())
+                    .collect(),
+            ),
+            DType::F16 => (
+                safetensors::Dtype::F16,
+                flat.to_vec1::<half::f16>()?
+                    .iter()
+                    .flat_map(|x| x.to_le_bytes())
+                    .collect(),
+            ),
+            other => {
+                return Err(Error::file(
+                    path,
+                    format!("cannot store tensors as {}", other.as_str()),
+                ))
+            }
+        };
         views.push((
             name.clone(),
-            F32View {
+            RawView {
+                dtype,
                 shape: t.dims().to_vec(),
                 bytes,
             },

@@ -11,7 +11,7 @@
 //! About 770 lines because each op sits beside its backward and its composed twin, which the
 //! tests compare it with; split, an op would be read away from the gradient it must match.
 
-use candle_core::{CpuStorage, CustomOp1, CustomOp2, CustomOp3, Layout, Shape, Tensor, D};
+use candle_core::{CpuStorage, CustomOp1, CustomOp2, CustomOp3, DType, Layout, Shape, Tensor, D};
 use rayon::prelude::*;
 
 use crate::util::error::Result;
@@ -150,10 +150,15 @@ impl CustomOp3 for RmsNormGrad {
     }
 }
 
-/// Composed RMSNorm (differentiable through stock candle ops).
+/// Composed RMSNorm (differentiable through stock candle ops). Below f32 the normalisation is
+/// computed in f32 and rounded to `x`'s dtype before the weight multiplies it, as
+/// `transformers`' `LlamaRMSNorm` does.
 pub fn rms_norm_composed(x: &Tensor, w: &Tensor, eps: f64) -> Result<Tensor> {
-    let var = x.sqr()?.mean_keepdim(D::Minus1)?;
-    Ok(x.broadcast_div(&(var + eps)?.sqrt()?)?.broadcast_mul(w)?)
+    let dt = x.dtype();
+    let xf = x.to_dtype(DType::F32)?;
+    let var = xf.sqr()?.mean_keepdim(D::Minus1)?;
+    let normed = xf.broadcast_div(&(var + eps)?.sqrt()?)?.to_dtype(dt)?;
+    Ok(normed.broadcast_mul(w)?)
 }
 
 /// RMSNorm over the last dimension: `x / sqrt(mean(x^2) + eps) * w`.
@@ -357,7 +362,11 @@ pub fn masked_softmax(scores: &Tensor, mask: &Tensor, scale: f64) -> Result<Tens
             },
         )?);
     }
-    softmax_last(&(scores * scale)?.broadcast_add(mask)?)
+    // Below f32, the scores are scaled, masked and normalised in f32 and the probabilities
+    // rounded back (`transformers`' eager attention: `softmax(..., dtype=torch.float32)`).
+    let dt = scores.dtype();
+    let s = (scores.to_dtype(DType::F32)? * scale)?.broadcast_add(&mask.to_dtype(DType::F32)?)?;
+    Ok(softmax_last(&s)?.to_dtype(dt)?)
 }
 
 // ---------------------------------------------------------------------------------------------

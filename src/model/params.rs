@@ -52,6 +52,28 @@ pub fn expected_shapes(cfg: &ModelConfig) -> Vec<(String, Vec<usize>)> {
     out
 }
 
+/// The tensors of [`Params::random`], one at a time: `f(name, shape, values)` in name order
+/// (so a model too large to hold in f32 can be written tensor by tensor).
+pub fn random_tensors(
+    cfg: &ModelConfig,
+    seed: u64,
+    mut f: impl FnMut(String, Vec<usize>, Vec<f32>) -> Result<()>,
+) -> Result<()> {
+    let mut rng = Rng::new(seed, "init");
+    for (name, shape) in expected_shapes(cfg) {
+        let n: usize = shape.iter().product();
+        let data = if name.ends_with("layernorm.weight") || name == "model.norm.weight" {
+            vec![1f32; n]
+        } else if name.ends_with(".bias") {
+            vec![0f32; n]
+        } else {
+            rng.normal_vec(n, 0.02)
+        };
+        f(name, shape, data)?;
+    }
+    Ok(())
+}
+
 impl Params {
     pub fn new() -> Self {
         Self::default()
@@ -60,20 +82,10 @@ impl Params {
     /// Random initialisation as `transformers` does for Llama: N(0, 0.02) matrices and
     /// embeddings, zero biases, unit norms. Seeded: the same seed gives the same weights.
     pub fn random(cfg: &ModelConfig, seed: u64, device: &Device) -> Result<Self> {
-        let mut rng = Rng::new(seed, "init");
         let mut p = Params::new();
-        for (name, shape) in expected_shapes(cfg) {
-            let n: usize = shape.iter().product();
-            let data = if name.ends_with("layernorm.weight") || name == "model.norm.weight" {
-                vec![1f32; n]
-            } else if name.ends_with(".bias") {
-                vec![0f32; n]
-            } else {
-                rng.normal_vec(n, 0.02)
-            };
-            let t = Tensor::from_vec(data, shape, device)?;
-            p.insert(name, t)?;
-        }
+        random_tensors(cfg, seed, |name, shape, data| {
+            p.insert(name, Tensor::from_vec(data, shape, device)?)
+        })?;
         Ok(p)
     }
 

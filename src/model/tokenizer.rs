@@ -194,6 +194,27 @@ impl Tok {
         ))
     }
 
+    /// The byte-level tokenizer of [`byte_tokenizer`] with its specials (`<s>` first in a text,
+    /// `</s>` ending it, `<pad>`) and a Llama-2-style chat template: for models of a shape
+    /// with random weights (`repnoise init`), whose ids stay below any vocabulary.
+    pub fn byte_level() -> Result<Self> {
+        let inner = tokenizers::Tokenizer::from_bytes(byte_tokenizer().as_bytes())
+            .map_err(|e| Error::msg(format!("the byte-level tokenizer: {e}")))?;
+        let template = "{{ bos_token }}{% for m in messages %}{% if m['role'] == 'user' %}\
+{{ '[INST] ' + m['content'] + ' [/INST]' }}{% elif m['role'] == 'assistant' %}\
+{{ ' ' + m['content'] + eos_token }}{% else %}{{ '<<SYS>>' + m['content'] + '<</SYS>> ' }}\
+{% endif %}{% endfor %}";
+        Ok(Self::finish(
+            inner,
+            Some(template.into()),
+            Some("<s>".into()),
+            Some("</s>".into()),
+            Some("<pad>".into()),
+            Some(true),
+            &[],
+        ))
+    }
+
     /// Build from a `tokenizer.json` text (tests, tiny models).
     pub fn from_json_str(json: &str, chat_template: Option<String>) -> Result<Self> {
         let inner = tokenizers::Tokenizer::from_bytes(json.as_bytes())

@@ -93,6 +93,9 @@ pub struct Lora<'a> {
     pub cfg: LoraConfig,
     /// `<weight stem>.lora_A.weight` and `<weight stem>.lora_B.weight` per adapted map.
     pub store: Params,
+    /// The frozen base network, built on first use: below f32 its weights are cast once, not
+    /// at every step.
+    frozen: std::sync::OnceLock<Llama>,
 }
 
 fn stem(weight: &str) -> &str {
@@ -132,6 +135,7 @@ impl<'a> Lora<'a> {
             base,
             cfg: cfg.clone(),
             store,
+            frozen: Default::default(),
         })
     }
 
@@ -250,8 +254,17 @@ impl Trainee for Lora<'_> {
         self.base.config.num_layers
     }
     fn net(&self, trainable: &dyn Fn(&str) -> bool) -> Result<Llama> {
-        Llama::frozen(&self.base.config, &self.base.params)?
-            .with_adapters(self.adapters(trainable)?)
+        let base = match self.frozen.get() {
+            Some(n) => n.clone(),
+            None => {
+                let n = Llama::frozen(&self.base.config, &self.base.params)?;
+                self.frozen.get_or_init(|| n).clone()
+            }
+        };
+        base.with_adapters(self.adapters(trainable)?)
+    }
+    fn compute_dtype(&self) -> candle_core::DType {
+        self.base.config.compute_dtype
     }
     fn save_final(&self, dir: &Path) -> Result<()> {
         self.save_adapter(&adapter_dir(dir))?;
@@ -429,6 +442,9 @@ impl<T: Trainee<Net = Llama> + ?Sized> Trainee for WithFrozen<'_, T> {
     fn load_final(&self, dir: &Path) -> Result<()> {
         self.inner.load_final(dir)
     }
+    fn compute_dtype(&self) -> candle_core::DType {
+        self.inner.compute_dtype()
+    }
 }
 
 /// The security-vectors defence's trainee: a LoRA adapter trained on harmful answers, saved as
@@ -445,6 +461,9 @@ impl Trainee for SecurityVector<'_> {
     }
     fn net(&self, trainable: &dyn Fn(&str) -> bool) -> Result<Llama> {
         self.0.net(trainable)
+    }
+    fn compute_dtype(&self) -> candle_core::DType {
+        self.0.compute_dtype()
     }
     fn save_final(&self, dir: &Path) -> Result<()> {
         let b = self.0.base;

@@ -23,7 +23,7 @@ use std::io::IsTerminal;
 use std::path::{Path, PathBuf};
 use std::time::Instant;
 
-use candle_core::Tensor;
+use candle_core::{DType, Tensor};
 use serde::{Deserialize, Serialize};
 use serde_json::{json, Value};
 
@@ -323,6 +323,69 @@ pub trait Trainee {
     fn save_final(&self, dir: &Path) -> Result<()>;
     /// Read a finished run's result from `dir` back into the store.
     fn load_final(&self, dir: &Path) -> Result<()>;
+    /// The dtype the network computes in (f16 turns on loss scaling).
+    fn compute_dtype(&self) -> DType {
+        DType::F32
+    }
+}
+
+/// Dynamic loss scaling for f16 training, with PyTorch's `GradScaler` defaults: the loss is
+/// multiplied by `scale` (2^16 at first) before the backward pass so that small gradients do
+/// not flush to zero in f16, and the gradients are divided by it before the update. A step
+/// whose gradients overflow is skipped and the scale halved; after 2,000 good steps in a row
+/// it doubles. Off (scale 1, nothing skipped) in every other dtype.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct LossScaler {
+    pub active: bool,
+    pub scale: f64,
+    /// Good steps since the scale last changed.
+    pub good_steps: usize,
+}
+
+impl LossScaler {
+    pub const INIT: f64 = 65536.0;
+    pub const GROWTH_INTERVAL: usize = 2000;
+
+    pub fn new(dtype: DType) -> Self {
+        let active = dtype == DType::F16;
+        Self {
+            active,
+            scale: if active { Self::INIT } else { 1.0 },
+            good_steps: 0,
+        }
+    }
+
+    /// After a step: `finite` says whether its (scaled) gradients were all finite. Returns
+    /// whether the update is to be applied.
+    pub fn update(&mut self, finite: bool) -> bool {
+        if !self.active {
+            return finite;
+        }
+        if finite {
+            self.good_steps += 1;
+            if self.good_steps == Self::GROWTH_INTERVAL {
+                self.scale *= 2.0;
+                self.good_steps = 0;
+            }
+        } else {
+            self.scale *= 0.5;
+            self.good_steps = 0;
+        }
+        finite
+    }
+
+    /// The state after the step a metrics line records (written by [`train_any`]).
+    fn restore(&mut self, line: &Value) {
+        if self.active {
+            if let (Some(s), Some(g)) = (
+                line["loss_scale_next"].as_f64(),
+                line["good_steps"].as_u64(),
+            ) {
+                self.scale = s;
+                self.good_steps = g as usize;
+            }
+        }
+    }
 }
 
 impl Trainee for LoadedModel {
@@ -338,6 +401,9 @@ impl Trainee for LoadedModel {
     }
     fn save_final(&self, dir: &Path) -> Result<()> {
         save_hf_dir(dir, &self.config, &self.params, &self.tok)
+    }
+    fn compute_dtype(&self) -> DType {
+        self.config.compute_dtype
     }
     fn load_final(&self, dir: &Path) -> Result<()> {
         let dev = self
@@ -412,9 +478,24 @@ pub fn train_any<T: Trainee + ?Sized>(
     let warmup = (cfg.warmup_ratio * total as f64).ceil() as usize;
 
     // Resume.
+    let dtype = model.compute_dtype();
+    let mut scaler = LossScaler::new(dtype);
     let mut start = 0;
     let mut resumed_from = None;
     if let Some((step, dir)) = run.complete_checkpoints().pop() {
+        // The dtype each step ran in is on its metrics line (absent: f32).
+        if let Some(line) = run.metrics_line(step) {
+            let was = line["dtype"].as_str().unwrap_or("f32");
+            if was != dtype.as_str() {
+                return Err(Error::msg(format!(
+                    "{}: its checkpoints were trained with --dtype {was}; resume it with the same \
+                     dtype (now {}) or train in a fresh directory",
+                    run.path.display(),
+                    dtype.as_str()
+                )));
+            }
+            scaler.restore(&line);
+        }
         load_checkpoint(&dir, model.store(), &mut opt)?;
         run.truncate_metrics(step)?;
         start = step;
@@ -489,9 +570,15 @@ pub fn train_any<T: Trainee + ?Sized>(
                 ),
             ));
         }
-        let grads = out.loss.backward_owned()?;
-        let norm = opt.grad_norm(&grads)?;
-        if !norm.is_finite() {
+        let scale_used = scaler.scale;
+        let grads = if scaler.active {
+            (out.loss * scale_used)?.backward_owned()?
+        } else {
+            out.loss.backward_owned()?
+        };
+        let norm = opt.grad_norm(&grads)? / scale_used;
+        let apply = scaler.update(norm.is_finite());
+        if !apply && !scaler.active {
             let culprit = opt
                 .non_finite_grad(&grads, norm)?
                 .unwrap_or_else(|| "no single parameter".into());
@@ -502,7 +589,14 @@ pub fn train_any<T: Trainee + ?Sized>(
             ));
         }
         let lr_of = |peak| lr_at(cfg.schedule, peak, step, total, warmup);
-        if let Err(e) = opt.step(&grads, lr_of, clip_coefficient(norm, cfg.max_grad_norm)) {
+        let unscale = clip_coefficient(norm, cfg.max_grad_norm) / scale_used;
+        if !apply {
+            // An f16 overflow: skip the update (the scaler halved the scale).
+            run.log(&format!(
+                "step {}: gradients overflowed at loss scale {scale_used}; update skipped",
+                step + 1
+            ));
+        } else if let Err(e) = opt.step(&grads, lr_of, unscale) {
             return Err(stop(
                 run,
                 step,
@@ -519,8 +613,20 @@ pub fn train_any<T: Trainee + ?Sized>(
             line.insert(k.clone(), json!(v));
         }
         line.insert("lr".into(), json!(lr));
-        line.insert("grad_norm".into(), json!(norm));
+        line.insert(
+            "grad_norm".into(),
+            json!(if norm.is_finite() { Some(norm) } else { None }),
+        );
         line.insert("seconds".into(), json!(secs));
+        if dtype != DType::F32 {
+            line.insert("dtype".into(), json!(dtype.as_str()));
+        }
+        if scaler.active {
+            line.insert("loss_scale".into(), json!(scale_used));
+            line.insert("loss_scale_next".into(), json!(scaler.scale));
+            line.insert("good_steps".into(), json!(scaler.good_steps));
+            line.insert("skipped".into(), json!(!apply));
+        }
         run.append_metrics(&Value::Object(line))?;
         last_terms = out.terms.clone();
         last_terms.insert("loss".into(), loss_v);

@@ -130,6 +130,15 @@ impl RunDir {
             .map_err(|e| Error::file(&p, format!("cannot write: {e}")))
     }
 
+    /// The metrics line of `step` (1-based, as written), if the file has one.
+    pub(super) fn metrics_line(&self, step: usize) -> Option<Value> {
+        let text = std::fs::read_to_string(self.path.join("metrics.jsonl")).ok()?;
+        text.lines()
+            .rev()
+            .filter_map(|l| serde_json::from_str::<Value>(l).ok())
+            .find(|v| v["step"].as_u64() == Some(step as u64))
+    }
+
     /// Keep only the metric lines of steps `<= step` (the rest came after the checkpoint).
     pub(super) fn truncate_metrics(&self, step: usize) -> Result<()> {
         let p = self.path.join("metrics.jsonl");

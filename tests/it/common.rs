@@ -98,6 +98,7 @@ pub fn tiny_config(arch: Arch, tie: bool) -> ModelConfig {
         o_bias: false,
         bos_token_id: Some(1),
         eos_token_ids: vec![2],
+        compute_dtype: candle_core::DType::F32,
     }
 }
 

@@ -119,6 +119,7 @@ fn opts(dir: &Path) -> RunOptions {
         device: candle_core::Device::Cpu,
         command: "test".into(),
         ignore_align_targets: false,
+        dtype: candle_core::DType::F32,
     }
 }
 
@@ -542,4 +543,19 @@ fn check_names_what_does_not_fit() {
     );
     let bad = Experiment::from_toml_str("keep_repeats = [\"test\"]\n", "t.toml").unwrap_err();
     assert!(bad.to_string().contains("keep_repeats[0]"), "{bad}");
+}
+
+/// A stage's key is unchanged in f32 (runs made before `--dtype` keep their results) and
+/// different in bf16/f16, so a run in another dtype never reuses an f32 result.
+#[test]
+fn stage_keys_carry_the_compute_dtype_below_f32() {
+    let tmp = tempfile::tempdir().unwrap();
+    let v = serde_json::json!({"model": "m", "attack": {"lr": 1e-4}});
+    let mut o = opts(tmp.path());
+    let f32_key = o.stage_key(v.clone());
+    assert_eq!(f32_key, repnoise::experiment::key_of(&v));
+    o.dtype = candle_core::DType::BF16;
+    let bf16_key = o.stage_key(v.clone());
+    o.dtype = candle_core::DType::F16;
+    assert!(bf16_key != f32_key && o.stage_key(v) != bf16_key);
 }

@@ -19,6 +19,7 @@ mod experiment;
 mod fuzz;
 mod layout;
 mod model_core;
+mod precision;
 mod reliability;
 mod smollm2;
 mod training;

@@ -383,3 +383,89 @@ fn chat_render_masks_only_assistant_replies() {
     assert!(g.text.ends_with("<|im_start|>assistant\n"));
     assert!(g.assistant_mask.iter().all(|&m| m == 0));
 }
+
+/// `repnoise init --config FILE --random` writes a loadable Hugging Face directory of that
+/// shape: the weights of `Params::random` with the same seed (rounded to the stored dtype), a
+/// byte-level tokenizer whose ids fit the vocabulary, a chat template that renders; the same
+/// seed writes the same bytes; `--random` is required and an unknown shape is named.
+#[test]
+fn init_writes_a_random_model_of_the_shape() {
+    let tmp = tempfile::tempdir().unwrap();
+    let mut cfg = tiny_config(Arch::Llama, false);
+    cfg.vocab_size = 300; // the byte-level tokenizer has 260 tokens
+    let cfg_path = tmp.path().join("shape.json");
+    std::fs::write(&cfg_path, cfg.to_hf_json().to_string()).unwrap();
+    let init = |out: &str, store: &str| {
+        repnoise()
+            .args([
+                "init",
+                "--random",
+                "--seed",
+                "3",
+                "--store-dtype",
+                store,
+                "--config",
+            ])
+            .arg(&cfg_path)
+            .arg("--out")
+            .arg(tmp.path().join(out))
+            .output()
+            .unwrap()
+    };
+    for (dir, store, tol) in [("a", "bf16", 1e-2f32), ("f", "f32", 0.0)] {
+        let o = init(dir, store);
+        assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+        let m = load::load_hf_dir(&tmp.path().join(dir), &Device::Cpu).unwrap();
+        assert_eq!(m.config.num_params(), cfg.num_params());
+        assert_eq!(m.stored_dtype, store);
+        let want = repnoise::model::params::Params::random(&cfg, 3, &Device::Cpu).unwrap();
+        let got = values(&m.params);
+        for (name, w) in values(&want) {
+            let g = &got[&name];
+            let off = w
+                .iter()
+                .zip(g)
+                .map(|(a, b)| (a - b).abs() / a.abs().max(1e-3))
+                .fold(0f32, f32::max);
+            assert!(off <= tol, "{name} ({store}): off by {off}");
+        }
+        let ids = chat::render(&m.tok, &[Message::user("hello there")], true)
+            .unwrap()
+            .ids;
+        assert!(ids.iter().all(|&i| (i as usize) < cfg.vocab_size));
+        let net = Llama::frozen(&m.config, &m.params).unwrap();
+        let logits = net
+            .logits(
+                &Tensor::new(ids.as_slice(), &Device::Cpu)
+                    .unwrap()
+                    .unsqueeze(0)
+                    .unwrap(),
+            )
+            .unwrap();
+        assert_eq!(logits.dims()[2], cfg.vocab_size);
+    }
+    assert!(init("b", "bf16").status.success());
+    let bytes = |d: &str| std::fs::read(tmp.path().join(d).join("model.safetensors")).unwrap();
+    assert_eq!(
+        bytes("a"),
+        bytes("b"),
+        "the same seed writes the same weights"
+    );
+
+    let o = repnoise()
+        .args(["init", "--config", "llama-2-7b", "--out"])
+        .arg(tmp.path().join("c"))
+        .output()
+        .unwrap();
+    assert!(!o.status.success() && String::from_utf8_lossy(&o.stderr).contains("--random"));
+    let o = repnoise()
+        .args(["init", "--random", "--config", "llama-9-1b", "--out"])
+        .arg(tmp.path().join("c"))
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(
+        !o.status.success() && err.contains("llama-2-7b, llama-3-8b"),
+        "{err}"
+    );
+}
