@@ -192,6 +192,90 @@ step defend-repnoise-$DEV 240 "$BIN" --device "$DEV" defend --method repnoise --
     --pairs "$DEVBIN/pairs.jsonl" --max-pairs $PAIRS --batch-size 4 --max-len $ML --epochs 1 \
     --out "$W/defend"
 
+# 5. Mixed precision (issue 29): bf16 beside f32 on the device, the device's memory peak
+# sampled by nvidia-smi beside `repnoise memory`'s plan, then a Llama-2-7B-shaped model made
+# here (`repnoise init`) and its steps in bf16. PyTorch runs beside it when this machine has a
+# CUDA build of torch with transformers (bench/reference.py --device cuda --dtype bf16).
+gpu_peak_start() { # FILE: sample used GPU memory (MiB) every 100 ms until gpu_peak_stop
+    GPU_PEAK_PID=
+    if command -v nvidia-smi >/dev/null; then
+        nvidia-smi --query-gpu=memory.used --format=csv,noheader,nounits -lms 100 >"$1" 2>/dev/null &
+        GPU_PEAK_PID=$!
+    fi
+}
+gpu_peak_stop() { # FILE NAME: record the largest sample
+    [ -n "$GPU_PEAK_PID" ] && kill "$GPU_PEAK_PID" 2>/dev/null
+    python3 - "$1" "$2" "$SUM" <<'PY'
+import json, os, sys
+f = sys.argv[1]
+v = [int(l) for l in open(f) if l.strip().isdigit()] if os.path.exists(f) else []
+r = {"step": sys.argv[2] + "-gpu-peak", "peak_mib": max(v) if v else None, "samples": len(v)}
+print(json.dumps(r)); open(sys.argv[3], "a").write(json.dumps(r) + "\n")
+PY
+}
+mp_bench() { # NAME LIMIT MODEL WHAT MEMORY_WORKLOAD BATCH SEQ DTYPE [more bench args]
+    local name=$1 lim=$2 model=$3 what=$4 mw=$5 b=$6 s=$7 dt=$8
+    shift 8
+    "$BIN" --device "$DEV" --dtype "$dt" memory --model "$model" --workload "$mw" --batch "$b" --seq "$s" |
+        tee "$W/$name.plan.txt"
+    gpu_peak_start "$W/$name.smi"
+    bench "$name" "$lim" --device "$DEV" --dtype "$dt" bench --model "$model" "$what" --batch "$b" --seq "$s" "$@"
+    gpu_peak_stop "$W/$name.smi" "$name"
+}
+for dt in f32 bf16; do
+    step logprobs-$DEV-$dt 120 "$BIN" --device "$DEV" --dtype $dt logprobs --model "$M" --text "$TEXT" --json >"$W/lp_dev_$dt.json"
+    mp_bench mp-train-$DEV-$dt 240 "$M" train-step finetune $TB $TS $dt --steps $TSTEPS --warmup 1
+    mp_bench mp-repnoise-$DEV-$dt 300 "$M" repnoise-step repnoise $TB $TS $dt --steps $TSTEPS --warmup 1
+    mp_bench mp-lora-$DEV-$dt 240 "$M" lora-step lora $TB $TS $dt --steps $TSTEPS --warmup 1
+    bench mp-generate-$DEV-$dt-b$GB 180 --device "$DEV" --dtype $dt bench --model "$M" generate --batch $GB --new-tokens $GN --steps $GREPS
+done
+python3 - "$W/lp_dev_f32.json" "$W/lp_dev_bf16.json" "$SUM" <<'PY'
+import json, sys
+try:
+    a, b = (json.load(open(p)) for p in sys.argv[1:3])
+    d = [abs(x - y) for x, y in zip(a["logprobs"], b["logprobs"])]
+    r = {"step": "logprob-bf16-vs-f32", "max_abs_diff": max(d), "mean_abs_diff": sum(d) / len(d)}
+except Exception as e:
+    r = {"step": "logprob-bf16-vs-f32", "error": repr(e)}
+print(json.dumps(r)); open(sys.argv[3], "a").write(json.dumps(r) + "\n")
+PY
+if python3 -c "import torch, transformers, sys; sys.exit(0 if torch.cuda.is_available() else 1)" 2>/dev/null; then
+    for what in train-step repnoise-step; do
+        step ref-$what-bf16 300 python3 bench/reference.py $what "$M" --device cuda --dtype bf16 \
+            --batch $TB --seq $TS --steps $TSTEPS --threads 16 | tee "$W/ref-$what.json"
+        python3 - "$W/ref-$what.json" "ref-$what-bf16" "$SUM" <<'PY'
+import json, sys
+lines = [l for l in open(sys.argv[1]) if l.startswith("{")]
+if lines:
+    d = json.loads(lines[-1]); d["step"] = sys.argv[2]
+    open(sys.argv[3], "a").write(json.dumps(d) + "\n")
+PY
+    done
+else
+    echo '{"step": "reference", "skipped": "no CUDA build of torch with transformers here"}' >>"$SUM"
+fi
+if [ "$SMALL" = 1 ]; then
+    SHAPE=$W/shape.json # a 2-layer shape with Llama-2's vocabulary, to test the script itself
+    python3 - "$SHAPE" <<'PY'
+import json, sys
+json.dump({"architectures": ["LlamaForCausalLM"], "model_type": "llama", "hidden_size": 256,
+           "intermediate_size": 688, "num_hidden_layers": 2, "num_attention_heads": 2,
+           "num_key_value_heads": 2, "vocab_size": 32000, "max_position_embeddings": 4096,
+           "rms_norm_eps": 1e-5, "tie_word_embeddings": False}, open(sys.argv[1], "w"))
+PY
+    B7=1; S7=64
+else
+    SHAPE=llama-2-7b; B7=8; S7=256
+fi
+M7=$W/llama-2-7b-random
+step init-7b 900 "$BIN" init --config "$SHAPE" --random --seed 0 --store-dtype bf16 --out "$M7"
+mp_bench mp7b-lora-$DEV-bf16 600 "$M7" lora-step lora $B7 $S7 bf16 --steps 2 --warmup 1
+mp_bench mp7b-generate-$DEV-bf16 600 "$M7" generate generate $B7 $S7 bf16 --new-tokens 50 --steps 1
+# Full fine-tuning and RepNoise of 7B with f32 weights and moments need about 113 and 145 GiB
+# by `repnoise memory` (docs/BENCHMARKS.md): tried at batch 1, to see where they stop.
+mp_bench mp7b-train-$DEV-bf16-b1 600 "$M7" train-step finetune 1 $S7 bf16 --steps 1 --warmup 0
+mp_bench mp7b-repnoise-$DEV-bf16-b1 600 "$M7" repnoise-step repnoise 1 $S7 bf16 --steps 1 --warmup 0
+
 say "summary"
 cat "$SUM"
 cp "$SUM" "$OUT/summary.jsonl"

@@ -37,10 +37,22 @@ p.add_argument("--warmup", type=int, default=1)
 p.add_argument("--new-tokens", type=int, default=64)
 p.add_argument("--threads", type=int, default=2)
 p.add_argument("--items", type=int, default=100)
+p.add_argument("--device", default="cpu", help="cpu or cuda")
+p.add_argument("--dtype", default="f32", choices=["f32", "bf16", "f16"],
+               help="as repnoise's --dtype: f32 weights and AdamW state, the forward under "
+                    "torch.autocast in bf16/f16, f16 with GradScaler")
 a = p.parse_args()
 torch.set_num_threads(a.threads)
 torch.manual_seed(0)
-model = AutoModelForCausalLM.from_pretrained(a.model, dtype=torch.float32)
+dev = torch.device(a.device)
+# Tensors made below (batches, masks) go to the device; the seeded generators stay on the CPU.
+torch.set_default_device(dev)
+AMP = {"f32": None, "bf16": torch.bfloat16, "f16": torch.float16}[a.dtype]
+
+def autocast():
+    return torch.autocast(dev.type, dtype=AMP or torch.float32, enabled=AMP is not None)
+
+model = AutoModelForCausalLM.from_pretrained(a.model, dtype=torch.float32).to(dev)
 tok = AutoTokenizer.from_pretrained(a.model)
 vocab = model.config.vocab_size
 gen = torch.Generator().manual_seed(0)
@@ -57,16 +69,25 @@ def timed_steps(params, lr, loss_of):
     """warmup + steps optimizer steps of loss_of(step) -> (loss, record): forward and loss,
     backward, clipping at 1.0, AdamW (no weight decay), timed as `repnoise bench` times them."""
     opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
+    scaler = torch.amp.GradScaler(dev.type, enabled=a.dtype == "f16")
+    sync = torch.cuda.synchronize if dev.type == "cuda" else (lambda: None)
     times, records, ph = [], [], [0.0, 0.0, 0.0]
     for s in range(a.warmup + a.steps):
+        sync()
         t0 = time.perf_counter()
-        loss, record = loss_of(s)
+        with autocast():
+            loss, record = loss_of(s)
+        sync()
         t1 = time.perf_counter()
-        loss.backward()
+        scaler.scale(loss).backward()
+        sync()
         t2 = time.perf_counter()
+        scaler.unscale_(opt)
         torch.nn.utils.clip_grad_norm_(params, 1.0)
-        opt.step()
+        scaler.step(opt)
+        scaler.update()
         opt.zero_grad(set_to_none=True)
+        sync()
         t3 = time.perf_counter()
         records.append(record)
         if s >= a.warmup:
@@ -109,6 +130,11 @@ def mmd(x, y, kernel_mul=2.0, kernel_num=5):
     return (k[:b, :b] + k[b:, b:] - k[:b, b:] - k[b:, :b]).mean()
 
 times, extra = [], {}
+# Forward-only arms run under autocast too (the training arms enter it per step, above).
+_amp = autocast()
+if a.what not in ("train-step", "lora-step", "repnoise-step"):
+    _amp.__enter__()
+
 if a.what in ("train-step", "lora-step"):
     model.train()
     lr = 1e-5
@@ -158,7 +184,7 @@ elif a.what == "repnoise-step":
         noise = 0.0
         for i in range(len(layers)):
             x = acts[i] * mf
-            y = torch.randn(x.shape, generator=gen_noise) * mf
+            y = torch.randn(x.shape, generator=gen_noise, device="cpu").to(x.device) * mf
             noise = noise + mmd(x.reshape(a.batch, -1), y.reshape(a.batch, -1))
         noise = noise / len(layers)
         loss = harmless + beta * noise - alpha * torch.log(harm + 1)
@@ -176,7 +202,7 @@ elif a.what == "generate":
         tok.pad_token = tok.eos_token
     texts = [tok.apply_chat_template([{"role": "user", "content": PROMPTS[i % len(PROMPTS)]}],
                                      tokenize=False, add_generation_prompt=True) for i in range(a.batch)]
-    enc = tok(texts, return_tensors="pt", padding=True, add_special_tokens=False)
+    enc = tok(texts, return_tensors="pt", padding=True, add_special_tokens=False).to(dev)
     tps = []
     for _ in range(a.steps):
         t0 = time.perf_counter()
@@ -249,7 +275,7 @@ elif a.what == "generate-eval":
         t0 = time.perf_counter()
         for c in range(0, a.items, a.batch):
             chunk = [texts[i] for i in order[c:c + a.batch]]
-            enc = tok(chunk, return_tensors="pt", padding=True, add_special_tokens=False)
+            enc = tok(chunk, return_tensors="pt", padding=True, add_special_tokens=False).to(dev)
             with torch.no_grad():
                 out = model.generate(**enc, max_new_tokens=a.new_tokens,
                                      min_new_tokens=a.new_tokens, do_sample=False,
@@ -266,5 +292,7 @@ print(json.dumps({
     "impl": f"pytorch {torch.__version__} + transformers", "what": a.what, "batch": a.batch,
     "seq": a.seq, "new_tokens": a.new_tokens, "seconds": times, "extra": extra,
     "peak_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
+    "peak_device_bytes": torch.cuda.max_memory_allocated() if dev.type == "cuda" else None,
+    "device": a.device, "dtype": a.dtype,
     "threads": torch.get_num_threads(),
 }))
