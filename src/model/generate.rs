@@ -190,14 +190,22 @@ pub fn generate(
     };
     let mut past = len;
     let mut steps = 1usize;
+    // Greedy with no repetition penalty: each step's tokens are picked where the logits are
+    // (`argmax`: the first maximum, as `choose_token`), and only `b` ids cross to the host
+    // instead of `b x vocab` logits (on a GPU, a copy per step that the decode would wait on).
+    let on_device = cfg.temperature == 0.0 && cfg.repetition_penalty == 1.0;
+    let mut picked: Option<Vec<u32>> = None;
     for step in 0..cfg.max_new_tokens {
         let mut next = Vec::with_capacity(b);
-        for (r, row) in logits.iter_mut().enumerate() {
+        for r in 0..b {
             if done[r] {
                 next.push(pad_id);
                 continue;
             }
-            let tok = choose_token(row, &history[r], cfg, &mut rng);
+            let tok = match &picked {
+                Some(p) => p[r],
+                None => choose_token(&mut logits[r], &history[r], cfg, &mut rng),
+            };
             out[r].push(tok);
             history[r].push(tok);
             if stop_ids.contains(&tok) {
@@ -220,11 +228,15 @@ pub fn generate(
         let fwd = model.forward(&step_ids, &step_pos, Some(&mask), Some(&mut cache), opts)?;
         past += 1;
         steps += 1;
-        logits = fwd
+        let lg = fwd
             .logits
             .ok_or_else(|| Error::msg("no logits"))?
-            .squeeze(1)?
-            .to_vec2::<f32>()?;
+            .squeeze(1)?; // [b, vocab]
+        if on_device {
+            picked = Some(lg.argmax(candle_core::D::Minus1)?.to_vec1::<u32>()?);
+        } else {
+            logits = lg.to_vec2::<f32>()?;
+        }
     }
     let decode_s = started.elapsed().as_secs_f64() - prefill_s;
     tracing::debug!(
@@ -367,6 +379,30 @@ mod tests {
             choose_token(&mut [1.0, 3.0, 0.0, 2.0], &[1], &cfg, &mut rng),
             3
         );
+    }
+
+    /// Greedy decoding picks tokens with the tensor's `argmax` where the logits are; it must
+    /// pick what `choose_token` picks on the host: the first maximum, NaN never chosen after
+    /// the first position, a leading NaN kept (neither compares above it).
+    #[test]
+    fn tensor_argmax_picks_as_choose_token() {
+        let rows: Vec<Vec<f32>> = vec![
+            vec![0.0, 0.5, 0.5, 0.2],
+            vec![1.0, f32::NAN, 2.0, 2.0],
+            vec![f32::NAN, 1.0, 3.0, 0.0],
+            vec![f32::NEG_INFINITY, -1e30, -1e30, f32::NEG_INFINITY],
+            vec![-3.0, -2.0, -1.0, -1.0],
+        ];
+        let t = candle_core::Tensor::new(rows.clone(), &candle_core::Device::Cpu).unwrap();
+        let dev: Vec<u32> = t.argmax(candle_core::D::Minus1).unwrap().to_vec1().unwrap();
+        let cfg = SamplingConfig::default();
+        let mut rng = Rng::new(0, "s");
+        let host: Vec<u32> = rows
+            .into_iter()
+            .map(|mut r| choose_token(&mut r, &[], &cfg, &mut rng))
+            .collect();
+        assert_eq!(dev, host);
+        assert_eq!(host, vec![1, 2, 0, 1, 2]);
     }
 
     #[test]

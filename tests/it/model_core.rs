@@ -72,6 +72,16 @@ fn batched_left_padded_generation_equals_one_by_one() {
         ..Default::default()
     };
     let batched = generate::generate(&m, &prompts, 2, &[], &sc).unwrap();
+    // Greedy picks on the logits' device; top-1 sampling picks the same on the host.
+    let top1 = SamplingConfig {
+        temperature: 1.0,
+        top_k: Some(1),
+        ..sc.clone()
+    };
+    assert_eq!(
+        generate::generate(&m, &prompts, 2, &[], &top1).unwrap(),
+        batched
+    );
     for (i, pr) in prompts.iter().enumerate() {
         let single = generate::generate(&m, &[pr.clone()], 2, &[], &sc).unwrap();
         assert_eq!(batched[i], single[0], "row {i}");
