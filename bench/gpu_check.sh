@@ -6,6 +6,8 @@
 #   model/                    config.json, tokenizer*.json, generation_config.json and shapes.json
 #                             of SmolLM2-135M-Instruct (`repnoise convert`, weights left out)
 #   pairs.jsonl               defence pairs {prompt, harmful, harmless}
+#   it.xz (optional)          the integration-test binary built with --features cuda, stripped and
+#                             xz-compressed: runs the CUDA correctness tests (`precision::`)
 # The weights are drawn at random here (SmolLM2-135M's exact shapes, numpy, seed 0): the real
 # ones do not fit the 64 MiB that can travel to the device machine. Shapes, not values, set the
 # speed; the CPU-vs-CUDA agreement is checked on the same random weights.
@@ -222,6 +224,17 @@ mp_bench() { # NAME LIMIT MODEL WHAT MEMORY_WORKLOAD BATCH SEQ DTYPE [more bench
     bench "$name" "$lim" --device "$DEV" --dtype "$dt" bench --model "$model" "$what" --batch "$b" --seq "$s" "$@"
     gpu_peak_stop "$W/$name.smi" "$name"
 }
+# The CUDA correctness test (every fused op's composed CUDA path and the tiny model's logits
+# against the CPU, f32/bf16/f16), when the integration-test binary built with `--features cuda`
+# came along as $DEVBIN/it.xz (`cargo test --release --features cuda --no-run`, stripped).
+if [ -f "$DEVBIN/it.xz" ]; then
+    (xz -dc "$DEVBIN/it.xz" 2>/dev/null ||
+        python3 -c "import lzma,sys; sys.stdout.buffer.write(lzma.open(sys.argv[1]).read())" "$DEVBIN/it.xz") >"$W/it"
+    chmod +x "$W/it"
+    step cuda-correctness 300 "$W/it" precision:: --nocapture
+else
+    echo '{"step": "cuda-correctness", "skipped": "no it.xz (the test binary) in DEVBIN"}' >>"$SUM"
+fi
 for dt in f32 bf16; do
     step logprobs-$DEV-$dt 120 "$BIN" --device "$DEV" --dtype $dt logprobs --model "$M" --text "$TEXT" --json >"$W/lp_dev_$dt.json"
     mp_bench mp-train-$DEV-$dt 240 "$M" train-step finetune $TB $TS $dt --steps $TSTEPS --warmup 1
