@@ -120,9 +120,12 @@ pub fn vaccine_loss(
 ) -> Result<StepLoss> {
     let (b, t) = batch.harmless.dims();
     let c = net.config();
-    let dtype = net.lm_head_weight().dtype();
+    // f32 whatever the compute dtype: the perturbation's norm sums about a million squares
+    // (the forward casts the offsets to the activations' dtype where it adds them).
     let probes = (0..c.num_layers)
-        .map(|_| candle_core::Var::zeros((b, t, c.hidden_size), dtype, net.device()))
+        .map(|_| {
+            candle_core::Var::zeros((b, t, c.hidden_size), candle_core::DType::F32, net.device())
+        })
         .collect::<candle_core::Result<Vec<_>>>()?;
     let probe_net =
         net.with_attention_offsets(probes.iter().map(|v| v.as_tensor().clone()).collect())?;

@@ -57,6 +57,26 @@ impl SamplingConfig {
     }
 }
 
+/// Each row's first maximum (`[b, vocab]` -> `b` ids), computed where the logits are: the row's
+/// maximum, then the lowest index holding it (a GPU's `argmax` need not return the first of
+/// tied maxima, and bf16 logits tie often). As [`choose_token`]'s greedy pick; a row whose
+/// maximum is NaN gives 0, as there.
+pub fn first_argmax(logits: &Tensor) -> Result<Vec<u32>> {
+    let (b, v) = logits.dims2()?;
+    let max = logits.max_keepdim(candle_core::D::Minus1)?;
+    let hit = logits.broadcast_eq(&max)?;
+    let idx = Tensor::arange(0u32, v as u32, logits.device())?
+        .unsqueeze(0)?
+        .broadcast_as((b, v))?;
+    let none = Tensor::full(v as u32, (b, v), logits.device())?;
+    let first = hit.where_cond(&idx, &none)?.min(candle_core::D::Minus1)?;
+    Ok(first
+        .to_vec1::<u32>()?
+        .into_iter()
+        .map(|i| if i as usize == v { 0 } else { i })
+        .collect())
+}
+
 /// Apply the logits processors to one row and pick the next token.
 pub fn choose_token(
     logits: &mut [f32],
@@ -233,7 +253,7 @@ pub fn generate(
             .ok_or_else(|| Error::msg("no logits"))?
             .squeeze(1)?; // [b, vocab]
         if on_device {
-            picked = Some(lg.argmax(candle_core::D::Minus1)?.to_vec1::<u32>()?);
+            picked = Some(first_argmax(&lg)?);
         } else {
             logits = lg.to_vec2::<f32>()?;
         }
@@ -381,11 +401,11 @@ mod tests {
         );
     }
 
-    /// Greedy decoding picks tokens with the tensor's `argmax` where the logits are; it must
-    /// pick what `choose_token` picks on the host: the first maximum, NaN never chosen after
-    /// the first position, a leading NaN kept (neither compares above it).
+    /// Greedy decoding picks tokens with [`first_argmax`] where the logits are; it must pick
+    /// what `choose_token` picks on the host: the first maximum, NaN never chosen after the
+    /// first position, a leading NaN kept (neither compares above it).
     #[test]
-    fn tensor_argmax_picks_as_choose_token() {
+    fn first_argmax_picks_as_choose_token() {
         let rows: Vec<Vec<f32>> = vec![
             vec![0.0, 0.5, 0.5, 0.2],
             vec![1.0, f32::NAN, 2.0, 2.0],
@@ -394,7 +414,7 @@ mod tests {
             vec![-3.0, -2.0, -1.0, -1.0],
         ];
         let t = candle_core::Tensor::new(rows.clone(), &candle_core::Device::Cpu).unwrap();
-        let dev: Vec<u32> = t.argmax(candle_core::D::Minus1).unwrap().to_vec1().unwrap();
+        let dev = first_argmax(&t).unwrap();
         let cfg = SamplingConfig::default();
         let mut rng = Rng::new(0, "s");
         let host: Vec<u32> = rows

@@ -203,7 +203,8 @@ pub fn linear_row_nll_with(
     }
     let cpu_f32 = |t: &Tensor| t.device().is_cpu() && t.dtype() == candle_core::DType::F32;
     if !cpu_f32(h) || !cpu_f32(w) {
-        // The product in the weight's dtype (a model's compute dtype), the loss in f32.
+        // The product in the weight's dtype (f32 for a trained head; a frozen head below f32
+        // is the compute dtype's copy), the loss in f32.
         let logits = h.to_dtype(w.dtype())?.matmul(&w.t()?)?;
         return row_nll(&logits.to_dtype(candle_core::DType::F32)?, targets);
     }

@@ -96,12 +96,18 @@ pub fn plan(
     };
     let forward = n * l * (per_tok_layer * sc + composed_extra);
     // The LM head's loss over `rows` rows: fused, the unit gradients `[rows, d]` and `[vocab,
-    // d]` (f32); composed, the logits in the compute dtype, their f32 copy and log-softmax.
+    // d]` (f32); composed, the logits in the head's dtype (f32 for a trained head, the compute
+    // dtype for a frozen one), their f32 copy when that is not f32, and the log-softmax.
+    let hb = if matches!(workload, Workload::Lora { .. }) {
+        sc
+    } else {
+        4.0
+    };
     let head = |rows: f64| {
         if head_fused {
             4.0 * (rows * d + v * d)
         } else {
-            rows * v * (sc + 8.0)
+            rows * v * (hb + 4.0 + if hb < 4.0 { 4.0 } else { 0.0 })
         }
     };
     let (state, live, grads) = match workload {

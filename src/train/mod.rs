@@ -446,7 +446,26 @@ pub fn train_any<T: Trainee + ?Sized>(
     if n == 0 {
         return Err(Error::msg("no training examples"));
     }
+    let dtype = model.compute_dtype();
+    // The dtype each step ran in is on its metrics line (absent: f32); a run made in another
+    // dtype is neither reused nor resumed.
+    let check_dtype = |step: usize| -> Result<Option<Value>> {
+        let Some(line) = run.metrics_line(step) else {
+            return Ok(None);
+        };
+        let was = line["dtype"].as_str().unwrap_or("f32");
+        if was != dtype.as_str() {
+            return Err(Error::msg(format!(
+                "{}: it was trained with --dtype {was}; use the same dtype (now {}) or a fresh \
+                 directory",
+                run.path.display(),
+                dtype.as_str()
+            )));
+        }
+        Ok(Some(line))
+    };
     if let Some(s) = run.done() {
+        check_dtype(s.steps)?;
         if run.model_dir().exists() {
             model.load_final(&run.model_dir())?;
             // A crash after the DONE marker can leave the superseded checkpoints.
@@ -478,22 +497,11 @@ pub fn train_any<T: Trainee + ?Sized>(
     let warmup = (cfg.warmup_ratio * total as f64).ceil() as usize;
 
     // Resume.
-    let dtype = model.compute_dtype();
     let mut scaler = LossScaler::new(dtype);
     let mut start = 0;
     let mut resumed_from = None;
     if let Some((step, dir)) = run.complete_checkpoints().pop() {
-        // The dtype each step ran in is on its metrics line (absent: f32).
-        if let Some(line) = run.metrics_line(step) {
-            let was = line["dtype"].as_str().unwrap_or("f32");
-            if was != dtype.as_str() {
-                return Err(Error::msg(format!(
-                    "{}: its checkpoints were trained with --dtype {was}; resume it with the same \
-                     dtype (now {}) or train in a fresh directory",
-                    run.path.display(),
-                    dtype.as_str()
-                )));
-            }
+        if let Some(line) = check_dtype(step)? {
             scaler.restore(&line);
         }
         load_checkpoint(&dir, model.store(), &mut opt)?;
@@ -549,7 +557,10 @@ pub fn train_any<T: Trainee + ?Sized>(
             .loss
             .to_dtype(candle_core::DType::F64)?
             .to_scalar::<f64>()?;
-        if !loss_v.is_finite() {
+        // In f16 the forward itself can overflow: the step is skipped and the scale halved, as
+        // GradScaler does (until the scale falls below 1, when every step overflows).
+        let forward_overflow = scaler.active && !loss_v.is_finite() && scaler.scale >= 1.0;
+        if !loss_v.is_finite() && !forward_overflow {
             let bad: Vec<&str> = out
                 .terms
                 .iter()
@@ -571,12 +582,19 @@ pub fn train_any<T: Trainee + ?Sized>(
             ));
         }
         let scale_used = scaler.scale;
-        let grads = if scaler.active {
+        let grads = if forward_overflow {
+            drop(out.loss);
+            candle_core::backprop::GradStore::default()
+        } else if scaler.active {
             (out.loss * scale_used)?.backward_owned()?
         } else {
             out.loss.backward_owned()?
         };
-        let norm = opt.grad_norm(&grads)? / scale_used;
+        let norm = if forward_overflow {
+            f64::INFINITY
+        } else {
+            opt.grad_norm(&grads)? / scale_used
+        };
         let apply = scaler.update(norm.is_finite());
         if !apply && !scaler.active {
             let culprit = opt

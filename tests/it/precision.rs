@@ -446,6 +446,37 @@ fn f16_training_skips_overflowing_steps_and_resumes_its_loss_scale() {
         "a skipped step leaves the weights as they were"
     );
 
+    // An overflow in the forward itself (an infinite loss) is skipped the same way in f16,
+    // where in f32 it stops the run.
+    for (dt, skips) in [(DType::F16, true), (DType::F32, false)] {
+        let mut m = tiny_loaded(9);
+        m.config.compute_dtype = dt;
+        let tmp = tempfile::tempdir().unwrap();
+        let run = RunDir::open(tmp.path(), &serde_json::json!({"t": 3})).unwrap();
+        let r = train::train(
+            &run,
+            &mut m,
+            1,
+            &cfg,
+            Interrupt {
+                after_steps: Some(1),
+            },
+            |net, _| {
+                let mut l = sft_loss(net, &[&e], pad)?;
+                l.loss = (l.loss * f64::INFINITY)?;
+                Ok(l)
+            },
+        );
+        if skips {
+            let lines = metrics(tmp.path());
+            assert_eq!(lines[0]["skipped"], true, "{:?}", lines[0]);
+            assert_eq!(params_of(&m), before);
+        } else {
+            let e = r.unwrap_err().to_string();
+            assert!(e.contains("not finite"), "{e}");
+        }
+    }
+
     // A longer run: steps after the overflow apply at the halved scale; interrupted after a
     // checkpoint and resumed, it continues from the scale on the checkpoint's metrics line.
     let mut m = tiny_loaded(9);
@@ -520,6 +551,12 @@ fn resuming_in_another_dtype_is_refused() {
         .unwrap_err()
         .to_string();
     assert!(err.contains("--dtype f32") && err.contains("bf16"), "{err}");
+    // Finished, it is not handed back to a run in another dtype either.
+    train::train(&run, &mut a, 4, &cfg, Interrupt::default(), loss).unwrap();
+    let err = train::train(&run, &mut b, 4, &cfg, Interrupt::default(), loss)
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("--dtype f32"), "{err}");
 }
 
 /// On a CUDA device (a `cuda` build on a machine with a GPU): every op and the tiny model's
