@@ -284,7 +284,7 @@ M7=$W/llama-2-7b-random
 step init-7b 900 "$BIN" init --config "$SHAPE" --random --seed 0 --store-dtype bf16 --out "$M7"
 mp_bench mp7b-lora-$DEV-bf16 600 "$M7" lora-step lora $B7 $S7 bf16 --steps 2 --warmup 1
 mp_bench mp7b-generate-$DEV-bf16 600 "$M7" generate generate $B7 $S7 bf16 --new-tokens 50 --steps 1
-# Full fine-tuning and RepNoise of 7B with f32 weights and moments need about 113 and 145 GiB
+# Full fine-tuning and RepNoise of 7B with f32 weights and moments need about 113 and 141 GiB
 # by `repnoise memory` (docs/BENCHMARKS.md): tried at batch 1, to see where they stop.
 mp_bench mp7b-train-$DEV-bf16-b1 600 "$M7" train-step finetune 1 $S7 bf16 --steps 1 --warmup 0
 mp_bench mp7b-repnoise-$DEV-bf16-b1 600 "$M7" repnoise-step repnoise 1 $S7 bf16 --steps 1 --warmup 0
