@@ -1,6 +1,7 @@
-//! The vendored candle-core's patches (`vendor/patches`, `vendor/README.md`): each one's
-//! behaviour checked against a reference (tiled transposed copies, the dot-product matmul
-//! kernels, `backward_owned`, a transposed weight's gradient).
+//! The vendored crates' patches (`vendor/patches`, `vendor/README.md`): each one's behaviour
+//! checked against a reference (candle-core's tiled transposed copies, dot-product matmul
+//! kernels, `backward_owned` and a transposed weight's gradient; gemm-common's packing of
+//! strided operands).
 
 use crate::common;
 
@@ -101,6 +102,56 @@ fn contiguous_copies_of_transposed_views_put_every_element_in_place() {
             .flat_map(|i| (0..c).map(move |j| (j * (r + 4) + 2 + i) as f32))
             .collect();
         assert_eq!(got, want, "row-strided r {r}, c {c}");
+    }
+}
+
+/// gemm-common's packing of an operand whose rows are far apart (vendor/patches/gemm-common-*,
+/// a block of columns at a time): `x w^T` with `w` row-major, as every linear map passes it,
+/// equals the product with `w^T` copied contiguous bit for bit (packing copies the same
+/// elements to the same places; only the way they are read differs), and both equal a float64
+/// reference. The weight's row count takes every panel width the packing has (whole panels,
+/// one or two vectors left over, an odd remainder) and `k` a tail after the last block of 16;
+/// 96 activation rows make gemm pack the activations too (strided, from `x^T`).
+#[test]
+fn gemm_packs_strided_operands_as_it_packs_contiguous_ones() {
+    let dev = Device::Cpu;
+    for (m, k, n) in [
+        (96usize, 1536usize, 576usize),
+        (96, 1541, 592),
+        (96, 40, 608),
+        (96, 300, 581),
+        (200, 1030, 70),
+    ] {
+        let mut rng = Rng::new(k as u64, "gemm packing test");
+        let mut values = |len: usize| -> Vec<f32> {
+            (0..len)
+                .map(|_| (rng.uniform() * 2.0 - 1.0) as f32)
+                .collect()
+        };
+        let x = Tensor::from_vec(values(m * k), (m, k), &dev).unwrap();
+        let w = Tensor::from_vec(values(n * k), (n, k), &dev).unwrap();
+        let strided = x.matmul(&w.t().unwrap()).unwrap();
+        let packed = x.matmul(&w.t().unwrap().contiguous().unwrap()).unwrap();
+        let (s, c) = (
+            strided.to_vec2::<f32>().unwrap(),
+            packed.to_vec2::<f32>().unwrap(),
+        );
+        assert_eq!(
+            s, c,
+            "{m}x{k}x{n}: the strided and contiguous products differ"
+        );
+        let (xv, wv) = (x.to_vec2::<f32>().unwrap(), w.to_vec2::<f32>().unwrap());
+        for i in 0..m {
+            for j in 0..n {
+                let r: f64 = (0..k).map(|l| xv[i][l] as f64 * wv[j][l] as f64).sum();
+                let tol = 1e-5 * k as f64;
+                assert!(
+                    (s[i][j] as f64 - r).abs() <= tol,
+                    "{m}x{k}x{n} [{i}, {j}]: {} against {r}",
+                    s[i][j]
+                );
+            }
+        }
     }
 }
 
