@@ -1,9 +1,20 @@
 //! Micro-benchmark: candle gemm GFLOP/s on the matrix shapes of a SmolLM2 training step and of
 //! the fused LM-head loss (`loss::linear_row_nll`, 1024-row chunks: logits `h w^T`, `dh = g w`,
 //! `dw = g^T h`), each with the right operand as is (nn), transposed (nt), and the left one
-//! transposed (tn). Run: `cargo run --release --example bench_matmul_shapes`
+//! transposed (tn); then a 7B model's linear maps (Llama-2-7B: 4096 wide, 11008 in the MLP) at
+//! 512 rows. Run: `cargo run --release --example bench_matmul_shapes`
 use candle_core::{Device, Tensor};
 use std::time::Instant;
+
+/// The binary's allocator and settings (`src/main.rs`): with glibc's, every product's output
+/// and gemm's packing buffer are fresh pages, which the binary does not pay.
+#[global_allocator]
+static GLOBAL: tikv_jemallocator::Jemalloc = tikv_jemallocator::Jemalloc;
+#[allow(non_upper_case_globals)]
+#[export_name = "_rjem_malloc_conf"]
+pub static malloc_conf: &[u8; 68] =
+    b"narenas:1,dirty_decay_ms:1000,muzzy_decay_ms:0,oversize_threshold:0\0";
+
 fn main() -> anyhow::Result<()> {
     let dev = Device::Cpu;
     for (m, k, n) in [
@@ -15,6 +26,9 @@ fn main() -> anyhow::Result<()> {
         (1024, 576, 49152),
         (1024, 49152, 576),
         (49152, 1024, 576),
+        (512, 4096, 4096),
+        (512, 4096, 11008),
+        (512, 11008, 4096),
     ] {
         let a = Tensor::randn(0f32, 1.0, (m, k), &dev)?;
         let at = Tensor::randn(0f32, 1.0, (k, m), &dev)?;

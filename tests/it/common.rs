@@ -255,9 +255,12 @@ pub fn tiny_loaded(seed: u64) -> repnoise::model::load::LoadedModel {
 
 /// Largest absolute elementwise difference.
 pub fn max_abs_diff(a: &Tensor, b: &Tensor) -> f32 {
-    (a - b)
-        .unwrap()
-        .abs()
+    max_abs(&(a - b).unwrap())
+}
+
+/// Largest magnitude of an f32 tensor's elements.
+pub fn max_abs(t: &Tensor) -> f32 {
+    t.abs()
         .unwrap()
         .flatten_all()
         .unwrap()

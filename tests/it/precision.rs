@@ -22,17 +22,6 @@ fn randn(shape: &[usize], seed: u64, std: f32) -> Tensor {
     Tensor::from_vec(v, shape, &Device::Cpu).unwrap()
 }
 
-fn max_abs(t: &Tensor) -> f32 {
-    t.abs()
-        .unwrap()
-        .flatten_all()
-        .unwrap()
-        .max(0)
-        .unwrap()
-        .to_scalar::<f32>()
-        .unwrap()
-}
-
 /// Largest difference relative to the reference's largest magnitude (both moved to the CPU, f32).
 fn rel_err(a: &Tensor, reference: &Tensor) -> f32 {
     let f = |t: &Tensor| {
