@@ -105,31 +105,37 @@ fn contiguous_copies_of_transposed_views_put_every_element_in_place() {
     }
 }
 
-/// gemm-common's packing of an operand whose rows are far apart (vendor/patches/gemm-common-*,
-/// a block of columns at a time): `x w^T` with `w` row-major, as every linear map passes it,
-/// equals the product with `w^T` copied contiguous bit for bit (packing copies the same
-/// elements to the same places; only the way they are read differs), and both equal a float64
-/// reference. The weight's row count takes every panel width the packing has (whole panels,
-/// one or two vectors left over, an odd remainder) and `k` a tail after the last block of 16;
+/// gemm-common's packing of an operand whose rows are far apart (vendor/patches/gemm-common-*:
+/// a block of columns at a time when the row stride is a multiple of 2 KiB): `x w^T` with `w`
+/// row-major, as every linear map passes it, equals the product with `w^T` copied contiguous bit
+/// for bit (packing copies the same elements to the same places; only the way they are read
+/// differs), and both equal a float64 reference. The weight's row count takes every panel width
+/// the packing has (whole panels, one or two vectors left over, an odd remainder); its row
+/// stride is 512, 1536 or 2048 floats (the blocked path) or 1541 (upstream's), and a weight cut
+/// from a wider one (`k` = 1541 of a 2048 stride) leaves a tail after the last block of 16;
 /// 96 activation rows make gemm pack the activations too (strided, from `x^T`).
 #[test]
 fn gemm_packs_strided_operands_as_it_packs_contiguous_ones() {
     let dev = Device::Cpu;
-    for (m, k, n) in [
-        (96usize, 1536usize, 576usize),
-        (96, 1541, 592),
-        (96, 40, 608),
-        (96, 300, 581),
-        (200, 1030, 70),
+    // (rows of x, k, rows of w, row stride of w)
+    for (m, k, n, stride) in [
+        (96usize, 1536usize, 576usize, 1536usize),
+        (96, 1536, 592, 1536),
+        (96, 512, 608, 512),
+        (96, 1541, 581, 2048),
+        (96, 1541, 576, 1541),
+        (200, 1024, 70, 2048),
     ] {
-        let mut rng = Rng::new(k as u64, "gemm packing test");
+        let mut rng = Rng::new((k * stride) as u64, "gemm packing test");
         let mut values = |len: usize| -> Vec<f32> {
             (0..len)
                 .map(|_| (rng.uniform() * 2.0 - 1.0) as f32)
                 .collect()
         };
         let x = Tensor::from_vec(values(m * k), (m, k), &dev).unwrap();
-        let w = Tensor::from_vec(values(n * k), (n, k), &dev).unwrap();
+        let wide = Tensor::from_vec(values(n * stride), (n, stride), &dev).unwrap();
+        let w = wide.narrow(1, 0, k).unwrap();
+        assert_eq!(w.stride(), &[stride, 1]);
         let strided = x.matmul(&w.t().unwrap()).unwrap();
         let packed = x.matmul(&w.t().unwrap().contiguous().unwrap()).unwrap();
         let (s, c) = (
@@ -138,7 +144,7 @@ fn gemm_packs_strided_operands_as_it_packs_contiguous_ones() {
         );
         assert_eq!(
             s, c,
-            "{m}x{k}x{n}: the strided and contiguous products differ"
+            "{m}x{k}x{n} (stride {stride}): the strided and contiguous products differ"
         );
         let (xv, wv) = (x.to_vec2::<f32>().unwrap(), w.to_vec2::<f32>().unwrap());
         for i in 0..m {
