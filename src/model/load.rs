@@ -236,6 +236,28 @@ pub fn load_hf_dir(dir: &Path, device: &Device) -> Result<LoadedModel> {
     })
 }
 
+/// One tensor's bytes, little-endian, as a safetensors view.
+struct RawView {
+    dtype: safetensors::Dtype,
+    shape: Vec<usize>,
+    bytes: Vec<u8>,
+}
+
+impl safetensors::View for &RawView {
+    fn dtype(&self) -> safetensors::Dtype {
+        self.dtype
+    }
+    fn shape(&self) -> &[usize] {
+        &self.shape
+    }
+    fn data(&self) -> std::borrow::Cow<'_, [u8]> {
+        std::borrow::Cow::Borrowed(&self.bytes)
+    }
+    fn data_len(&self) -> usize {
+        self.bytes.len()
+    }
+}
+
 /// Every tensor of a safetensors file, mapped read-only: `f(name, tensor)` for each, loaded
 /// onto `device` (the reader checks each tensor's offsets against the file before it is read).
 /// Errors name the file, and the tensor when one fails to load.
@@ -273,26 +295,54 @@ pub fn save_safetensors_as(
     store: candle_core::DType,
 ) -> Result<()> {
     use candle_core::DType;
-    if !matches!(store, DType::F32 | DType::BF16 | DType::F16) {
-        return Err(Error::file(
-            path,
-            format!("cannot store tensors as {}", store.as_str()),
+    let mut views = Vec::with_capacity(tensors.len());
+    for (name, t) in tensors {
+        let flat = t.flatten_all()?.to_dtype(store)?;
+        let (dtype, bytes): (_, Vec<u8>) = match store {
+            DType::F32 => (
+                safetensors::Dtype::F32,
+                flat.to_vec1::<f32>()?
+                    .iter()
+                    .flat_map(|x| x.to_le_bytes())
+                    .collect(),
+            ),
+            DType::BF16 => (
+                safetensors::Dtype::BF16,
+                flat.to_vec1::<half::bf16>()?
+                    .iter()
+                    .flat_map(|x| x.to_le_bytes())
+                    .collect(),
+            ),
+            DType::F16 => (
+                safetensors::Dtype::F16,
+                flat.to_vec1::<half::f16>()?
+                    .iter()
+                    .flat_map(|x| x.to_le_bytes())
+                    .collect(),
+            ),
+            other => {
+                return Err(Error::file(
+                    path,
+                    format!("cannot store tensors as {}", other.as_str()),
+                ))
+            }
+        };
+        views.push((
+            name.clone(),
+            RawView {
+                dtype,
+                shape: t.dims().to_vec(),
+                bytes,
+            },
         ));
     }
-    // candle's tensors are safetensors views (each one's bytes made as the writer reaches it);
-    // a tensor already in the store dtype is not copied here.
-    let cast = tensors
-        .iter()
-        .map(|(name, t)| Ok((name.as_str(), t.to_dtype(store)?)))
-        .collect::<Result<Vec<_>>>()?;
     let meta = HashMap::from([("format".to_string(), "pt".to_string())]);
     let tmp = path.with_extension("safetensors.tmp");
-    safetensors::serialize_to_file(cast.iter().map(|(n, t)| (*n, t)), Some(meta), &tmp).map_err(
-        |e| {
+    safetensors::serialize_to_file(views.iter().map(|(n, v)| (n.as_str(), v)), Some(meta), &tmp)
+        .map_err(|e| {
             let _ = std::fs::remove_file(&tmp);
             Error::file(path, format!("cannot write: {e}"))
-        },
-    )?;
+        })?;
     // The safetensors writer creates the file owner-only; model files are meant to be shared.
     #[cfg(unix)]
     {

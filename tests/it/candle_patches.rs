@@ -112,8 +112,9 @@ fn contiguous_copies_of_transposed_views_put_every_element_in_place() {
 /// differs), and both equal a float64 reference. The weight's row count takes every panel width
 /// the packing has (whole panels, one or two vectors left over, an odd remainder); its row
 /// stride is 512, 1536 or 2048 floats (the blocked path) or 1541 (upstream's), and a weight cut
-/// from a wider one (`k` = 1541 of a 2048 stride) leaves a tail after the last block of 16;
-/// 96 activation rows make gemm pack the activations too (strided, from `x^T`).
+/// from a wider one (`k` = 1541 of a 2048 stride) leaves a tail after the last block of 16.
+/// (The activations `x^T` are not packed at these sizes, so the patched right-operand path is
+/// not exercised here; the left-operand path is the one every linear map takes.)
 #[test]
 fn gemm_packs_strided_operands_as_it_packs_contiguous_ones() {
     let dev = Device::Cpu;
