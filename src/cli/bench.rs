@@ -79,7 +79,7 @@ pub fn run(g: &Global, a: Args) -> Result<()> {
         }
         return Ok(());
     }
-    let m = load(g, &model.model)?;
+    let mut m = load(g, &model.model)?;
     let phases = |ph: [f64; 3], n: usize| {
         let n = n.max(1) as f64;
         serde_json::json!({"forward_s": ph[0] / n, "backward_s": ph[1] / n,
@@ -126,7 +126,8 @@ pub fn run(g: &Global, a: Args) -> Result<()> {
         }
         "generate" => {
             let prompts = bench_prompts(&m, batch)?;
-            let t = repnoise::dev::bench::generation(&m, &prompts, new_tokens, steps)?;
+            let net = repnoise::model::llama::Llama::frozen(&m.config, &m.params)?;
+            let t = repnoise::dev::bench::generation(&m, &net, &prompts, new_tokens, steps)?;
             let tps: Vec<f64> = t.iter().map(|s| (batch * new_tokens) as f64 / s).collect();
             (t, serde_json::json!({"tokens_per_second": tps}))
         }
@@ -141,8 +142,9 @@ pub fn run(g: &Global, a: Args) -> Result<()> {
                     path.display().to_string(),
                 ),
             };
+            let net = repnoise::dev::bench::inference_net(&mut m)?;
             let (t, [harmful, refusal]) =
-                repnoise::dev::bench::heldout_ce(&m, &enc, batch, steps, apart)?;
+                repnoise::dev::bench::heldout_ce(&net, &enc, batch, steps, apart)?;
             (
                 t,
                 serde_json::json!({"items": enc.harmful.len(), "mean_harmful_ce": harmful,
@@ -151,18 +153,23 @@ pub fn run(g: &Global, a: Args) -> Result<()> {
         }
         "generate-eval" => {
             let prompts = bench_prompts(&m, items)?;
-            let t =
-                repnoise::dev::bench::generation_batched(&m, &prompts, batch, new_tokens, steps)?;
+            let net = repnoise::model::llama::Llama::frozen(&m.config, &m.params)?;
+            let t = repnoise::dev::bench::generation_batched(
+                &m, &net, &prompts, batch, new_tokens, steps,
+            )?;
             let tps: Vec<f64> = t.iter().map(|s| (items * new_tokens) as f64 / s).collect();
             (
                 t,
                 serde_json::json!({"items": items, "tokens_per_second": tps}),
             )
         }
-        "score" => (
-            repnoise::dev::bench::scoring(&m, batch, seq, steps)?,
-            serde_json::json!({}),
-        ),
+        "score" => {
+            let net = repnoise::dev::bench::inference_net(&mut m)?;
+            (
+                repnoise::dev::bench::scoring(&m, &net, batch, seq, steps)?,
+                serde_json::json!({}),
+            )
+        }
         "matmul" => {
             let g = repnoise::dev::bench::matmul_peak_gflops(steps)?;
             (vec![], serde_json::json!({"gflops": g}))

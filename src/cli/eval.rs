@@ -293,7 +293,7 @@ pub fn run(g: &Global, cmd: EvalCmd) -> Result<()> {
                 }
             }
             let m = load(g, &model.model)?;
-            let r = eval::run_stability(&m, &tasks, limit, seed, max_len, batch, &out)?;
+            let r = eval::run_stability(m, &tasks, limit, seed, max_len, batch, &out)?;
             print!("{}", eval::stability_table(&r));
         }
         EvalCmd::Trainability {

@@ -4,7 +4,7 @@
 
 use std::time::Instant;
 
-use candle_core::Tensor;
+use candle_core::{Device, Tensor};
 
 use crate::data::encode::EncodedPair;
 use crate::data::Encoded;
@@ -29,12 +29,18 @@ pub fn peak_rss_bytes() -> Option<u64> {
 
 /// The token batch of step `seed`: [`synthetic_token`]s (the reference side draws the same
 /// ones, so both start from the same loss).
-fn synthetic_batch(m: &LoadedModel, batch: usize, seq: usize, seed: u64) -> Result<Tensor> {
+fn synthetic_batch(
+    m: &LoadedModel,
+    device: &Device,
+    batch: usize,
+    seq: usize,
+    seed: u64,
+) -> Result<Tensor> {
     let v = m.config.vocab_size;
     let ids: Vec<u32> = (0..batch * seq)
         .map(|k| synthetic_token(v, seed as usize, k / seq, k % seq, 13))
         .collect();
-    Ok(Tensor::from_vec(ids, (batch, seq), m.device()?)?)
+    Ok(Tensor::from_vec(ids, (batch, seq), device)?)
 }
 
 /// Seconds of each timed step, the loss of every step (warm-up included), and the seconds spent
@@ -95,7 +101,7 @@ pub fn train_steps<T: Trainee<Net = Llama> + ?Sized>(
     warmup: usize,
 ) -> Result<StepTimes<f32>> {
     timed_steps(trainee, lr, steps, warmup, |net, s| {
-        let ids = synthetic_batch(m, batch, seq, s as u64)?.to_vec2::<u32>()?;
+        let ids = synthetic_batch(m, m.device()?, batch, seq, s as u64)?.to_vec2::<u32>()?;
         let seqs: Vec<Encoded> = ids
             .into_iter()
             .map(|ids| Encoded {
@@ -166,14 +172,22 @@ pub fn repnoise_steps(
     })
 }
 
+/// The network the forward-only arms (scoring, held-out cross-entropy) time, as the stages
+/// they stand for build it (`eval::run_stability`, the runner's held-out stage):
+/// [`Llama::inference`], which takes the model's store (those arms need only its config and
+/// tokenizer besides). The generation arms time [`Llama::frozen`], as the evaluation generates.
+pub fn inference_net(m: &mut LoadedModel) -> Result<Llama> {
+    Llama::inference(&m.config, std::mem::take(&mut m.params))
+}
+
 /// Batched greedy generation of exactly `new_tokens` tokens per row (no early stop).
 pub fn generation(
     m: &LoadedModel,
+    net: &Llama,
     prompts: &[Vec<u32>],
     new_tokens: usize,
     reps: usize,
 ) -> Result<Vec<f64>> {
-    let net = Llama::frozen(&m.config, &m.params)?;
     let cfg = SamplingConfig {
         max_new_tokens: new_tokens,
         ..Default::default()
@@ -181,7 +195,7 @@ pub fn generation(
     let mut times = vec![];
     for _ in 0..reps {
         let t0 = Instant::now();
-        let out = generate::generate(&net, prompts, m.tok.pad_id, &[], &cfg)?;
+        let out = generate::generate(net, prompts, m.tok.pad_id, &[], &cfg)?;
         times.push(t0.elapsed().as_secs_f64());
         debug_assert!(out.iter().all(|o| o.len() == new_tokens));
     }
@@ -191,17 +205,23 @@ pub fn generation(
 /// Log-likelihood scoring as the stability benchmarks do it (`eval::stability::score_tokens`):
 /// each of `batch` sequences of `seq` tokens scored after its first token, i.e. the
 /// log-probability of every next token and whether greedy decoding would have produced it.
-pub fn scoring(m: &LoadedModel, batch: usize, seq: usize, reps: usize) -> Result<Vec<f64>> {
-    let net = Llama::frozen(&m.config, &m.params)?;
+pub fn scoring(
+    m: &LoadedModel,
+    net: &Llama,
+    batch: usize,
+    seq: usize,
+    reps: usize,
+) -> Result<Vec<f64>> {
     let mut times = vec![];
     for r in 0..reps + 1 {
-        let ids: Vec<Vec<u32>> = synthetic_batch(m, batch, seq, 1000 + r as u64)?.to_vec2()?;
+        let ids: Vec<Vec<u32>> =
+            synthetic_batch(m, net.device(), batch, seq, 1000 + r as u64)?.to_vec2()?;
         let seqs: Vec<(Vec<u32>, Vec<u32>)> = ids
             .into_iter()
             .map(|row| (row[..1].to_vec(), row[1..].to_vec()))
             .collect();
         let t0 = Instant::now();
-        let scores = crate::eval::stability::score_tokens(&net, &seqs, seq, batch)?;
+        let scores = crate::eval::stability::score_tokens(net, &seqs, seq, batch)?;
         std::hint::black_box(&scores);
         if r > 0 {
             times.push(t0.elapsed().as_secs_f64());
@@ -238,25 +258,24 @@ pub fn synthetic_heldout(m: &LoadedModel, items: usize, seq: usize) -> HeldoutEn
 /// instrument's way before it packed them behind their shared prompt). Returns the times and
 /// the mean cross-entropy of the harmful answers and of the refusals.
 pub fn heldout_ce(
-    m: &LoadedModel,
+    net: &Llama,
     enc: &HeldoutEncoded,
     batch: usize,
     reps: usize,
     apart: bool,
 ) -> Result<(Vec<f64>, [f64; 2])> {
     use crate::eval::heldout::{mean, per_sequence_ce, score};
-    let net = Llama::frozen(&m.config, &m.params)?;
     let mut times = vec![];
     let mut means = [f64::NAN; 2];
     for _ in 0..reps.max(1) {
         let t0 = Instant::now();
         let (h, r) = if apart {
             (
-                per_sequence_ce(&net, &enc.harmful, enc.pad_id, batch)?,
-                per_sequence_ce(&net, &enc.refusal, enc.pad_id, batch)?,
+                per_sequence_ce(net, &enc.harmful, enc.pad_id, batch)?,
+                per_sequence_ce(net, &enc.refusal, enc.pad_id, batch)?,
             )
         } else {
-            let s = score(&net, enc, batch)?;
+            let s = score(net, enc, batch)?;
             (s.harmful_ce, s.refusal_ce)
         };
         times.push(t0.elapsed().as_secs_f64());
@@ -270,13 +289,13 @@ pub fn heldout_ce(
 /// tokens each (no early stop), timed `reps` times.
 pub fn generation_batched(
     m: &LoadedModel,
+    net: &Llama,
     prompts: &[Vec<u32>],
     batch: usize,
     new_tokens: usize,
     reps: usize,
 ) -> Result<Vec<f64>> {
     use crate::data::encode::{length_order, Longest};
-    let net = Llama::frozen(&m.config, &m.params)?;
     let cfg = SamplingConfig {
         max_new_tokens: new_tokens,
         ..Default::default()
@@ -287,7 +306,7 @@ pub fn generation_batched(
         let t0 = Instant::now();
         for chunk in order.chunks(batch.max(1)) {
             let ids: Vec<Vec<u32>> = chunk.iter().map(|&i| prompts[i].clone()).collect();
-            let out = generate::generate(&net, &ids, m.tok.pad_id, &[], &cfg)?;
+            let out = generate::generate(net, &ids, m.tok.pad_id, &[], &cfg)?;
             debug_assert!(out.iter().all(|o| o.len() == new_tokens));
         }
         times.push(t0.elapsed().as_secs_f64());

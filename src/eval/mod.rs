@@ -24,9 +24,10 @@ use crate::{Error, Result};
 
 /// Run the stability tasks on `model`, `limit` items each (0: all), writing
 /// `<task>.json` per task into `out` (a finished task is read back, not scored again) and
-/// `stability.json` with them all.
+/// `stability.json` with them all. The model's store is given up to a [`Llama::inference`]
+/// network (forward passes only).
 pub fn run_stability(
-    model: &LoadedModel,
+    model: LoadedModel,
     tasks: &[String],
     limit: usize,
     seed: u64,
@@ -37,12 +38,20 @@ pub fn run_stability(
     std::fs::create_dir_all(out)
         .map_err(|e| Error::file(out, format!("cannot create directory: {e}")))?;
     let data = crate::data::default_data_dir();
-    let net = Llama::frozen(&model.config, &model.params)?;
-    let start_id = stability::start_id(model);
+    let start_id = stability::start_id(&model);
+    let weights = crate::model::load::weights_fingerprint(&model);
+    let LoadedModel {
+        config,
+        params,
+        tok,
+        source,
+        ..
+    } = model;
+    let net = Llama::inference(&config, params)?;
     let mut results = vec![];
     for task in tasks {
         let path = out.join(format!("{task}.json"));
-        let key = json!({"model": model.source, "weights": crate::model::load::weights_fingerprint(model),
+        let key = json!({"model": source, "weights": weights,
                          "limit": limit, "seed": seed, "max_len": max_len});
         if let Some(r) = std::fs::read_to_string(&path)
             .ok()
@@ -58,8 +67,7 @@ pub fn run_stability(
         let total = all.len();
         let items = stability::limit_items(all, limit, seed);
         eprintln!("{task}: scoring {} of {total} items", items.len());
-        let per_item =
-            stability::evaluate_items(&net, &model.tok, start_id, &items, max_len, batch)?;
+        let per_item = stability::evaluate_items(&net, &tok, start_id, &items, max_len, batch)?;
         let r = stability::summarise(task, &per_item, total, t0.elapsed().as_secs_f64());
         // Every item with its options, so the figures can be checked against another tool.
         let detail: Vec<serde_json::Value> = items
@@ -75,7 +83,7 @@ pub fn run_stability(
     }
     crate::util::io::write_json_atomic(
         &out.join("stability.json"),
-        &json!({"model": model.source, "limit": limit, "seed": seed, "tasks": results}),
+        &json!({"model": source, "limit": limit, "seed": seed, "tasks": results}),
     )?;
     Ok(results)
 }

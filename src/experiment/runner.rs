@@ -487,7 +487,7 @@ pub fn run(exp: &Experiment, out: &Path, opts: &RunOptions) -> Result<Results> {
                     &path,
                     || {
                         let m = load(&mdir, opts)?;
-                        let net = crate::model::llama::Llama::frozen(&m.config, &m.params)?;
+                        let net = crate::model::llama::Llama::inference(&m.config, m.params)?;
                         crate::eval::heldout::score(&net, enc, hcfg.batch)
                     },
                 )?)
@@ -530,7 +530,7 @@ pub fn run(exp: &Experiment, out: &Path, opts: &RunOptions) -> Result<Results> {
             stability = st.resume(&format!("stability of {}", arm.label()), found, || {
                 let m = load(&mdir, opts)?;
                 crate::eval::run_stability(
-                    &m,
+                    m,
                     &exp.eval.stability_tasks,
                     exp.eval.stability_limit,
                     exp.split_seed,

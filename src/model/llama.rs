@@ -235,21 +235,27 @@ fn linear_ad(x: &Tensor, w: &Tensor, b: Option<&Tensor>, ads: &[Adapter]) -> Res
     Ok(y)
 }
 
-/// `x w^T + b` for `x` `[b, t, in]`, `w` `[out, in]`, in `x`'s dtype.
+/// `x w^T + b` for `x` `[b, t, in]`, `w` `[out, in]`, in `x`'s dtype. `w` may be the
+/// transposed view of a contiguous `[in, out]` matrix ([`Llama::inference`]'s layout).
 fn linear(x: &Tensor, w: &Tensor, b: Option<&Tensor>) -> Result<Tensor> {
     let (bsz, t, din) = x.dims3()?; // [b, t, in]
     let w = &w.to_dtype(x.dtype())?;
     let x = x.reshape((bsz * t, din))?;
-    // Up to `MAX_NARROW` rows (decoding), `x w^T` is a stream of dot products through the
-    // weight on CPU (vendor/candle-core, `cpu_backend/dot_matmul.rs`). From there to 64 rows
-    // the weight as the left operand packs faster in gemm: measured 20-45% quicker for
-    // SmolLM2's shapes at 32-64 rows, no different at 512
-    // (`cargo run --release --example bench_linear_rows`).
     let rows = bsz * t;
-    let y = if rows > candle_core::cpu_backend::dot_matmul::MAX_NARROW && rows <= 64 {
+    let wt = w.t()?;
+    let y = if wt.is_contiguous() {
+        // Stored transposed: `x wt` needs no transposing pack of the weight in gemm; from 24
+        // rows up as quick or quicker than the forms below for SmolLM2's projections, at up
+        // to 16 rows mixed (`cargo run --release --example bench_linear_rows`, column `x wt`).
+        x.matmul(&wt)?
+    } else if rows > candle_core::cpu_backend::dot_matmul::MAX_NARROW && rows <= 64 {
+        // Up to `MAX_NARROW` rows (decoding), `x w^T` is a stream of dot products through the
+        // weight on CPU (vendor/candle-core, `cpu_backend/dot_matmul.rs`). From there to 64
+        // rows the weight as the left operand packs faster in gemm: measured 20-45% quicker
+        // for SmolLM2's shapes at 32-64 rows, no different at 512 (same example).
         w.matmul(&x.t()?)?.t()?
     } else {
-        x.matmul(&w.t()?)?
+        x.matmul(&wt)?
     }; // [b*t, out]
     let y = match b {
         Some(b) => y.broadcast_add(&b.to_dtype(y.dtype())?)?,
@@ -297,6 +303,11 @@ pub fn attention_mask(
     Ok(Tensor::from_vec(m, (b, 1, t, total), device)?)
 }
 
+/// `take(name)`, or an error naming the missing parameter.
+fn need(take: &mut impl FnMut(&str) -> Result<Option<Tensor>>, name: &str) -> Result<Tensor> {
+    take(name)?.ok_or_else(|| Error::msg(format!("parameter `{name}` is missing")))
+}
+
 impl Llama {
     /// Build from a parameter store; `trainable(name)` decides which tensors carry gradients
     /// (the rest are detached, i.e. frozen). In a compute dtype other than f32
@@ -308,54 +319,68 @@ impl Llama {
         trainable: impl Fn(&str) -> bool,
     ) -> Result<Self> {
         let dtype = cfg.compute_dtype;
-        let get = |name: &str| -> Result<Tensor> {
-            let t = params.tensor(name)?;
-            Ok(if trainable(name) {
+        Self::from_tensors(cfg, |name| {
+            let Some(var) = params.get(name) else {
+                return Ok(None);
+            };
+            let t = var.as_tensor();
+            Ok(Some(if trainable(name) {
                 t.clone()
             } else {
                 t.detach().to_dtype(dtype)?
-            })
-        };
-        let opt = |name: &str| -> Result<Option<Tensor>> {
-            if params.get(name).is_some() {
-                Ok(Some(get(name)?))
-            } else {
-                Ok(None)
-            }
-        };
+            }))
+        })
+    }
+
+    /// Build from the tensors `take(name)` gives (`None` for a tensor the model lacks; only
+    /// biases may be absent).
+    fn from_tensors(
+        cfg: &ModelConfig,
+        mut take: impl FnMut(&str) -> Result<Option<Tensor>>,
+    ) -> Result<Self> {
+        let dtype = cfg.compute_dtype;
+        let take = &mut take;
         let mut layers = Vec::with_capacity(cfg.num_layers);
         for l in 0..cfg.num_layers {
             let p = format!("model.layers.{l}");
-            layers.push(Layer {
-                input_norm: get(&format!("{p}.input_layernorm.weight"))?,
-                q: get(&format!("{p}.self_attn.q_proj.weight"))?,
-                k: get(&format!("{p}.self_attn.k_proj.weight"))?,
-                v: get(&format!("{p}.self_attn.v_proj.weight"))?,
-                q_bias: opt(&format!("{p}.self_attn.q_proj.bias"))?,
-                k_bias: opt(&format!("{p}.self_attn.k_proj.bias"))?,
-                v_bias: opt(&format!("{p}.self_attn.v_proj.bias"))?,
-                o: get(&format!("{p}.self_attn.o_proj.weight"))?,
-                o_bias: opt(&format!("{p}.self_attn.o_proj.bias"))?,
-                post_norm: get(&format!("{p}.post_attention_layernorm.weight"))?,
-                gate: get(&format!("{p}.mlp.gate_proj.weight"))?,
-                up: get(&format!("{p}.mlp.up_proj.weight"))?,
-                down: get(&format!("{p}.mlp.down_proj.weight"))?,
+            let mut get = |name: &str| need(take, &format!("{p}.{name}"));
+            let mut layer = Layer {
+                input_norm: get("input_layernorm.weight")?,
+                q: get("self_attn.q_proj.weight")?,
+                k: get("self_attn.k_proj.weight")?,
+                v: get("self_attn.v_proj.weight")?,
+                q_bias: None,
+                k_bias: None,
+                v_bias: None,
+                o: get("self_attn.o_proj.weight")?,
+                o_bias: None,
+                post_norm: get("post_attention_layernorm.weight")?,
+                gate: get("mlp.gate_proj.weight")?,
+                up: get("mlp.up_proj.weight")?,
+                down: get("mlp.down_proj.weight")?,
                 adapters: Default::default(),
-            });
+            };
+            let mut bias = |name: &str| take(&format!("{p}.self_attn.{name}_proj.bias"));
+            layer.q_bias = bias("q")?;
+            layer.k_bias = bias("k")?;
+            layer.v_bias = bias("v")?;
+            layer.o_bias = bias("o")?;
+            layers.push(layer);
         }
-        let embed = get("model.embed_tokens.weight")?;
+        let embed = need(take, "model.embed_tokens.weight")?;
         let lm_head = if cfg.tie_word_embeddings {
             embed.clone()
         } else {
-            get("lm_head.weight")?
+            need(take, "lm_head.weight")?
         };
+        let norm = need(take, "model.norm.weight")?;
         let device = embed.device().clone();
         let (cos, sin) = rope_tables(cfg, &device)?;
         Ok(Self {
             cfg: cfg.clone(),
             embed,
             layers,
-            norm: get("model.norm.weight")?,
+            norm,
             lm_head,
             cos,
             sin,
@@ -411,6 +436,33 @@ impl Llama {
     /// All parameters frozen (inference: no autograd graph is kept alive).
     pub fn frozen(cfg: &ModelConfig, params: &Params) -> Result<Self> {
         Self::new(cfg, params, |_| false)
+    }
+
+    /// All parameters frozen, built from a store given up for it: each projection weight is
+    /// re-laid out as a contiguous `[in, out]` matrix (its store tensor dropped before the next
+    /// one is copied, so the peak is one tensor above the store's when nothing else holds it),
+    /// which spares gemm the transposing pack of the weight in every product `x w^T`: SmolLM2's
+    /// 4 x 128 forward 8-9% quicker, the same numbers (`cargo run --release --example
+    /// bench_inference_layout -- bench/out/smollm2-hf`; docs/BENCHMARKS.md). For forward passes
+    /// over many rows: decoding's products of up to 16 rows are quicker as dot products through
+    /// the stored `[out, in]` rows (batch-8 generation measured about 13% slower re-laid out),
+    /// so generation keeps [`Llama::frozen`]; gradients through these weights would take the
+    /// transposing pack instead.
+    pub fn inference(cfg: &ModelConfig, params: Params) -> Result<Self> {
+        let dtype = cfg.compute_dtype;
+        let mut tensors = BTreeMap::new();
+        for (name, var) in params.into_vars() {
+            let t = var.as_tensor().detach().to_dtype(dtype)?;
+            drop(var);
+            let t = if projection_of(&name).is_some() {
+                // A `[out, in]` view of contiguous `[in, out]` storage.
+                t.t()?.contiguous()?.t()?
+            } else {
+                t
+            };
+            tensors.insert(name, t);
+        }
+        Self::from_tensors(cfg, |name| Ok(tensors.remove(name)))
     }
 
     pub fn config(&self) -> &ModelConfig {

@@ -96,6 +96,11 @@ impl Params {
         Ok(())
     }
 
+    /// The variables, by name, the store given up.
+    pub fn into_vars(self) -> impl Iterator<Item = (String, Var)> {
+        self.vars.into_iter()
+    }
+
     pub fn get(&self, name: &str) -> Option<&Var> {
         self.vars.get(name)
     }

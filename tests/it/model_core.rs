@@ -61,6 +61,34 @@ fn kv_cache_decoding_equals_full_forward() {
     }
 }
 
+/// `Llama::inference` re-lays every projection weight out as `[in, out]`: the same network, so
+/// the same logits as `Llama::frozen` on the store (within float rounding: at few rows the
+/// stored layout's products are dot products, gemm's order elsewhere), at decoding's,
+/// the middle and a prefill's row counts, with and without biases. A weight re-laid out but
+/// read as stored (the square q/o maps of the tiny model would not fail on shape) fails it.
+#[test]
+fn inference_layout_gives_the_frozen_logits() {
+    for (arch, tie) in [(Arch::Llama, true), (Arch::Qwen2, false)] {
+        let cfg = tiny_config(arch, tie);
+        let p = tiny_params(&cfg, 11);
+        let stored = Llama::frozen(&cfg, &p).unwrap();
+        let relaid = Llama::inference(&cfg, p.deep_clone().unwrap()).unwrap();
+        for (b, t) in [(1usize, 3usize), (3, 9), (4, 24)] {
+            let rows: Vec<Vec<u32>> = (0..b)
+                .map(|r| (0..t).map(|i| SEQ[(r + i) % SEQ.len()]).collect())
+                .collect();
+            let x = Tensor::new(rows, &Device::Cpu).unwrap();
+            let (a, c) = (stored.logits(&x).unwrap(), relaid.logits(&x).unwrap());
+            let scale = max_abs(&a);
+            let d = max_abs_diff(&a, &c);
+            assert!(
+                scale > 0.1 && d <= 1e-5 * scale,
+                "{arch:?} {b}x{t}: re-laid-out logits differ by {d} (largest logit {scale})"
+            );
+        }
+    }
+}
+
 #[test]
 fn batched_left_padded_generation_equals_one_by_one() {
     let cfg = tiny_config(Arch::Llama, true);
