@@ -7,14 +7,9 @@ use candle_core::{Device, Tensor};
 use repnoise::model::ops;
 use std::time::Instant;
 
-/// The binary's allocator and settings (`src/main.rs`): with glibc's, every product's output
-/// and gemm's packing buffer are fresh pages, which the binary does not pay.
-#[global_allocator]
-static GLOBAL: tikv_jemallocator::Jemalloc = tikv_jemallocator::Jemalloc;
-#[allow(non_upper_case_globals)]
-#[export_name = "_rjem_malloc_conf"]
-pub static malloc_conf: &[u8; 68] =
-    b"narenas:1,dirty_decay_ms:1000,muzzy_decay_ms:0,oversize_threshold:0\0";
+// The binary's allocator and settings (`src/main.rs`): with glibc's, every product's output
+// and gemm's packing buffer are fresh pages, which the binary does not pay.
+repnoise::jemalloc_as_the_binary!();
 
 fn main() -> anyhow::Result<()> {
     let dev = Device::Cpu;

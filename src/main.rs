@@ -2,24 +2,8 @@
 
 mod cli;
 
-/// jemalloc reuses freed memory within a step: training allocates and frees hundreds of MB per
-/// step, and with glibc's allocator the kernel zeroed those pages anew each time (measured:
-/// about a fifth of a training step in page faults; see docs/BENCHMARKS.md).
-#[global_allocator]
-static GLOBAL: tikv_jemallocator::Jemalloc = tikv_jemallocator::Jemalloc;
-
-/// jemalloc's settings (measured with `repnoise bench`, docs/BENCHMARKS.md): freed pages handed
-/// back to the kernel after about a second, so that a step's peak memory is close to its live
-/// memory. Never returning them (the earlier setting) kept up to 3 GB of freed activations
-/// resident: peak 5.7-6.9 against 3.9 GiB for the RepNoise step, 3.4 against 2.7 GiB for a
-/// fine-tuning step, for some page faults as each step touches its activations again. One
-/// arena: the same memory as eight, and the quicker of the two in the runs made (fine-tuning
-/// step 5.4-5.8 s against 6.0-6.2 s). `_RJEM_MALLOC_CONF` still overrides them.
-/// (A thin pointer: jemalloc reads a `const char *`.)
-#[allow(non_upper_case_globals)]
-#[export_name = "_rjem_malloc_conf"]
-pub static malloc_conf: &[u8; 68] =
-    b"narenas:1,dirty_decay_ms:1000,muzzy_decay_ms:0,oversize_threshold:0\0";
+// jemalloc with the settings measured for this binary (why: `repnoise::jemalloc_as_the_binary`).
+repnoise::jemalloc_as_the_binary!();
 
 fn main() {
     tracing_subscriber::fmt()

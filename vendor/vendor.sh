@@ -1,14 +1,18 @@
 #!/usr/bin/env bash
 # Re-create the vendored crates (vendor/<crate>) from their crates.io releases plus our patches
-# (vendor/patches/<crate>-*.patch, applied in name order; vendor/README.md says what each changes
+# (vendor/patches/<crate>-NNNN-*.patch, applied in name order; vendor/README.md says what each changes
 # and why).
 #
 #   vendor/vendor.sh           write every vendor/<crate> from its release and its patches
 #   vendor/vendor.sh --check   only compare: exit 1 if a vendor/<crate> differs (CI)
 #
-# Each release is downloaded from crates.io (or taken from $VENDOR_CRATE_DIR, a directory holding
-# <crate>-<version>.crate files, such as ~/.cargo/registry/cache/*/) and checked against its
-# SHA-256 (the checksum crates.io lists for the release, as in Cargo.lock).
+# Each release is downloaded from crates.io, or taken from $VENDOR_CRATE_DIR, a directory that
+# must hold every <crate>-<version>.crate file (cargo's download cache is one:
+# VENDOR_CRATE_DIR="$(echo ~/.cargo/registry/cache/*/)" vendor/vendor.sh, with the glob
+# expanded by echo, which an assignment alone would not do); either way it is checked against
+# its SHA-256 (the checksum crates.io lists for the release, as in Cargo.lock). A crate's patches
+# are vendor/patches/<crate>-NNNN-*.patch (four digits after the name, so that one crate's
+# patches never match another's whose name begins with its own, such as gemm and gemm-common).
 set -euo pipefail
 # A relative $VENDOR_CRATE_DIR is taken from where the script was started.
 if [ -n "${VENDOR_CRATE_DIR:-}" ]; then
@@ -40,8 +44,11 @@ status=0
 for entry in "${CRATES[@]}"; do
   read -r name version sha256 <<<"$entry"
   crate="$tmp/$name-$version.crate"
-  if [ -n "${VENDOR_CRATE_DIR:-}" ] && [ -f "$VENDOR_CRATE_DIR/$name-$version.crate" ]; then
-    cp "$VENDOR_CRATE_DIR/$name-$version.crate" "$crate"
+  if [ -n "${VENDOR_CRATE_DIR:-}" ]; then
+    cp "$VENDOR_CRATE_DIR/$name-$version.crate" "$crate" 2>/dev/null || {
+      echo "VENDOR_CRATE_DIR=$VENDOR_CRATE_DIR holds no $name-$version.crate (unset it to download from crates.io)" >&2
+      exit 1
+    }
   else
     curl -sSfL --retry 3 -o "$crate" \
       "https://static.crates.io/crates/$name/$name-$version.crate" || {
@@ -56,7 +63,7 @@ for entry in "${CRATES[@]}"; do
   tar xzf "$crate" -C "$tmp"
   src="$tmp/$name-$version"
   rm -f "$src/.cargo_vcs_info.json"
-  patches=(vendor/patches/"$name"-*.patch)
+  patches=(vendor/patches/"$name"-[0-9][0-9][0-9][0-9]-*.patch)
   for p in "${patches[@]}"; do
     [ -e "$p" ] || continue
     patch -s -p1 -d "$src" --no-backup-if-mismatch -F0 <"$(pwd)/$p" || {
