@@ -7,9 +7,9 @@
 #   vendor/vendor.sh --check   only compare: exit 1 if a vendor/<crate> differs (CI)
 #
 # Each release is downloaded from crates.io, or taken from $VENDOR_CRATE_DIR, a directory that
-# must hold every <crate>-<version>.crate file (cargo's download cache is one:
-# VENDOR_CRATE_DIR="$(echo ~/.cargo/registry/cache/*/)" vendor/vendor.sh, with the glob
-# expanded by echo, which an assignment alone would not do); either way it is checked against
+# must hold every <crate>-<version>.crate file (such as one of cargo's download caches, named in
+# full: VENDOR_CRATE_DIR=~/.cargo/registry/cache/index.crates.io-<hash>; a glob is not expanded
+# in an assignment); either way it is checked against
 # its SHA-256 (the checksum crates.io lists for the release, as in Cargo.lock). A crate's patches
 # are vendor/patches/<crate>-NNNN-*.patch (four digits after the name, so that one crate's
 # patches never match another's whose name begins with its own, such as gemm and gemm-common).
@@ -45,7 +45,7 @@ for entry in "${CRATES[@]}"; do
   read -r name version sha256 <<<"$entry"
   crate="$tmp/$name-$version.crate"
   if [ -n "${VENDOR_CRATE_DIR:-}" ]; then
-    cp "$VENDOR_CRATE_DIR/$name-$version.crate" "$crate" 2>/dev/null || {
+    cp "$VENDOR_CRATE_DIR/$name-$version.crate" "$crate" || {
       echo "VENDOR_CRATE_DIR=$VENDOR_CRATE_DIR holds no $name-$version.crate (unset it to download from crates.io)" >&2
       exit 1
     }

@@ -47,7 +47,10 @@ pub fn run_stability(
         source,
         ..
     } = model;
-    let net = Llama::inference(&config, params)?;
+    // Built at the first task not read back: re-laying the weights out is wasted when every
+    // task's result is already there.
+    let mut params = Some(params);
+    let mut net = None;
     let mut results = vec![];
     for task in tasks {
         let path = out.join(format!("{task}.json"));
@@ -67,7 +70,12 @@ pub fn run_stability(
         let total = all.len();
         let items = stability::limit_items(all, limit, seed);
         eprintln!("{task}: scoring {} of {total} items", items.len());
-        let per_item = stability::evaluate_items(&net, &tok, start_id, &items, max_len, batch)?;
+        let net = match (net.as_ref(), params.take()) {
+            (Some(n), _) => n,
+            (None, Some(p)) => net.insert(Llama::inference(&config, p)?),
+            (None, None) => unreachable!("the store is taken only to build the network"),
+        };
+        let per_item = stability::evaluate_items(net, &tok, start_id, &items, max_len, batch)?;
         let r = stability::summarise(task, &per_item, total, t0.elapsed().as_secs_f64());
         // Every item with its options, so the figures can be checked against another tool.
         let detail: Vec<serde_json::Value> = items

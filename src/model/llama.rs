@@ -199,8 +199,10 @@ pub fn projection_of(name: &str) -> Option<(usize, usize)> {
     Some((l.parse().ok()?, i))
 }
 
-/// The decoder. Holds tensors that share storage with a [`Params`] store: built trainable they
-/// are the variables themselves (gradients flow to them), built frozen they are detached views.
+/// The decoder. Built from a [`Params`] store it holds tensors that share storage with it:
+/// built trainable they are the variables themselves (gradients flow to them), built frozen
+/// they are detached views (or copies in another compute dtype). [`Llama::inference`] instead
+/// takes the store and holds its own re-laid-out copies of the projection weights.
 #[derive(Clone)]
 pub struct Llama {
     cfg: ModelConfig,
@@ -442,12 +444,12 @@ impl Llama {
     /// re-laid out as a contiguous `[in, out]` matrix (its store tensor dropped before the next
     /// one is copied, so the peak is one tensor above the store's when nothing else holds it),
     /// which spares gemm the transposing pack of the weight in every product `x w^T`: SmolLM2's
-    /// 4 x 128 forward 8-9% quicker, the same numbers (`cargo run --release --example
-    /// bench_inference_layout -- bench/out/smollm2-hf`; docs/BENCHMARKS.md). For forward passes
-    /// over many rows: decoding's products of up to 16 rows are quicker as dot products through
-    /// the stored `[out, in]` rows (batch-8 generation measured about 13% slower re-laid out),
-    /// so generation keeps [`Llama::frozen`]; gradients through these weights would take the
-    /// transposing pack instead.
+    /// 4 x 128 forward 11-16% quicker, the same numbers; no gain at 16 x 96 (`cargo run
+    /// --release --example bench_inference_layout -- bench/out/smollm2-hf`; docs/BENCHMARKS.md).
+    /// For forward passes over many rows: decoding's products of up to 16 rows are quicker as
+    /// dot products through the stored `[out, in]` rows (batch-8 generation measured 11-19%
+    /// slower re-laid out), so generation keeps [`Llama::frozen`]; gradients through these
+    /// weights would take the transposing pack instead.
     pub fn inference(cfg: &ModelConfig, params: Params) -> Result<Self> {
         let dtype = cfg.compute_dtype;
         let mut tensors = BTreeMap::new();
@@ -683,4 +685,80 @@ fn rope_tables(cfg: &ModelConfig, device: &Device) -> Result<(Tensor, Tensor)> {
         Tensor::from_vec(cos, (n, half), device)?.to_dtype(DType::F32)?,
         Tensor::from_vec(sin, (n, half), device)?,
     ))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::model::config::Arch;
+
+    fn config(dtype: DType) -> ModelConfig {
+        ModelConfig {
+            arch: Arch::Llama,
+            vocab_size: 40,
+            hidden_size: 16,
+            intermediate_size: 24,
+            num_layers: 2,
+            num_heads: 2,
+            num_kv_heads: 1,
+            head_dim: 8,
+            rms_norm_eps: 1e-5,
+            rope_theta: 1e4,
+            max_position_embeddings: 16,
+            tie_word_embeddings: true,
+            qkv_bias: false,
+            o_bias: false,
+            bos_token_id: None,
+            eos_token_ids: vec![],
+            compute_dtype: dtype,
+        }
+    }
+
+    /// `Llama::inference` holds every projection weight as the `[out, in]` view of `[in, out]`
+    /// storage (on which `linear` takes the untransposed product), with the store's values in
+    /// the compute dtype; `Llama::frozen` holds the store's own `[out, in]` layout. A network
+    /// that silently kept the stored layout would pass the logits test in tests/it and fail
+    /// this one.
+    #[test]
+    fn inference_lays_the_projections_out_in_out() {
+        for dt in [DType::F32, DType::BF16] {
+            let cfg = config(dt);
+            let p = Params::random(&cfg, 3, &Device::Cpu).unwrap();
+            let frozen = Llama::frozen(&cfg, &p).unwrap();
+            let relaid = Llama::inference(&cfg, p).unwrap();
+            for (f, r) in frozen.layers.iter().zip(&relaid.layers) {
+                let pairs = [
+                    (&f.q, &r.q),
+                    (&f.k, &r.k),
+                    (&f.v, &r.v),
+                    (&f.o, &r.o),
+                    (&f.gate, &r.gate),
+                    (&f.up, &r.up),
+                    (&f.down, &r.down),
+                ];
+                for (wf, wr) in pairs {
+                    assert_eq!(wf.dims(), wr.dims());
+                    assert!(wf.is_contiguous(), "frozen keeps the stored layout");
+                    assert!(
+                        wr.t().unwrap().is_contiguous() && !wr.is_contiguous(),
+                        "{dt:?}: a projection weight not laid out [in, out]"
+                    );
+                    assert_eq!(wr.dtype(), dt);
+                    let d = (wf.to_dtype(DType::F32).unwrap() - wr.to_dtype(DType::F32).unwrap())
+                        .unwrap()
+                        .abs()
+                        .unwrap()
+                        .flatten_all()
+                        .unwrap()
+                        .max(0)
+                        .unwrap()
+                        .to_scalar::<f32>()
+                        .unwrap();
+                    assert_eq!(d, 0.0, "{dt:?}: re-laid-out values differ");
+                }
+                assert!(r.input_norm.is_contiguous() && r.post_norm.is_contiguous());
+            }
+            assert!(relaid.embed.is_contiguous() && relaid.lm_head.is_contiguous());
+        }
+    }
 }
