@@ -126,8 +126,7 @@ pub fn run(g: &Global, a: Args) -> Result<()> {
         }
         "generate" => {
             let prompts = bench_prompts(&m, batch)?;
-            let net = repnoise::model::llama::Llama::frozen(&m.config, &m.params)?;
-            let t = repnoise::dev::bench::generation(&m, &net, &prompts, new_tokens, steps)?;
+            let t = repnoise::dev::bench::generation(&m, &prompts, new_tokens, steps)?;
             let tps: Vec<f64> = t.iter().map(|s| (batch * new_tokens) as f64 / s).collect();
             (t, serde_json::json!({"tokens_per_second": tps}))
         }
@@ -153,10 +152,8 @@ pub fn run(g: &Global, a: Args) -> Result<()> {
         }
         "generate-eval" => {
             let prompts = bench_prompts(&m, items)?;
-            let net = repnoise::model::llama::Llama::frozen(&m.config, &m.params)?;
-            let t = repnoise::dev::bench::generation_batched(
-                &m, &net, &prompts, batch, new_tokens, steps,
-            )?;
+            let t =
+                repnoise::dev::bench::generation_batched(&m, &prompts, batch, new_tokens, steps)?;
             let tps: Vec<f64> = t.iter().map(|s| (items * new_tokens) as f64 / s).collect();
             (
                 t,

@@ -183,11 +183,11 @@ pub fn inference_net(m: &mut LoadedModel) -> Result<Llama> {
 /// Batched greedy generation of exactly `new_tokens` tokens per row (no early stop).
 pub fn generation(
     m: &LoadedModel,
-    net: &Llama,
     prompts: &[Vec<u32>],
     new_tokens: usize,
     reps: usize,
 ) -> Result<Vec<f64>> {
+    let net = Llama::frozen(&m.config, &m.params)?;
     let cfg = SamplingConfig {
         max_new_tokens: new_tokens,
         ..Default::default()
@@ -195,7 +195,7 @@ pub fn generation(
     let mut times = vec![];
     for _ in 0..reps {
         let t0 = Instant::now();
-        let out = generate::generate(net, prompts, m.tok.pad_id, &[], &cfg)?;
+        let out = generate::generate(&net, prompts, m.tok.pad_id, &[], &cfg)?;
         times.push(t0.elapsed().as_secs_f64());
         debug_assert!(out.iter().all(|o| o.len() == new_tokens));
     }
@@ -289,13 +289,13 @@ pub fn heldout_ce(
 /// tokens each (no early stop), timed `reps` times.
 pub fn generation_batched(
     m: &LoadedModel,
-    net: &Llama,
     prompts: &[Vec<u32>],
     batch: usize,
     new_tokens: usize,
     reps: usize,
 ) -> Result<Vec<f64>> {
     use crate::data::encode::{length_order, Longest};
+    let net = Llama::frozen(&m.config, &m.params)?;
     let cfg = SamplingConfig {
         max_new_tokens: new_tokens,
         ..Default::default()
@@ -306,7 +306,7 @@ pub fn generation_batched(
         let t0 = Instant::now();
         for chunk in order.chunks(batch.max(1)) {
             let ids: Vec<Vec<u32>> = chunk.iter().map(|&i| prompts[i].clone()).collect();
-            let out = generate::generate(net, &ids, m.tok.pad_id, &[], &cfg)?;
+            let out = generate::generate(&net, &ids, m.tok.pad_id, &[], &cfg)?;
             debug_assert!(out.iter().all(|o| o.len() == new_tokens));
         }
         times.push(t0.elapsed().as_secs_f64());
