@@ -16,6 +16,7 @@ use candle_core::{CpuStorage, CustomOp1, CustomOp2, CustomOp3, Layout, Shape, Te
 use rayon::prelude::*;
 
 use crate::model::ops::slice_f32;
+use crate::model::vmath;
 use crate::{Error, Result};
 
 /// Target value marking a row that contributes nothing.
@@ -50,10 +51,10 @@ impl CustomOp1 for RowNll {
                     return 0.0;
                 }
                 let row = &x[r * v..(r + 1) * v];
-                let max = row.iter().copied().fold(f32::NEG_INFINITY, f32::max);
-                // exp in f32 (arguments <= 0, exact to an ulp; f64 exp took a fifth of a
+                let max = vmath::max(row);
+                // exp in f32 (arguments <= 0, within 1 ulp; f64 exp took a fifth of a
                 // logit-lens pass), summed in f64.
-                let sum: f64 = row.iter().map(|&z| (z - max).exp() as f64).sum();
+                let sum = vmath::sum_exp_f64(row, max);
                 (max as f64 + sum.ln() - row[t as usize] as f64) as f32
             })
             .collect();
@@ -104,11 +105,8 @@ impl CustomOp3 for RowNllGrad {
             let row = &x[r * v..(r + 1) * v];
             // log-sum-exp recovered from the forward's output: nll = lse - row[t].
             let lse = nll[r] + row[t as usize];
-            let g = gr[r];
-            for (oi, &z) in o.iter_mut().zip(row) {
-                *oi = crate::model::ops::flush_subnormal(g * (z - lse).exp());
-            }
-            o[t as usize] -= g;
+            vmath::scaled_exp(o, row, lse, gr[r]);
+            o[t as usize] -= gr[r];
         });
         Ok((CpuStorage::F32(out), Shape::from((n, v))))
     }
@@ -303,18 +301,11 @@ impl LinearNllState {
                     return 0.0;
                 }
                 let target = row[t as usize];
-                let max = row.iter().copied().fold(f32::NEG_INFINITY, f32::max);
-                let mut sum = 0f64;
-                for z in row.iter_mut() {
-                    *z = (*z - max).exp();
-                    sum += *z as f64;
-                }
-                let inv = (1.0 / sum) as f32;
-                for z in row.iter_mut() {
-                    // Subnormal probabilities become 0 (see `flush_subnormal`): they are the
-                    // gradient products' operands.
-                    *z = crate::model::ops::flush_subnormal(*z * inv);
-                }
+                let max = vmath::max(row);
+                let sum = vmath::exp_in_place_f64_sum(row, max);
+                // Subnormal probabilities become 0 (see `flush_subnormal`): they are the
+                // gradient products' operands.
+                vmath::scale_flushed(row, (1.0 / sum) as f32);
                 (max as f64 + sum.ln() - target as f64) as f32
             })
             .collect();

@@ -1,6 +1,7 @@
 //! The language model: where it comes from (`load`, `assets`, `gguf`, `tokenizer`, `chat`), what it
-//! is (`config`, `params`, `llama`, the fused `ops` with their backward passes), its loss (`loss`)
-//! and how it answers (`generate`).
+//! is (`config`, `params`, `llama`, the fused `ops` with their backward passes, `vmath` the
+//! vectorised element-wise kernels under them), its loss (`loss`) and how it answers
+//! (`generate`).
 
 pub mod assets;
 pub mod chat;
@@ -15,3 +16,4 @@ pub mod memory;
 pub mod ops;
 pub mod params;
 pub mod tokenizer;
+pub mod vmath;

@@ -14,6 +14,7 @@
 use candle_core::{CpuStorage, CustomOp1, CustomOp2, CustomOp3, DType, Layout, Shape, Tensor, D};
 use rayon::prelude::*;
 
+use crate::model::vmath;
 use crate::util::error::Result;
 
 /// The contiguous f32 data of a CPU tensor argument.
@@ -180,28 +181,14 @@ struct SoftmaxGrad {
     scale: Option<f32>,
 }
 
-/// Below this, `exp` gives a subnormal or 0, which [`flush_subnormal`] turns into a 0
-/// probability anyway (`exp(-87.5)` is about 1.0e-38, under `f32::MIN_POSITIVE`): such entries
-/// (a masked key's score, -1e9 below the row's maximum) skip `exp` and its slow underflow path.
-/// Their share of the row's sum, at most 1.2e-38 against a sum of at least 1, is below f32's
-/// resolution, so the result is bit-identical.
-const EXP_FLUSHED_BELOW: f32 = -87.5;
-
 /// Softmax of one row in place: `o` holds the inputs on entry, the probabilities on exit.
+/// `exp` is [`vmath::exp`], which gives 0 where the result would be subnormal (a masked key's
+/// score, -1e9 below the row's maximum); the sum is taken in 8 lanes ([`vmath::sum_f32`]).
 #[inline(always)]
 fn softmax_row_in_place(o: &mut [f32]) {
-    let max = o.iter().copied().fold(f32::NEG_INFINITY, f32::max);
-    let mut sum = 0f32;
-    for v in o.iter_mut() {
-        let d = *v - max;
-        let e = if d < EXP_FLUSHED_BELOW { 0.0 } else { d.exp() };
-        *v = e;
-        sum += e;
-    }
-    let inv = 1.0 / sum;
-    for v in o.iter_mut() {
-        *v = flush_subnormal(*v * inv);
-    }
+    let max = vmath::max(o);
+    let sum = vmath::exp_in_place_f32_sum(o, max);
+    vmath::scale_flushed(o, 1.0 / sum);
 }
 
 impl CustomOp1 for Softmax {
@@ -375,10 +362,6 @@ pub fn masked_softmax(scores: &Tensor, mask: &Tensor, scale: f64) -> Result<Tens
 struct SwiGlu;
 struct SwiGluGrad;
 
-fn sigmoid(x: f32) -> f32 {
-    1.0 / (1.0 + (-x).exp())
-}
-
 impl CustomOp2 for SwiGlu {
     fn name(&self) -> &'static str {
         "swiglu"
@@ -397,11 +380,7 @@ impl CustomOp2 for SwiGlu {
         out.par_chunks_mut(C)
             .zip(a.par_chunks(C))
             .zip(b.par_chunks(C))
-            .for_each(|((o, a), b)| {
-                for i in 0..o.len() {
-                    o[i] = a[i] * sigmoid(a[i]) * b[i];
-                }
-            });
+            .for_each(|((o, a), b)| vmath::swiglu(o, a, b));
         Ok((CpuStorage::F32(out), l1.shape().clone()))
     }
     fn bwd(
@@ -443,14 +422,7 @@ impl CustomOp3 for SwiGluGrad {
         da.par_chunks_mut(C)
             .zip(db.par_chunks_mut(C))
             .zip(a.par_chunks(C).zip(b.par_chunks(C)).zip(g.par_chunks(C)))
-            .for_each(|((da, db), ((a, b), g))| {
-                for i in 0..da.len() {
-                    let s = sigmoid(a[i]);
-                    let silu = a[i] * s;
-                    db[i] = g[i] * silu;
-                    da[i] = g[i] * b[i] * s * (1.0 + a[i] * (1.0 - s));
-                }
-            });
+            .for_each(|((da, db), ((a, b), g))| vmath::swiglu_grad(da, db, a, b, g));
         Ok((CpuStorage::F32(out), Shape::from(2 * n)))
     }
 }
