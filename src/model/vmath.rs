@@ -90,71 +90,99 @@ pub fn max(x: &[f32]) -> f32 {
     tail.iter().copied().fold(m, f32::max)
 }
 
-/// Sum in f32: lane `j` adds the elements `j, j + 8, ...` in order, then the lanes and the tail.
-#[multiversion(targets("x86_64+avx+avx2+fma"))]
-pub fn sum_f32(x: &[f32]) -> f32 {
-    let mut acc = [0f32; LANES];
-    let chunks = x.chunks_exact(LANES);
-    let tail = chunks.remainder();
-    for c in chunks {
+/// Elements per block of the exp-then-sum kernels: each block's `exp` is one loop, which the
+/// compiler vectorises, and its lane sum a second (written as one loop with the sum inside,
+/// LLVM vectorised neither: the lanes' exp expressions were too large for its SLP pass).
+/// A multiple of [`LANES`], so an element's lane is its index modulo 8 in every kernel.
+const BLOCK: usize = 256;
+
+/// Adds `x` (a multiple of [`LANES`] long) into the lanes: lane `j` takes `x[j], x[j + 8], ...`.
+#[inline(always)]
+fn add_lanes_f32(acc: &mut [f32; LANES], x: &[f32]) {
+    for c in x.chunks_exact(LANES) {
         for j in 0..LANES {
             acc[j] += c[j];
         }
     }
+}
+
+/// [`add_lanes_f32`] with the lanes in f64.
+#[inline(always)]
+fn add_lanes_f64(acc: &mut [f64; LANES], x: &[f32]) {
+    for c in x.chunks_exact(LANES) {
+        for j in 0..LANES {
+            acc[j] += c[j] as f64;
+        }
+    }
+}
+
+/// `x` split where its last `len % 8` elements (added after the lanes) begin.
+#[inline(always)]
+fn body_len(len: usize) -> usize {
+    len - len % LANES
+}
+
+/// Sum in f32: lane `j` adds the elements `j, j + 8, ...` in order, then the lanes are added in
+/// order, then the tail (the last `len % 8` elements) in order.
+#[multiversion(targets("x86_64+avx+avx2+fma"))]
+pub fn sum_f32(x: &[f32]) -> f32 {
+    let (body, tail) = x.split_at(body_len(x.len()));
+    let mut acc = [0f32; LANES];
+    add_lanes_f32(&mut acc, body);
     acc.iter().sum::<f32>() + tail.iter().sum::<f32>()
 }
 
 /// `o[i] = e^(o[i] - shift)`; returns their sum in f64 (lanes as [`sum_f32`]).
 #[multiversion(targets("x86_64+avx+avx2+fma"))]
 pub fn exp_in_place_f64_sum(o: &mut [f32], shift: f32) -> f64 {
+    let n = body_len(o.len());
+    let (body, tail) = o.split_at_mut(n);
     let mut acc = [0f64; LANES];
-    let mut chunks = o.chunks_exact_mut(LANES);
-    for c in &mut chunks {
-        for j in 0..LANES {
-            c[j] = exp(c[j] - shift);
-            acc[j] += c[j] as f64;
+    for blk in body.chunks_mut(BLOCK) {
+        for v in blk.iter_mut() {
+            *v = exp(*v - shift);
         }
+        add_lanes_f64(&mut acc, blk);
     }
-    let mut s: f64 = acc.iter().sum();
-    for v in chunks.into_remainder() {
+    for v in tail.iter_mut() {
         *v = exp(*v - shift);
-        s += *v as f64;
     }
-    s
+    acc.iter().sum::<f64>() + tail.iter().map(|&v| v as f64).sum::<f64>()
 }
 
-/// The sum in f64 of `e^(x[i] - shift)` (lanes as [`sum_f32`]).
+/// The sum in f64 of `e^(x[i] - shift)` (lanes as [`sum_f32`]; the same bits as
+/// [`exp_in_place_f64_sum`]), without writing them out.
 #[multiversion(targets("x86_64+avx+avx2+fma"))]
 pub fn sum_exp_f64(x: &[f32], shift: f32) -> f64 {
+    let (body, tail) = x.split_at(body_len(x.len()));
     let mut acc = [0f64; LANES];
-    let chunks = x.chunks_exact(LANES);
-    let tail = chunks.remainder();
-    for c in chunks {
-        for j in 0..LANES {
-            acc[j] += exp(c[j] - shift) as f64;
+    let mut buf = [0f32; BLOCK];
+    for blk in body.chunks(BLOCK) {
+        let b = &mut buf[..blk.len()];
+        for (d, &v) in b.iter_mut().zip(blk) {
+            *d = exp(v - shift);
         }
+        add_lanes_f64(&mut acc, b);
     }
-    let s: f64 = acc.iter().sum();
-    tail.iter().fold(s, |s, &v| s + exp(v - shift) as f64)
+    acc.iter().sum::<f64>() + tail.iter().map(|&v| exp(v - shift) as f64).sum::<f64>()
 }
 
 /// `o[i] = e^(o[i] - shift)`; returns their sum in f32 (lanes as [`sum_f32`]).
 #[multiversion(targets("x86_64+avx+avx2+fma"))]
 pub fn exp_in_place_f32_sum(o: &mut [f32], shift: f32) -> f32 {
+    let n = body_len(o.len());
+    let (body, tail) = o.split_at_mut(n);
     let mut acc = [0f32; LANES];
-    let mut chunks = o.chunks_exact_mut(LANES);
-    for c in &mut chunks {
-        for j in 0..LANES {
-            c[j] = exp(c[j] - shift);
-            acc[j] += c[j];
+    for blk in body.chunks_mut(BLOCK) {
+        for v in blk.iter_mut() {
+            *v = exp(*v - shift);
         }
+        add_lanes_f32(&mut acc, blk);
     }
-    let mut s: f32 = acc.iter().sum();
-    for v in chunks.into_remainder() {
+    for v in tail.iter_mut() {
         *v = exp(*v - shift);
-        s += *v;
     }
-    s
+    acc.iter().sum::<f32>() + tail.iter().sum::<f32>()
 }
 
 /// `o[i] = flush_subnormal(o[i] * k)`.
