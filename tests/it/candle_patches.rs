@@ -1,6 +1,6 @@
 //! The vendored crates' patches (`vendor/patches`, `vendor/README.md`): each one's behaviour
 //! checked against a reference (candle-core's tiled transposed copies, dot-product matmul
-//! kernels, `backward_owned` and a transposed weight's gradient; gemm-common's packing of
+//! kernels, element-wise maps on rayon's pool, `backward_owned` and a transposed weight's gradient; gemm-common's packing of
 //! strided operands).
 
 use crate::common;
@@ -103,6 +103,58 @@ fn contiguous_copies_of_transposed_views_put_every_element_in_place() {
             .collect();
         assert_eq!(got, want, "row-strided r {r}, c {c}");
     }
+}
+
+/// The element-wise maps' parallel path on rayon's pool (vendor/patches/candle-core-0002: upstream
+/// ran it on candle's barrier pool): from 64k elements on, the work is cut into units of 16k
+/// spread over the threads, each writing its own range of the output. Every element of a unary
+/// map (contiguous, and a view starting inside its storage) and of a binary map (contiguous, a
+/// broadcast row, a transposed left operand) lands where the element-by-element formula puts
+/// it, at sizes just below, at and above the threshold and with a partial last unit, called from
+/// outside the pool and from inside it (as the binary runs, `Device::with_context`).
+#[test]
+fn element_wise_maps_in_parallel_put_every_element_in_place() {
+    let dev = Device::Cpu;
+    let check = || {
+        for (r, c) in [(64usize, 1023usize), (64, 1024), (65, 1024), (97, 1531)] {
+            let n = r * c;
+            let a: Vec<f32> = (0..n + 5).map(|i| (i % 977) as f32 * 0.25 - 60.0).collect();
+            let b: Vec<f32> = (0..n).map(|i| (i % 311) as f32 * 0.5 + 1.0).collect();
+            let row: Vec<f32> = (0..c).map(|j| j as f32 * 2.0).collect();
+            let ta = Tensor::from_vec(a.clone(), n + 5, &dev).unwrap();
+            let view = ta.narrow(0, 5, n).unwrap();
+            let tb = Tensor::from_vec(b.clone(), (r, c), &dev).unwrap();
+            let trow = Tensor::from_vec(row.clone(), (1, c), &dev).unwrap();
+            let v = |t: Tensor| -> Vec<f32> { t.flatten_all().unwrap().to_vec1().unwrap() };
+
+            let got = v(view.exp().unwrap());
+            let want: Vec<f32> = a[5..].iter().map(|x| x.exp()).collect();
+            assert_eq!(got, want, "exp of a view, {r} x {c}");
+            let got = v(ta.sqr().unwrap().narrow(0, 0, n).unwrap());
+            let want: Vec<f32> = a[..n].iter().map(|x| x * x).collect();
+            assert_eq!(got, want, "sqr, {r} x {c}");
+
+            let a2 = view.reshape((r, c)).unwrap();
+            let got = v((&a2 + &tb).unwrap());
+            let want: Vec<f32> = (0..n).map(|i| a[5 + i] + b[i]).collect();
+            assert_eq!(got, want, "add, {r} x {c}");
+            let got = v(a2.broadcast_mul(&trow).unwrap());
+            let want: Vec<f32> = (0..n).map(|i| a[5 + i] * row[i % c]).collect();
+            assert_eq!(got, want, "broadcast row, {r} x {c}");
+            // `a2^T` is a [c, r] view with strides [1, c]; minus a contiguous [c, r] matrix.
+            let tb2 = tb.reshape((c, r)).unwrap();
+            let got = v((a2.t().unwrap() - &tb2).unwrap());
+            let want: Vec<f32> = (0..n)
+                .map(|k| {
+                    let (i, j) = (k / r, k % r);
+                    a[5 + j * c + i] - b[k]
+                })
+                .collect();
+            assert_eq!(got, want, "transposed left operand, {c} x {r}");
+        }
+    };
+    check();
+    Device::Cpu.with_context(check);
 }
 
 /// gemm-common's packing of an operand whose rows are far apart (vendor/patches/gemm-common-*:

@@ -362,6 +362,17 @@ pub fn unary_map_vec<T: Copy, U: Copy, F: FnMut(T) -> U, FV: FnMut(&[T], &mut [U
     }
 }
 
+// repnoise patch: the element-wise maps' work units spread over rayon's threads, the pool gemm
+// and the dot-product path use. Upstream used candle's barrier pool, a second set of threads:
+// after each element-wise op its workers spin (25,000 rounds) while the next product runs on
+// rayon's, one more busy thread than cores on a small machine (vendor/README.md).
+fn par_units<F: Fn(std::ops::Range<usize>) + Sync + Send>(n_units: usize, f: F) {
+    use rayon::prelude::*;
+    (0..n_units)
+        .into_par_iter()
+        .for_each(|unit| f(unit..unit + 1));
+}
+
 // Below this many logical elements the barrier-pool split costs more than it saves.
 const PAR_ELEMWISE_MIN: usize = 64 * 1024;
 // Per-unit span: big enough to amortize dispatch, small enough to balance.
@@ -384,7 +395,9 @@ pub fn unary_map_vec_par<
             let mut ys: Vec<U> = Vec::with_capacity(len);
             let ys_ptr = ys.as_mut_ptr() as usize;
             let n_units = len.div_ceil(PAR_ELEMWISE_CHUNK);
-            crate::utils::barrier_pool().execute_chunked(n_units, |range| {
+            // repnoise patch: rayon's pool, as gemm uses, instead of the barrier pool, whose
+            // spinning worker competed with gemm's threads for the same cores (vendor/README.md).
+            par_units(n_units, |range| {
                 let ys_ptr = ys_ptr as *mut U;
                 for unit in range {
                     let lo = unit * PAR_ELEMWISE_CHUNK;
@@ -429,7 +442,8 @@ pub fn binary_map_vec_par<
     let mut ys: Vec<T> = Vec::with_capacity(el_count);
     let ys_ptr = ys.as_mut_ptr() as usize;
     let n_units = el_count.div_ceil(PAR_ELEMWISE_CHUNK);
-    crate::utils::barrier_pool().execute_chunked(n_units, |range| {
+    // repnoise patch: rayon's pool (see `unary_map_vec_par`).
+    par_units(n_units, |range| {
         let ys_ptr = ys_ptr as *mut T;
         for unit in range {
             let mut dst_offset = unit * PAR_ELEMWISE_CHUNK;
