@@ -13,6 +13,8 @@ use std::collections::BTreeMap;
 use candle_core::{DType, Device, Tensor};
 
 use crate::model::config::ModelConfig;
+use crate::model::low_rank;
+pub use crate::model::low_rank::Adapter;
 use crate::model::ops;
 use crate::model::params::Params;
 use crate::{Error, Result};
@@ -181,15 +183,6 @@ pub const PROJECTIONS: [&str; 7] = [
     "mlp.down_proj",
 ];
 
-/// A low-rank adapter on one linear map `W [out, in]`: the map becomes
-/// `x W^T + scale * (x A^T) B^T` (LoRA, Hu et al. 2021), with `A [rank, in]`, `B [out, rank]`.
-#[derive(Clone, Debug)]
-pub struct Adapter {
-    pub a: Tensor,
-    pub b: Tensor,
-    pub scale: f64,
-}
-
 /// `(layer, projection index)` of a weight name such as `model.layers.3.self_attn.q_proj.weight`.
 pub fn projection_of(name: &str) -> Option<(usize, usize)> {
     let rest = name.strip_prefix("model.layers.")?;
@@ -223,8 +216,15 @@ pub struct Llama {
 
 /// [`linear`] plus the adapters' low-rank terms.
 fn linear_ad(x: &Tensor, w: &Tensor, b: Option<&Tensor>, ads: &[Adapter]) -> Result<Tensor> {
-    let mut y = linear(x, w, b)?;
     let (bsz, t, din) = x.dims3()?;
+    // Fused on CPU in f32 (`model::low_rank`) for maps without a bias, over more rows than
+    // `linear` gives other forms of the product: the fused op computes `x w^T` as `linear` does
+    // there, so an adapter with `B = 0` leaves the output bit for bit as it was.
+    if b.is_none() && bsz * t > WEIGHT_LEFT_MAX_ROWS && low_rank::fusable(x, w, ads) {
+        let y = low_rank::linear(&x.reshape((bsz * t, din))?, w, ads)?;
+        return Ok(y.reshape((bsz, t, ()))?);
+    }
+    let mut y = linear(x, w, b)?;
     for ad in ads {
         // Mixed precision: weights stay f32 variables and are cast on use (PyTorch's autocast);
         // `to_dtype` is a cheap handle when the dtype already matches.
@@ -236,6 +236,9 @@ fn linear_ad(x: &Tensor, w: &Tensor, b: Option<&Tensor>, ads: &[Adapter]) -> Res
     }
     Ok(y)
 }
+
+/// Up to this many rows (from `MAX_NARROW` up), [`linear`] computes `x w^T` as `(w x^T)^T`.
+const WEIGHT_LEFT_MAX_ROWS: usize = 64;
 
 /// `x w^T + b` for `x` `[b, t, in]`, `w` `[out, in]`, in `x`'s dtype. `w` may be the
 /// transposed view of a contiguous `[in, out]` matrix ([`Llama::inference`]'s layout).
@@ -250,7 +253,9 @@ fn linear(x: &Tensor, w: &Tensor, b: Option<&Tensor>) -> Result<Tensor> {
         // rows up as quick or quicker than the forms below for SmolLM2's projections, at up
         // to 16 rows mixed (`cargo run --release --example bench_linear_rows`, column `x wt`).
         x.matmul(&wt)?
-    } else if rows > candle_core::cpu_backend::dot_matmul::MAX_NARROW && rows <= 64 {
+    } else if rows > candle_core::cpu_backend::dot_matmul::MAX_NARROW
+        && rows <= WEIGHT_LEFT_MAX_ROWS
+    {
         // Up to `MAX_NARROW` rows (decoding), `x w^T` is a stream of dot products through the
         // weight on CPU (vendor/candle-core, `cpu_backend/dot_matmul.rs`). From there to 64
         // rows the weight as the left operand packs faster in gemm: measured 20-45% quicker

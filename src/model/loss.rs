@@ -15,6 +15,7 @@ use std::sync::{Arc, Mutex};
 use candle_core::{CpuStorage, CustomOp1, CustomOp2, CustomOp3, Layout, Shape, Tensor, D};
 use rayon::prelude::*;
 
+use crate::model::gemm::gemm_f32;
 use crate::model::ops::slice_f32;
 use crate::model::vmath;
 use crate::{Error, Result};
@@ -229,43 +230,6 @@ struct LinearNllState {
     unit_grads: Mutex<Option<(Vec<f32>, Vec<f32>)>>,
     /// The gradient of `w`, handed from the backward's kernel to `bwd`.
     dw: Mutex<Option<Vec<f32>>>,
-}
-
-/// `dst [m, n] = (accumulate ? dst : 0) + lhs [m, k] rhs [k, n]`, each operand given by its
-/// pointer and (row stride, column stride) in elements.
-///
-/// # Safety
-/// The pointers must cover the strided extents given, and `dst` must not alias the operands.
-#[allow(clippy::too_many_arguments)]
-unsafe fn gemm_f32(
-    (m, n, k): (usize, usize, usize),
-    dst: *mut f32,
-    dst_rs: usize,
-    accumulate: bool,
-    lhs: (*const f32, usize, usize),
-    rhs: (*const f32, usize, usize),
-) {
-    gemm::gemm(
-        m,
-        n,
-        k,
-        dst,
-        1,
-        dst_rs as isize,
-        accumulate,
-        lhs.0,
-        lhs.2 as isize,
-        lhs.1 as isize,
-        rhs.0,
-        rhs.2 as isize,
-        rhs.1 as isize,
-        1.0,
-        1.0,
-        false,
-        false,
-        false,
-        gemm::Parallelism::Rayon(rayon::current_num_threads()),
-    )
 }
 
 impl LinearNllState {

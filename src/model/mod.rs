@@ -6,12 +6,14 @@
 pub mod assets;
 pub mod chat;
 pub mod config;
+pub mod gemm;
 pub mod generate;
 pub mod gguf;
 pub mod init;
 pub mod llama;
 pub mod load;
 pub mod loss;
+pub mod low_rank;
 pub mod memory;
 pub mod ops;
 pub mod params;

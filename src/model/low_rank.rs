@@ -1,0 +1,523 @@
+//! A linear map with LoRA adapters (Hu et al. 2021, eq. 3), `x W^T + sum_k s_k (x A_k^T) B_k^T`,
+//! as one CPU operation with its own backward pass.
+//!
+//! Composed from candle ops, each adapter adds a `[rows, r]` product, a `[rows, out]` product
+//! and a `[rows, out]` sum, and a training step's graph keeps all three alive until the
+//! backward pass: 0.6 GB of fresh pages per SmolLM2 4 x 128 forward, each faulted in anew.
+//! Here the adapters' products accumulate into the output of `x W^T` inside `gemm`, so the
+//! graph keeps only the output; the backward recomputes the `[rows, r]` products, which are
+//! small. `repnoise bench lora-step` (4 x 128): peak memory 2.08 -> 1.49 GiB, the same losses
+//! (docs/BENCHMARKS.md).
+//!
+//! The adapters travel as one flat tensor (every `A_k` then `B_k`, row-major), because a
+//! custom op takes at most three inputs; its gradient flows back through the concatenation to
+//! each adapter. Other devices and dtypes, maps with a bias and decoding's few rows keep the
+//! composed form (`model::llama`), which the tests compare this with, values and gradients.
+
+use candle_core::{CpuStorage, CustomOp3, Layout, Shape, Tensor};
+
+use crate::model::gemm::gemm_f32;
+use crate::model::ops::slice_f32;
+use crate::util::error::Result;
+
+/// A low-rank adapter on one linear map `W [out, in]`: the map becomes
+/// `x W^T + scale * (x A^T) B^T` (LoRA, Hu et al. 2021), with `A [rank, in]`, `B [out, rank]`.
+#[derive(Clone, Debug)]
+pub struct Adapter {
+    pub a: Tensor,
+    pub b: Tensor,
+    pub scale: f64,
+}
+
+/// Whether [`linear`] runs fused for these operands: f32 on the CPU throughout.
+pub fn fusable(x: &Tensor, w: &Tensor, ads: &[Adapter]) -> bool {
+    let f32_cpu = |t: &Tensor| t.device().is_cpu() && t.dtype() == candle_core::DType::F32;
+    !ads.is_empty()
+        && f32_cpu(x)
+        && f32_cpu(w)
+        && ads.iter().all(|a| f32_cpu(&a.a) && f32_cpu(&a.b))
+}
+
+/// `x W^T + sum_k s_k (x A_k^T) B_k^T` for `x` `[rows, in]`, `w` `[out, in]` (any strides: a
+/// variable, or the transposed view of an `[in, out]` matrix), each adapter's `a` `[r, in]`
+/// and `b` `[out, r]`. Gradients reach `x`, `w` and the adapters that carry one. CPU f32 only
+/// ([`fusable`]).
+pub fn linear(x: &Tensor, w: &Tensor, ads: &[Adapter]) -> Result<Tensor> {
+    let (_, din) = x.dims2()?;
+    let (dout, win) = w.dims2()?;
+    let mut flat = Vec::with_capacity(2 * ads.len());
+    let mut shapes = Vec::with_capacity(ads.len());
+    for ad in ads {
+        let (r, ain) = ad.a.dims2()?;
+        let (bout, br) = ad.b.dims2()?;
+        if ain != din || win != din || bout != dout || br != r {
+            return Err(crate::Error::msg(format!(
+                "adapter shapes A {:?}, B {:?} do not fit a {dout} x {din} map",
+                ad.a.dims(),
+                ad.b.dims()
+            )));
+        }
+        flat.push(ad.a.flatten_all()?);
+        flat.push(ad.b.flatten_all()?);
+        shapes.push((r, ad.scale as f32));
+    }
+    let ab = Tensor::cat(&flat, 0)?;
+    Ok(x.contiguous()?
+        .apply_op3(w, &ab, LowRankLinear { shapes })?)
+}
+
+/// The fused map: its inputs are `x`, `w` and the adapters' flat tensor; `shapes` holds each
+/// adapter's rank and scale, in the flat tensor's order.
+struct LowRankLinear {
+    shapes: Vec<(usize, f32)>,
+}
+
+/// A 2-D strided operand: its data from its first element, and its (row, column) strides.
+fn strided<'a>(
+    s: &'a CpuStorage,
+    l: &Layout,
+    what: &str,
+) -> candle_core::Result<(&'a [f32], usize, usize)> {
+    let CpuStorage::F32(v) = s else {
+        candle_core::bail!("{what}: f32 expected")
+    };
+    let &[rs, cs] = l.stride() else {
+        candle_core::bail!("{what}: a matrix expected, got shape {:?}", l.shape())
+    };
+    Ok((&v[l.start_offset()..], rs, cs))
+}
+
+/// Adapter `k`'s `(a, b)` slices of the flat tensor, for a map of `din` inputs and `dout`
+/// outputs.
+fn adapter_parts<'a>(
+    ab: &'a [f32],
+    shapes: &[(usize, f32)],
+    k: usize,
+    (din, dout): (usize, usize),
+) -> (&'a [f32], &'a [f32]) {
+    let off: usize = shapes[..k].iter().map(|(r, _)| r * (din + dout)).sum();
+    let r = shapes[k].0;
+    (
+        &ab[off..off + r * din],
+        &ab[off + r * din..off + r * (din + dout)],
+    )
+}
+
+/// `u [rows, r] = s * x A^T`, with `x` `[rows, din]` and `a` `[r, din]`, contiguous.
+fn project_down(x: &[f32], a: &[f32], (rows, din, r): (usize, usize, usize), s: f32) -> Vec<f32> {
+    let mut u = vec![0f32; rows * r];
+    // SAFETY: u is [rows, r]; x is [rows, din]; a is [r, din], read as its transpose [din, r].
+    unsafe {
+        gemm_f32(
+            (rows, r, din),
+            u.as_mut_ptr(),
+            r,
+            false,
+            (x.as_ptr(), din, 1),
+            (a.as_ptr(), 1, din),
+        )
+    };
+    // Scaled after the product, as the composed form's `(x A^T) * s`.
+    u.iter_mut().for_each(|v| *v *= s);
+    u
+}
+
+/// `v [rows, r] = s * g B`, with `g` `[rows, dout]` and `b` `[dout, r]`, contiguous.
+fn grad_down(g: &[f32], b: &[f32], (rows, dout, r): (usize, usize, usize), s: f32) -> Vec<f32> {
+    let mut v = vec![0f32; rows * r];
+    // SAFETY: v is [rows, r]; g is [rows, dout]; b is [dout, r].
+    unsafe {
+        gemm_f32(
+            (rows, r, dout),
+            v.as_mut_ptr(),
+            r,
+            false,
+            (g.as_ptr(), dout, 1),
+            (b.as_ptr(), r, 1),
+        )
+    };
+    v.iter_mut().for_each(|e| *e *= s);
+    v
+}
+
+impl CustomOp3 for LowRankLinear {
+    fn name(&self) -> &'static str {
+        "low-rank-linear"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+        s3: &CpuStorage,
+        l3: &Layout,
+    ) -> candle_core::Result<(CpuStorage, Shape)> {
+        let x = slice_f32(s1, l1, "low-rank-linear x")?;
+        let (w, w_rs, w_cs) = strided(s2, l2, "low-rank-linear w")?;
+        let ab = slice_f32(s3, l3, "low-rank-linear adapters")?;
+        let (rows, din) = l1.shape().dims2()?;
+        let dout = l2.shape().dims2()?.0;
+        let mut out = vec![0f32; rows * dout];
+        // SAFETY: out is [rows, dout]; x is [rows, din]; w is [dout, din] with strides
+        // (w_rs, w_cs) within its storage, read as its transpose [din, dout].
+        unsafe {
+            gemm_f32(
+                (rows, dout, din),
+                out.as_mut_ptr(),
+                dout,
+                false,
+                (x.as_ptr(), din, 1),
+                (w.as_ptr(), w_cs, w_rs),
+            )
+        };
+        for (k, &(r, s)) in self.shapes.iter().enumerate() {
+            let (a, b) = adapter_parts(ab, &self.shapes, k, (din, dout));
+            let u = project_down(x, a, (rows, din, r), s);
+            // SAFETY: out is [rows, dout]; u is [rows, r]; b is [dout, r], read as [r, dout].
+            unsafe {
+                gemm_f32(
+                    (rows, dout, r),
+                    out.as_mut_ptr(),
+                    dout,
+                    true,
+                    (u.as_ptr(), r, 1),
+                    (b.as_ptr(), 1, r),
+                )
+            };
+        }
+        Ok((CpuStorage::F32(out), Shape::from((rows, dout))))
+    }
+
+    fn bwd(
+        &self,
+        x: &Tensor,
+        w: &Tensor,
+        ab: &Tensor,
+        _res: &Tensor,
+        g: &Tensor,
+    ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+        let g = g.contiguous()?;
+        let shapes = self.shapes.clone();
+        let dx = if x.track_op() {
+            Some(g.apply_op3_no_bwd(
+                w,
+                ab,
+                &LowRankInputGrad {
+                    shapes: shapes.clone(),
+                },
+            )?)
+        } else {
+            None
+        };
+        // The weight's gradient `g^T x`, in its own `[out, in]` layout (as the vendored
+        // backward computes it for `x w^T`).
+        let dw = if w.track_op() {
+            Some(g.t()?.matmul(&x.detach())?)
+        } else {
+            None
+        };
+        let dab = if ab.track_op() {
+            Some(g.apply_op3_no_bwd(x, ab, &LowRankAdapterGrad { shapes })?)
+        } else {
+            None
+        };
+        Ok((dx, dw, dab))
+    }
+}
+
+/// The gradient of [`LowRankLinear`]'s input: `g W + sum_k (s_k g B_k) A_k`, from `g`, `w` and
+/// the adapters.
+struct LowRankInputGrad {
+    shapes: Vec<(usize, f32)>,
+}
+
+impl CustomOp3 for LowRankInputGrad {
+    fn name(&self) -> &'static str {
+        "low-rank-linear-input-grad"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+        s3: &CpuStorage,
+        l3: &Layout,
+    ) -> candle_core::Result<(CpuStorage, Shape)> {
+        let g = slice_f32(s1, l1, "low-rank-linear grad")?;
+        let (w, w_rs, w_cs) = strided(s2, l2, "low-rank-linear w")?;
+        let ab = slice_f32(s3, l3, "low-rank-linear adapters")?;
+        let (rows, dout) = l1.shape().dims2()?;
+        let din = l2.shape().dims2()?.1;
+        let mut dx = vec![0f32; rows * din];
+        // SAFETY: dx is [rows, din]; g is [rows, dout]; w is [dout, din] with strides
+        // (w_rs, w_cs) within its storage.
+        unsafe {
+            gemm_f32(
+                (rows, din, dout),
+                dx.as_mut_ptr(),
+                din,
+                false,
+                (g.as_ptr(), dout, 1),
+                (w.as_ptr(), w_rs, w_cs),
+            )
+        };
+        for (k, &(r, s)) in self.shapes.iter().enumerate() {
+            let (a, b) = adapter_parts(ab, &self.shapes, k, (din, dout));
+            let v = grad_down(g, b, (rows, dout, r), s);
+            // SAFETY: dx is [rows, din]; v is [rows, r]; a is [r, din].
+            unsafe {
+                gemm_f32(
+                    (rows, din, r),
+                    dx.as_mut_ptr(),
+                    din,
+                    true,
+                    (v.as_ptr(), r, 1),
+                    (a.as_ptr(), din, 1),
+                )
+            };
+        }
+        Ok((CpuStorage::F32(dx), Shape::from((rows, din))))
+    }
+}
+
+/// The gradient of [`LowRankLinear`]'s adapters, laid out as their flat tensor: per adapter
+/// `dA = (s g B)^T x` `[r, in]` and `dB = g^T (s x A^T)` `[out, r]`, from `g`, `x` and the
+/// adapters.
+struct LowRankAdapterGrad {
+    shapes: Vec<(usize, f32)>,
+}
+
+impl CustomOp3 for LowRankAdapterGrad {
+    fn name(&self) -> &'static str {
+        "low-rank-linear-adapter-grad"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+        s3: &CpuStorage,
+        l3: &Layout,
+    ) -> candle_core::Result<(CpuStorage, Shape)> {
+        let g = slice_f32(s1, l1, "low-rank-linear grad")?;
+        let x = slice_f32(s2, l2, "low-rank-linear x")?;
+        let ab = slice_f32(s3, l3, "low-rank-linear adapters")?;
+        let (rows, dout) = l1.shape().dims2()?;
+        let din = l2.shape().dims2()?.1;
+        let mut dab = vec![0f32; ab.len()];
+        let mut off = 0;
+        for (k, &(r, s)) in self.shapes.iter().enumerate() {
+            let (a, b) = adapter_parts(ab, &self.shapes, k, (din, dout));
+            let (da, rest) = dab[off..off + r * (din + dout)].split_at_mut(r * din);
+            let v = grad_down(g, b, (rows, dout, r), s);
+            let u = project_down(x, a, (rows, din, r), s);
+            // SAFETY: da is [r, din]; v is [rows, r], read as its transpose [r, rows]; x is
+            // [rows, din]. rest (dB) is [dout, r]; g is [rows, dout], read as [dout, rows]; u is
+            // [rows, r].
+            unsafe {
+                gemm_f32(
+                    (r, din, rows),
+                    da.as_mut_ptr(),
+                    din,
+                    false,
+                    (v.as_ptr(), 1, r),
+                    (x.as_ptr(), din, 1),
+                );
+                gemm_f32(
+                    (dout, r, rows),
+                    rest.as_mut_ptr(),
+                    r,
+                    false,
+                    (g.as_ptr(), 1, dout),
+                    (u.as_ptr(), r, 1),
+                );
+            }
+            off += r * (din + dout);
+        }
+        Ok((CpuStorage::F32(dab), Shape::from(ab.len())))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use candle_core::{Device, Var};
+
+    fn rand(shape: (usize, usize), seed: u64) -> Var {
+        let mut r = crate::util::rng::Rng::new(seed, "low-rank-test");
+        Var::from_vec(r.normal_vec(shape.0 * shape.1, 1.0), shape, &Device::Cpu).unwrap()
+    }
+
+    /// The composed form `model::llama` runs elsewhere: `x W^T + sum_k ((x A_k^T) s_k) B_k^T`.
+    fn composed(x: &Tensor, w: &Tensor, ads: &[Adapter]) -> Tensor {
+        let mut y = x.matmul(&w.t().unwrap()).unwrap();
+        for ad in ads {
+            let z = (x.matmul(&ad.a.t().unwrap()).unwrap() * ad.scale)
+                .unwrap()
+                .matmul(&ad.b.t().unwrap())
+                .unwrap();
+            y = (y + z).unwrap();
+        }
+        y
+    }
+
+    fn max_rel_diff(a: &Tensor, b: &Tensor) -> f32 {
+        let a: Vec<f32> = a.flatten_all().unwrap().to_vec1().unwrap();
+        let b: Vec<f32> = b.flatten_all().unwrap().to_vec1().unwrap();
+        assert_eq!(a.len(), b.len());
+        let scale = b.iter().fold(0f32, |m, v| m.max(v.abs())).max(1e-12);
+        a.iter()
+            .zip(&b)
+            .fold(0f32, |m, (x, y)| m.max((x - y).abs() / scale))
+    }
+
+    /// Values and every gradient of the fused map against the composed one: a trained adapter
+    /// (rank 3, scale 2) stacked on a frozen one (rank 2, scale 0.5), through a loss that
+    /// weights every output differently. With `train_w` the weight is trained and both adapters
+    /// frozen (fine-tuning under a security vector); `relaid` gives the weight as the transposed
+    /// view of an `[in, out]` matrix, as `Llama::inference` holds it.
+    fn check(train_w: bool, relaid: bool, track_x: bool) {
+        let (rows, din, dout) = (40, 24, 16);
+        let x = rand((rows, din), 1);
+        let w = rand((dout, din), 2);
+        let w_t: Tensor = if relaid {
+            w.as_tensor()
+                .t()
+                .unwrap()
+                .contiguous()
+                .unwrap()
+                .t()
+                .unwrap()
+        } else if train_w {
+            w.as_tensor().clone()
+        } else {
+            w.as_tensor().detach()
+        };
+        let (a1, b1, a2, b2) = (
+            rand((3, din), 3),
+            rand((dout, 3), 4),
+            rand((2, din), 5),
+            rand((dout, 2), 6),
+        );
+        let pick = |v: &Var| {
+            if train_w {
+                v.as_tensor().detach()
+            } else {
+                v.as_tensor().clone()
+            }
+        };
+        let ads = [
+            Adapter {
+                a: pick(&a1),
+                b: pick(&b1),
+                scale: 2.0,
+            },
+            Adapter {
+                a: a2.as_tensor().detach(),
+                b: b2.as_tensor().detach(),
+                scale: 0.5,
+            },
+        ];
+        let xt = if track_x {
+            x.as_tensor().clone()
+        } else {
+            x.as_tensor().detach()
+        };
+        let c = rand((rows, dout), 7).as_tensor().detach();
+        let fused = linear(&xt, &w_t, &ads).unwrap();
+        let reference = composed(&xt, &w_t, &ads);
+        assert!(max_rel_diff(&fused, &reference) < 1e-6, "values differ");
+        let gf = (&fused * &c)
+            .unwrap()
+            .sum_all()
+            .unwrap()
+            .backward()
+            .unwrap();
+        let gr = (&reference * &c)
+            .unwrap()
+            .sum_all()
+            .unwrap()
+            .backward()
+            .unwrap();
+        let mut tracked = vec![];
+        if track_x {
+            tracked.push(("x", x.as_tensor()));
+        }
+        if train_w && !relaid {
+            tracked.push(("w", w.as_tensor()));
+        }
+        if !train_w {
+            tracked.push(("a1", a1.as_tensor()));
+            tracked.push(("b1", b1.as_tensor()));
+        }
+        for (name, v) in tracked {
+            let (f, r) = (gf.get(v), gr.get(v));
+            let (Some(f), Some(r)) = (f, r) else {
+                panic!(
+                    "{name}: gradient fused {:?}, composed {:?}",
+                    f.is_some(),
+                    r.is_some()
+                )
+            };
+            assert!(max_rel_diff(f, r) < 1e-5, "{name}: gradients differ");
+        }
+        // Frozen operands get none.
+        for (name, v) in [("a2", &a2), ("b2", &b2)] {
+            assert!(gf.get(v.as_tensor()).is_none(), "{name} is frozen");
+        }
+        if !track_x {
+            assert!(gf.get(x.as_tensor()).is_none(), "x is not tracked");
+        }
+    }
+
+    #[test]
+    fn fused_adapters_match_the_composed_form_with_the_adapter_trained() {
+        check(false, false, true);
+    }
+
+    #[test]
+    fn fused_adapters_match_the_composed_form_with_the_weight_trained() {
+        check(true, false, true);
+    }
+
+    #[test]
+    fn fused_adapters_read_a_relaid_weight_and_an_untracked_input() {
+        check(false, true, false);
+    }
+
+    /// An adapter with `B = 0` (a fresh LoRA) leaves candle's `x W^T` bit for bit.
+    #[test]
+    fn a_zero_adapter_leaves_the_product_bit_for_bit() {
+        let (rows, din, dout) = (80, 48, 40);
+        let x = rand((rows, din), 11).as_tensor().detach();
+        let w = rand((dout, din), 12).as_tensor().detach();
+        let ad = Adapter {
+            a: rand((4, din), 13).as_tensor().detach(),
+            b: Tensor::zeros((dout, 4), candle_core::DType::F32, &Device::Cpu).unwrap(),
+            scale: 2.0,
+        };
+        let fused: Vec<f32> = linear(&x, &w, &[ad])
+            .unwrap()
+            .flatten_all()
+            .unwrap()
+            .to_vec1()
+            .unwrap();
+        let plain: Vec<f32> = x
+            .matmul(&w.t().unwrap())
+            .unwrap()
+            .flatten_all()
+            .unwrap()
+            .to_vec1()
+            .unwrap();
+        assert!(fused
+            .iter()
+            .zip(&plain)
+            .all(|(a, b)| a.to_bits() == b.to_bits()));
+    }
+}
