@@ -247,7 +247,6 @@ pub fn swiglu_grad(da: &mut [f32], db: &mut [f32], a: &[f32], b: &[f32], g: &[f3
 mod vmath_tests {
     use super::*;
 
-    /// Distance in units of the last place of the exact value (f32's spacing at `want`).
     /// Distance in units of f32's spacing in the binade of the exact value `want` (> 0).
     fn ulps(got: f32, want: f64) -> f64 {
         let spacing = 2f64.powi(want.log2().floor() as i32 - 23);
@@ -342,7 +341,7 @@ mod vmath_tests {
         assert!(exp_in_place_f32_sum(&mut [1.0, f32::NAN], 0.0).is_nan());
         assert!(sum_exp_f64(&[1.0, f32::NAN], 0.0).is_nan());
 
-        // Sum of squares over the finite entries (1003 + 2: a tail of 5): the lanes' order,
+        // Sum of squares over the finite entries (1003 + 3: a tail of 6): the lanes' order,
         // written out here, and within 1e-12 of the sum in a different order.
         let fin: Vec<f32> = x.iter().copied().filter(|v| v.is_finite()).collect();
         let mut lanes = [0f64; LANES];
