@@ -217,9 +217,10 @@ pub struct Llama {
 /// [`linear`] plus the adapters' low-rank terms.
 fn linear_ad(x: &Tensor, w: &Tensor, b: Option<&Tensor>, ads: &[Adapter]) -> Result<Tensor> {
     let (bsz, t, din) = x.dims3()?;
-    // Fused on CPU in f32 (`model::low_rank`) for maps without a bias, over more rows than
-    // `linear` gives other forms of the product: the fused op computes `x w^T` as `linear` does
-    // there, so an adapter with `B = 0` leaves the output bit for bit as it was.
+    // Fused on CPU in f32 (`model::low_rank`) for maps without a bias, above the row counts at
+    // which `linear` takes another form of the product (dot products, the weight on the left):
+    // the fused op computes `x w^T` as `linear` does from there, so an adapter with `B = 0`
+    // leaves the output bit for bit as it was.
     if b.is_none() && bsz * t > WEIGHT_LEFT_MAX_ROWS && low_rank::fusable(x, w, ads) {
         let y = low_rank::linear(&x.reshape((bsz * t, din))?, w, ads)?;
         return Ok(y.reshape((bsz, t, ()))?);

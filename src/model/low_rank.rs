@@ -11,8 +11,9 @@
 //!
 //! The adapters travel as one flat tensor (every `A_k` then `B_k`, row-major), because a
 //! custom op takes at most three inputs; its gradient flows back through the concatenation to
-//! each adapter. Other devices and dtypes, maps with a bias and decoding's few rows keep the
-//! composed form (`model::llama`), which the tests compare this with, values and gradients.
+//! each adapter. Other devices and dtypes, maps with a bias and batches of up to 64 rows
+//! (decoding, where `linear` has quicker forms of the product) keep the composed form
+//! (`model::llama`), which the tests compare this with, values and gradients.
 
 use candle_core::{CpuStorage, CustomOp3, Layout, Shape, Tensor};
 
