@@ -217,11 +217,16 @@ pub struct Llama {
 /// [`linear`] plus the adapters' low-rank terms.
 fn linear_ad(x: &Tensor, w: &Tensor, b: Option<&Tensor>, ads: &[Adapter]) -> Result<Tensor> {
     let (bsz, t, din) = x.dims3()?;
-    // Fused on CPU in f32 (`model::low_rank`) for maps without a bias, above the row counts at
-    // which `linear` takes another form of the product (dot products, the weight on the left):
-    // the fused op computes `x w^T` as `linear` does from there, so an adapter with `B = 0`
-    // leaves the output bit for bit as it was.
-    if b.is_none() && bsz * t > WEIGHT_LEFT_MAX_ROWS && low_rank::fusable(x, w, ads) {
+    // Fused on CPU in f32 (`model::low_rank`) for maps without a bias, above the row and output
+    // counts at which `linear` takes another form of the product (dot products, the weight on
+    // the left): the fused op computes `x w^T` as `linear` does from there, so an adapter with
+    // `B = 0` leaves the output bit for bit as it was.
+    let narrow = candle_core::cpu_backend::dot_matmul::MAX_NARROW;
+    if b.is_none()
+        && bsz * t > WEIGHT_LEFT_MAX_ROWS
+        && w.dim(0)? > narrow
+        && low_rank::fusable(x, w, ads)
+    {
         let y = low_rank::linear(&x.reshape((bsz * t, din))?, w, ads)?;
         return Ok(y.reshape((bsz, t, ()))?);
     }
@@ -238,7 +243,8 @@ fn linear_ad(x: &Tensor, w: &Tensor, b: Option<&Tensor>, ads: &[Adapter]) -> Res
     Ok(y)
 }
 
-/// Up to this many rows (from `MAX_NARROW` up), [`linear`] computes `x w^T` as `(w x^T)^T`.
+/// Up to this many rows (from `MAX_NARROW` up), [`linear`] computes `x w^T` for a weight
+/// stored `[out, in]` as `(w x^T)^T`.
 const WEIGHT_LEFT_MAX_ROWS: usize = 64;
 
 /// `x w^T + b` for `x` `[b, t, in]`, `w` `[out, in]`, in `x`'s dtype. `w` may be the

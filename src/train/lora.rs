@@ -60,6 +60,14 @@ impl LoraConfig {
     /// Indices into [`PROJECTIONS`] of the adapted maps.
     pub fn projection_indices(&self) -> Result<Vec<usize>> {
         check_at_least_one("lora.rank", self.rank)?;
+        if !(self.alpha.is_finite() && self.alpha > 0.0) {
+            // A zero scale would make an adapter that changes nothing and learns nothing.
+            return Err(Error::setting(
+                "lora.alpha",
+                self.alpha,
+                "must be a positive number",
+            ));
+        }
         let mut out = vec![];
         for t in &self.targets {
             if t == "all" {

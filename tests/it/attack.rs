@@ -127,14 +127,18 @@ fn lora_merge_equals_running_with_the_adapter() {
         merge: true,
     };
     let lora = Lora::new(&m, &cfg, 5).unwrap();
-    // B starts at zero: the adapted model is the base model.
-    let x = ids(2, 9);
-    let base = Llama::frozen(&m.config, &m.params)
-        .unwrap()
-        .logits(&x)
-        .unwrap();
-    let with = lora.net(&|_: &str| false).unwrap().logits(&x).unwrap();
-    assert_eq!(max_abs_diff(&base, &with), 0.0);
+    // B starts at zero: the adapted model is the base model. 2 x 9 rows take the composed
+    // adapter path; 2 x 40 the fused one (`model::low_rank`, above 64 rows) for `q_proj` and
+    // `down_proj` (32 outputs), the composed one for `v_proj` (16).
+    let sizes = [ids(2, 9), ids(2, 40)];
+    let base_net = Llama::frozen(&m.config, &m.params).unwrap();
+    for x in &sizes {
+        let base = base_net.logits(x).unwrap();
+        let with = lora.net(&|_: &str| false).unwrap().logits(x).unwrap();
+        assert_eq!(max_abs_diff(&base, &with), 0.0);
+    }
+    let x = sizes[0].clone();
+    let base = base_net.logits(&x).unwrap();
     // Give B values, then compare the adapter path with the merged weights.
     let mut rng = repnoise::util::rng::Rng::new(9, "test");
     for (name, var) in lora.store.iter() {
@@ -156,6 +160,17 @@ fn lora_merge_equals_running_with_the_adapter() {
     );
     let d = max_abs_diff(&with, &via_merge);
     assert!(d < 1e-4, "adapter vs merged: {d}");
+    let long = lora
+        .net(&|_: &str| false)
+        .unwrap()
+        .logits(&sizes[1])
+        .unwrap();
+    let long_merged = Llama::frozen(&m.config, &merged)
+        .unwrap()
+        .logits(&sizes[1])
+        .unwrap();
+    let d = max_abs_diff(&long, &long_merged);
+    assert!(d < 1e-4, "adapter vs merged, fused path: {d}");
     // Only the targeted maps change when merged.
     for (name, var) in merged.iter() {
         let same = max_abs_diff(var.as_tensor(), m.params.tensor(name).unwrap()) == 0.0;
