@@ -245,6 +245,9 @@ impl DefendConfig {
         self.train.validate()?;
         self.baseline.validate()?;
         self.vaccine.validate()?;
+        // The adapter's settings (security vectors and Vaccine train one; the other methods
+        // carry the defaults).
+        self.lora.projection_indices()?;
         if self.max_len < 2 {
             return Err(Error::setting(
                 "max_len",

@@ -339,6 +339,21 @@ mod tests {
                  method = \"full\"\n[attacks.config.train]\nbatch_size = 0",
                 "batch_size",
             ),
+            (
+                "[[attacks]]\nname = \"a\"\nlrs = [1e-4]\nsamples = [4]\n[attacks.config]\n\
+                 method = \"lora\"\n[attacks.config.lora]\nalpha = 0.0",
+                "lora.alpha",
+            ),
+            (
+                "[[attacks]]\nname = \"a\"\nlrs = [1e-4]\nsamples = [4]\n[attacks.config]\n\
+                 method = \"lora\"\n[attacks.config.lora]\ntargets = [\"lm_head\"]",
+                "lora.targets",
+            ),
+            (
+                "[[defences]]\nname = \"sv\"\n[defences.config]\nmethod = \"security-vectors\"\n\
+                 [defences.config.lora]\nrank = 0",
+                "lora.rank",
+            ),
         ] {
             let e = Experiment::from_toml_str(text, "x.toml").unwrap_err();
             assert!(e.to_string().contains(field), "{text}: {e}");

@@ -515,6 +515,10 @@ impl Experiment {
                 .train
                 .validate()
                 .map_err(|e| format!("attack {}: {e}", a.name))?;
+            a.config
+                .lora
+                .projection_indices()
+                .map_err(|e| format!("attack {}: {e}", a.name))?;
             if a.config.method == crate::attack::AttackMethod::Abliterate
                 && !a.eval_steps.is_empty()
             {

@@ -217,16 +217,10 @@ pub struct Llama {
 /// [`linear`] plus the adapters' low-rank terms.
 fn linear_ad(x: &Tensor, w: &Tensor, b: Option<&Tensor>, ads: &[Adapter]) -> Result<Tensor> {
     let (bsz, t, din) = x.dims3()?;
-    // Fused on CPU in f32 (`model::low_rank`) for maps without a bias, above the row and output
-    // counts at which `linear` takes another form of the product (dot products, the weight on
-    // the left): the fused op computes `x w^T` as `linear` does from there, so an adapter with
-    // `B = 0` leaves the output bit for bit as it was.
-    let narrow = candle_core::cpu_backend::dot_matmul::MAX_NARROW;
-    if b.is_none()
-        && bsz * t > WEIGHT_LEFT_MAX_ROWS
-        && w.dim(0)? > narrow
-        && low_rank::fusable(x, w, ads)
-    {
+    // Fused on CPU in f32 (`model::low_rank`) for maps without a bias where `linear` computes
+    // `x w^T` with gemm as the fused op does, so an adapter with `B = 0` leaves the output bit
+    // for bit as it was.
+    if b.is_none() && gemm_x_wt(bsz * t, w.dim(0)?) && low_rank::fusable(x, w, ads) {
         let y = low_rank::linear(&x.reshape((bsz * t, din))?, w, ads)?;
         return Ok(y.reshape((bsz, t, ()))?);
     }
@@ -247,6 +241,18 @@ fn linear_ad(x: &Tensor, w: &Tensor, b: Option<&Tensor>, ads: &[Adapter]) -> Res
 /// stored `[out, in]` as `(w x^T)^T`.
 const WEIGHT_LEFT_MAX_ROWS: usize = 64;
 
+/// Whether [`linear`] computes `x w^T` for a weight stored `[out, in]` as `(w x^T)^T`.
+fn weight_on_the_left(rows: usize) -> bool {
+    rows > candle_core::cpu_backend::dot_matmul::MAX_NARROW && rows <= WEIGHT_LEFT_MAX_ROWS
+}
+
+/// Whether [`linear`] computes `x w^T` (`rows` rows, `out` outputs, a weight stored
+/// `[out, in]`) as gemm's product of `x` and `w^T` on the CPU: neither with the weight on the
+/// left nor, at up to `MAX_NARROW` rows or outputs, as candle's dot products.
+fn gemm_x_wt(rows: usize, out: usize) -> bool {
+    !weight_on_the_left(rows) && rows.min(out) > candle_core::cpu_backend::dot_matmul::MAX_NARROW
+}
+
 /// `x w^T + b` for `x` `[b, t, in]`, `w` `[out, in]`, in `x`'s dtype. `w` may be the
 /// transposed view of a contiguous `[in, out]` matrix ([`Llama::inference`]'s layout).
 fn linear(x: &Tensor, w: &Tensor, b: Option<&Tensor>) -> Result<Tensor> {
@@ -260,9 +266,7 @@ fn linear(x: &Tensor, w: &Tensor, b: Option<&Tensor>) -> Result<Tensor> {
         // rows up as quick or quicker than the forms below for SmolLM2's projections, at up
         // to 16 rows mixed (`cargo run --release --example bench_linear_rows`, column `x wt`).
         x.matmul(&wt)?
-    } else if rows > candle_core::cpu_backend::dot_matmul::MAX_NARROW
-        && rows <= WEIGHT_LEFT_MAX_ROWS
-    {
+    } else if weight_on_the_left(rows) {
         // Up to `MAX_NARROW` rows (decoding), `x w^T` is a stream of dot products through the
         // weight on CPU (vendor/candle-core, `cpu_backend/dot_matmul.rs`). From there to 64
         // rows the weight as the left operand packs faster in gemm: measured 20-45% quicker

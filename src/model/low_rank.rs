@@ -74,72 +74,126 @@ struct LowRankLinear {
     shapes: Vec<(usize, f32)>,
 }
 
-/// A 2-D strided operand: its data from its first element, and its (row, column) strides.
-fn strided<'a>(
-    s: &'a CpuStorage,
-    l: &Layout,
-    what: &str,
-) -> candle_core::Result<(&'a [f32], usize, usize)> {
-    let CpuStorage::F32(v) = s else {
-        candle_core::bail!("{what}: f32 expected")
-    };
-    let &[rs, cs] = l.stride() else {
-        candle_core::bail!("{what}: a matrix expected, got shape {:?}", l.shape())
-    };
-    Ok((&v[l.start_offset()..], rs, cs))
+/// A matrix operand: its data from its first element, and its (row, column) strides.
+#[derive(Clone, Copy)]
+struct Operand<'a> {
+    data: &'a [f32],
+    rs: usize,
+    cs: usize,
 }
 
-/// Adapter `k`'s `(a, b)` slices of the flat tensor, for a map of `din` inputs and `dout`
-/// outputs.
+impl<'a> Operand<'a> {
+    /// A contiguous matrix of `cols` columns.
+    fn rows_of(data: &'a [f32], cols: usize) -> Self {
+        Self {
+            data,
+            rs: cols,
+            cs: 1,
+        }
+    }
+
+    /// A 2-D tensor's storage under its layout (any strides).
+    fn strided(s: &'a CpuStorage, l: &Layout, what: &str) -> candle_core::Result<Self> {
+        let CpuStorage::F32(v) = s else {
+            candle_core::bail!("{what}: f32 expected")
+        };
+        let &[rs, cs] = l.stride() else {
+            candle_core::bail!("{what}: a matrix expected, got shape {:?}", l.shape())
+        };
+        Ok(Self {
+            data: &v[l.start_offset()..],
+            rs,
+            cs,
+        })
+    }
+
+    /// The same data read as the transposed matrix.
+    fn t(self) -> Self {
+        Self {
+            rs: self.cs,
+            cs: self.rs,
+            ..self
+        }
+    }
+
+    /// Whether a `[rows, cols]` matrix at these strides lies within the data.
+    fn covers(&self, (rows, cols): (usize, usize)) -> bool {
+        rows == 0 || cols == 0 || (rows - 1) * self.rs + (cols - 1) * self.cs < self.data.len()
+    }
+}
+
+/// `dst [m, n] = (accumulate ? dst : 0) + lhs [m, k] rhs [k, n]`, with `dst` contiguous.
+fn product_into(
+    dst: &mut [f32],
+    (m, n, k): (usize, usize, usize),
+    accumulate: bool,
+    lhs: Operand,
+    rhs: Operand,
+) {
+    assert!(
+        dst.len() >= m * n && lhs.covers((m, k)) && rhs.covers((k, n)),
+        "low-rank-linear: operands out of bounds"
+    );
+    // SAFETY: the extents were checked above; `dst` is a `&mut` borrow, so it aliases neither
+    // operand.
+    unsafe {
+        gemm_f32(
+            (m, n, k),
+            dst.as_mut_ptr(),
+            n,
+            accumulate,
+            (lhs.data.as_ptr(), lhs.rs, lhs.cs),
+            (rhs.data.as_ptr(), rhs.rs, rhs.cs),
+        )
+    }
+}
+
+/// `s * lhs rhs` `[rows, r]`, for `lhs` `[rows, k]` and `rhs` `[k, r]`, scaled after the
+/// product as the composed form's `(x A^T) * s`.
+fn scaled_product(
+    lhs: Operand,
+    rhs: Operand,
+    (rows, k, r): (usize, usize, usize),
+    s: f32,
+) -> Vec<f32> {
+    let mut u = vec![0f32; rows * r];
+    product_into(&mut u, (rows, r, k), false, lhs, rhs);
+    u.iter_mut().for_each(|v| *v *= s);
+    u
+}
+
+/// `lhs W + sum_k (s_k lhs D_k) U_k` `[rows, n]`, for `lhs` `[rows, k]`, `w` `[k, n]` and each
+/// adapter's `(D_k [k, r_k], U_k [r_k, n], r_k, s_k)`. The map's output is this form (`x`,
+/// `W^T`, `A^T`, `B^T`), and so is its input's gradient (`g`, `W`, `B`, `A`).
+fn product_with_adapters<'a>(
+    lhs: Operand,
+    (rows, k, n): (usize, usize, usize),
+    w: Operand,
+    adapters: impl Iterator<Item = (Operand<'a>, Operand<'a>, usize, f32)>,
+) -> Vec<f32> {
+    let mut out = vec![0f32; rows * n];
+    product_into(&mut out, (rows, n, k), false, lhs, w);
+    for (down, up, r, s) in adapters {
+        let u = scaled_product(lhs, down, (rows, k, r), s);
+        product_into(&mut out, (rows, n, r), true, Operand::rows_of(&u, r), up);
+    }
+    out
+}
+
+/// Adapter `k`'s `A [r, din]` and `B [dout, r]` in the flat tensor, for a map of `din` inputs
+/// and `dout` outputs.
 fn adapter_parts<'a>(
     ab: &'a [f32],
     shapes: &[(usize, f32)],
     k: usize,
     (din, dout): (usize, usize),
-) -> (&'a [f32], &'a [f32]) {
+) -> (Operand<'a>, Operand<'a>) {
     let off: usize = shapes[..k].iter().map(|(r, _)| r * (din + dout)).sum();
     let r = shapes[k].0;
     (
-        &ab[off..off + r * din],
-        &ab[off + r * din..off + r * (din + dout)],
+        Operand::rows_of(&ab[off..off + r * din], din),
+        Operand::rows_of(&ab[off + r * din..off + r * (din + dout)], r),
     )
-}
-
-/// `u [rows, r] = s * x A^T`, with `x` `[rows, din]` and `a` `[r, din]`, contiguous.
-fn project_down(x: &[f32], a: &[f32], (rows, din, r): (usize, usize, usize), s: f32) -> Vec<f32> {
-    let mut u = vec![0f32; rows * r];
-    // SAFETY: u is [rows, r]; x is [rows, din]; a is [r, din], read as its transpose [din, r].
-    unsafe {
-        gemm_f32(
-            (rows, r, din),
-            u.as_mut_ptr(),
-            r,
-            false,
-            (x.as_ptr(), din, 1),
-            (a.as_ptr(), 1, din),
-        )
-    };
-    // Scaled after the product, as the composed form's `(x A^T) * s`.
-    u.iter_mut().for_each(|v| *v *= s);
-    u
-}
-
-/// `v [rows, r] = s * g B`, with `g` `[rows, dout]` and `b` `[dout, r]`, contiguous.
-fn grad_down(g: &[f32], b: &[f32], (rows, dout, r): (usize, usize, usize), s: f32) -> Vec<f32> {
-    let mut v = vec![0f32; rows * r];
-    // SAFETY: v is [rows, r]; g is [rows, dout]; b is [dout, r].
-    unsafe {
-        gemm_f32(
-            (rows, r, dout),
-            v.as_mut_ptr(),
-            r,
-            false,
-            (g.as_ptr(), dout, 1),
-            (b.as_ptr(), r, 1),
-        )
-    };
-    v.iter_mut().for_each(|e| *e *= s);
-    v
 }
 
 impl CustomOp3 for LowRankLinear {
@@ -156,39 +210,16 @@ impl CustomOp3 for LowRankLinear {
         s3: &CpuStorage,
         l3: &Layout,
     ) -> candle_core::Result<(CpuStorage, Shape)> {
-        let x = slice_f32(s1, l1, "low-rank-linear x")?;
-        let (w, w_rs, w_cs) = strided(s2, l2, "low-rank-linear w")?;
-        let ab = slice_f32(s3, l3, "low-rank-linear adapters")?;
         let (rows, din) = l1.shape().dims2()?;
         let dout = l2.shape().dims2()?.0;
-        let mut out = vec![0f32; rows * dout];
-        // SAFETY: out is [rows, dout]; x is [rows, din]; w is [dout, din] with strides
-        // (w_rs, w_cs) within its storage, read as its transpose [din, dout].
-        unsafe {
-            gemm_f32(
-                (rows, dout, din),
-                out.as_mut_ptr(),
-                dout,
-                false,
-                (x.as_ptr(), din, 1),
-                (w.as_ptr(), w_cs, w_rs),
-            )
-        };
-        for (k, &(r, s)) in self.shapes.iter().enumerate() {
+        let x = Operand::rows_of(slice_f32(s1, l1, "low-rank-linear x")?, din);
+        let w = Operand::strided(s2, l2, "low-rank-linear w")?;
+        let ab = slice_f32(s3, l3, "low-rank-linear adapters")?;
+        let adapters = self.shapes.iter().enumerate().map(|(k, &(r, s))| {
             let (a, b) = adapter_parts(ab, &self.shapes, k, (din, dout));
-            let u = project_down(x, a, (rows, din, r), s);
-            // SAFETY: out is [rows, dout]; u is [rows, r]; b is [dout, r], read as [r, dout].
-            unsafe {
-                gemm_f32(
-                    (rows, dout, r),
-                    out.as_mut_ptr(),
-                    dout,
-                    true,
-                    (u.as_ptr(), r, 1),
-                    (b.as_ptr(), 1, r),
-                )
-            };
-        }
+            (a.t(), b.t(), r, s)
+        });
+        let out = product_with_adapters(x, (rows, din, dout), w.t(), adapters);
         Ok((CpuStorage::F32(out), Shape::from((rows, dout))))
     }
 
@@ -249,39 +280,16 @@ impl CustomOp3 for LowRankInputGrad {
         s3: &CpuStorage,
         l3: &Layout,
     ) -> candle_core::Result<(CpuStorage, Shape)> {
-        let g = slice_f32(s1, l1, "low-rank-linear grad")?;
-        let (w, w_rs, w_cs) = strided(s2, l2, "low-rank-linear w")?;
-        let ab = slice_f32(s3, l3, "low-rank-linear adapters")?;
         let (rows, dout) = l1.shape().dims2()?;
         let din = l2.shape().dims2()?.1;
-        let mut dx = vec![0f32; rows * din];
-        // SAFETY: dx is [rows, din]; g is [rows, dout]; w is [dout, din] with strides
-        // (w_rs, w_cs) within its storage.
-        unsafe {
-            gemm_f32(
-                (rows, din, dout),
-                dx.as_mut_ptr(),
-                din,
-                false,
-                (g.as_ptr(), dout, 1),
-                (w.as_ptr(), w_rs, w_cs),
-            )
-        };
-        for (k, &(r, s)) in self.shapes.iter().enumerate() {
+        let g = Operand::rows_of(slice_f32(s1, l1, "low-rank-linear grad")?, dout);
+        let w = Operand::strided(s2, l2, "low-rank-linear w")?;
+        let ab = slice_f32(s3, l3, "low-rank-linear adapters")?;
+        let adapters = self.shapes.iter().enumerate().map(|(k, &(r, s))| {
             let (a, b) = adapter_parts(ab, &self.shapes, k, (din, dout));
-            let v = grad_down(g, b, (rows, dout, r), s);
-            // SAFETY: dx is [rows, din]; v is [rows, r]; a is [r, din].
-            unsafe {
-                gemm_f32(
-                    (rows, din, r),
-                    dx.as_mut_ptr(),
-                    din,
-                    true,
-                    (v.as_ptr(), r, 1),
-                    (a.as_ptr(), din, 1),
-                )
-            };
-        }
+            (b, a, r, s)
+        });
+        let dx = product_with_adapters(g, (rows, dout, din), w, adapters);
         Ok((CpuStorage::F32(dx), Shape::from((rows, din))))
     }
 }
@@ -307,39 +315,20 @@ impl CustomOp3 for LowRankAdapterGrad {
         s3: &CpuStorage,
         l3: &Layout,
     ) -> candle_core::Result<(CpuStorage, Shape)> {
-        let g = slice_f32(s1, l1, "low-rank-linear grad")?;
-        let x = slice_f32(s2, l2, "low-rank-linear x")?;
-        let ab = slice_f32(s3, l3, "low-rank-linear adapters")?;
         let (rows, dout) = l1.shape().dims2()?;
         let din = l2.shape().dims2()?.1;
+        let g = Operand::rows_of(slice_f32(s1, l1, "low-rank-linear grad")?, dout);
+        let x = Operand::rows_of(slice_f32(s2, l2, "low-rank-linear x")?, din);
+        let ab = slice_f32(s3, l3, "low-rank-linear adapters")?;
         let mut dab = vec![0f32; ab.len()];
         let mut off = 0;
         for (k, &(r, s)) in self.shapes.iter().enumerate() {
             let (a, b) = adapter_parts(ab, &self.shapes, k, (din, dout));
-            let (da, rest) = dab[off..off + r * (din + dout)].split_at_mut(r * din);
-            let v = grad_down(g, b, (rows, dout, r), s);
-            let u = project_down(x, a, (rows, din, r), s);
-            // SAFETY: da is [r, din]; v is [rows, r], read as its transpose [r, rows]; x is
-            // [rows, din]. rest (dB) is [dout, r]; g is [rows, dout], read as [dout, rows]; u is
-            // [rows, r].
-            unsafe {
-                gemm_f32(
-                    (r, din, rows),
-                    da.as_mut_ptr(),
-                    din,
-                    false,
-                    (v.as_ptr(), 1, r),
-                    (x.as_ptr(), din, 1),
-                );
-                gemm_f32(
-                    (dout, r, rows),
-                    rest.as_mut_ptr(),
-                    r,
-                    false,
-                    (g.as_ptr(), 1, dout),
-                    (u.as_ptr(), r, 1),
-                );
-            }
+            let (da, db) = dab[off..off + r * (din + dout)].split_at_mut(r * din);
+            let v = scaled_product(g, b, (rows, dout, r), s);
+            let u = scaled_product(x, a.t(), (rows, din, r), s);
+            product_into(da, (r, din, rows), false, Operand::rows_of(&v, r).t(), x);
+            product_into(db, (dout, r, rows), false, g.t(), Operand::rows_of(&u, r));
             off += r * (din + dout);
         }
         Ok((CpuStorage::F32(dab), Shape::from(ab.len())))
