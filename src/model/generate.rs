@@ -167,6 +167,8 @@ pub fn generate(
     if b == 0 {
         return Ok(vec![]);
     }
+    // Every decoding step frees and allocates the same buffers: keep their pages.
+    let _pages = crate::util::alloc::KeepFreedPages::new();
     if let Some(i) = prompts.iter().position(|p| p.is_empty()) {
         return Err(Error::msg(format!("prompt {i} is empty")));
     }

@@ -1,7 +1,8 @@
 //! What every other module stands on: typed errors, seeded randomness, atomic file I/O (and the
-//! stage cache built on it), SVG charts, and the fault-injection points of the crash-safety
-//! tests.
+//! stage cache built on it), SVG charts, the fault-injection points of the crash-safety tests,
+//! and the allocator's setting for inference.
 
+pub mod alloc;
 pub mod error;
 pub mod fault;
 pub mod io;
