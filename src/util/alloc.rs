@@ -29,7 +29,15 @@ impl KeepFreedPages {
     pub fn new() -> Self {
         let mut state = STATE.lock().unwrap_or_else(|e| e.into_inner());
         if state.0 == 0 {
-            state.1 = (0..arenas()).map(|i| set_decay(i, -1)).collect();
+            // A decay time of 0 returns the pages already free at once (jemalloc purges when
+            // it is set), so that the guard keeps only the pages freed while it lives.
+            state.1 = (0..arenas())
+                .map(|i| {
+                    let old = set_decay(i, 0);
+                    set_decay(i, -1);
+                    old
+                })
+                .collect();
         }
         state.0 += 1;
         Self(())
