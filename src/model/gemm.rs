@@ -1,39 +1,121 @@
 //! One call into the `gemm` crate for the fused CPU operations (the LM-head loss, the
-//! adapted linear map), with each operand given by its pointer and strides.
+//! adapted linear map): [`product_into`], with each operand a slice and its strides, checked
+//! against the slice's length before the call.
 
-/// `dst [m, n] = (accumulate ? dst : 0) + lhs [m, k] rhs [k, n]`, each operand given by its
-/// pointer and (row stride, column stride) in elements.
-///
-/// # Safety
-/// The pointers must cover the strided extents given, and `dst` must not alias the operands.
-#[allow(clippy::too_many_arguments)]
-pub(crate) unsafe fn gemm_f32(
+use candle_core::{CpuStorage, Layout};
+
+/// A matrix operand: its data from its first element, and its (row, column) strides.
+#[derive(Clone, Copy)]
+pub(crate) struct Operand<'a> {
+    data: &'a [f32],
+    rs: usize,
+    cs: usize,
+}
+
+impl<'a> Operand<'a> {
+    /// A contiguous matrix of `cols` columns.
+    pub(crate) fn rows_of(data: &'a [f32], cols: usize) -> Self {
+        Self {
+            data,
+            rs: cols,
+            cs: 1,
+        }
+    }
+
+    /// A 2-D tensor's storage under its layout (any strides).
+    pub(crate) fn strided(s: &'a CpuStorage, l: &Layout, what: &str) -> candle_core::Result<Self> {
+        let CpuStorage::F32(v) = s else {
+            candle_core::bail!("{what}: f32 expected")
+        };
+        let &[rs, cs] = l.stride() else {
+            candle_core::bail!("{what}: a matrix expected, got shape {:?}", l.shape())
+        };
+        Ok(Self {
+            data: &v[l.start_offset()..],
+            rs,
+            cs,
+        })
+    }
+
+    /// The same data read as the transposed matrix.
+    pub(crate) fn t(self) -> Self {
+        Self {
+            rs: self.cs,
+            cs: self.rs,
+            ..self
+        }
+    }
+
+    /// Whether a `[rows, cols]` matrix at these strides lies within the data.
+    fn covers(&self, (rows, cols): (usize, usize)) -> bool {
+        rows == 0 || cols == 0 || (rows - 1) * self.rs + (cols - 1) * self.cs < self.data.len()
+    }
+}
+
+/// `dst [m, n] = (accumulate ? dst : 0) + lhs [m, k] rhs [k, n]`, with `dst` contiguous (its
+/// first `m * n` elements). Panics if an operand's extent lies outside its slice.
+pub(crate) fn product_into(
+    dst: &mut [f32],
     (m, n, k): (usize, usize, usize),
-    dst: *mut f32,
-    dst_rs: usize,
     accumulate: bool,
-    lhs: (*const f32, usize, usize),
-    rhs: (*const f32, usize, usize),
+    lhs: Operand,
+    rhs: Operand,
 ) {
-    ::gemm::gemm(
-        m,
-        n,
-        k,
-        dst,
-        1,
-        dst_rs as isize,
-        accumulate,
-        lhs.0,
-        lhs.2 as isize,
-        lhs.1 as isize,
-        rhs.0,
-        rhs.2 as isize,
-        rhs.1 as isize,
-        1.0,
-        1.0,
-        false,
-        false,
-        false,
-        ::gemm::Parallelism::Rayon(rayon::current_num_threads()),
-    )
+    assert!(
+        dst.len() >= m * n && lhs.covers((m, k)) && rhs.covers((k, n)),
+        "gemm: a {m} x {k} by {k} x {n} product's operands out of bounds"
+    );
+    // SAFETY: every extent was checked above against its slice; `dst` is a `&mut` borrow, so
+    // it aliases neither operand.
+    unsafe {
+        ::gemm::gemm(
+            m,
+            n,
+            k,
+            dst.as_mut_ptr(),
+            1,
+            n as isize,
+            accumulate,
+            lhs.data.as_ptr(),
+            lhs.cs as isize,
+            lhs.rs as isize,
+            rhs.data.as_ptr(),
+            rhs.cs as isize,
+            rhs.rs as isize,
+            1.0,
+            1.0,
+            false,
+            false,
+            false,
+            ::gemm::Parallelism::Rayon(rayon::current_num_threads()),
+        )
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The product of small strided operands against the schoolbook sum.
+    #[test]
+    fn strided_products_match_the_sum() {
+        // lhs [2, 3] read transposed from a [3, 2] buffer; rhs [3, 2] contiguous.
+        let lt = [1.0, 4.0, 2.0, 5.0, 3.0, 6.0];
+        let rhs = [7.0, 8.0, 9.0, 10.0, 11.0, 12.0];
+        let mut dst = [1.0f32; 4];
+        let l = Operand::rows_of(&lt, 2).t();
+        product_into(&mut dst, (2, 2, 3), false, l, Operand::rows_of(&rhs, 2));
+        assert_eq!(dst, [58.0, 64.0, 139.0, 154.0]);
+        product_into(&mut dst, (2, 2, 3), true, l, Operand::rows_of(&rhs, 2));
+        assert_eq!(dst, [116.0, 128.0, 278.0, 308.0]);
+    }
+
+    #[test]
+    #[should_panic(expected = "out of bounds")]
+    fn an_operand_past_its_slice_panics() {
+        let a = [0.0f32; 5];
+        let mut dst = [0.0f32; 4];
+        let (lhs, rhs) = (Operand::rows_of(&a, 3), Operand::rows_of(&a, 2));
+        product_into(&mut dst, (2, 2, 3), false, lhs, rhs);
+    }
 }

@@ -15,7 +15,7 @@ use std::sync::{Arc, Mutex};
 use candle_core::{CpuStorage, CustomOp1, CustomOp2, CustomOp3, Layout, Shape, Tensor, D};
 use rayon::prelude::*;
 
-use crate::model::gemm::gemm_f32;
+use crate::model::gemm::{product_into, Operand};
 use crate::model::ops::slice_f32;
 use crate::model::vmath;
 use crate::{Error, Result};
@@ -244,18 +244,12 @@ impl LinearNllState {
         len: usize,
     ) -> (Vec<f32>, Vec<f32>) {
         let mut buf = vec![0f32; len * v];
-        // SAFETY: buf is [len, v]; h[start..] holds len rows of d; w is [v, d], read as its
-        // transpose [d, v] (row stride 1, column stride d).
-        unsafe {
-            gemm_f32(
-                (len, v, d),
-                buf.as_mut_ptr(),
-                v,
-                false,
-                (h[start * d..].as_ptr(), d, 1),
-                (w.as_ptr(), 1, d),
-            )
-        };
+        // h's rows start.. times w [v, d] read as its transpose [d, v].
+        let (rows, wt) = (
+            Operand::rows_of(&h[start * d..], d),
+            Operand::rows_of(w, d).t(),
+        );
+        product_into(&mut buf, (len, v, d), false, rows, wt);
         let targets = &self.targets[start..start + len];
         let nll = buf
             .par_chunks_mut(v)
@@ -307,31 +301,15 @@ impl LinearNllState {
                     row[t as usize] -= gv;
                 }
             });
-        // SAFETY: g is [len, v]; w is [v, d]; dh[start..] holds len rows of d; dw is [v, d];
-        // h[start..] holds len rows of d; g is read transposed as [v, len].
+        // g [len, v]; w [v, d]; dh's and h's rows start..; dw [v, d] from g read as [v, len].
+        let g = Operand::rows_of(&g, v);
         if self.grad_h {
-            unsafe {
-                gemm_f32(
-                    (len, d, v),
-                    dh[start * d..].as_mut_ptr(),
-                    d,
-                    false,
-                    (g.as_ptr(), v, 1),
-                    (w.as_ptr(), d, 1),
-                )
-            };
+            let w = Operand::rows_of(w, d);
+            product_into(&mut dh[start * d..], (len, d, v), false, g, w);
         }
         if self.grad_w {
-            unsafe {
-                gemm_f32(
-                    (v, d, len),
-                    dw.as_mut_ptr(),
-                    d,
-                    accumulate,
-                    (g.as_ptr(), 1, v),
-                    (h[start * d..].as_ptr(), d, 1),
-                )
-            };
+            let rows = Operand::rows_of(&h[start * d..], d);
+            product_into(dw, (v, d, len), accumulate, g.t(), rows);
         }
     }
 }

@@ -18,7 +18,7 @@
 
 use candle_core::{CpuStorage, CustomOp3, Layout, Shape, Tensor};
 
-use crate::model::gemm::gemm_f32;
+use crate::model::gemm::{product_into, Operand};
 use crate::model::ops::slice_f32;
 use crate::util::error::Result;
 
@@ -74,80 +74,6 @@ struct LowRankLinear {
     shapes: Vec<(usize, f32)>,
 }
 
-/// A matrix operand: its data from its first element, and its (row, column) strides.
-#[derive(Clone, Copy)]
-struct Operand<'a> {
-    data: &'a [f32],
-    rs: usize,
-    cs: usize,
-}
-
-impl<'a> Operand<'a> {
-    /// A contiguous matrix of `cols` columns.
-    fn rows_of(data: &'a [f32], cols: usize) -> Self {
-        Self {
-            data,
-            rs: cols,
-            cs: 1,
-        }
-    }
-
-    /// A 2-D tensor's storage under its layout (any strides).
-    fn strided(s: &'a CpuStorage, l: &Layout, what: &str) -> candle_core::Result<Self> {
-        let CpuStorage::F32(v) = s else {
-            candle_core::bail!("{what}: f32 expected")
-        };
-        let &[rs, cs] = l.stride() else {
-            candle_core::bail!("{what}: a matrix expected, got shape {:?}", l.shape())
-        };
-        Ok(Self {
-            data: &v[l.start_offset()..],
-            rs,
-            cs,
-        })
-    }
-
-    /// The same data read as the transposed matrix.
-    fn t(self) -> Self {
-        Self {
-            rs: self.cs,
-            cs: self.rs,
-            ..self
-        }
-    }
-
-    /// Whether a `[rows, cols]` matrix at these strides lies within the data.
-    fn covers(&self, (rows, cols): (usize, usize)) -> bool {
-        rows == 0 || cols == 0 || (rows - 1) * self.rs + (cols - 1) * self.cs < self.data.len()
-    }
-}
-
-/// `dst [m, n] = (accumulate ? dst : 0) + lhs [m, k] rhs [k, n]`, with `dst` contiguous.
-fn product_into(
-    dst: &mut [f32],
-    (m, n, k): (usize, usize, usize),
-    accumulate: bool,
-    lhs: Operand,
-    rhs: Operand,
-) {
-    assert!(
-        dst.len() >= m * n && lhs.covers((m, k)) && rhs.covers((k, n)),
-        "low-rank-linear: operands out of bounds"
-    );
-    // SAFETY: the extents were checked above; `dst` is a `&mut` borrow, so it aliases neither
-    // operand.
-    unsafe {
-        gemm_f32(
-            (m, n, k),
-            dst.as_mut_ptr(),
-            n,
-            accumulate,
-            (lhs.data.as_ptr(), lhs.rs, lhs.cs),
-            (rhs.data.as_ptr(), rhs.rs, rhs.cs),
-        )
-    }
-}
-
 /// `s * lhs rhs` `[rows, r]`, for `lhs` `[rows, k]` and `rhs` `[k, r]`, scaled after the
 /// product as the composed form's `(x A^T) * s`.
 fn scaled_product(
@@ -162,8 +88,8 @@ fn scaled_product(
     u
 }
 
-/// `lhs W + sum_k (s_k lhs D_k) U_k` `[rows, n]`, for `lhs` `[rows, k]`, `w` `[k, n]` and each
-/// adapter's `(D_k [k, r_k], U_k [r_k, n], r_k, s_k)`. The map's output is this form (`x`,
+/// `lhs W + sum_j (s_j lhs D_j) U_j` `[rows, n]`, for `lhs` `[rows, k]`, `w` `[k, n]` and each
+/// adapter's `(D_j [k, r_j], U_j [r_j, n], r_j, s_j)`. The map's output is this form (`x`,
 /// `W^T`, `A^T`, `B^T`), and so is its input's gradient (`g`, `W`, `B`, `A`).
 fn product_with_adapters<'a>(
     lhs: Operand,
@@ -180,20 +106,20 @@ fn product_with_adapters<'a>(
     out
 }
 
-/// Adapter `k`'s `A [r, din]` and `B [dout, r]` in the flat tensor, for a map of `din` inputs
-/// and `dout` outputs.
-fn adapter_parts<'a>(
+/// Each adapter's place in the flat tensor: its offset there, `A [r, din]`, `B [dout, r]`,
+/// rank and scale, for a map of `din` inputs and `dout` outputs.
+fn adapters<'a>(
     ab: &'a [f32],
-    shapes: &[(usize, f32)],
-    k: usize,
+    shapes: &'a [(usize, f32)],
     (din, dout): (usize, usize),
-) -> (Operand<'a>, Operand<'a>) {
-    let off: usize = shapes[..k].iter().map(|(r, _)| r * (din + dout)).sum();
-    let r = shapes[k].0;
-    (
-        Operand::rows_of(&ab[off..off + r * din], din),
-        Operand::rows_of(&ab[off + r * din..off + r * (din + dout)], r),
-    )
+) -> impl Iterator<Item = (usize, Operand<'a>, Operand<'a>, usize, f32)> + 'a {
+    shapes.iter().scan(0, move |off, &(r, s)| {
+        let at = *off;
+        *off += r * (din + dout);
+        let a = Operand::rows_of(&ab[at..at + r * din], din);
+        let b = Operand::rows_of(&ab[at + r * din..*off], r);
+        Some((at, a, b, r, s))
+    })
 }
 
 impl CustomOp3 for LowRankLinear {
@@ -215,10 +141,8 @@ impl CustomOp3 for LowRankLinear {
         let x = Operand::rows_of(slice_f32(s1, l1, "low-rank-linear x")?, din);
         let w = Operand::strided(s2, l2, "low-rank-linear w")?;
         let ab = slice_f32(s3, l3, "low-rank-linear adapters")?;
-        let adapters = self.shapes.iter().enumerate().map(|(k, &(r, s))| {
-            let (a, b) = adapter_parts(ab, &self.shapes, k, (din, dout));
-            (a.t(), b.t(), r, s)
-        });
+        let adapters =
+            adapters(ab, &self.shapes, (din, dout)).map(|(_, a, b, r, s)| (a.t(), b.t(), r, s));
         let out = product_with_adapters(x, (rows, din, dout), w.t(), adapters);
         Ok((CpuStorage::F32(out), Shape::from((rows, dout))))
     }
@@ -285,10 +209,7 @@ impl CustomOp3 for LowRankInputGrad {
         let g = Operand::rows_of(slice_f32(s1, l1, "low-rank-linear grad")?, dout);
         let w = Operand::strided(s2, l2, "low-rank-linear w")?;
         let ab = slice_f32(s3, l3, "low-rank-linear adapters")?;
-        let adapters = self.shapes.iter().enumerate().map(|(k, &(r, s))| {
-            let (a, b) = adapter_parts(ab, &self.shapes, k, (din, dout));
-            (b, a, r, s)
-        });
+        let adapters = adapters(ab, &self.shapes, (din, dout)).map(|(_, a, b, r, s)| (b, a, r, s));
         let dx = product_with_adapters(g, (rows, dout, din), w, adapters);
         Ok((CpuStorage::F32(dx), Shape::from((rows, din))))
     }
@@ -321,15 +242,12 @@ impl CustomOp3 for LowRankAdapterGrad {
         let x = Operand::rows_of(slice_f32(s2, l2, "low-rank-linear x")?, din);
         let ab = slice_f32(s3, l3, "low-rank-linear adapters")?;
         let mut dab = vec![0f32; ab.len()];
-        let mut off = 0;
-        for (k, &(r, s)) in self.shapes.iter().enumerate() {
-            let (a, b) = adapter_parts(ab, &self.shapes, k, (din, dout));
+        for (off, a, b, r, s) in adapters(ab, &self.shapes, (din, dout)) {
             let (da, db) = dab[off..off + r * (din + dout)].split_at_mut(r * din);
             let v = scaled_product(g, b, (rows, dout, r), s);
             let u = scaled_product(x, a.t(), (rows, din, r), s);
             product_into(da, (r, din, rows), false, Operand::rows_of(&v, r).t(), x);
             product_into(db, (dout, r, rows), false, g.t(), Operand::rows_of(&u, r));
-            off += r * (din + dout);
         }
         Ok((CpuStorage::F32(dab), Shape::from(ab.len())))
     }

@@ -132,13 +132,12 @@ fn lora_merge_equals_running_with_the_adapter() {
     // `down_proj` (32 outputs), the composed one for `v_proj` (16).
     let sizes = [ids(2, 9), ids(2, 40)];
     let base_net = Llama::frozen(&m.config, &m.params).unwrap();
-    for x in &sizes {
-        let base = base_net.logits(x).unwrap();
+    let bases: Vec<Tensor> = sizes.iter().map(|x| base_net.logits(x).unwrap()).collect();
+    for (x, base) in sizes.iter().zip(&bases) {
         let with = lora.net(&|_: &str| false).unwrap().logits(x).unwrap();
-        assert_eq!(max_abs_diff(&base, &with), 0.0);
+        assert_eq!(max_abs_diff(base, &with), 0.0);
     }
-    let x = sizes[0].clone();
-    let base = base_net.logits(&x).unwrap();
+    let (x, base) = (&sizes[0], &bases[0]);
     // Give B values, then compare the adapter path with the merged weights.
     let mut rng = repnoise::util::rng::Rng::new(9, "test");
     for (name, var) in lora.store.iter() {
@@ -148,14 +147,14 @@ fn lora_merge_equals_running_with_the_adapter() {
                 .unwrap();
         }
     }
-    let with = lora.net(&|_: &str| false).unwrap().logits(&x).unwrap();
+    let with = lora.net(&|_: &str| false).unwrap().logits(x).unwrap();
     let merged = lora.merged().unwrap();
     let via_merge = Llama::frozen(&m.config, &merged)
         .unwrap()
-        .logits(&x)
+        .logits(x)
         .unwrap();
     assert!(
-        max_abs_diff(&with, &base) > 1e-2,
+        max_abs_diff(&with, base) > 1e-2,
         "the adapter changes the model"
     );
     let d = max_abs_diff(&with, &via_merge);
