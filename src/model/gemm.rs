@@ -46,9 +46,17 @@ impl<'a> Operand<'a> {
         }
     }
 
-    /// Whether a `[rows, cols]` matrix at these strides lies within the data.
+    /// Whether a `[rows, cols]` matrix at these strides lies within the data (false where
+    /// its last element's offset overflows).
     fn covers(&self, (rows, cols): (usize, usize)) -> bool {
-        rows == 0 || cols == 0 || (rows - 1) * self.rs + (cols - 1) * self.cs < self.data.len()
+        if rows == 0 || cols == 0 {
+            return true;
+        }
+        let last = (rows - 1)
+            .checked_mul(self.rs)
+            .zip((cols - 1).checked_mul(self.cs))
+            .and_then(|(r, c)| r.checked_add(c));
+        last.is_some_and(|i| i < self.data.len())
     }
 }
 
@@ -62,7 +70,9 @@ pub(crate) fn product_into(
     rhs: Operand,
 ) {
     assert!(
-        dst.len() >= m * n && lhs.covers((m, k)) && rhs.covers((k, n)),
+        m.checked_mul(n).is_some_and(|mn| dst.len() >= mn)
+            && lhs.covers((m, k))
+            && rhs.covers((k, n)),
         "gemm: a {m} x {k} by {k} x {n} product's operands out of bounds"
     );
     // SAFETY: every extent was checked above against its slice; `dst` is a `&mut` borrow, so
@@ -117,5 +127,19 @@ mod tests {
         let mut dst = [0.0f32; 4];
         let (lhs, rhs) = (Operand::rows_of(&a, 3), Operand::rows_of(&a, 2));
         product_into(&mut dst, (2, 2, 3), false, lhs, rhs);
+    }
+
+    #[test]
+    #[should_panic(expected = "out of bounds")]
+    fn an_extent_whose_offset_overflows_panics() {
+        // The last element's offset, usize::MAX + 1, wraps to 0 unchecked.
+        let a = [0.0f32; 4];
+        let mut dst = [0.0f32; 4];
+        let huge = Operand {
+            data: &a,
+            rs: usize::MAX,
+            cs: 1,
+        };
+        product_into(&mut dst, (2, 2, 2), false, huge, Operand::rows_of(&a, 2));
     }
 }

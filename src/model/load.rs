@@ -277,7 +277,9 @@ pub fn read_safetensors(
     use std::os::unix::fs::FileExt;
     let file =
         std::fs::File::open(path).map_err(|e| Error::file(path, format!("cannot open: {e}")))?;
-    // SAFETY: the file is mapped read-only and not modified while mapped by this process.
+    // SAFETY: the file is mapped read-only, this process does not modify it, and only its
+    // header is read through the map; another process truncating it meanwhile would fault the
+    // read (accepted, as for any mapped model file).
     let mmap = unsafe { memmap2::Mmap::map(&file) }
         .map_err(|e| Error::file(path, format!("cannot map: {e}")))?;
     let st = safetensors::SafeTensors::deserialize(&mmap)
@@ -292,7 +294,7 @@ pub fn read_safetensors(
             (name, v.dtype(), v.shape().to_vec(), at, v.data().len())
         })
         .collect();
-    parts.sort_by_key(|p| p.3);
+    parts.sort_by(|p, q| (p.3, &p.0).cmp(&(q.3, &q.0)));
     let mut buf = vec![0u8; parts.iter().map(|p| p.4).max().unwrap_or(0)];
     for (name, dtype, shape, at, len) in parts {
         let bytes = &mut buf[..len];

@@ -6,11 +6,11 @@
 //! buffers of the same sizes many times a second instead, and the returned pages were faulted
 //! back in by the next step: `repnoise bench generate --batch 64` spent 18% of its samples in
 //! the kernel (page faults, zeroing, unmapping). [`KeepFreedPages`] keeps them for its
-//! lifetime: 1.69M -> 0.46M page faults for that run, with no higher peak memory (the peak
-//! of 1.02-1.10 GiB seen then, with and without the guard, was the model's loading, before
-//! generation starts: docs/BENCHMARKS.md, ninth run). Pages freed meanwhile are reused by the
-//! allocations that follow, and returned as usual once the last guard is dropped. Forward-only scoring was
-//! tried too and left as it was (docs/BENCHMARKS.md).
+//! lifetime: 1.69M -> 0.46M page faults for that run, at 0.013 GiB more peak memory (0.883
+//! against 0.870 GiB; the 1.02-1.14 GiB peaks seen before, with and without the guard, were
+//! the model's loading: docs/BENCHMARKS.md, ninth run). Pages freed meanwhile are reused by
+//! the allocations that follow, and returned as usual once the last guard is dropped.
+//! Forward-only scoring was tried too and left as it was (docs/BENCHMARKS.md).
 //!
 //! It acts on jemalloc's arenas (`arena.<i>.dirty_decay_ms`), whether or not jemalloc is the
 //! process's global allocator; where it is not (tests, a library user's program), the guard
