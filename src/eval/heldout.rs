@@ -176,6 +176,8 @@ pub fn mean(xs: &[f32]) -> f64 {
 /// instead of twice. An item whose two encodings do not share their prompt tokens, or whose
 /// answer tokens are not one unbroken span, is scored apart.
 pub fn score(net: &Llama, enc: &HeldoutEncoded, batch: usize) -> Result<HeldoutScores> {
+    // Its batches free and allocate buffers of the same sizes: keep their pages (`util::alloc`).
+    let _pages = crate::util::alloc::KeepFreedPages::new();
     let n = enc.harmful.len();
     if enc.refusal.len() != n {
         return Err(Error::msg(format!(

@@ -9,8 +9,9 @@
 //! lifetime: 1.69M -> 0.46M page faults for that run, at 0.013 GiB more peak memory (0.883
 //! against 0.870 GiB; the 1.02-1.14 GiB peaks seen before, with and without the guard, were
 //! the model's loading: docs/BENCHMARKS.md, ninth run). Pages freed meanwhile are reused by
-//! the allocations that follow, and returned as usual once the last guard is dropped.
-//! Forward-only scoring was tried too and left as it was (docs/BENCHMARKS.md).
+//! the allocations that follow, and returned when the last guard is dropped. The held-out
+//! cross-entropy holds one too (`eval::heldout::score`, ninth run); stability scoring was tried
+//! and left as it was (docs/BENCHMARKS.md, eighth run).
 //!
 //! It acts on jemalloc's arenas (`arena.<i>.dirty_decay_ms`), whether or not jemalloc is the
 //! process's global allocator; where it is not (tests, a library user's program), the guard
@@ -57,8 +58,12 @@ impl Drop for KeepFreedPages {
         let mut state = STATE.lock().unwrap_or_else(|e| e.into_inner());
         state.0 -= 1;
         if state.0 == 0 {
+            // As at the start, a decay time of 0 returns the pages kept at once, so that what
+            // runs next (a training step, between held-out probes) starts as it would have
+            // without the guard.
             for (i, v) in std::mem::take(&mut state.1).into_iter().enumerate() {
                 if let Some(v) = v {
+                    set_decay(i, 0);
                     set_decay(i, v);
                 }
             }
