@@ -6,13 +6,14 @@
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 
-use candle_core::safetensors::Load;
 use candle_core::{Device, Tensor};
 
 use crate::model::assets;
 use crate::model::config::{self, ModelConfig};
 use crate::model::gguf;
 use crate::model::params::{expected_shapes, Params};
+use crate::model::tensor_file::TensorFile;
+pub use crate::model::tensor_file::{for_each_safetensor, save_safetensors, save_safetensors_as};
 use crate::model::tokenizer::Tok;
 use crate::{Error, Result};
 
@@ -204,8 +205,7 @@ pub fn load_hf_dir(dir: &Path, device: &Device) -> Result<LoadedModel> {
     let mut params = Params::new();
     let mut stored = String::new();
     for f in &files {
-        read_safetensors(
-            f,
+        TensorFile::open(f)?.for_each(
             device,
             |name| wanted.contains_key(name),
             |name, dtype, t| {
@@ -226,157 +226,6 @@ pub fn load_hf_dir(dir: &Path, device: &Device) -> Result<LoadedModel> {
         source: dir.display().to_string(),
         stored_dtype: stored,
     })
-}
-
-/// One tensor's bytes, little-endian, as a safetensors view.
-struct RawView {
-    dtype: safetensors::Dtype,
-    shape: Vec<usize>,
-    bytes: Vec<u8>,
-}
-
-impl safetensors::View for &RawView {
-    fn dtype(&self) -> safetensors::Dtype {
-        self.dtype
-    }
-    fn shape(&self) -> &[usize] {
-        &self.shape
-    }
-    fn data(&self) -> std::borrow::Cow<'_, [u8]> {
-        std::borrow::Cow::Borrowed(&self.bytes)
-    }
-    fn data_len(&self) -> usize {
-        self.bytes.len()
-    }
-}
-
-/// Every tensor of a safetensors file: `f(name, tensor)` for each, loaded onto `device`.
-/// Errors name the file, and the tensor when one fails to load.
-pub fn for_each_safetensor(
-    path: &Path,
-    device: &Device,
-    mut f: impl FnMut(String, Tensor) -> Result<()>,
-) -> Result<()> {
-    read_safetensors(path, device, |_| true, |name, _, t| f(name, t))
-}
-
-/// The tensors of a safetensors file that `wanted` accepts, in the file's order: `f(name,
-/// stored dtype, tensor)` for each, loaded onto `device`. The header is read through a
-/// read-only map (the reader checks each tensor's offsets against the file's length); each
-/// tensor's bytes are then read into one buffer, reused, because a map keeps every page read
-/// through it in the process's memory until it is dropped: loading SmolLM2-135M that way held
-/// its 0.54 GB file beside the 0.54 GB of tensors made from it, the peak of every benchmark
-/// that does little more than load the model. Errors name the file, and the tensor when one
-/// fails to load.
-pub fn read_safetensors(
-    path: &Path,
-    device: &Device,
-    wanted: impl Fn(&str) -> bool,
-    mut f: impl FnMut(String, safetensors::Dtype, Tensor) -> Result<()>,
-) -> Result<()> {
-    use std::os::unix::fs::FileExt;
-    let file =
-        std::fs::File::open(path).map_err(|e| Error::file(path, format!("cannot open: {e}")))?;
-    // SAFETY: the file is mapped read-only, this process does not modify it, and only its
-    // header is read through the map; another process truncating it meanwhile would fault the
-    // read (accepted, as for any mapped model file).
-    let mmap = unsafe { memmap2::Mmap::map(&file) }
-        .map_err(|e| Error::file(path, format!("cannot map: {e}")))?;
-    let st = safetensors::SafeTensors::deserialize(&mmap)
-        .map_err(|e| Error::file(path, format!("not a valid safetensors file: {e}")))?;
-    // Each wanted tensor's name, dtype, shape and bytes (offset in the file, length).
-    let mut parts: Vec<_> = st
-        .tensors()
-        .into_iter()
-        .filter(|(name, _)| wanted(name))
-        .map(|(name, v)| {
-            let at = v.data().as_ptr() as usize - mmap.as_ptr() as usize;
-            (name, v.dtype(), v.shape().to_vec(), at, v.data().len())
-        })
-        .collect();
-    parts.sort_by(|p, q| (p.3, &p.0).cmp(&(q.3, &q.0)));
-    let mut buf = vec![0u8; parts.iter().map(|p| p.4).max().unwrap_or(0)];
-    for (name, dtype, shape, at, len) in parts {
-        let bytes = &mut buf[..len];
-        file.read_exact_at(bytes, at as u64)
-            .map_err(|e| Error::tensor(path, &name, format!("cannot read: {e}")))?;
-        let t: Tensor = safetensors::tensor::TensorView::new(dtype, shape, bytes)
-            .map_err(|e| Error::tensor(path, &name, format!("cannot load: {e}")))?
-            .load(device)
-            .map_err(|e| Error::tensor(path, &name, format!("cannot load: {e}")))?;
-        f(name, dtype, t)?;
-    }
-    Ok(())
-}
-
-/// Write `tensors` as one f32 safetensors file (with `format: pt` metadata, which
-/// `transformers` expects), atomically.
-pub fn save_safetensors(path: &Path, tensors: &[(String, Tensor)]) -> Result<()> {
-    save_safetensors_as(path, tensors, candle_core::DType::F32)
-}
-
-/// [`save_safetensors`] storing every tensor as `store` (f32, bf16 or f16).
-pub fn save_safetensors_as(
-    path: &Path,
-    tensors: &[(String, Tensor)],
-    store: candle_core::DType,
-) -> Result<()> {
-    use candle_core::DType;
-    let mut views = Vec::with_capacity(tensors.len());
-    for (name, t) in tensors {
-        let flat = t.flatten_all()?.to_dtype(store)?;
-        let (dtype, bytes): (_, Vec<u8>) = match store {
-            DType::F32 => (
-                safetensors::Dtype::F32,
-                flat.to_vec1::<f32>()?
-                    .iter()
-                    .flat_map(|x| x.to_le_bytes())
-                    .collect(),
-            ),
-            DType::BF16 => (
-                safetensors::Dtype::BF16,
-                flat.to_vec1::<half::bf16>()?
-                    .iter()
-                    .flat_map(|x| x.to_le_bytes())
-                    .collect(),
-            ),
-            DType::F16 => (
-                safetensors::Dtype::F16,
-                flat.to_vec1::<half::f16>()?
-                    .iter()
-                    .flat_map(|x| x.to_le_bytes())
-                    .collect(),
-            ),
-            other => {
-                return Err(Error::file(
-                    path,
-                    format!("cannot store tensors as {}", other.as_str()),
-                ))
-            }
-        };
-        views.push((
-            name.clone(),
-            RawView {
-                dtype,
-                shape: t.dims().to_vec(),
-                bytes,
-            },
-        ));
-    }
-    let meta = HashMap::from([("format".to_string(), "pt".to_string())]);
-    let tmp = path.with_extension("safetensors.tmp");
-    safetensors::serialize_to_file(views.iter().map(|(n, v)| (n.as_str(), v)), Some(meta), &tmp)
-        .map_err(|e| {
-            let _ = std::fs::remove_file(&tmp);
-            Error::file(path, format!("cannot write: {e}"))
-        })?;
-    // The safetensors writer creates the file owner-only; model files are meant to be shared.
-    #[cfg(unix)]
-    {
-        use std::os::unix::fs::PermissionsExt;
-        let _ = std::fs::set_permissions(&tmp, std::fs::Permissions::from_mode(0o644));
-    }
-    std::fs::rename(&tmp, path).map_err(|e| Error::file(path, format!("cannot write: {e}")))
 }
 
 /// Save a model as a Hugging Face directory: `config.json`, `generation_config.json`,

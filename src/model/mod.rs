@@ -17,5 +17,6 @@ pub mod low_rank;
 pub mod memory;
 pub mod ops;
 pub mod params;
+pub mod tensor_file;
 pub mod tokenizer;
 pub mod vmath;

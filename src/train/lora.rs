@@ -18,6 +18,7 @@ use serde_json::json;
 use crate::model::llama::{Adapter, Llama, PROJECTIONS};
 use crate::model::load::{save_hf_dir, save_safetensors, LoadedModel};
 use crate::model::params::Params;
+use crate::model::tensor_file::TensorFile;
 use crate::train::Trainee;
 use crate::util::error::check_at_least_one;
 use crate::util::rng::Rng;
@@ -226,25 +227,11 @@ impl<'a> Lora<'a> {
 
     /// Read an adapter written by [`Lora::save_adapter`] into this one's store.
     pub fn load_adapter(&self, dir: &Path) -> Result<()> {
-        let path = dir.join("adapter_model.safetensors");
-        let dev = self
-            .base
-            .params
-            .tensor("model.embed_tokens.weight")?
-            .device()
-            .clone();
-        let t = candle_core::safetensors::load(&path, &dev)
-            .map_err(|e| Error::file(&path, format!("cannot read the adapter: {e}")))?;
-        for (name, var) in self.store.iter() {
-            let x = t
-                .get(&format!("base_model.model.{name}"))
-                .ok_or_else(|| Error::tensor(&path, name, "missing from the adapter"))?;
-            if x.dims() != var.dims() {
-                return Err(Error::tensor(&path, name, "wrong shape in the adapter"));
-            }
-            var.set(x)?;
-        }
-        Ok(())
+        TensorFile::open(&dir.join("adapter_model.safetensors"))?.set_vars(
+            self.store.iter(),
+            |name| format!("base_model.model.{name}"),
+            "the adapter",
+        )
     }
 }
 
@@ -361,10 +348,9 @@ pub fn read_peft(dir: &Path, base: &LoadedModel) -> Result<BTreeMap<String, Adap
         .tensor("model.embed_tokens.weight")?
         .device()
         .clone();
-    let t = candle_core::safetensors::load(&path, &dev)
-        .map_err(|e| Error::file(&path, format!("cannot read the adapter: {e}")))?;
+    let t = TensorFile::open(&path)?;
     let mut out = BTreeMap::new();
-    for (key, a) in &t {
+    for key in t.names() {
         let Some(s) = key.strip_suffix(".lora_A.weight") else {
             continue;
         };
@@ -372,8 +358,11 @@ pub fn read_peft(dir: &Path, base: &LoadedModel) -> Result<BTreeMap<String, Adap
         let w = format!("{s}.weight");
         let bkey = key.replace(".lora_A.weight", ".lora_B.weight");
         let b = t
-            .get(&bkey)
+            .get(&bkey, &dev)?
             .ok_or_else(|| Error::tensor(&path, &bkey, "missing (lora_A without lora_B)"))?;
+        let a = t
+            .get(key, &dev)?
+            .ok_or_else(|| Error::tensor(&path, key, "missing"))?;
         if crate::model::llama::projection_of(&w).is_none() {
             return Err(Error::tensor(
                 &path,

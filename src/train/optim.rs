@@ -5,7 +5,7 @@
 use std::sync::Mutex;
 
 use candle_core::backprop::GradStore;
-use candle_core::{CpuStorage, DType, Layout, Shape, Tensor, Var};
+use candle_core::{CpuStorage, DType, Device, Layout, Shape, Tensor, Var};
 use rayon::prelude::*;
 
 use crate::model::params::Params;
@@ -327,30 +327,53 @@ impl AdamW {
         Ok(())
     }
 
-    /// Optimizer state as named tensors (`NAME.exp_avg`, `NAME.exp_avg_sq`) for checkpoints.
-    pub fn state_tensors(&self) -> Result<Vec<(String, Tensor)>> {
-        let mut out = vec![];
-        for s in &self.slots {
-            let shape: Shape = s.var.shape().clone();
-            let (m, v) = match &s.moments {
-                Moments::Cpu { m, v } => (
-                    Tensor::from_slice(m, shape.clone(), &candle_core::Device::Cpu)?,
-                    Tensor::from_slice(v, shape, &candle_core::Device::Cpu)?,
-                ),
-                Moments::Dev { m, v } => (m.clone(), v.clone()),
-            };
-            out.push((format!("{}.exp_avg", s.name), m));
-            out.push((format!("{}.exp_avg_sq", s.name), v));
-        }
-        Ok(out)
+    /// The names (`NAME.exp_avg`, `NAME.exp_avg_sq`, slot by slot) and shapes of the optimizer
+    /// state a checkpoint holds; [`AdamW::state_tensor`] gives each.
+    pub fn state_shapes(&self) -> Vec<(String, Vec<usize>)> {
+        self.slots
+            .iter()
+            .flat_map(|s| {
+                ["exp_avg", "exp_avg_sq"]
+                    .map(|k| (format!("{}.{k}", s.name), s.var.dims().to_vec()))
+            })
+            .collect()
     }
 
-    /// Restore state saved with [`AdamW::state_tensors`] (and the step count).
-    pub fn load_state(&mut self, step: usize, get: impl Fn(&str) -> Option<Tensor>) -> Result<()> {
+    /// The `i`th tensor of [`AdamW::state_shapes`] (host moments copied into a tensor), so a
+    /// checkpoint can take the moments one at a time.
+    pub fn state_tensor(&self, i: usize) -> Result<Tensor> {
+        let s = self
+            .slots
+            .get(i / 2)
+            .ok_or_else(|| Error::msg(format!("no optimizer state number {i}")))?;
+        Ok(match (&s.moments, i % 2) {
+            (Moments::Cpu { m, .. }, 0) => Tensor::from_slice(m, s.var.shape(), &Device::Cpu)?,
+            (Moments::Cpu { v, .. }, _) => Tensor::from_slice(v, s.var.shape(), &Device::Cpu)?,
+            (Moments::Dev { m, .. }, 0) => m.clone(),
+            (Moments::Dev { v, .. }, _) => v.clone(),
+        })
+    }
+
+    /// Every tensor of [`AdamW::state_shapes`], named.
+    pub fn state_tensors(&self) -> Result<Vec<(String, Tensor)>> {
+        self.state_shapes()
+            .into_iter()
+            .enumerate()
+            .map(|(i, (name, _))| Ok((name, self.state_tensor(i)?)))
+            .collect()
+    }
+
+    /// Restore state saved with [`AdamW::state_tensors`] (and the step count); `get(name)`
+    /// reads one tensor (`None`: not in the checkpoint), so the moments arrive one at a time.
+    pub fn load_state(
+        &mut self,
+        step: usize,
+        get: impl Fn(&str) -> Result<Option<Tensor>>,
+    ) -> Result<()> {
         for s in &mut self.slots {
             let mk = format!("{}.exp_avg", s.name);
             let vk = format!("{}.exp_avg_sq", s.name);
-            let (Some(mt), Some(vt)) = (get(&mk), get(&vk)) else {
+            let (Some(mt), Some(vt)) = (get(&mk)?, get(&vk)?) else {
                 return Err(Error::msg(format!(
                     "optimizer state for `{}` is missing from the checkpoint",
                     s.name
@@ -458,8 +481,28 @@ impl AdamWGroups {
         Ok(())
     }
 
-    /// Every group's [`AdamW::state_tensors`] (the names are the parameters', so they do not
-    /// collide).
+    /// Every group's [`AdamW::state_shapes`] in turn (the names are the parameters', so they
+    /// do not collide).
+    pub fn state_shapes(&self) -> Vec<(String, Vec<usize>)> {
+        self.groups
+            .iter()
+            .flat_map(|(_, o)| o.state_shapes())
+            .collect()
+    }
+
+    /// The `i`th tensor of [`AdamWGroups::state_shapes`].
+    pub fn state_tensor(&self, mut i: usize) -> Result<Tensor> {
+        for (_, o) in &self.groups {
+            let n = 2 * o.slots.len();
+            if i < n {
+                return o.state_tensor(i);
+            }
+            i -= n;
+        }
+        Err(Error::msg("no such optimizer state"))
+    }
+
+    /// Every tensor of [`AdamWGroups::state_shapes`], named.
     pub fn state_tensors(&self) -> Result<Vec<(String, Tensor)>> {
         let mut out = vec![];
         for (_, o) in &self.groups {
@@ -469,7 +512,11 @@ impl AdamWGroups {
     }
 
     /// Restore every group ([`AdamW::load_state`]).
-    pub fn load_state(&mut self, step: usize, get: impl Fn(&str) -> Option<Tensor>) -> Result<()> {
+    pub fn load_state(
+        &mut self,
+        step: usize,
+        get: impl Fn(&str) -> Result<Option<Tensor>>,
+    ) -> Result<()> {
         for (_, o) in &mut self.groups {
             o.load_state(step, &get)?;
         }
@@ -761,7 +808,7 @@ mod tests {
         assert_eq!(state.len(), 4);
         let mut back = AdamWGroups::new(&fresh(), |_| true, peak, cfg).unwrap();
         back.load_state(2, |k| {
-            state.iter().find(|(n, _)| n == k).map(|(_, t)| t.clone())
+            Ok(state.iter().find(|(n, _)| n == k).map(|(_, t)| t.clone()))
         })
         .unwrap();
         assert_eq!(back.step_count(), 2);

@@ -15,12 +15,12 @@
 use std::io::Write;
 use std::path::{Path, PathBuf};
 
-use candle_core::Tensor;
+use candle_core::{DType, Tensor};
 use serde_json::{json, Value};
 
 use super::TrainSummary;
-use crate::model::load::save_safetensors;
 use crate::model::params::Params;
+use crate::model::tensor_file::{save_safetensors, write_safetensors, TensorFile};
 use crate::train::optim::AdamWGroups;
 use crate::util::io::{write_atomic, write_json_atomic};
 use crate::{Error, Result};
@@ -241,7 +241,14 @@ pub(super) fn save_checkpoint(
         .collect();
     save_safetensors(&tmp.join("model.safetensors"), &weights)?;
     crate::util::fault::point("checkpoint.weights");
-    save_safetensors(&tmp.join("optimizer.safetensors"), &opt.state_tensors()?)?;
+    // The moments one at a time, as the writer reaches them (all at once held a copy of them
+    // beside the optimizer's own).
+    write_safetensors(
+        &tmp.join("optimizer.safetensors"),
+        &opt.state_shapes(),
+        DType::F32,
+        |i| opt.state_tensor(i),
+    )?;
     write_json_atomic(
         &tmp.join("state.json"),
         &json!({"step": step, "optimizer_step": opt.step_count()}),
@@ -262,6 +269,12 @@ pub(super) fn save_checkpoint(
 }
 
 pub(super) fn load_checkpoint(dir: &Path, store: &Params, opt: &mut AdamWGroups) -> Result<()> {
+    // Tensor by tensor: reading the files whole held them beside what they set.
+    TensorFile::open(&dir.join("model.safetensors"))?.set_vars(
+        store.iter(),
+        |name| name.to_string(),
+        "the checkpoint",
+    )?;
     let dev = store
         .iter()
         .next()
@@ -269,28 +282,14 @@ pub(super) fn load_checkpoint(dir: &Path, store: &Params, opt: &mut AdamWGroups)
         .1
         .device()
         .clone();
-    let wpath = dir.join("model.safetensors");
-    let weights = candle_core::safetensors::load(&wpath, &dev)
-        .map_err(|e| Error::file(&wpath, format!("cannot read checkpoint: {e}")))?;
-    for (name, var) in store.iter() {
-        let t = weights
-            .get(name)
-            .ok_or_else(|| Error::tensor(&wpath, name, "missing from the checkpoint"))?;
-        if t.dims() != var.dims() {
-            return Err(Error::tensor(&wpath, name, "wrong shape in the checkpoint"));
-        }
-        var.set(t)?;
-    }
-    let opath = dir.join("optimizer.safetensors");
-    let state = candle_core::safetensors::load(&opath, &dev)
-        .map_err(|e| Error::file(&opath, format!("cannot read checkpoint: {e}")))?;
+    let state = TensorFile::open(&dir.join("optimizer.safetensors"))?;
     let spath = dir.join("state.json");
     let s: Value = serde_json::from_str(&crate::util::io::read_text(&spath)?)
         .map_err(|e| Error::file(&spath, format!("not valid JSON: {e}")))?;
     let ostep = s["optimizer_step"]
         .as_u64()
         .ok_or_else(|| Error::field(&spath, "optimizer_step", "missing"))?;
-    opt.load_state(ostep as usize, |k| state.get(k).cloned())
+    opt.load_state(ostep as usize, |k| state.get(k, &dev))
 }
 
 #[cfg(test)]

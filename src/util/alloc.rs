@@ -32,15 +32,9 @@ impl KeepFreedPages {
     pub fn new() -> Self {
         let mut state = STATE.lock().unwrap_or_else(|e| e.into_inner());
         if state.0 == 0 {
-            // A decay time of 0 returns the pages already free at once (jemalloc purges when
-            // it is set), so that the guard keeps only the pages freed while it lives.
-            state.1 = (0..arenas())
-                .map(|i| {
-                    let old = set_decay(i, 0);
-                    set_decay(i, -1);
-                    old
-                })
-                .collect();
+            // The pages already free are returned first, so that the guard keeps only the
+            // pages freed while it lives.
+            state.1 = (0..arenas()).map(|i| purge_then_set(i, -1)).collect();
         }
         state.0 += 1;
         Self(())
@@ -58,13 +52,11 @@ impl Drop for KeepFreedPages {
         let mut state = STATE.lock().unwrap_or_else(|e| e.into_inner());
         state.0 -= 1;
         if state.0 == 0 {
-            // As at the start, a decay time of 0 returns the pages kept at once, so that what
-            // runs next (a training step, between held-out probes) starts as it would have
-            // without the guard.
+            // The pages kept are returned, so that what runs next (a training step, between
+            // held-out probes) starts as it would have without the guard.
             for (i, v) in std::mem::take(&mut state.1).into_iter().enumerate() {
                 if let Some(v) = v {
-                    set_decay(i, 0);
-                    set_decay(i, v);
+                    purge_then_set(i, v);
                 }
             }
         }
@@ -79,6 +71,14 @@ fn arenas() -> usize {
 /// The name of arena `i`'s dirty-page decay time (ms; -1: never return), NUL-terminated.
 fn decay_name(i: usize) -> String {
     format!("arena.{i}.dirty_decay_ms\0")
+}
+
+/// Returns arena `i`'s free pages to the system at once (jemalloc purges when the decay time
+/// is set to 0), then sets its decay time to `ms`; returns the decay time it had before.
+fn purge_then_set(i: usize, ms: isize) -> Option<isize> {
+    let old = set_decay(i, 0);
+    set_decay(i, ms);
+    old
 }
 
 /// Sets arena `i`'s dirty-page decay time and returns the one it replaced (`None` where the

@@ -253,22 +253,11 @@ impl Trainee for Judge<'_> {
         crate::model::load::save_safetensors(&dir.join("model.safetensors"), &tensors)
     }
     fn load_final(&self, dir: &Path) -> Result<()> {
-        let path = dir.join("model.safetensors");
-        let dev = self
-            .clf
-            .params
-            .tensor("classifier.weight")?
-            .device()
-            .clone();
-        let saved = candle_core::safetensors::load(&path, &dev)
-            .map_err(|e| Error::file(&path, format!("cannot read: {e}")))?;
-        for (name, var) in self.store.iter() {
-            let t = saved
-                .get(name)
-                .ok_or_else(|| Error::tensor(&path, name, "missing"))?;
-            var.set(t)?;
-        }
-        Ok(())
+        crate::model::tensor_file::TensorFile::open(&dir.join("model.safetensors"))?.set_vars(
+            self.store.iter(),
+            |name| name.to_string(),
+            "the saved classifier",
+        )
     }
 }
 
