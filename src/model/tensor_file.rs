@@ -193,9 +193,10 @@ pub fn save_safetensors_as(path: &Path, tensors: &[(String, Tensor)], store: DTy
 /// Write a safetensors file of the tensors named and shaped by `shapes`, stored as `store`
 /// (f32, bf16 or f16), atomically: `tensor(i)` gives the `i`th when the writer reaches it and
 /// its bytes are dropped once written, so the file's contents never exist in memory at once
-/// (an optimizer's moments can be handed over one at a time). An error in `tensor`, or a tensor
-/// of another shape than declared, fails the write naming the tensor; the file is then left as
-/// it was.
+/// (an optimizer's moments can be handed over one at a time; the writer asks for them in its own
+/// order, by dtype and name, each once). An error in `tensor` or in converting its result, or a
+/// tensor of another shape than declared, fails the write naming the tensor; the file is then
+/// left as it was. The file is synced before it is renamed into place.
 pub fn write_safetensors(
     path: &Path,
     shapes: &[(String, Vec<usize>)],
@@ -234,17 +235,21 @@ pub fn write_safetensors(
         e
     };
     let names = shapes.iter().map(|(n, _)| n.as_str());
-    safetensors::serialize_to_file(names.zip(&views), Some(meta), &tmp)
-        .map_err(|e| fail(Error::file(path, format!("cannot write: {e}"))))?;
+    let written = safetensors::serialize_to_file(names.zip(&views), Some(meta), &tmp);
+    // A tensor's error first: what the writer reports after it is a consequence.
     if let Some(e) = writer.error.into_inner() {
         return Err(fail(e));
     }
+    written.map_err(|e| fail(Error::file(path, format!("cannot write: {e}"))))?;
+    std::fs::File::open(&tmp)
+        .and_then(|f| f.sync_all())
+        .map_err(|e| fail(Error::file(path, format!("cannot write: {e}"))))?;
     // The safetensors writer creates the file owner-only; model files are meant to be shared.
     {
         use std::os::unix::fs::PermissionsExt;
         let _ = std::fs::set_permissions(&tmp, std::fs::Permissions::from_mode(0o644));
     }
-    std::fs::rename(&tmp, path).map_err(|e| Error::file(path, format!("cannot write: {e}")))
+    std::fs::rename(&tmp, path).map_err(|e| fail(Error::file(path, format!("cannot write: {e}"))))
 }
 
 /// What [`write_safetensors`]' views share: where the tensors come from, and the first error.
@@ -258,23 +263,26 @@ struct LazyWriter<'a> {
 }
 
 impl LazyWriter<'_> {
-    /// The `i`th tensor's bytes, little-endian, in the stored dtype.
+    /// The `i`th tensor's bytes, little-endian, in the stored dtype; an error names the file and
+    /// the tensor.
     fn bytes(&self, i: usize) -> Result<Vec<u8>> {
         let (name, shape) = &self.shapes[i];
-        let t = (self.tensor)(i)?;
-        if t.dims() != shape.as_slice() {
-            return Err(Error::tensor(
-                self.path,
-                name,
-                format!("shape {:?}, declared {shape:?}", t.dims()),
-            ));
-        }
-        let flat = t.flatten_all()?.to_dtype(self.store)?;
-        Ok(match self.store {
-            DType::BF16 => le_bytes(&flat.to_vec1::<half::bf16>()?, half::bf16::to_le_bytes),
-            DType::F16 => le_bytes(&flat.to_vec1::<half::f16>()?, half::f16::to_le_bytes),
-            _ => le_bytes(&flat.to_vec1::<f32>()?, f32::to_le_bytes),
-        })
+        let convert = || -> Result<Vec<u8>> {
+            let t = (self.tensor)(i)?;
+            if t.dims() != shape.as_slice() {
+                return Err(Error::msg(format!(
+                    "shape {:?}, declared {shape:?}",
+                    t.dims()
+                )));
+            }
+            let flat = t.flatten_all()?.to_dtype(self.store)?;
+            Ok(match self.store {
+                DType::BF16 => le_bytes(&flat.to_vec1::<half::bf16>()?, half::bf16::to_le_bytes),
+                DType::F16 => le_bytes(&flat.to_vec1::<half::f16>()?, half::f16::to_le_bytes),
+                _ => le_bytes(&flat.to_vec1::<f32>()?, f32::to_le_bytes),
+            })
+        };
+        convert().map_err(|e| Error::tensor(self.path, name, e.to_string()))
     }
 }
 
@@ -304,9 +312,10 @@ impl safetensors::View for &LazyView<'_> {
                 Err(e) => *w.error.borrow_mut() = Some(e),
             }
         }
-        // After an error: the right number of bytes, so that the writer finishes; the file is
-        // removed, not renamed into place.
-        Cow::Owned(vec![0; self.data_len()])
+        // After an error: nothing more is converted or written (the writer sized the file
+        // from the header and does not check what it is given); the file is removed, not
+        // renamed into place.
+        Cow::Borrowed(&[])
     }
     fn data_len(&self) -> usize {
         self.shape().iter().product::<usize>() * self.dtype.bitsize() / 8
@@ -388,7 +397,7 @@ mod tests {
         })
         .unwrap_err()
         .to_string();
-        assert!(e.contains("no moments"), "{e}");
+        assert!(e.contains("no moments") && e.contains("a.bias"), "{e}");
         // A tensor of another shape than declared.
         let e = write_safetensors(&path, &shapes, DType::F32, |i| {
             Ok(if i == 0 {
