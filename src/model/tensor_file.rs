@@ -81,11 +81,6 @@ impl TensorFile {
         self.entries.iter().map(|e| e.name.as_str())
     }
 
-    /// The dtype the file stores its first tensor in (file order), if it has any.
-    pub fn first_dtype(&self) -> Option<safetensors::Dtype> {
-        self.entries.first().map(|e| e.dtype)
-    }
-
     /// The tensor `name` loaded onto `device`, or `None` when the file has no such tensor.
     pub fn get(&self, name: &str, device: &Device) -> Result<Option<Tensor>> {
         match self.by_name.get(name) {
@@ -129,8 +124,9 @@ impl TensorFile {
     }
 
     /// Set every variable of `vars` from this file's tensor `key(name)` (`what` names the file
-    /// in errors: "the checkpoint", "the adapter"). An error names the file and the tensor
-    /// missing or of another shape; variables set before it keep their new values.
+    /// in errors: "the checkpoint", "the adapter"), converted to the variable's dtype. An error
+    /// names the file and the tensor missing or of another shape; variables set before it keep
+    /// their new values.
     pub fn set_vars<'a>(
         &self,
         vars: impl IntoIterator<Item = (&'a String, &'a Var)>,
@@ -159,7 +155,8 @@ impl TensorFile {
                     ),
                 ));
             }
-            var.set(&self.load(e, &mut buf, var.device())?)?;
+            let t = self.load(e, &mut buf, var.device())?;
+            var.set(&t.to_dtype(var.dtype())?)?;
         }
         Ok(())
     }
@@ -196,7 +193,8 @@ pub fn save_safetensors_as(path: &Path, tensors: &[(String, Tensor)], store: DTy
 /// (an optimizer's moments can be handed over one at a time; the writer asks for them in its own
 /// order, by dtype and name, each once). An error in `tensor` or in converting its result, or a
 /// tensor of another shape than declared, fails the write naming the tensor; the file is then
-/// left as it was. The file is synced before it is renamed into place.
+/// left as it was. Written as [`crate::util::io::write_atomic_via`] writes (synced, then renamed
+/// into place).
 pub fn write_safetensors(
     path: &Path,
     shapes: &[(String, Vec<usize>)],
@@ -229,27 +227,19 @@ pub fn write_safetensors(
         })
         .collect();
     let meta = HashMap::from([("format".to_string(), "pt".to_string())]);
-    let tmp = path.with_extension("safetensors.tmp");
-    let fail = |e: Error| {
-        let _ = std::fs::remove_file(&tmp);
-        e
-    };
     let names = shapes.iter().map(|(n, _)| n.as_str());
-    let written = safetensors::serialize_to_file(names.zip(&views), Some(meta), &tmp);
-    // A tensor's error first: what the writer reports after it is a consequence.
-    if let Some(e) = writer.error.into_inner() {
-        return Err(fail(e));
-    }
-    written.map_err(|e| fail(Error::file(path, format!("cannot write: {e}"))))?;
-    std::fs::File::open(&tmp)
-        .and_then(|f| f.sync_all())
-        .map_err(|e| fail(Error::file(path, format!("cannot write: {e}"))))?;
-    // The safetensors writer creates the file owner-only; model files are meant to be shared.
-    {
+    crate::util::io::write_atomic_via(path, |tmp| {
+        let written = safetensors::serialize_to_file(names.zip(&views), Some(meta), tmp);
+        // A tensor's error first: what the writer reports after it is a consequence.
+        if let Some(e) = writer.error.take() {
+            return Err(e);
+        }
+        written.map_err(|e| Error::file(path, format!("cannot write: {e}")))?;
+        // The safetensors writer creates the file owner-only; model files are meant to be shared.
         use std::os::unix::fs::PermissionsExt;
-        let _ = std::fs::set_permissions(&tmp, std::fs::Permissions::from_mode(0o644));
-    }
-    std::fs::rename(&tmp, path).map_err(|e| fail(Error::file(path, format!("cannot write: {e}"))))
+        let _ = std::fs::set_permissions(tmp, std::fs::Permissions::from_mode(0o644));
+        Ok(())
+    })
 }
 
 /// What [`write_safetensors`]' views share: where the tensors come from, and the first error.
@@ -347,6 +337,37 @@ mod tests {
         ]
     }
 
+    fn values(t: &Tensor) -> Vec<f32> {
+        t.to_dtype(DType::F32)
+            .unwrap()
+            .flatten_all()
+            .unwrap()
+            .to_vec1()
+            .unwrap()
+    }
+
+    fn shapes(ts: &[(String, Tensor)]) -> Vec<(String, Vec<usize>)> {
+        ts.iter()
+            .map(|(n, t)| (n.clone(), t.dims().to_vec()))
+            .collect()
+    }
+
+    /// `f.set_vars` on one variable named `name`, read from the tensor `key`; the error as text.
+    fn set_one(
+        f: &TensorFile,
+        name: &str,
+        var: &Var,
+        key: &str,
+    ) -> std::result::Result<(), String> {
+        let vars = [(name.to_string(), var.clone())];
+        f.set_vars(
+            vars.iter().map(|(n, v)| (n, v)),
+            |n| format!("{key}.{n}"),
+            "the file",
+        )
+        .map_err(|e| e.to_string())
+    }
+
     #[test]
     fn written_lazily_reads_back_as_candle_reads_it() {
         let dir = tempfile::tempdir().unwrap();
@@ -358,22 +379,44 @@ mod tests {
         let f = TensorFile::open(&path).unwrap();
         assert_eq!(f.names().count(), 3);
         for (name, t) in &ts {
-            let want = t.flatten_all().unwrap().to_vec1::<f32>().unwrap();
-            let theirs = all[name].flatten_all().unwrap().to_vec1::<f32>().unwrap();
             let ours = f.get(name, &Device::Cpu).unwrap().unwrap();
             assert_eq!(ours.dims(), t.dims(), "{name}");
-            assert_eq!(ours.flatten_all().unwrap().to_vec1::<f32>().unwrap(), want);
-            assert_eq!(theirs, want, "{name}");
+            assert_eq!(values(&ours), values(t), "{name}");
+            assert_eq!(values(&all[name]), values(t), "{name}");
         }
         assert!(f.get("nope", &Device::Cpu).unwrap().is_none());
         // Stored as bf16: the values read back are the bf16 roundings.
         save_safetensors_as(&path, &ts[..2], DType::BF16).unwrap();
         let f = TensorFile::open(&path).unwrap();
-        assert_eq!(f.first_dtype(), Some(safetensors::Dtype::BF16));
         let b = f.get("a.bias", &Device::Cpu).unwrap().unwrap();
         assert_eq!(b.dtype(), DType::BF16);
-        let got = b.to_dtype(DType::F32).unwrap().to_vec1::<f32>().unwrap();
-        assert_eq!(got, vec![1.5, -2.25]);
+        assert_eq!(values(&b), vec![1.5, -2.25]);
+    }
+
+    #[test]
+    fn each_tensor_is_made_once_while_the_file_is_being_written() {
+        // Laziness rests on the safetensors writer asking each view for its bytes only while it
+        // writes the file (0.8's `serialize_to_file`); a writer that collected every tensor's
+        // bytes before opening the file would hold the whole file in memory again.
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("t.safetensors");
+        let ts = tensors();
+        let calls = RefCell::new(vec![]);
+        write_safetensors(&path, &shapes(&ts), DType::F32, |i| {
+            let files = std::fs::read_dir(dir.path()).unwrap().count();
+            calls.borrow_mut().push((i, files));
+            Ok(ts[i].1.clone())
+        })
+        .unwrap();
+        let mut calls = calls.into_inner();
+        calls.sort();
+        // Each tensor once, each with the temporary file already there.
+        assert_eq!(calls, vec![(0, 1), (1, 1), (2, 1)]);
+        let names: Vec<_> = std::fs::read_dir(dir.path())
+            .unwrap()
+            .map(|e| e.unwrap().file_name())
+            .collect();
+        assert_eq!(names, vec!["t.safetensors"]);
     }
 
     #[test]
@@ -383,12 +426,8 @@ mod tests {
         let ts = tensors();
         save_safetensors(&path, &ts).unwrap();
         let before = std::fs::read(&path).unwrap();
-        let shapes: Vec<_> = ts
-            .iter()
-            .map(|(n, t)| (n.clone(), t.dims().to_vec()))
-            .collect();
         // The second tensor cannot be made.
-        let e = write_safetensors(&path, &shapes, DType::F32, |i| {
+        let e = write_safetensors(&path, &shapes(&ts), DType::F32, |i| {
             if i == 1 {
                 Err(Error::msg("no moments"))
             } else {
@@ -399,18 +438,15 @@ mod tests {
         .to_string();
         assert!(e.contains("no moments") && e.contains("a.bias"), "{e}");
         // A tensor of another shape than declared.
-        let e = write_safetensors(&path, &shapes, DType::F32, |i| {
-            Ok(if i == 0 {
-                ts[1].1.clone()
-            } else {
-                ts[i].1.clone()
-            })
+        let e = write_safetensors(&path, &shapes(&ts), DType::F32, |i| {
+            Ok(ts[if i == 0 { 1 } else { i }].1.clone())
         })
         .unwrap_err()
         .to_string();
         assert!(e.contains("b.weight") && e.contains("declared"), "{e}");
         assert_eq!(std::fs::read(&path).unwrap(), before);
-        assert!(!path.with_extension("safetensors.tmp").exists());
+        // Only the old file is left: no temporary file.
+        assert_eq!(std::fs::read_dir(dir.path()).unwrap().count(), 1);
     }
 
     #[test]
@@ -421,44 +457,25 @@ mod tests {
         let f = TensorFile::open(&path).unwrap();
         let dev = Device::Cpu;
         let w = Var::zeros((2, 3), DType::F32, &dev).unwrap();
-        let vars = [("weight".to_string(), w.clone())];
-        f.set_vars(
-            vars.iter().map(|(n, v)| (n, v)),
-            |n| format!("b.{n}"),
-            "the file",
-        )
-        .unwrap();
-        let got = w
-            .as_tensor()
-            .flatten_all()
-            .unwrap()
-            .to_vec1::<f32>()
-            .unwrap();
-        assert_eq!(got, vec![0.0, 1.0, 2.0, 3.0, 4.0, 5.0]);
-        let e = f
-            .set_vars(
-                vars.iter().map(|(n, v)| (n, v)),
-                |n| format!("c.{n}"),
-                "the file",
-            )
-            .unwrap_err()
-            .to_string();
+        set_one(&f, "weight", &w, "b").unwrap();
+        assert_eq!(values(w.as_tensor()), vec![0.0, 1.0, 2.0, 3.0, 4.0, 5.0]);
+        let e = set_one(&f, "weight", &w, "c").unwrap_err();
         assert!(
             e.contains("c.weight") && e.contains("missing from the file"),
             "{e}"
         );
-        let bias = [("bias".to_string(), Var::zeros(3, DType::F32, &dev).unwrap())];
-        let e = f
-            .set_vars(
-                bias.iter().map(|(n, v)| (n, v)),
-                |n| format!("a.{n}"),
-                "the file",
-            )
-            .unwrap_err()
-            .to_string();
+        let bias = Var::zeros(3, DType::F32, &dev).unwrap();
+        let e = set_one(&f, "bias", &bias, "a").unwrap_err();
         assert!(
             e.contains("a.bias") && e.contains("[2]") && e.contains("[3]"),
             "{e}"
         );
+        // A file stored in another dtype than the variables' is converted to theirs.
+        save_safetensors_as(&path, &tensors(), DType::BF16).unwrap();
+        let f = TensorFile::open(&path).unwrap();
+        let w = Var::zeros((2, 3), DType::F32, &dev).unwrap();
+        set_one(&f, "weight", &w, "b").unwrap();
+        assert_eq!(w.dtype(), DType::F32);
+        assert_eq!(values(w.as_tensor()), vec![0.0, 1.0, 2.0, 3.0, 4.0, 5.0]);
     }
 }

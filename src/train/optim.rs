@@ -59,6 +59,14 @@ struct Slot {
     moments: Moments,
 }
 
+/// The two moments of a slot, in the order a checkpoint names them.
+const MOMENTS: [&str; 2] = ["exp_avg", "exp_avg_sq"];
+
+/// A moment's name in a checkpoint: `NAME.exp_avg` or `NAME.exp_avg_sq`.
+fn state_key(name: &str, moment: &str) -> String {
+    format!("{name}.{moment}")
+}
+
 /// AdamW over a set of variables.
 pub struct AdamW {
     cfg: AdamWConfig,
@@ -332,10 +340,7 @@ impl AdamW {
     pub fn state_shapes(&self) -> Vec<(String, Vec<usize>)> {
         self.slots
             .iter()
-            .flat_map(|s| {
-                ["exp_avg", "exp_avg_sq"]
-                    .map(|k| (format!("{}.{k}", s.name), s.var.dims().to_vec()))
-            })
+            .flat_map(|s| MOMENTS.map(|k| (state_key(&s.name, k), s.var.dims().to_vec())))
             .collect()
     }
 
@@ -354,16 +359,8 @@ impl AdamW {
         })
     }
 
-    /// Every tensor of [`AdamW::state_shapes`], named.
-    pub fn state_tensors(&self) -> Result<Vec<(String, Tensor)>> {
-        self.state_shapes()
-            .into_iter()
-            .enumerate()
-            .map(|(i, (name, _))| Ok((name, self.state_tensor(i)?)))
-            .collect()
-    }
-
-    /// Restore state saved with [`AdamW::state_tensors`] (and the step count); `get(name)`
+    /// Restore state saved from [`AdamW::state_shapes`] and [`AdamW::state_tensor`] (and the
+    /// step count); `get(name)`
     /// reads one tensor (`None`: not in the checkpoint), so the moments arrive one at a time.
     pub fn load_state(
         &mut self,
@@ -371,8 +368,7 @@ impl AdamW {
         get: impl Fn(&str) -> Result<Option<Tensor>>,
     ) -> Result<()> {
         for s in &mut self.slots {
-            let mk = format!("{}.exp_avg", s.name);
-            let vk = format!("{}.exp_avg_sq", s.name);
+            let [mk, vk] = MOMENTS.map(|k| state_key(&s.name, k));
             let (Some(mt), Some(vt)) = (get(&mk)?, get(&vk)?) else {
                 return Err(Error::msg(format!(
                     "optimizer state for `{}` is missing from the checkpoint",
@@ -500,15 +496,6 @@ impl AdamWGroups {
             i -= n;
         }
         Err(Error::msg("no such optimizer state"))
-    }
-
-    /// Every tensor of [`AdamWGroups::state_shapes`], named.
-    pub fn state_tensors(&self) -> Result<Vec<(String, Tensor)>> {
-        let mut out = vec![];
-        for (_, o) in &self.groups {
-            out.extend(o.state_tensors()?);
-        }
-        Ok(out)
     }
 
     /// Restore every group ([`AdamW::load_state`]).
@@ -804,7 +791,12 @@ mod tests {
             assert_eq!(a, b, "{n}");
         }
         // Checkpointed state round-trips through names that do not collide.
-        let state = g.state_tensors().unwrap();
+        let state: Vec<(String, Tensor)> = g
+            .state_shapes()
+            .into_iter()
+            .enumerate()
+            .map(|(i, (n, _))| (n, g.state_tensor(i).unwrap()))
+            .collect();
         assert_eq!(state.len(), 4);
         let mut back = AdamWGroups::new(&fresh(), |_| true, peak, cfg).unwrap();
         back.load_state(2, |k| {

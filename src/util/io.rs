@@ -25,6 +25,22 @@ pub fn write_atomic_with(
     path: &Path,
     fill: impl FnOnce(&mut std::io::BufWriter<std::fs::File>) -> std::io::Result<()>,
 ) -> Result<()> {
+    write_atomic_via(path, |tmp| {
+        (|| -> std::io::Result<()> {
+            let mut w = std::io::BufWriter::new(std::fs::File::create(tmp)?);
+            fill(&mut w)?;
+            w.into_inner().map_err(|e| e.into_error())?;
+            Ok(())
+        })()
+        .map_err(|e| Error::file(path, format!("cannot write: {e}")))
+    })
+}
+
+/// Write `path` atomically through `fill`, which writes the file at the temporary path it is
+/// given (for writers that only write to a path). The temporary file is then synced and renamed
+/// over `path`; on any error, `fill`'s included, it is removed and an existing `path` is left
+/// untouched. `fill`'s errors are passed on as they are.
+pub fn write_atomic_via(path: &Path, fill: impl FnOnce(&Path) -> Result<()>) -> Result<()> {
     if let Some(parent) = path.parent() {
         if !parent.as_os_str().is_empty() {
             std::fs::create_dir_all(parent)
@@ -32,20 +48,18 @@ pub fn write_atomic_with(
         }
     }
     let tmp = tmp_name(path);
-    let result = (|| -> std::io::Result<()> {
-        let f = std::fs::File::create(&tmp)?;
-        let mut w = std::io::BufWriter::new(f);
-        fill(&mut w)?;
-        let f = w.into_inner().map_err(|e| e.into_error())?;
-        f.sync_all()?;
-        crate::util::fault::point("atomic.tmp");
-        std::fs::rename(&tmp, path)
-    })();
-    if let Err(e) = result {
+    let result = fill(&tmp).and_then(|()| {
+        (|| -> std::io::Result<()> {
+            std::fs::File::open(&tmp)?.sync_all()?;
+            crate::util::fault::point("atomic.tmp");
+            std::fs::rename(&tmp, path)
+        })()
+        .map_err(|e| Error::file(path, format!("cannot write: {e}")))
+    });
+    if result.is_err() {
         let _ = std::fs::remove_file(&tmp);
-        return Err(Error::file(path, format!("cannot write: {e}")));
     }
-    Ok(())
+    result
 }
 
 /// Write one compact JSON value per line (JSONL) atomically.
@@ -109,6 +123,26 @@ mod tests {
         assert!(e.to_string().contains("disk full"));
         assert_eq!(std::fs::read(&p).unwrap(), b"good");
         assert_eq!(std::fs::read_dir(dir.path()).unwrap().count(), 1);
+    }
+
+    #[test]
+    fn a_path_writer_that_fails_half_way_leaves_no_temporary_file() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("m.safetensors");
+        write_atomic(&p, b"good").unwrap();
+        // The writer wrote part of the temporary file, then failed: its own error comes back.
+        let e = write_atomic_via(&p, |tmp| {
+            std::fs::write(tmp, b"half").unwrap();
+            Err(Error::tensor(tmp, "w", "cannot make"))
+        })
+        .unwrap_err();
+        assert!(e.to_string().contains("tensor `w`: cannot make"), "{e}");
+        assert_eq!(std::fs::read(&p).unwrap(), b"good");
+        assert_eq!(std::fs::read_dir(dir.path()).unwrap().count(), 1);
+        // A writer that wrote nothing: the sync fails, naming the target.
+        let e = write_atomic_via(&p, |_| Ok(())).unwrap_err().to_string();
+        assert!(e.contains("m.safetensors: cannot write"), "{e}");
+        assert_eq!(std::fs::read(&p).unwrap(), b"good");
     }
 
     #[test]
