@@ -124,6 +124,37 @@ static LHS_PACKING_THRESHOLD_SINGLE_THREAD: AtomicUsize =
 static LHS_PACKING_THRESHOLD_MULTI_THREAD: AtomicUsize =
     AtomicUsize::new(DEFAULT_LHS_PACKING_THRESHOLD_MULTI_THREAD);
 
+/// repnoise patch: how many times, on average, each thread takes a share of a block's jobs
+/// (`gemm_basic_generic`). 1 splits them as upstream did, one fixed share per thread.
+pub const DEFAULT_JOB_GRABS_PER_THREAD: usize = 16;
+/// 0 until first read: then `REPNOISE_GEMM_GRABS` from the environment, or the default.
+static JOB_GRABS_PER_THREAD: AtomicUsize = AtomicUsize::new(0);
+
+/// repnoise patch: see [`DEFAULT_JOB_GRABS_PER_THREAD`]; `REPNOISE_GEMM_GRABS` (a positive
+/// integer) overrides the default until [`set_job_grabs_per_thread`] is called.
+#[inline]
+pub fn get_job_grabs_per_thread() -> usize {
+    let value = JOB_GRABS_PER_THREAD.load(Ordering::Relaxed);
+    if value != 0 {
+        return value;
+    }
+    #[cfg(feature = "std")]
+    let value = std::env::var("REPNOISE_GEMM_GRABS")
+        .ok()
+        .and_then(|v| v.parse::<usize>().ok())
+        .filter(|&v| v > 0)
+        .unwrap_or(DEFAULT_JOB_GRABS_PER_THREAD);
+    #[cfg(not(feature = "std"))]
+    let value = DEFAULT_JOB_GRABS_PER_THREAD;
+    JOB_GRABS_PER_THREAD.store(value, Ordering::Relaxed);
+    value
+}
+/// repnoise patch: set [`get_job_grabs_per_thread`] (at least 1).
+#[inline]
+pub fn set_job_grabs_per_thread(value: usize) {
+    JOB_GRABS_PER_THREAD.store(value.max(1), Ordering::Relaxed);
+}
+
 #[inline]
 pub fn get_threading_threshold() -> usize {
     THREADING_THRESHOLD.load(Ordering::Relaxed)
@@ -649,6 +680,15 @@ pub unsafe fn gemm_basic_generic<
                 row_outer += m_chunk;
             }
 
+            // repnoise patch: the threads take the jobs from a shared counter, `grain` at a time
+            // (`get_job_grabs_per_thread` grabs per thread on average), instead of one fixed
+            // share each, so that a thread held up (a busy host, a core shared with another
+            // guest) does not keep the others waiting at the end of the block: they take its
+            // jobs. A thread keeps its packed left blocks from one grab to the next within a row
+            // block. Each job is computed as before, so the product is the same bit for bit.
+            let next_job = AtomicUsize::new(0);
+            let next_job = &next_job;
+            let grain = Ord::max(1, n_jobs / (n_threads * get_job_grabs_per_thread()));
             let func = move |tid, packed_lhs: Ptr<T>| {
                 let mut did_pack_lhs_storage =
                     alloc::vec![false; if tid > 0 { mc / MR } else { 0 }];
@@ -657,137 +697,140 @@ pub unsafe fn gemm_basic_generic<
                 } else {
                     &mut *({ did_pack_lhs }.0)
                 };
+                let mut packed_row_outer = usize::MAX;
 
-                let min_jobs_per_thread = n_jobs / n_threads;
-                let rem = n_jobs - n_threads * min_jobs_per_thread;
-
-                // thread `tid` takes min_jobs_per_thread or min_jobs_per_thread + 1
-                let (job_start, job_end) = if tid < rem {
-                    let start = tid * (min_jobs_per_thread + 1);
-                    (start, start + min_jobs_per_thread + 1)
-                } else {
-                    // start = rem * (min_jobs_per_thread + 1) + (tid - rem) * min_jobs_per_thread;
-                    let start = tid * min_jobs_per_thread + rem;
-                    (start, start + min_jobs_per_thread)
-                };
-
-                let mut row_outer = 0;
-                let mut job_id = 0;
-                while row_outer != m {
-                    let mut m_chunk = mc.min(m - row_outer);
-                    if m_chunk > N && !do_prepack_lhs {
-                        m_chunk = m_chunk / N * N;
-                    }
-                    let n_row_mini_chunks = (m_chunk + (MR - 1)) / MR;
-
-                    let n_mini_jobs = n_col_mini_chunks * n_row_mini_chunks;
-
-                    if job_id >= job_end {
+                loop {
+                    let job_start = next_job.fetch_add(grain, Ordering::Relaxed);
+                    if job_start >= n_jobs {
                         return;
                     }
-                    if job_id + n_mini_jobs < job_start {
-                        row_outer += m_chunk;
-                        job_id += n_mini_jobs;
-                        continue;
-                    }
+                    let job_end = Ord::min(job_start + grain, n_jobs);
 
-                    let do_pack_lhs = !do_prepack_lhs
-                        && ((m_chunk % N != 0) || lhs_rs != 1 || n_chunk > packing_threshold * NR);
-                    let packed_lhs_cs = if do_prepack_lhs || do_pack_lhs {
-                        MR as isize
-                    } else {
-                        lhs_cs
-                    };
-
-                    let mut j = 0;
-                    did_pack_lhs.fill(false);
-                    while j < n_col_mini_chunks {
-                        let mut i = 0;
-                        while i < n_row_mini_chunks {
-                            let col_inner = NR * j;
-                            let n_chunk_inner = NR.min(n_chunk - col_inner);
-
-                            let row_inner = MR * i;
-                            let m_chunk_inner = MR.min(m_chunk - row_inner);
-
-                            if job_id < job_start || job_id >= job_end {
-                                job_id += 1;
-                                i += 1;
-                                continue;
-                            }
-                            job_id += 1;
-
-                            let dst = dst.wrapping_offset(
-                                (row_outer + row_inner) as isize * dst_rs
-                                    + (col_outer + col_inner) as isize * dst_cs,
-                            );
-
-                            let func =
-                                dispatcher[(m_chunk_inner + (N - 1)) / N - 1][n_chunk_inner - 1];
-
-                            if do_pack_lhs && !did_pack_lhs[i] {
-                                pack_lhs::<T, N, MR, _>(
-                                    simd,
-                                    m_chunk_inner,
-                                    k_chunk,
-                                    packed_lhs.wrapping_add(i * packed_lhs_stride),
-                                    lhs.wrapping_offset(
-                                        (row_outer + row_inner) as isize * lhs_rs
-                                            + depth_outer as isize * lhs_cs,
-                                    ),
-                                    lhs_cs,
-                                    lhs_rs,
-                                    packed_lhs_stride,
-                                );
-                                did_pack_lhs[i] = true;
-                            }
-
-                            func(
-                                m_chunk_inner,
-                                n_chunk_inner,
-                                k_chunk,
-                                dst.0,
-                                if do_pack_lhs {
-                                    packed_lhs.wrapping_add(i * packed_lhs_stride).0
-                                } else if do_prepack_lhs {
-                                    packed_lhs
-                                        .wrapping_add((i + row_outer / MR) * packed_lhs_stride)
-                                        .0
-                                } else {
-                                    lhs.wrapping_offset(
-                                        (row_outer + row_inner) as isize * lhs_rs
-                                            + depth_outer as isize * lhs_cs,
-                                    )
-                                    .0
-                                },
-                                if do_pack_rhs {
-                                    packed_rhs.wrapping_add(j * packed_rhs_stride).0
-                                } else {
-                                    rhs.wrapping_offset(
-                                        depth_outer as isize * rhs_rs
-                                            + (col_outer + col_inner) as isize * rhs_cs,
-                                    )
-                                    .0
-                                },
-                                dst_cs,
-                                dst_rs,
-                                packed_lhs_cs,
-                                packed_rhs_rs,
-                                packed_rhs_cs,
-                                alpha,
-                                beta,
-                                alpha_status,
-                                conj_dst,
-                                conj_lhs,
-                                conj_rhs,
-                                core::ptr::null(),
-                            );
-                            i += 1;
+                    let mut row_outer = 0;
+                    let mut job_id = 0;
+                    while row_outer != m {
+                        let mut m_chunk = mc.min(m - row_outer);
+                        if m_chunk > N && !do_prepack_lhs {
+                            m_chunk = m_chunk / N * N;
                         }
-                        j += 1;
-                    }
+                        let n_row_mini_chunks = (m_chunk + (MR - 1)) / MR;
 
-                    row_outer += m_chunk;
+                        let n_mini_jobs = n_col_mini_chunks * n_row_mini_chunks;
+
+                        if job_id >= job_end {
+                            break;
+                        }
+                        if job_id + n_mini_jobs < job_start {
+                            row_outer += m_chunk;
+                            job_id += n_mini_jobs;
+                            continue;
+                        }
+
+                        let do_pack_lhs = !do_prepack_lhs
+                            && ((m_chunk % N != 0)
+                                || lhs_rs != 1
+                                || n_chunk > packing_threshold * NR);
+                        let packed_lhs_cs = if do_prepack_lhs || do_pack_lhs {
+                            MR as isize
+                        } else {
+                            lhs_cs
+                        };
+
+                        if packed_row_outer != row_outer {
+                            did_pack_lhs.fill(false);
+                            packed_row_outer = row_outer;
+                        }
+                        // Straight to this grab's first job (at most the whole block).
+                        let skip = job_start.saturating_sub(job_id);
+                        job_id += skip;
+                        let mut j = skip / n_row_mini_chunks;
+                        let mut first_i = skip % n_row_mini_chunks;
+                        'block: while j < n_col_mini_chunks {
+                            let mut i = core::mem::take(&mut first_i);
+                            while i < n_row_mini_chunks {
+                                let col_inner = NR * j;
+                                let n_chunk_inner = NR.min(n_chunk - col_inner);
+
+                                let row_inner = MR * i;
+                                let m_chunk_inner = MR.min(m_chunk - row_inner);
+
+                                if job_id >= job_end {
+                                    break 'block;
+                                }
+                                job_id += 1;
+
+                                let dst = dst.wrapping_offset(
+                                    (row_outer + row_inner) as isize * dst_rs
+                                        + (col_outer + col_inner) as isize * dst_cs,
+                                );
+
+                                let func = dispatcher[(m_chunk_inner + (N - 1)) / N - 1]
+                                    [n_chunk_inner - 1];
+
+                                if do_pack_lhs && !did_pack_lhs[i] {
+                                    pack_lhs::<T, N, MR, _>(
+                                        simd,
+                                        m_chunk_inner,
+                                        k_chunk,
+                                        packed_lhs.wrapping_add(i * packed_lhs_stride),
+                                        lhs.wrapping_offset(
+                                            (row_outer + row_inner) as isize * lhs_rs
+                                                + depth_outer as isize * lhs_cs,
+                                        ),
+                                        lhs_cs,
+                                        lhs_rs,
+                                        packed_lhs_stride,
+                                    );
+                                    did_pack_lhs[i] = true;
+                                }
+
+                                func(
+                                    m_chunk_inner,
+                                    n_chunk_inner,
+                                    k_chunk,
+                                    dst.0,
+                                    if do_pack_lhs {
+                                        packed_lhs.wrapping_add(i * packed_lhs_stride).0
+                                    } else if do_prepack_lhs {
+                                        packed_lhs
+                                            .wrapping_add((i + row_outer / MR) * packed_lhs_stride)
+                                            .0
+                                    } else {
+                                        lhs.wrapping_offset(
+                                            (row_outer + row_inner) as isize * lhs_rs
+                                                + depth_outer as isize * lhs_cs,
+                                        )
+                                        .0
+                                    },
+                                    if do_pack_rhs {
+                                        packed_rhs.wrapping_add(j * packed_rhs_stride).0
+                                    } else {
+                                        rhs.wrapping_offset(
+                                            depth_outer as isize * rhs_rs
+                                                + (col_outer + col_inner) as isize * rhs_cs,
+                                        )
+                                        .0
+                                    },
+                                    dst_cs,
+                                    dst_rs,
+                                    packed_lhs_cs,
+                                    packed_rhs_rs,
+                                    packed_rhs_cs,
+                                    alpha,
+                                    beta,
+                                    alpha_status,
+                                    conj_dst,
+                                    conj_lhs,
+                                    conj_rhs,
+                                    core::ptr::null(),
+                                );
+                                i += 1;
+                            }
+                            j += 1;
+                        }
+
+                        row_outer += m_chunk;
+                    }
                 }
             };
 
