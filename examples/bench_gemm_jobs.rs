@@ -1,10 +1,11 @@
 //! Micro-benchmark: gemm's jobs shared out from a counter (vendor/patches/gemm-common-0002-*)
 //! against upstream's fixed split, paired in one process. For each product shape of a SmolLM2
 //! step (and a 7B model's MLP), each repetition times the product once per setting of
-//! `gemm_common::gemm::set_job_grabs_per_thread` in the order given (1 is upstream's split: one
-//! share per thread), so a slow moment of a shared host falls on both sides of a pair; it prints
-//! each setting's best GFLOP/s, its median speed-up against the first setting, and in how many
-//! pairs it was the quicker. Run: `cargo run --release --example bench_gemm_jobs -- 1 16`
+//! `gemm_common::gemm::set_job_share_divisor` in the order given (0 is upstream's fixed split:
+//! one share per thread; d >= 1 guided, each grab `remaining / (d x threads)`), so a slow moment
+//! of a shared host falls on both sides of a pair; it prints each setting's best GFLOP/s, its
+//! median speed-up against the first setting, and in how many pairs it was the quicker.
+//! Run: `cargo run --release --example bench_gemm_jobs -- 0 2`
 use candle_core::{Device, Tensor};
 use std::time::Instant;
 
@@ -17,7 +18,7 @@ fn main() -> anyhow::Result<()> {
         .collect::<Result<_, _>>()?;
     anyhow::ensure!(
         settings.len() >= 2,
-        "usage: bench_gemm_jobs GRABS GRABS... (the first is the baseline)"
+        "usage: bench_gemm_jobs DIVISOR DIVISOR... (0: fixed split; the first is the baseline)"
     );
     let dev = Device::Cpu;
     for (m, k, n) in [
@@ -39,7 +40,7 @@ fn main() -> anyhow::Result<()> {
         for _ in 0..reps {
             let mut secs = vec![];
             for &g in &settings {
-                gemm_common::gemm::set_job_grabs_per_thread(g);
+                gemm_common::gemm::set_job_share_divisor(g);
                 let t0 = Instant::now();
                 let _y = a.matmul(&w.t()?)?;
                 secs.push(t0.elapsed().as_secs_f64());
@@ -55,7 +56,7 @@ fn main() -> anyhow::Result<()> {
             let quicker = v.iter().filter(|&&r| r > 1.0).count();
             v.sort_by(f64::total_cmp);
             print!(
-                "  {g} grabs: best {:.0} GFLOP/s, median speed-up {:.3}, quicker in {quicker}",
+                "  divisor {g}: best {:.0} GFLOP/s, median speed-up {:.3}, quicker in {quicker}",
                 flop / best[i] / 1e9,
                 v[v.len() / 2]
             );

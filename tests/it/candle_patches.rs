@@ -215,14 +215,15 @@ fn gemm_packs_strided_operands_as_it_packs_contiguous_ones() {
 }
 
 /// gemm-common's threads taking a product's jobs from a shared counter (vendor/patches/
-/// gemm-common-0002-*): whatever the share a thread takes at a time, from half the jobs
-/// (upstream's fixed split) to one job, the product is the same bit for bit (each job is computed
-/// once, by the same kernel, over the same depth blocks in the same order), and it equals a
-/// float64 reference. The shapes span several row blocks, depth blocks and ragged edges.
+/// gemm-common-0002-*): whatever the share a grab takes, from upstream's fixed split (divisor 0)
+/// through guided shares (divisors 1 and 2, the default) to one job at a time (a huge divisor),
+/// the product is the same bit for bit (each job is computed once, by the same kernel, over the
+/// same depth blocks in the same order), and it equals a float64 reference. The shapes span
+/// several row blocks, depth blocks and ragged edges.
 #[test]
 fn gemm_jobs_shared_out_from_a_counter_give_the_fixed_split_product() {
     let dev = Device::Cpu;
-    let before = gemm_common::gemm::get_job_grabs_per_thread();
+    let before = gemm_common::gemm::get_job_share_divisor();
     for (m, k, n) in [(1300usize, 1100usize, 700usize), (97, 2051, 389)] {
         let mut rng = Rng::new((m * k + n) as u64, "gemm jobs test");
         let mut values = |len: usize| -> Vec<f32> {
@@ -233,19 +234,19 @@ fn gemm_jobs_shared_out_from_a_counter_give_the_fixed_split_product() {
         let x = Tensor::from_vec(values(m * k), (m, k), &dev).unwrap();
         let w = Tensor::from_vec(values(n * k), (n, k), &dev).unwrap();
         let mut products = vec![];
-        for grabs in [1, 16, 100_000] {
-            gemm_common::gemm::set_job_grabs_per_thread(grabs);
+        for divisor in [0, 1, 2, 1_000_000] {
+            gemm_common::gemm::set_job_share_divisor(divisor);
             let y = x.matmul(&w.t().unwrap()).unwrap();
-            products.push((grabs, y.to_vec2::<f32>().unwrap()));
+            products.push((divisor, y.to_vec2::<f32>().unwrap()));
         }
-        for (grabs, y) in &products[1..] {
+        for (divisor, y) in &products[1..] {
             assert!(
                 *y == products[0].1,
-                "{m}x{k}x{n}: {grabs} grabs per thread differ from one"
+                "{m}x{k}x{n}: the shares of divisor {divisor} differ from the fixed split"
             );
         }
         let (xv, wv) = (x.to_vec2::<f32>().unwrap(), w.to_vec2::<f32>().unwrap());
-        let y = &products[2].1;
+        let y = &products[3].1;
         for i in 0..m {
             for j in 0..n {
                 let r: f64 = (0..k).map(|l| xv[i][l] as f64 * wv[j][l] as f64).sum();
@@ -257,7 +258,7 @@ fn gemm_jobs_shared_out_from_a_counter_give_the_fixed_split_product() {
             }
         }
     }
-    gemm_common::gemm::set_job_grabs_per_thread(before);
+    gemm_common::gemm::set_job_share_divisor(before);
 }
 
 /// The dot-product kernel behind few-row or few-column f32 products (vendor/candle-core,

@@ -124,35 +124,37 @@ static LHS_PACKING_THRESHOLD_SINGLE_THREAD: AtomicUsize =
 static LHS_PACKING_THRESHOLD_MULTI_THREAD: AtomicUsize =
     AtomicUsize::new(DEFAULT_LHS_PACKING_THRESHOLD_MULTI_THREAD);
 
-/// repnoise patch: how many times, on average, each thread takes a share of a block's jobs
-/// (`gemm_basic_generic`). 1 splits them as upstream did, one fixed share per thread.
-pub const DEFAULT_JOB_GRABS_PER_THREAD: usize = 16;
-/// 0 until first read: then `REPNOISE_GEMM_GRABS` from the environment, or the default.
-static JOB_GRABS_PER_THREAD: AtomicUsize = AtomicUsize::new(0);
+/// repnoise patch: how the threads share a depth block's jobs (`gemm_basic_generic`). 0: one
+/// fixed share each (upstream). `d` >= 1: guided, each grab takes `remaining / (d x threads)` of
+/// the jobs left (at least one) from a shared counter, so the grabs shrink towards the end of the
+/// block and a thread running slower than the others ends up with fewer jobs.
+pub const DEFAULT_JOB_SHARE_DIVISOR: usize = 2;
+/// `usize::MAX` until first read: then `REPNOISE_GEMM_GUIDED` from the environment, or the default.
+static JOB_SHARE_DIVISOR: AtomicUsize = AtomicUsize::new(usize::MAX);
 
-/// repnoise patch: see [`DEFAULT_JOB_GRABS_PER_THREAD`]; `REPNOISE_GEMM_GRABS` (a positive
-/// integer) overrides the default until [`set_job_grabs_per_thread`] is called.
+/// repnoise patch: see [`DEFAULT_JOB_SHARE_DIVISOR`]; `REPNOISE_GEMM_GUIDED` (0, or the divisor)
+/// overrides the default until [`set_job_share_divisor`] is called.
 #[inline]
-pub fn get_job_grabs_per_thread() -> usize {
-    let value = JOB_GRABS_PER_THREAD.load(Ordering::Relaxed);
-    if value != 0 {
+pub fn get_job_share_divisor() -> usize {
+    let value = JOB_SHARE_DIVISOR.load(Ordering::Relaxed);
+    if value != usize::MAX {
         return value;
     }
     #[cfg(feature = "std")]
-    let value = std::env::var("REPNOISE_GEMM_GRABS")
+    let value = std::env::var("REPNOISE_GEMM_GUIDED")
         .ok()
         .and_then(|v| v.parse::<usize>().ok())
-        .filter(|&v| v > 0)
-        .unwrap_or(DEFAULT_JOB_GRABS_PER_THREAD);
+        .filter(|&v| v != usize::MAX)
+        .unwrap_or(DEFAULT_JOB_SHARE_DIVISOR);
     #[cfg(not(feature = "std"))]
-    let value = DEFAULT_JOB_GRABS_PER_THREAD;
-    JOB_GRABS_PER_THREAD.store(value, Ordering::Relaxed);
+    let value = DEFAULT_JOB_SHARE_DIVISOR;
+    JOB_SHARE_DIVISOR.store(value, Ordering::Relaxed);
     value
 }
-/// repnoise patch: set [`get_job_grabs_per_thread`] (at least 1).
+/// repnoise patch: set [`get_job_share_divisor`] (0: upstream's fixed shares).
 #[inline]
-pub fn set_job_grabs_per_thread(value: usize) {
-    JOB_GRABS_PER_THREAD.store(value.max(1), Ordering::Relaxed);
+pub fn set_job_share_divisor(value: usize) {
+    JOB_SHARE_DIVISOR.store(value.min(usize::MAX - 1), Ordering::Relaxed);
 }
 
 #[inline]
@@ -680,15 +682,16 @@ pub unsafe fn gemm_basic_generic<
                 row_outer += m_chunk;
             }
 
-            // repnoise patch: the threads take the jobs from a shared counter, `grain` at a time
-            // (`get_job_grabs_per_thread` grabs per thread on average), instead of one fixed
-            // share each, so that a thread held up (a busy host, a core shared with another
-            // guest) does not keep the others waiting at the end of the block: they take its
-            // jobs. A thread keeps its packed left blocks from one grab to the next within a row
-            // block. Each job is computed as before, so the product is the same bit for bit.
+            // repnoise patch: unless the divisor is 0 (upstream's one fixed share per thread),
+            // the threads take the jobs from a shared counter, a shrinking share at a time
+            // (guided: `remaining / (divisor x threads)`), so that a thread held up (a busy host,
+            // a core shared with another guest) does not keep the others waiting at the end of
+            // the block: they take its jobs. A thread keeps its packed left blocks from one grab
+            // to the next within a row block. Each job is computed as before, so the product is
+            // the same bit for bit.
+            let divisor = get_job_share_divisor();
             let next_job = AtomicUsize::new(0);
             let next_job = &next_job;
-            let grain = Ord::max(1, n_jobs / (n_threads * get_job_grabs_per_thread()));
             let func = move |tid, packed_lhs: Ptr<T>| {
                 let mut did_pack_lhs_storage =
                     alloc::vec![false; if tid > 0 { mc / MR } else { 0 }];
@@ -698,13 +701,42 @@ pub unsafe fn gemm_basic_generic<
                     &mut *({ did_pack_lhs }.0)
                 };
                 let mut packed_row_outer = usize::MAX;
+                let mut fixed_done = false;
 
                 loop {
-                    let job_start = next_job.fetch_add(grain, Ordering::Relaxed);
-                    if job_start >= n_jobs {
-                        return;
-                    }
-                    let job_end = Ord::min(job_start + grain, n_jobs);
+                    let (job_start, job_end) = if divisor == 0 {
+                        if fixed_done {
+                            return;
+                        }
+                        fixed_done = true;
+                        // thread `tid` takes min_jobs_per_thread or min_jobs_per_thread + 1
+                        let min_jobs_per_thread = n_jobs / n_threads;
+                        let rem = n_jobs - n_threads * min_jobs_per_thread;
+                        if tid < rem {
+                            let start = tid * (min_jobs_per_thread + 1);
+                            (start, start + min_jobs_per_thread + 1)
+                        } else {
+                            let start = tid * min_jobs_per_thread + rem;
+                            (start, start + min_jobs_per_thread)
+                        }
+                    } else {
+                        let mut cur = next_job.load(Ordering::Relaxed);
+                        loop {
+                            if cur >= n_jobs {
+                                return;
+                            }
+                            let take = Ord::max(1, (n_jobs - cur) / (divisor * n_threads));
+                            match next_job.compare_exchange_weak(
+                                cur,
+                                cur + take,
+                                Ordering::Relaxed,
+                                Ordering::Relaxed,
+                            ) {
+                                Ok(_) => break (cur, cur + take),
+                                Err(now) => cur = now,
+                            }
+                        }
+                    };
 
                     let mut row_outer = 0;
                     let mut job_id = 0;
