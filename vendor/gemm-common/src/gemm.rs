@@ -148,8 +148,16 @@ pub fn get_job_share_divisor() -> usize {
         .unwrap_or(DEFAULT_JOB_SHARE_DIVISOR);
     #[cfg(not(feature = "std"))]
     let value = DEFAULT_JOB_SHARE_DIVISOR;
-    JOB_SHARE_DIVISOR.store(value, Ordering::Relaxed);
-    value
+    // A value set meanwhile by `set_job_share_divisor` wins over the environment's.
+    match JOB_SHARE_DIVISOR.compare_exchange(
+        usize::MAX,
+        value,
+        Ordering::Relaxed,
+        Ordering::Relaxed,
+    ) {
+        Ok(_) => value,
+        Err(set) => set,
+    }
 }
 /// repnoise patch: set [`get_job_share_divisor`] (0: upstream's fixed shares).
 #[inline]
@@ -725,7 +733,8 @@ pub unsafe fn gemm_basic_generic<
                             if cur >= n_jobs {
                                 return;
                             }
-                            let take = Ord::max(1, (n_jobs - cur) / (divisor * n_threads));
+                            let take =
+                                Ord::max(1, (n_jobs - cur) / divisor.saturating_mul(n_threads));
                             match next_job.compare_exchange_weak(
                                 cur,
                                 cur + take,
