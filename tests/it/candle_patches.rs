@@ -157,6 +157,13 @@ fn element_wise_maps_in_parallel_put_every_element_in_place() {
     Device::Cpu.with_context(check);
 }
 
+/// `len` values drawn uniformly from [-1, 1) by `rng`.
+fn uniform_values(rng: &mut Rng, len: usize) -> Vec<f32> {
+    (0..len)
+        .map(|_| (rng.uniform() * 2.0 - 1.0) as f32)
+        .collect()
+}
+
 /// gemm-common's packing of an operand whose rows are far apart (vendor/patches/gemm-common-*:
 /// a block of columns at a time when the row stride is a multiple of 2 KiB): `x w^T` with `w`
 /// row-major, as every linear map passes it, equals the product with `w^T` copied contiguous bit
@@ -180,11 +187,7 @@ fn gemm_packs_strided_operands_as_it_packs_contiguous_ones() {
         (200, 1024, 70, 2048),
     ] {
         let mut rng = Rng::new((k * stride) as u64, "gemm packing test");
-        let mut values = |len: usize| -> Vec<f32> {
-            (0..len)
-                .map(|_| (rng.uniform() * 2.0 - 1.0) as f32)
-                .collect()
-        };
+        let mut values = |len: usize| uniform_values(&mut rng, len);
         let x = Tensor::from_vec(values(m * k), (m, k), &dev).unwrap();
         let wide = Tensor::from_vec(values(n * stride), (n, stride), &dev).unwrap();
         let w = wide.narrow(1, 0, k).unwrap();
@@ -232,11 +235,7 @@ fn gemm_jobs_shared_out_from_a_counter_give_the_fixed_split_product() {
         (1000, 900, 90),
     ] {
         let mut rng = Rng::new((m * k + n) as u64, "gemm jobs test");
-        let mut values = |len: usize| -> Vec<f32> {
-            (0..len)
-                .map(|_| (rng.uniform() * 2.0 - 1.0) as f32)
-                .collect()
-        };
+        let mut values = |len: usize| uniform_values(&mut rng, len);
         let x = Tensor::from_vec(values(m * k), (m, k), &dev).unwrap();
         let w = Tensor::from_vec(values(n * k), (n, k), &dev).unwrap();
         let mut products = vec![];
@@ -273,12 +272,8 @@ fn gemm_jobs_shared_out_from_a_counter_give_the_fixed_split_product() {
 #[test]
 fn dot_product_matmul_kernels_match_a_float64_reference() {
     use candle_core::cpu_backend::dot_matmul::{check_bounds, kernel_names, run_named, Operands};
-    let values = |len: usize, seed: u64| -> Vec<f32> {
-        let mut rng = repnoise::util::rng::Rng::new(seed, "dot-matmul test");
-        (0..len)
-            .map(|_| (rng.uniform() * 2.0 - 1.0) as f32)
-            .collect()
-    };
+    let values =
+        |len: usize, seed: u64| uniform_values(&mut Rng::new(seed, "dot-matmul test"), len);
     let names = kernel_names();
     assert!(names.contains(&"plain"), "{names:?}");
     // (b, m, n, k, lhs row padding, rhs column padding, which operand the batches share).
