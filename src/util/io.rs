@@ -59,7 +59,62 @@ pub fn write_atomic_via(path: &Path, fill: impl FnOnce(&Path) -> Result<()>) -> 
     if result.is_err() {
         let _ = std::fs::remove_file(&tmp);
     }
+    if result.is_ok() {
+        remove_dead_writers_temporaries(path);
+    }
     result
+}
+
+/// Remove the temporary files of `path` (`.NAME.tmpPID`) that writers killed before their rename
+/// left behind: each has its dead process's id, so no later write reuses its name. A file whose
+/// process still runs (another writer of the same path, or a reused id) is kept; so is everything
+/// on a system where a process cannot be looked up. Best effort: failures are ignored.
+fn remove_dead_writers_temporaries(path: &Path) {
+    let (Some(dir), Some(name)) = (path.parent(), path.file_name()) else {
+        return;
+    };
+    let dir = if dir.as_os_str().is_empty() {
+        Path::new(".")
+    } else {
+        dir
+    };
+    let prefix = format!(".{}.tmp", name.to_string_lossy());
+    let Ok(entries) = std::fs::read_dir(dir) else {
+        return;
+    };
+    for entry in entries.flatten() {
+        let file_name = entry.file_name();
+        let Some(pid) = file_name
+            .to_str()
+            .and_then(|n| n.strip_prefix(&prefix))
+            .filter(|digits| !digits.is_empty() && digits.bytes().all(|b| b.is_ascii_digit()))
+            .and_then(|digits| digits.parse::<u32>().ok())
+        else {
+            continue;
+        };
+        if pid != std::process::id() && process_is_gone(pid) {
+            let _ = std::fs::remove_file(entry.path());
+        }
+    }
+}
+
+/// Whether no process with id `pid` exists (false where that cannot be told).
+fn process_is_gone(pid: u32) -> bool {
+    #[cfg(unix)]
+    {
+        let Ok(pid) = libc::pid_t::try_from(pid) else {
+            return false;
+        };
+        // Signal 0 checks that the process exists without signalling it; ESRCH: there is none.
+        // SAFETY: kill with signal 0 sends nothing and touches no memory of ours.
+        let r = unsafe { libc::kill(pid, 0) };
+        r == -1 && std::io::Error::last_os_error().raw_os_error() == Some(libc::ESRCH)
+    }
+    #[cfg(not(unix))]
+    {
+        let _ = pid;
+        false
+    }
 }
 
 /// Write one compact JSON value per line (JSONL) atomically.
@@ -97,6 +152,20 @@ pub fn cached<T: serde::Serialize + serde::de::DeserializeOwned>(
     let v = make()?;
     write_json_atomic(path, &v)?;
     Ok(v)
+}
+
+/// A text file's contents; an error names the file ("cannot read: ...").
+pub fn read_text(path: impl AsRef<Path>) -> Result<String> {
+    let path = path.as_ref();
+    std::fs::read_to_string(path).map_err(|e| Error::file(path, format!("cannot read: {e}")))
+}
+
+/// Read a TOML configuration file (`what` names it in errors: "not a valid defend config").
+pub fn read_toml<T: serde::de::DeserializeOwned>(path: &Path, what: &str) -> Result<T> {
+    let text = read_text(path)?;
+    toml::from_str(&text).map_err(|e| {
+        crate::util::error::Error::file(path, format!("not a valid {what} config: {e}"))
+    })
 }
 
 #[cfg(test)]
@@ -146,6 +215,34 @@ mod tests {
     }
 
     #[test]
+    fn a_write_removes_temporaries_that_killed_writers_left() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("model.safetensors");
+        // pid 1 always runs; no pid reaches i32::MAX (Linux's ceiling is 2^22).
+        let dead = dir.path().join(".model.safetensors.tmp2147483646");
+        let live = dir.path().join(".model.safetensors.tmp1");
+        let other = dir.path().join(".other.safetensors.tmp2147483646");
+        let not_ours = dir.path().join(".model.safetensors.tmp2147483646x");
+        for f in [&dead, &live, &other, &not_ours] {
+            std::fs::write(f, b"half").unwrap();
+        }
+        write_atomic(&p, b"new").unwrap();
+        assert_eq!(std::fs::read(&p).unwrap(), b"new");
+        assert_eq!(
+            dead.exists(),
+            !cfg!(unix),
+            "a dead writer's temporary file stays"
+        );
+        for kept in [&live, &other, &not_ours] {
+            assert!(kept.exists(), "{} was removed", kept.display());
+        }
+        // A failed write removes nothing but its own temporary file.
+        std::fs::write(&dead, b"half").unwrap();
+        write_atomic_with(&p, |_| Err(std::io::Error::other("disk full"))).unwrap_err();
+        assert!(dead.exists());
+    }
+
+    #[test]
     fn jsonl_is_one_compact_value_per_line() {
         let dir = tempfile::tempdir().unwrap();
         let p = dir.path().join("a.jsonl");
@@ -161,18 +258,4 @@ mod tests {
         write_jsonl_atomic::<u8>(&p, &[]).unwrap();
         assert_eq!(std::fs::read_to_string(&p).unwrap(), "");
     }
-}
-
-/// A text file's contents; an error names the file ("cannot read: ...").
-pub fn read_text(path: impl AsRef<Path>) -> Result<String> {
-    let path = path.as_ref();
-    std::fs::read_to_string(path).map_err(|e| Error::file(path, format!("cannot read: {e}")))
-}
-
-/// Read a TOML configuration file (`what` names it in errors: "not a valid defend config").
-pub fn read_toml<T: serde::de::DeserializeOwned>(path: &Path, what: &str) -> Result<T> {
-    let text = read_text(path)?;
-    toml::from_str(&text).map_err(|e| {
-        crate::util::error::Error::file(path, format!("not a valid {what} config: {e}"))
-    })
 }
