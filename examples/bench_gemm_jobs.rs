@@ -1,10 +1,11 @@
 //! Micro-benchmark: gemm's jobs shared out from a counter (vendor/patches/gemm-common-0002-*)
 //! against upstream's fixed split, paired in one process. For each product shape of a SmolLM2
 //! step (and a 7B model's MLP), each repetition times the product once per setting of
-//! `gemm_common::gemm::set_job_share_divisor` in the order given (0 is upstream's fixed split:
-//! one share per thread; d >= 1 guided, each grab `remaining / (d x threads)`), so a slow moment
-//! of a shared host falls on both sides of a pair; it prints each setting's best GFLOP/s, its
-//! median speed-up against the first setting, and in how many pairs it was the quicker.
+//! `gemm_common::gemm::set_job_share_divisor` (0 is upstream's fixed split: one share per
+//! thread; d >= 1 guided, each grab `remaining / (d x threads)`), starting from the next setting
+//! in turn, so a slow moment of a shared host falls on both sides of a pair and no setting is
+//! always timed first; it prints each setting's best GFLOP/s, its median speed-up against the
+//! first setting, and in how many pairs it was the quicker.
 //! Run: `cargo run --release --example bench_gemm_jobs -- 0 2`
 use candle_core::{Device, Tensor};
 use std::time::Instant;
@@ -37,13 +38,16 @@ fn main() -> anyhow::Result<()> {
         let reps = ((20e9 / flop) as usize).clamp(5, 200);
         let mut speedups = vec![vec![]; settings.len()];
         let mut best = vec![f64::MAX; settings.len()];
-        for _ in 0..reps {
-            let mut secs = vec![];
-            for &g in &settings {
-                gemm_common::gemm::set_job_share_divisor(g);
+        for rep in 0..reps {
+            // Each repetition starts from the next setting in turn, so none is always timed
+            // first (with the caches and the host's moment that position brings).
+            let mut secs = vec![0.0; settings.len()];
+            for j in 0..settings.len() {
+                let i = (rep + j) % settings.len();
+                gemm_common::gemm::set_job_share_divisor(settings[i]);
                 let t0 = Instant::now();
                 let _y = a.matmul(&w.t()?)?;
-                secs.push(t0.elapsed().as_secs_f64());
+                secs[i] = t0.elapsed().as_secs_f64();
             }
             for (i, s) in secs.iter().enumerate() {
                 speedups[i].push(secs[0] / s);
