@@ -1,8 +1,9 @@
 //! Element-wise kernels of the CPU hot paths, written so that the compiler vectorises them, and
-//! compiled twice: for the baseline x86-64 the binary targets (SSE2) and for AVX2 + FMA, picked
-//! at run time from the CPU's features (`multiversion`). The binary is built for any x86-64, so
-//! code outside such a function never uses AVX2, and `f32::exp` is a scalar libm call per
-//! element.
+//! compiled three times: for the baseline x86-64 the binary targets (SSE2), for AVX2 + FMA and
+//! for AVX-512 (F, BW, VL, DQ: 512-bit vectors, about 1-2% off scoring and the training step on
+//! an AVX-512 Xeon, docs/BENCHMARKS.md), picked at run time from the CPU's features
+//! (`multiversion`). The binary is built for any x86-64, so code outside such a function never
+//! uses AVX2, and `f32::exp` is a scalar libm call per element.
 //!
 //! [`exp`] is Cephes' `expf` (Cody-Waite reduction to `|r| <= ln 2 / 2`, then its polynomial
 //! `1 + r + r^2 P(r)` with `P` of degree 5), branch-free so that a loop of it vectorises; within
@@ -32,7 +33,8 @@ const P: [f32; 6] = [
     1.666_666_5e-1,
     0.5,
 ];
-/// Lanes of the reductions: two AVX2 registers of f32, or of f64 in two halves.
+/// Lanes of the reductions: an AVX2 register of f32, or of f64 in two halves (one AVX-512
+/// register); the same lanes, in the same order, whatever the vector width.
 const LANES: usize = 8;
 
 /// `2^n` for `n` in -126..=127.
@@ -76,7 +78,10 @@ pub fn sigmoid(x: f32) -> f32 {
 
 /// The largest element (`f32::NEG_INFINITY` for an empty slice; NaN elements are passed over,
 /// as `f32::max` does). Exact: the lanes change only the order of the comparisons.
-#[multiversion(targets("x86_64+avx+avx2+fma"))]
+#[multiversion(targets(
+    "x86_64+avx+avx2+fma+avx512f+avx512bw+avx512vl+avx512dq",
+    "x86_64+avx+avx2+fma"
+))]
 pub fn max(x: &[f32]) -> f32 {
     let mut acc = [f32::NEG_INFINITY; LANES];
     let chunks = x.chunks_exact(LANES);
@@ -149,7 +154,10 @@ fn exp_in_place_into_lanes<'o, A>(
 
 /// Sum in f32: lane `j` adds the elements `j, j + 8, ...` in order; the result is the lanes'
 /// sum (added in order) plus the tail's own sum (the last `len % 8` elements, in order).
-#[multiversion(targets("x86_64+avx+avx2+fma"))]
+#[multiversion(targets(
+    "x86_64+avx+avx2+fma+avx512f+avx512bw+avx512vl+avx512dq",
+    "x86_64+avx+avx2+fma"
+))]
 pub fn sum_f32(x: &[f32]) -> f32 {
     let (body, tail) = x.split_at(body_len(x.len()));
     let mut acc = [0f32; LANES];
@@ -159,7 +167,10 @@ pub fn sum_f32(x: &[f32]) -> f32 {
 
 /// Sum of squares in f64: lane `j` adds `x[i]^2` (each square exact in f64) for `i = j, j + 8,
 /// ...` in order; the result is the lanes' sum plus the tail's squares, both in order.
-#[multiversion(targets("x86_64+avx+avx2+fma"))]
+#[multiversion(targets(
+    "x86_64+avx+avx2+fma+avx512f+avx512bw+avx512vl+avx512dq",
+    "x86_64+avx+avx2+fma"
+))]
 pub fn sum_sq_f64(x: &[f32]) -> f64 {
     let (body, tail) = x.split_at(body_len(x.len()));
     let mut acc = [0f64; LANES];
@@ -173,7 +184,10 @@ pub fn sum_sq_f64(x: &[f32]) -> f64 {
 }
 
 /// `o[i] = e^(o[i] - shift)`; returns their sum in f64 (lanes as [`sum_f32`]).
-#[multiversion(targets("x86_64+avx+avx2+fma"))]
+#[multiversion(targets(
+    "x86_64+avx+avx2+fma+avx512f+avx512bw+avx512vl+avx512dq",
+    "x86_64+avx+avx2+fma"
+))]
 pub fn exp_in_place_f64_sum(o: &mut [f32], shift: f32) -> f64 {
     let mut acc = [0f64; LANES];
     let tail = exp_in_place_into_lanes(o, shift, &mut acc, add_lanes_f64);
@@ -182,7 +196,10 @@ pub fn exp_in_place_f64_sum(o: &mut [f32], shift: f32) -> f64 {
 
 /// The sum in f64 of `e^(x[i] - shift)` (lanes as [`sum_f32`]; the same bits as
 /// [`exp_in_place_f64_sum`]), without writing them out.
-#[multiversion(targets("x86_64+avx+avx2+fma"))]
+#[multiversion(targets(
+    "x86_64+avx+avx2+fma+avx512f+avx512bw+avx512vl+avx512dq",
+    "x86_64+avx+avx2+fma"
+))]
 pub fn sum_exp_f64(x: &[f32], shift: f32) -> f64 {
     let (body, tail) = x.split_at(body_len(x.len()));
     let mut acc = [0f64; LANES];
@@ -198,7 +215,10 @@ pub fn sum_exp_f64(x: &[f32], shift: f32) -> f64 {
 }
 
 /// `o[i] = e^(o[i] - shift)`; returns their sum in f32 (lanes as [`sum_f32`]).
-#[multiversion(targets("x86_64+avx+avx2+fma"))]
+#[multiversion(targets(
+    "x86_64+avx+avx2+fma+avx512f+avx512bw+avx512vl+avx512dq",
+    "x86_64+avx+avx2+fma"
+))]
 pub fn exp_in_place_f32_sum(o: &mut [f32], shift: f32) -> f32 {
     let mut acc = [0f32; LANES];
     let tail = exp_in_place_into_lanes(o, shift, &mut acc, add_lanes_f32);
@@ -206,7 +226,10 @@ pub fn exp_in_place_f32_sum(o: &mut [f32], shift: f32) -> f32 {
 }
 
 /// `o[i] = flush_subnormal(o[i] * k)`.
-#[multiversion(targets("x86_64+avx+avx2+fma"))]
+#[multiversion(targets(
+    "x86_64+avx+avx2+fma+avx512f+avx512bw+avx512vl+avx512dq",
+    "x86_64+avx+avx2+fma"
+))]
 pub fn scale_flushed(o: &mut [f32], k: f32) {
     for v in o.iter_mut() {
         *v = crate::model::ops::flush_subnormal(*v * k);
@@ -216,7 +239,10 @@ pub fn scale_flushed(o: &mut [f32], k: f32) {
 /// `o[i] = flush_subnormal(g * e^(x[i] - shift))`: a softmax row scaled by `g`, from its
 /// logits and their log-sum-exp `shift`. An `e^` below the normal range is 0 before the
 /// scaling (libm's subnormal times `|g| > 1` could be normal: at most 1.2e-38 |g|).
-#[multiversion(targets("x86_64+avx+avx2+fma"))]
+#[multiversion(targets(
+    "x86_64+avx+avx2+fma+avx512f+avx512bw+avx512vl+avx512dq",
+    "x86_64+avx+avx2+fma"
+))]
 pub fn scaled_exp(o: &mut [f32], x: &[f32], shift: f32, g: f32) {
     for (v, &z) in o.iter_mut().zip(x) {
         *v = crate::model::ops::flush_subnormal(g * exp(z - shift));
@@ -224,7 +250,10 @@ pub fn scaled_exp(o: &mut [f32], x: &[f32], shift: f32, g: f32) {
 }
 
 /// SwiGLU: `o[i] = silu(a[i]) * b[i]`, `silu(a) = a * sigmoid(a)`.
-#[multiversion(targets("x86_64+avx+avx2+fma"))]
+#[multiversion(targets(
+    "x86_64+avx+avx2+fma+avx512f+avx512bw+avx512vl+avx512dq",
+    "x86_64+avx+avx2+fma"
+))]
 pub fn swiglu(o: &mut [f32], a: &[f32], b: &[f32]) {
     for ((o, &a), &b) in o.iter_mut().zip(a).zip(b) {
         *o = a * sigmoid(a) * b;
@@ -232,7 +261,10 @@ pub fn swiglu(o: &mut [f32], a: &[f32], b: &[f32]) {
 }
 
 /// SwiGLU's backward: `da = g b s (1 + a (1 - s))`, `db = g silu(a)`, `s = sigmoid(a)`.
-#[multiversion(targets("x86_64+avx+avx2+fma"))]
+#[multiversion(targets(
+    "x86_64+avx+avx2+fma+avx512f+avx512bw+avx512vl+avx512dq",
+    "x86_64+avx+avx2+fma"
+))]
 pub fn swiglu_grad(da: &mut [f32], db: &mut [f32], a: &[f32], b: &[f32], g: &[f32]) {
     let n = da.len();
     let (db, a, b, g) = (&mut db[..n], &a[..n], &b[..n], &g[..n]);
