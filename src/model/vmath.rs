@@ -10,7 +10,7 @@
 //! 1 ulp of the exact value over f32's normal range (0.96 ulp at most in `vmath_tests`' sweep).
 //! It takes the place of libm's `expf` in the softmaxes, the SwiGLU and its backward, and the
 //! losses (one call per logit: 49,152 per scored token). Rust never fuses `a * b + c` into one
-//! rounding on its own, so both compiled forms run the same IEEE operations in the same order
+//! rounding on its own, so all three compiled forms run the same IEEE operations in the same order
 //! and give the same bits; the lane sums ([`sum_f32`], [`sum_exp_f64`]) fix their order by the
 //! slice, not by the CPU.
 use multiversion::multiversion;

@@ -65,10 +65,19 @@ pub fn write_atomic_via(path: &Path, fill: impl FnOnce(&Path) -> Result<()>) -> 
     result
 }
 
+/// A temporary file untouched for this long whose process is gone is a killed writer's: a live
+/// writer rewrites its file's modification time with every buffer it writes, and syncs and
+/// renames it within seconds of the last.
+const STALE_TEMPORARY: std::time::Duration = std::time::Duration::from_secs(600);
+
 /// Remove the temporary files of `path` (`.NAME.tmpPID`) that writers killed before their rename
-/// left behind: each has its dead process's id, so no later write reuses its name. A file whose
-/// process still runs (another writer of the same path, or a reused id) is kept; so is everything
-/// on a system where a process cannot be looked up. Best effort: failures are ignored.
+/// left behind: each carries its dead process's id, so a later write by another process does not
+/// reuse its name (unless the id is reused) and it would stay forever. Removed only when no
+/// process has that id here and the file has not been modified for [`STALE_TEMPORARY`]: a writer
+/// in another process-id namespace (another container or machine sharing the directory) looks
+/// dead to this check, but its file is fresh. A file of a live process (another writer of the
+/// same path, or a reused id) is kept; so is everything on a system where a process cannot be
+/// looked up. Best effort: failures are ignored.
 fn remove_dead_writers_temporaries(path: &Path) {
     let (Some(dir), Some(name)) = (path.parent(), path.file_name()) else {
         return;
@@ -92,7 +101,13 @@ fn remove_dead_writers_temporaries(path: &Path) {
         else {
             continue;
         };
-        if pid != std::process::id() && process_is_gone(pid) {
+        let stale = entry
+            .metadata()
+            .and_then(|m| m.modified())
+            .ok()
+            .and_then(|t| t.elapsed().ok())
+            .is_some_and(|age| age >= STALE_TEMPORARY);
+        if stale && pid != std::process::id() && process_is_gone(pid) {
             let _ = std::fs::remove_file(entry.path());
         }
     }
@@ -223,9 +238,18 @@ mod tests {
         let live = dir.path().join(".model.safetensors.tmp1");
         let other = dir.path().join(".other.safetensors.tmp2147483646");
         let not_ours = dir.path().join(".model.safetensors.tmp2147483646x");
-        for f in [&dead, &live, &other, &not_ours] {
+        let fresh = dir.path().join(".model.safetensors.tmp2147483645");
+        let an_hour_ago = std::time::SystemTime::now() - std::time::Duration::from_secs(3600);
+        let write_old = |f: &Path| {
             std::fs::write(f, b"half").unwrap();
+            let file = std::fs::File::options().write(true).open(f).unwrap();
+            file.set_modified(an_hour_ago).unwrap();
+        };
+        for f in [&dead, &live, &other, &not_ours] {
+            write_old(f);
         }
+        // A dead id's file written a moment ago (a writer in another process-id namespace).
+        std::fs::write(&fresh, b"half").unwrap();
         write_atomic(&p, b"new").unwrap();
         assert_eq!(std::fs::read(&p).unwrap(), b"new");
         assert_eq!(
@@ -233,11 +257,11 @@ mod tests {
             !cfg!(unix),
             "a dead writer's temporary file stays"
         );
-        for kept in [&live, &other, &not_ours] {
+        for kept in [&live, &other, &not_ours, &fresh] {
             assert!(kept.exists(), "{} was removed", kept.display());
         }
         // A failed write removes nothing but its own temporary file.
-        std::fs::write(&dead, b"half").unwrap();
+        write_old(&dead);
         write_atomic_with(&p, |_| Err(std::io::Error::other("disk full"))).unwrap_err();
         assert!(dead.exists());
     }

@@ -185,9 +185,11 @@ type Kernel = unsafe fn(&Block, *mut f32);
 
 impl Block<'_> {
     /// Where the wide vectors of the block after `w`'s (`w + 4 .. w + 8`) start, for the
-    /// kernels to prefetch while they compute `w`'s; a vector past the wide operand is replaced
-    /// by `w`'s own (already read, so its prefetch costs nothing). Past `w1` they are the next
-    /// item's, which the same thread usually takes next.
+    /// kernels to prefetch while they compute `w`'s; a vector that would end past the `wide`
+    /// slice (this batch's operand and any later batches' behind it) is replaced by `w`'s own
+    /// (already read, so its prefetch costs nothing). Past `w1` they are the next item's, which
+    /// the same thread usually takes next; past this batch's last vector, the next batch's or
+    /// whatever else the slice holds (a prefetch reads nothing into the computation).
     fn next_block(&self, w: usize) -> [*const f32; 4] {
         std::array::from_fn(|d| {
             let r = if (w + PREFETCH_AHEAD + d) * self.wide_stride + self.k <= self.wide.len() {
@@ -201,17 +203,28 @@ impl Block<'_> {
 }
 
 /// The first kernel of `available`, or the one `CANDLE_DOT_MATMUL` names (`avx2` on an AVX-512
-/// CPU, to measure it there).
+/// CPU, to measure it there). A name this CPU has no kernel for is reported on stderr, once, and
+/// the first kernel is used (so a benchmark is not labelled with a kernel it did not run).
 fn select_kernel() -> Kernel {
     static KERNEL: std::sync::OnceLock<Kernel> = std::sync::OnceLock::new();
     *KERNEL.get_or_init(|| {
-        let named = std::env::var("CANDLE_DOT_MATMUL").unwrap_or_default();
         let kernels = available();
-        kernels
-            .iter()
-            .find(|(name, _)| *name == named)
-            .unwrap_or(&kernels[0])
-            .1
+        let named = std::env::var("CANDLE_DOT_MATMUL").unwrap_or_default();
+        match kernels.iter().find(|(name, _)| *name == named) {
+            Some((_, kernel)) => *kernel,
+            None => {
+                if !matches!(named.as_str(), "" | "0" | "1") {
+                    let names: Vec<_> = kernels.iter().map(|(name, _)| *name).collect();
+                    eprintln!(
+                        "CANDLE_DOT_MATMUL={named}: no such kernel on this CPU (it has {}); \
+                         using {}",
+                        names.join(", "),
+                        names[0]
+                    );
+                }
+                kernels[0].1
+            }
+        }
     })
 }
 
