@@ -57,11 +57,71 @@ impl SamplingConfig {
     }
 }
 
-/// Each row's first maximum (`[b, vocab]` -> `b` ids), computed where the logits are: the row's
-/// maximum, then the lowest index holding it (a GPU's `argmax` need not return the first of
-/// tied maxima, and bf16 logits tie often). As [`choose_token`]'s greedy pick; a row whose
-/// maximum is NaN gives 0, as there.
+/// Each row's first maximum (`[b, vocab]` -> `b` ids), computed where the logits are; as
+/// [`choose_token`]'s greedy pick (NaN is never picked after the first position; a row that
+/// starts with NaN gives 0). On the CPU (f32, rows or columns in place) the logits are scanned
+/// where they lie, in parallel; elsewhere [`first_argmax_composed`] picks on the device, so that
+/// only `b` ids cross to the host.
 pub fn first_argmax(logits: &Tensor) -> Result<Vec<u32>> {
+    let (b, v) = logits.dims2()?;
+    if b > 0 && v > 0 && logits.device().is_cpu() && logits.dtype() == candle_core::DType::F32 {
+        let (storage, layout) = logits.storage_and_layout();
+        if let candle_core::Storage::Cpu(candle_core::CpuStorage::F32(data)) = &*storage {
+            let data = &data[layout.start_offset()..];
+            let (rs, cs) = (layout.stride()[0], layout.stride()[1]);
+            if let Some(picks) = first_argmax_cpu(data, b, v, rs, cs) {
+                return Ok(picks);
+            }
+        }
+    }
+    first_argmax_composed(logits)
+}
+
+/// [`first_argmax`] of the `b x v` matrix whose element `(r, j)` is `data[r * rs + j * cs]`,
+/// for rows in place (`cs == 1`) or columns in place (`rs == 1`); `None` for other layouts.
+fn first_argmax_cpu(data: &[f32], b: usize, v: usize, rs: usize, cs: usize) -> Option<Vec<u32>> {
+    use rayon::prelude::*;
+    if cs == 1 {
+        // Rows in place (decoding's logits up to 16 rows).
+        return Some(
+            (0..b)
+                .into_par_iter()
+                .map(|r| greedy_pick(&data[r * rs..r * rs + v]))
+                .collect(),
+        );
+    }
+    if rs == 1 {
+        // Column-major (the transposed view `model::llama::linear` returns from 17 to 64
+        // rows): sweep the columns in order, each task over a cache line's worth of rows,
+        // which is `greedy_pick` on every row at once.
+        const ROWS: usize = 16;
+        let picks: Vec<Vec<u32>> = (0..b.div_ceil(ROWS))
+            .into_par_iter()
+            .map(|c| {
+                let rows = c * ROWS..(c * ROWS + ROWS).min(b);
+                let mut best: Vec<f32> = data[rows.clone()].to_vec();
+                let mut at = vec![0u32; rows.len()];
+                for j in 1..v {
+                    let col = &data[j * cs + rows.start..j * cs + rows.end];
+                    for ((x, bv), a) in col.iter().zip(best.iter_mut()).zip(at.iter_mut()) {
+                        if *x > *bv {
+                            *bv = *x;
+                            *a = j as u32;
+                        }
+                    }
+                }
+                at
+            })
+            .collect();
+        return Some(picks.concat());
+    }
+    None
+}
+
+/// [`first_argmax`] as tensor operations: the row's maximum, then the lowest index holding it
+/// (a GPU's `argmax` need not return the first of tied maxima, and bf16 logits tie often). A
+/// row whose maximum is NaN gives 0.
+pub fn first_argmax_composed(logits: &Tensor) -> Result<Vec<u32>> {
     let (b, v) = logits.dims2()?;
     let max = logits.max_keepdim(candle_core::D::Minus1)?;
     let hit = logits.broadcast_eq(&max)?;
@@ -75,6 +135,18 @@ pub fn first_argmax(logits: &Tensor) -> Result<Vec<u32>> {
         .into_iter()
         .map(|i| if i as usize == v { 0 } else { i })
         .collect())
+}
+
+/// The index of the first maximum of `logits` (0 when empty), as `torch.argmax`: a value is
+/// taken only when it compares above the best so far, so NaN is never taken after position 0.
+fn greedy_pick(logits: &[f32]) -> u32 {
+    let mut best = 0;
+    for (i, &l) in logits.iter().enumerate() {
+        if l > logits[best] {
+            best = i;
+        }
+    }
+    best as u32
 }
 
 /// Apply the logits processors to one row and pick the next token.
@@ -96,14 +168,7 @@ pub fn choose_token(
         }
     }
     if cfg.temperature == 0.0 {
-        // Greedy: the first maximum, as torch.argmax.
-        let mut best = 0;
-        for (i, &l) in logits.iter().enumerate() {
-            if l > logits[best] {
-                best = i;
-            }
-        }
-        return best as u32;
+        return greedy_pick(logits);
     }
     let t = cfg.temperature as f32;
     for l in logits.iter_mut() {
@@ -405,26 +470,46 @@ mod tests {
 
     /// Greedy decoding picks tokens with [`first_argmax`] where the logits are; it must pick
     /// what `choose_token` picks on the host: the first maximum, NaN never chosen after the
-    /// first position, a leading NaN kept (neither compares above it).
+    /// first position, a leading NaN kept (neither compares above it). On the CPU both of its
+    /// in-place scans (rows contiguous, and the transposed view `llama::linear` returns from
+    /// 17 rows) and the composed form a GPU runs.
     #[test]
     fn first_argmax_picks_as_choose_token() {
-        let rows: Vec<Vec<f32>> = vec![
+        let mut rows: Vec<Vec<f32>> = vec![
             vec![0.0, 0.5, 0.5, 0.2],
             vec![1.0, f32::NAN, 2.0, 2.0],
             vec![f32::NAN, 1.0, 3.0, 0.0],
             vec![f32::NEG_INFINITY, -1e30, -1e30, f32::NEG_INFINITY],
             vec![-3.0, -2.0, -1.0, -1.0],
         ];
-        let t = candle_core::Tensor::new(rows.clone(), &candle_core::Device::Cpu).unwrap();
-        let dev = first_argmax(&t).unwrap();
         let cfg = SamplingConfig::default();
         let mut rng = Rng::new(0, "s");
-        let host: Vec<u32> = rows
-            .into_iter()
-            .map(|mut r| choose_token(&mut r, &[], &cfg, &mut rng))
-            .collect();
-        assert_eq!(dev, host);
-        assert_eq!(host, vec![1, 2, 0, 1, 2]);
+        let host = |rows: &[Vec<f32>], rng: &mut Rng| -> Vec<u32> {
+            rows.iter()
+                .map(|r| choose_token(&mut r.clone(), &[], &cfg, rng))
+                .collect()
+        };
+        assert_eq!(host(&rows, &mut rng), vec![1, 2, 0, 1, 2]);
+        // More rows than one column-sweep task takes (16), values drawn from a few levels so
+        // that maxima tie, with NaNs here and there.
+        for _ in 0..33 {
+            rows.push(
+                (0..4)
+                    .map(|_| match (rng.uniform() * 8.0) as u32 {
+                        0 => f32::NAN,
+                        k => k as f32,
+                    })
+                    .collect(),
+            );
+        }
+        let want = host(&rows, &mut rng);
+        let dev = candle_core::Device::Cpu;
+        let t = candle_core::Tensor::new(rows.clone(), &dev).unwrap();
+        let t_cols = t.t().unwrap().contiguous().unwrap().t().unwrap();
+        assert_eq!(t_cols.stride(), &[1, rows.len()]);
+        assert_eq!(first_argmax(&t).unwrap(), want);
+        assert_eq!(first_argmax(&t_cols).unwrap(), want);
+        assert_eq!(first_argmax_composed(&t).unwrap(), want);
     }
 
     #[test]

@@ -554,3 +554,55 @@ fn matmul_by_a_transposed_weight_gives_the_weight_its_gradient() {
         }
     }
 }
+
+/// A batch of products each too small for gemm to thread (vendor/candle-core, `MatMul`: the
+/// batch runs its products in parallel, one thread each) gives each product as computed alone,
+/// bit for bit: decoding's attention shapes, the values a narrowed view of a larger cache as in
+/// `model::llama`, and a batch too small as a whole to be shared out.
+#[test]
+fn batches_of_small_products_in_parallel_give_each_product_as_alone() {
+    let dev = Device::Cpu;
+    let threshold = gemm_common::gemm::get_threading_threshold();
+    for (b, m, k, n, cap) in [
+        (192usize, 3usize, 100usize, 64usize, 120usize),
+        (57, 5, 33, 70, 33),
+        (2, 3, 100, 64, 100),
+    ] {
+        let mut rng = Rng::new((b * m + k * n) as u64, "batched products test");
+        let mut values = |len: usize| uniform_values(&mut rng, len);
+        let p = Tensor::from_vec(values(b * m * k), (b, m, k), &dev).unwrap();
+        let cache = Tensor::from_vec(values(b * cap * n), (b, cap, n), &dev).unwrap();
+        let v = cache.narrow(1, 0, k).unwrap();
+        assert!(m * n * k < threshold);
+        assert_eq!(
+            b * m * n * k >= threshold,
+            b > 2,
+            "the shapes meant to cover both paths"
+        );
+        let y = p.matmul(&v).unwrap().to_vec3::<f32>().unwrap();
+        for i in 0..b {
+            let alone = p
+                .get(i)
+                .unwrap()
+                .matmul(&v.get(i).unwrap())
+                .unwrap()
+                .to_vec2::<f32>()
+                .unwrap();
+            assert!(
+                y[i] == alone,
+                "{b}x{m}x{k}x{n}: product {i} differs from its own"
+            );
+        }
+        let (pv, vv) = (p.to_vec3::<f32>().unwrap(), v.to_vec3::<f32>().unwrap());
+        for i in 0..b {
+            for r in 0..m {
+                for c in 0..n {
+                    let want: f64 = (0..k)
+                        .map(|l| pv[i][r][l] as f64 * vv[i][l][c] as f64)
+                        .sum();
+                    assert!((y[i][r][c] as f64 - want).abs() <= 1e-5 * k as f64);
+                }
+            }
+        }
+    }
+}

@@ -1632,6 +1632,55 @@ impl Map2 for MatMul {
             // over itself, so a stride-zero batch on lhs goes through the loop below.
             (b, m, n, k)
         };
+        // repnoise patch: a batch of products each too small for gemm to share among threads
+        // (decoding's attention: `rows x kv_heads` products of a few query rows with the
+        // cached keys or values) ran one after another on one thread. Such a batch now runs
+        // its products in parallel, each on one thread as gemm ran it (the same bits), when
+        // the batch as a whole is above gemm's threading threshold.
+        let threshold = gemm::get_threading_threshold();
+        let per_product = m.saturating_mul(n).saturating_mul(k);
+        if b > 1 && num_threads > 1 && per_product < threshold && b * per_product >= threshold {
+            use rayon::prelude::*;
+            dst.par_chunks_mut(c_skip)
+                .enumerate()
+                .for_each(|(step, dst_p)| {
+                    let lhs_p = &lhs[step * a_skip..];
+                    let rhs_p = &rhs[step * b_skip..];
+                    let dst_p: *mut T = dst_p.as_mut_ptr().cast();
+                    // SAFETY: as in the loop below; each task writes its own product's rows.
+                    unsafe {
+                        gemm(
+                            m,
+                            n,
+                            k,
+                            dst_p,
+                            dst_cs as isize,
+                            dst_rs as isize,
+                            false,
+                            lhs_p.as_ptr(),
+                            lhs_cs as isize,
+                            lhs_rs as isize,
+                            rhs_p.as_ptr(),
+                            rhs_cs as isize,
+                            rhs_rs as isize,
+                            T::zero(),
+                            T::one(),
+                            false,
+                            false,
+                            false,
+                            Parallelism::None,
+                        )
+                    }
+                });
+            // SAFETY: gemm wrote every product's destination (k > 0: with k == 0 the batch
+            // has no work and is never above the threshold), and MaybeUninit<T> has T's
+            // layout.
+            let dst = unsafe {
+                let mut dst = std::mem::ManuallyDrop::new(dst);
+                Vec::from_raw_parts(dst.as_mut_ptr().cast::<T>(), dst.len(), dst.capacity())
+            };
+            return Ok(dst);
+        }
         for step in 0..b {
             let lhs_p = &lhs[step * a_skip..];
             let rhs_p = &rhs[step * b_skip..];
