@@ -13,7 +13,7 @@
 use std::collections::BTreeMap;
 use std::path::Path;
 
-use candle_core::{DType, Tensor};
+use candle_core::Tensor;
 use serde::{Deserialize, Serialize};
 
 use super::stats::{mean_se, MeanSe};
@@ -171,7 +171,9 @@ fn picked_logprobs(
     // Logits [n, vocab]; log p(target) = -NLL, from the fused row cross-entropy.
     let logits = net.lm_head(&net.final_norm(&rows_h)?)?.squeeze(0)?;
     let chosen: Vec<f32> = row_nll(&logits, targets.to_vec())?.neg()?.to_vec1()?;
-    let best: Vec<u32> = logits.argmax(1)?.to_dtype(DType::U32)?.to_vec1()?;
+    // Greedy decoding's own pick (the first maximum, as candle's and torch's argmax), which on
+    // the CPU scans the logits in place on every thread: candle's argmax ran on one.
+    let best = crate::model::generate::first_argmax(&logits)?;
     Ok((chosen, best))
 }
 
