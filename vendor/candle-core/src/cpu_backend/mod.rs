@@ -1639,7 +1639,11 @@ impl Map2 for MatMul {
         // the batch as a whole is above gemm's threading threshold.
         let threshold = gemm::get_threading_threshold();
         let per_product = m.saturating_mul(n).saturating_mul(k);
-        if b > 1 && num_threads > 1 && per_product < threshold && b * per_product >= threshold {
+        if b > 1
+            && num_threads > 1
+            && per_product < threshold
+            && per_product.saturating_mul(b) >= threshold
+        {
             use rayon::prelude::*;
             dst.par_chunks_mut(c_skip)
                 .enumerate()
