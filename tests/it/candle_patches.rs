@@ -580,7 +580,7 @@ fn batches_of_small_products_in_parallel_give_each_product_as_alone() {
             "the shapes meant to cover both paths"
         );
         let y = p.matmul(&v).unwrap().to_vec3::<f32>().unwrap();
-        for i in 0..b {
+        for (i, yi) in y.iter().enumerate() {
             let alone = p
                 .get(i)
                 .unwrap()
@@ -589,7 +589,7 @@ fn batches_of_small_products_in_parallel_give_each_product_as_alone() {
                 .to_vec2::<f32>()
                 .unwrap();
             assert!(
-                y[i] == alone,
+                *yi == alone,
                 "{b}x{m}x{k}x{n}: product {i} differs from its own"
             );
         }
