@@ -33,7 +33,7 @@ fn main() -> anyhow::Result<()> {
         best_ms(|| first_argmax(&logits).map(drop).map_err(Into::into))?,
     );
     report(
-        "greedy pick, columns in place",
+        "greedy pick, transposed (copied, then scanned)",
         best_ms(|| first_argmax(&logits_cols).map(drop).map_err(Into::into))?,
     );
     report(

@@ -171,8 +171,8 @@ fn picked_logprobs(
     // Logits [n, vocab]; log p(target) = -NLL, from the fused row cross-entropy.
     let logits = net.lm_head(&net.final_norm(&rows_h)?)?.squeeze(0)?;
     let chosen: Vec<f32> = row_nll(&logits, targets.to_vec())?.neg()?.to_vec1()?;
-    // Greedy decoding's own pick (the first maximum, as candle's and torch's argmax), which on
-    // the CPU scans the logits in place on every thread: candle's argmax ran on one.
+    // Greedy decoding's own pick (the first maximum; the same as candle's argmax, NaN included),
+    // which on the CPU scans the logits in place on every thread: candle's argmax ran on one.
     let best = crate::model::generate::first_argmax(&logits)?;
     Ok((chosen, best))
 }

@@ -57,65 +57,30 @@ impl SamplingConfig {
     }
 }
 
-/// Each row's first maximum (`[b, vocab]` -> `b` ids), computed where the logits are; as
-/// [`choose_token`]'s greedy pick (NaN is never picked after the first position; a row that
-/// starts with NaN gives 0). On the CPU (f32, rows or columns in place) the logits are scanned
-/// where they lie, in parallel; elsewhere [`first_argmax_composed`] picks on the device, so that
-/// only `b` ids cross to the host.
+/// Each row's first maximum (`[b, vocab]` -> `b` ids), computed where the logits are: the
+/// greedy pick of [`choose_token`] (the first of tied maxima, as `torch.argmax`; unlike torch,
+/// NaN is never picked after the first position, and on the CPU a row that starts with NaN
+/// gives 0). On the CPU (f32) each row is scanned in place, rows in parallel (the logits made
+/// contiguous first if they are not: `model::llama::linear` returns them so); elsewhere
+/// [`first_argmax_composed`] picks on the device, so that only `b` ids cross to the host.
 pub fn first_argmax(logits: &Tensor) -> Result<Vec<u32>> {
+    use rayon::prelude::*;
     let (b, v) = logits.dims2()?;
-    if b > 0 && v > 0 && logits.device().is_cpu() && logits.dtype() == candle_core::DType::F32 {
+    if b == 0 {
+        return Ok(vec![]);
+    }
+    if v > 0 && logits.device().is_cpu() && logits.dtype() == candle_core::DType::F32 {
+        let logits = logits.contiguous()?;
         let (storage, layout) = logits.storage_and_layout();
-        if let candle_core::Storage::Cpu(candle_core::CpuStorage::F32(data)) = &*storage {
-            let data = &data[layout.start_offset()..];
-            let (rs, cs) = (layout.stride()[0], layout.stride()[1]);
-            if let Some(picks) = first_argmax_cpu(data, b, v, rs, cs) {
-                return Ok(picks);
-            }
+        if let (candle_core::Storage::Cpu(candle_core::CpuStorage::F32(data)), Some((lo, hi))) =
+            (&*storage, layout.contiguous_offsets())
+        {
+            // The composed form's five passes, each on one thread, took 16-20 ms of a 169 ms
+            // batch-64 decoding step; this about 1 ms (`examples/bench_decode_ops`).
+            return Ok(data[lo..hi].par_chunks(v).map(greedy_pick).collect());
         }
     }
     first_argmax_composed(logits)
-}
-
-/// [`first_argmax`] of the `b x v` matrix whose element `(r, j)` is `data[r * rs + j * cs]`,
-/// for rows in place (`cs == 1`) or columns in place (`rs == 1`); `None` for other layouts.
-fn first_argmax_cpu(data: &[f32], b: usize, v: usize, rs: usize, cs: usize) -> Option<Vec<u32>> {
-    use rayon::prelude::*;
-    if cs == 1 {
-        // Rows in place (decoding's logits up to 16 rows).
-        return Some(
-            (0..b)
-                .into_par_iter()
-                .map(|r| greedy_pick(&data[r * rs..r * rs + v]))
-                .collect(),
-        );
-    }
-    if rs == 1 {
-        // Column-major (the transposed view `model::llama::linear` returns from 17 to 64
-        // rows): sweep the columns in order, each task over a cache line's worth of rows,
-        // which is `greedy_pick` on every row at once.
-        const ROWS: usize = 16;
-        let picks: Vec<Vec<u32>> = (0..b.div_ceil(ROWS))
-            .into_par_iter()
-            .map(|c| {
-                let rows = c * ROWS..(c * ROWS + ROWS).min(b);
-                let mut best: Vec<f32> = data[rows.clone()].to_vec();
-                let mut at = vec![0u32; rows.len()];
-                for j in 1..v {
-                    let col = &data[j * cs + rows.start..j * cs + rows.end];
-                    for ((x, bv), a) in col.iter().zip(best.iter_mut()).zip(at.iter_mut()) {
-                        if *x > *bv {
-                            *bv = *x;
-                            *a = j as u32;
-                        }
-                    }
-                }
-                at
-            })
-            .collect();
-        return Some(picks.concat());
-    }
-    None
 }
 
 /// [`first_argmax`] as tensor operations: the row's maximum, then the lowest index holding it
@@ -137,8 +102,10 @@ pub fn first_argmax_composed(logits: &Tensor) -> Result<Vec<u32>> {
         .collect())
 }
 
-/// The index of the first maximum of `logits` (0 when empty), as `torch.argmax`: a value is
-/// taken only when it compares above the best so far, so NaN is never taken after position 0.
+/// The index of the first maximum of `logits` (0 when empty): a value is taken only when it
+/// compares above the best so far, so the first of tied maxima (as `torch.argmax`), and NaN is
+/// never taken after position 0 (`torch.argmax` takes NaN as the maximum). candle's `argmax`
+/// compares the same way.
 fn greedy_pick(logits: &[f32]) -> u32 {
     let mut best = 0;
     for (i, &l) in logits.iter().enumerate() {
@@ -470,11 +437,12 @@ mod tests {
 
     /// Greedy decoding picks tokens with [`first_argmax`] where the logits are; it must pick
     /// what `choose_token` picks on the host: the first maximum, NaN never chosen after the
-    /// first position, a leading NaN kept (neither compares above it). On the CPU both of its
-    /// in-place scans (rows contiguous, and the transposed view `llama::linear` returns from
-    /// 17 rows) and the composed form a GPU runs.
+    /// first position, a leading NaN kept (neither compares above it). On the CPU for logits
+    /// in place, at an offset (rows narrowed out of a larger tensor), transposed, broadcast and
+    /// one column wide; and the composed form a GPU runs.
     #[test]
     fn first_argmax_picks_as_choose_token() {
+        use candle_core::Tensor;
         let mut rows: Vec<Vec<f32>> = vec![
             vec![0.0, 0.5, 0.5, 0.2],
             vec![1.0, f32::NAN, 2.0, 2.0],
@@ -484,14 +452,14 @@ mod tests {
         ];
         let cfg = SamplingConfig::default();
         let mut rng = Rng::new(0, "s");
-        let host = |rows: &[Vec<f32>], rng: &mut Rng| -> Vec<u32> {
+        let host = |rows: &[Vec<f32>]| -> Vec<u32> {
+            let mut rng = Rng::new(0, "unused by greedy picks");
             rows.iter()
-                .map(|r| choose_token(&mut r.clone(), &[], &cfg, rng))
+                .map(|r| choose_token(&mut r.clone(), &[], &cfg, &mut rng))
                 .collect()
         };
-        assert_eq!(host(&rows, &mut rng), vec![1, 2, 0, 1, 2]);
-        // More rows than one column-sweep task takes (16), values drawn from a few levels so
-        // that maxima tie, with NaNs here and there.
+        assert_eq!(host(&rows), vec![1, 2, 0, 1, 2]);
+        // More rows, values drawn from a few levels so that maxima tie, NaNs here and there.
         for _ in 0..33 {
             rows.push(
                 (0..4)
@@ -502,14 +470,28 @@ mod tests {
                     .collect(),
             );
         }
-        let want = host(&rows, &mut rng);
+        let want = host(&rows);
         let dev = candle_core::Device::Cpu;
-        let t = candle_core::Tensor::new(rows.clone(), &dev).unwrap();
+        let t = Tensor::new(rows.clone(), &dev).unwrap();
+        assert_eq!(first_argmax(&t).unwrap(), want);
+        assert_eq!(first_argmax_composed(&t).unwrap(), want);
+        // Transposed storage (a view with row stride 1).
         let t_cols = t.t().unwrap().contiguous().unwrap().t().unwrap();
         assert_eq!(t_cols.stride(), &[1, rows.len()]);
-        assert_eq!(first_argmax(&t).unwrap(), want);
         assert_eq!(first_argmax(&t_cols).unwrap(), want);
-        assert_eq!(first_argmax_composed(&t).unwrap(), want);
+        // Rows 2.. of the tensor: contiguous, starting at an offset.
+        let tail = t.narrow(0, 2, rows.len() - 2).unwrap();
+        assert_eq!(tail.layout().start_offset(), 2 * 4);
+        assert_eq!(first_argmax(&tail).unwrap(), want[2..]);
+        // One row broadcast to three (row stride 0); one column.
+        let row = t.narrow(0, 1, 1).unwrap().broadcast_as((3, 4)).unwrap();
+        assert_eq!(first_argmax(&row).unwrap(), vec![want[1]; 3]);
+        let col = t.narrow(1, 2, 1).unwrap();
+        assert_eq!(first_argmax(&col).unwrap(), vec![0; rows.len()]);
+        assert_eq!(
+            first_argmax(&Tensor::zeros((0, 4), candle_core::DType::F32, &dev).unwrap()).unwrap(),
+            Vec::<u32>::new()
+        );
     }
 
     #[test]

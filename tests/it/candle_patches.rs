@@ -558,19 +558,32 @@ fn matmul_by_a_transposed_weight_gives_the_weight_its_gradient() {
 /// A batch of products each too small for gemm to thread (vendor/candle-core, `MatMul`: the
 /// batch runs its products in parallel, one thread each) gives each product as computed alone,
 /// bit for bit: decoding's attention shapes, the values a narrowed view of a larger cache as in
-/// `model::llama`, and a batch too small as a whole to be shared out.
+/// `model::llama`, a left operand shared by every product (batch stride 0), and a batch too
+/// small as a whole to be shared out.
 #[test]
 fn batches_of_small_products_in_parallel_give_each_product_as_alone() {
     let dev = Device::Cpu;
+    if candle_core::utils::get_num_threads() < 2 {
+        // The batch then takes the loop, and the products below check only that.
+        eprintln!("one thread: the batched products' parallel path is not exercised");
+    }
     let threshold = gemm_common::gemm::get_threading_threshold();
-    for (b, m, k, n, cap) in [
-        (192usize, 3usize, 100usize, 64usize, 120usize),
-        (57, 5, 33, 70, 33),
-        (2, 3, 100, 64, 100),
+    for (b, m, k, n, cap, shared_lhs) in [
+        (192usize, 3usize, 100usize, 64usize, 120usize, false),
+        (57, 5, 33, 70, 33, false),
+        (40, 7, 50, 60, 64, true),
+        (2, 3, 100, 64, 100, false),
     ] {
         let mut rng = Rng::new((b * m + k * n) as u64, "batched products test");
         let mut values = |len: usize| uniform_values(&mut rng, len);
-        let p = Tensor::from_vec(values(b * m * k), (b, m, k), &dev).unwrap();
+        let p = if shared_lhs {
+            Tensor::from_vec(values(m * k), (1, m, k), &dev)
+                .unwrap()
+                .broadcast_as((b, m, k))
+                .unwrap()
+        } else {
+            Tensor::from_vec(values(b * m * k), (b, m, k), &dev).unwrap()
+        };
         let cache = Tensor::from_vec(values(b * cap * n), (b, cap, n), &dev).unwrap();
         let v = cache.narrow(1, 0, k).unwrap();
         assert!(m * n * k < threshold);
