@@ -5,19 +5,13 @@
 //! as many times as one step runs it. Best of 20, in milliseconds.
 //! Run: `cargo run --release --example bench_decode_ops`
 use candle_core::{DType, Device, Tensor};
+use repnoise::dev::bench::best_seconds;
 use repnoise::model::generate::{first_argmax, first_argmax_composed};
 use repnoise::model::{llama::attention_mask, ops};
-use std::time::Instant;
 
-fn best_ms(mut f: impl FnMut() -> anyhow::Result<()>) -> anyhow::Result<f64> {
-    f()?;
-    let mut best = f64::MAX;
-    for _ in 0..20 {
-        let t0 = Instant::now();
-        f()?;
-        best = best.min(t0.elapsed().as_secs_f64());
-    }
-    Ok(best * 1e3)
+/// Errors are the crate's, so that both `first_argmax` and candle's ops pass through `?`.
+fn best_ms<T>(f: impl FnMut() -> repnoise::Result<T>) -> repnoise::Result<f64> {
+    Ok(best_seconds(20, f)? * 1e3)
 }
 
 fn main() -> anyhow::Result<()> {
@@ -30,15 +24,15 @@ fn main() -> anyhow::Result<()> {
     let logits_cols = logits.t()?.contiguous()?.t()?;
     report(
         "greedy pick, rows in place",
-        best_ms(|| first_argmax(&logits).map(drop).map_err(Into::into))?,
+        best_ms(|| first_argmax(&logits))?,
     );
     report(
         "greedy pick, transposed (copied, then scanned)",
-        best_ms(|| first_argmax(&logits_cols).map(drop).map_err(Into::into))?,
+        best_ms(|| first_argmax(&logits_cols))?,
     );
     report(
         "greedy pick, composed",
-        best_ms(|| first_argmax_composed(&logits).map(drop).map_err(Into::into))?,
+        best_ms(|| first_argmax_composed(&logits))?,
     );
 
     let valid: Vec<Vec<bool>> = (0..b).map(|_| vec![true; total]).collect();

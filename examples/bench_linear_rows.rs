@@ -6,17 +6,10 @@
 //! `CANDLE_DOT_MATMUL=0` sends them to gemm instead, for comparison.
 //! Run: `cargo run --release --example bench_linear_rows` (and again with `CANDLE_DOT_MATMUL=0`)
 use candle_core::{Device, Tensor};
-use std::time::Instant;
+use repnoise::dev::bench::best_seconds;
 
-fn best_ms(mut f: impl FnMut() -> candle_core::Result<Tensor>) -> anyhow::Result<f64> {
-    f()?;
-    let mut best = f64::MAX;
-    for _ in 0..20 {
-        let t0 = Instant::now();
-        f()?;
-        best = best.min(t0.elapsed().as_secs_f64());
-    }
-    Ok(best * 1e3)
+fn best_ms(f: impl FnMut() -> candle_core::Result<Tensor>) -> candle_core::Result<f64> {
+    Ok(best_seconds(20, f)? * 1e3)
 }
 
 fn main() -> anyhow::Result<()> {

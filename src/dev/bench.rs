@@ -19,6 +19,23 @@ use crate::train::Trainee;
 use crate::util::error::Result;
 use crate::util::rng::Rng;
 
+/// The quickest of `reps` timed calls of `f` after one untimed warm-up call, in seconds: the
+/// micro-benchmarks' (`examples/`) measure of an operation, least disturbed by the host.
+pub fn best_seconds<T, E>(
+    reps: usize,
+    mut f: impl FnMut() -> std::result::Result<T, E>,
+) -> std::result::Result<f64, E> {
+    f()?;
+    let mut best = f64::INFINITY;
+    for _ in 0..reps {
+        let t0 = Instant::now();
+        let out = f()?;
+        best = best.min(t0.elapsed().as_secs_f64());
+        drop(out);
+    }
+    Ok(best)
+}
+
 /// Peak resident memory of this process so far, in bytes (Linux `VmHWM`).
 pub fn peak_rss_bytes() -> Option<u64> {
     let s = std::fs::read_to_string("/proc/self/status").ok()?;

@@ -1546,7 +1546,6 @@ impl Map2 for MatMul {
         let rhs_rs = rhs_stride[rank - 2];
 
         let (a_skip, b_skip) = self.ab_skip(lhs_l, rhs_l)?;
-        let c_skip: usize = m * n;
 
         let dst_shape: Shape = (m, n).into();
         let dst_strides = dst_shape.stride_contiguous();
@@ -1621,8 +1620,7 @@ impl Map2 for MatMul {
         let (b, m, n, k) = if b_skip == 0 && a_skip == m * k {
             // A batch-invariant rhs lets the batches of lhs stack into the rows of a single
             // (b * m, k) matrix, which the destination already matches row for row.
-            // a_skip and c_skip should be updated but step is always 0 so
-            // it wouldn't matter.
+            // a_skip is not updated: step is always 0. c_skip is taken below, after the fold.
             (1, b * m, n, k)
         } else {
             // There is deliberately no mirrored fold for a batch-invariant lhs. Stacking the
@@ -1632,70 +1630,21 @@ impl Map2 for MatMul {
             // over itself, so a stride-zero batch on lhs goes through the loop below.
             (b, m, n, k)
         };
-        // repnoise patch: a batch of products each too small for gemm to share among threads
-        // (decoding's attention: `rows x kv_heads` products of a few query rows with the
-        // cached keys or values) ran one after another on one thread. Such a batch now runs
-        // its products in parallel, each on one thread as gemm ran it (the same bits), when
-        // the batch as a whole is above gemm's threading threshold.
-        let threshold = gemm::get_threading_threshold();
-        let per_product = m.saturating_mul(n).saturating_mul(k);
-        if b > 1
-            && num_threads > 1
-            && per_product < threshold
-            && per_product.saturating_mul(b) >= threshold
-        {
-            use rayon::prelude::*;
-            dst.par_chunks_mut(c_skip)
-                .enumerate()
-                .for_each(|(step, dst_p)| {
-                    let lhs_p = &lhs[step * a_skip..];
-                    let rhs_p = &rhs[step * b_skip..];
-                    let dst_p: *mut T = dst_p.as_mut_ptr().cast();
-                    // SAFETY: as in the loop below; each task writes its own product's rows.
-                    unsafe {
-                        gemm(
-                            m,
-                            n,
-                            k,
-                            dst_p,
-                            dst_cs as isize,
-                            dst_rs as isize,
-                            false,
-                            lhs_p.as_ptr(),
-                            lhs_cs as isize,
-                            lhs_rs as isize,
-                            rhs_p.as_ptr(),
-                            rhs_cs as isize,
-                            rhs_rs as isize,
-                            T::zero(),
-                            T::one(),
-                            false,
-                            false,
-                            false,
-                            Parallelism::None,
-                        )
-                    }
-                });
-            // SAFETY: gemm wrote every product's destination (k > 0: with k == 0 the batch
-            // has no work and is never above the threshold), and MaybeUninit<T> has T's
-            // layout.
-            let dst = unsafe {
-                let mut dst = std::mem::ManuallyDrop::new(dst);
-                Vec::from_raw_parts(dst.as_mut_ptr().cast::<T>(), dst.len(), dst.capacity())
-            };
-            return Ok(dst);
-        }
-        for step in 0..b {
+        // After the fold above, a product is `m x n` of the destination.
+        let c_skip = m * n;
+        // One product of the batch, into its own `c_skip` elements of the destination.
+        let product = |step: usize, dst_p: &mut [std::mem::MaybeUninit<T>], parallelism| {
             let lhs_p = &lhs[step * a_skip..];
             let rhs_p = &rhs[step * b_skip..];
-            let dst_p = &mut dst[step * c_skip..];
-            let dst_p: *mut T = dst_p.as_mut_ptr().cast();
+            // SAFETY: the operands' layouts hold the product's `m x k` and `k x n` at these
+            // strides (the fold uses step 0 only), and `dst_p` is the product's contiguous
+            // `m x n`, which gemm writes without reading (`read_dst` is false).
             unsafe {
                 gemm(
                     /* m: usize = */ m,
                     /* n: usize = */ n,
                     /* k: usize = */ k,
-                    /* dst: *mut T = */ dst_p,
+                    /* dst: *mut T = */ dst_p.as_mut_ptr().cast::<T>(),
                     /* dst_cs: isize = */ dst_cs as isize,
                     /* dst_rs: isize = */ dst_rs as isize,
                     /* read_dst: bool = */ false,
@@ -1712,6 +1661,30 @@ impl Map2 for MatMul {
                     /* conj_rhs: bool = */ false,
                     parallelism,
                 )
+            }
+        };
+        // repnoise patch: a batch of products each too small for gemm to share among threads
+        // (decoding's attention: `rows x kv_heads` products of a few query rows with the
+        // cached keys or values) ran one after another on one thread. Such a batch now runs
+        // its products in parallel, each on one thread as gemm ran it (the same bits), when
+        // the batch as a whole is above gemm's threading threshold.
+        let threshold = gemm::get_threading_threshold();
+        let per_product = m.saturating_mul(n).saturating_mul(k);
+        // `c_skip` is 0 only when the products are empty; `max(1)` then walks an empty
+        // destination, as gemm would write nothing.
+        let chunk = c_skip.max(1);
+        if b > 1
+            && num_threads > 1
+            && per_product < threshold
+            && per_product.saturating_mul(b) >= threshold
+        {
+            use rayon::prelude::*;
+            dst.par_chunks_mut(chunk)
+                .enumerate()
+                .for_each(|(step, dst_p)| product(step, dst_p, Parallelism::None));
+        } else {
+            for (step, dst_p) in dst.chunks_mut(chunk).enumerate() {
+                product(step, dst_p, parallelism);
             }
         }
         // SAFETY: every element was written by gemm (or zeroed when k == 0), and
