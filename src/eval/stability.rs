@@ -20,7 +20,7 @@ use super::stats::{mean_se, MeanSe};
 use crate::data::encode::{length_order, Longest};
 use crate::data::mc::{self, McItem, McOption};
 use crate::model::llama::{positions_for, ForwardOpts, Llama, Logits};
-use crate::model::loss::{linear_row_nll, row_nll};
+use crate::model::loss::{linear_nll_first_argmax, linear_row_nll};
 use crate::model::tokenizer::Tok;
 use crate::util::rng::Rng;
 use crate::{Error, Result};
@@ -168,13 +168,12 @@ fn picked_logprobs(
         let nll = linear_row_nll(&normed, &net.lm_head_weight().detach(), targets.to_vec())?;
         return Ok((nll.neg()?.to_vec1()?, vec![]));
     }
-    // Logits [n, vocab]; log p(target) = -NLL, from the fused row cross-entropy.
-    let logits = net.lm_head(&net.final_norm(&rows_h)?)?.squeeze(0)?;
-    let chosen: Vec<f32> = row_nll(&logits, targets.to_vec())?.neg()?.to_vec1()?;
-    // Greedy decoding's own pick (the first maximum; the same as candle's argmax, NaN included),
-    // which on the CPU scans the logits in place on every thread: candle's argmax ran on one.
-    let best = crate::model::generate::first_argmax(&logits)?;
-    Ok((chosen, best))
+    // log p(target) = -NLL, and greedy decoding's own pick (the first maximum; the same as
+    // candle's argmax, NaN included), from the logits a few thousand vocabulary columns at a
+    // time, never the whole [n, vocab] (on the CPU; elsewhere from the whole).
+    let normed = net.final_norm(&rows_h)?.squeeze(0)?.to_dtype(net.dtype())?;
+    let (nll, best) = linear_nll_first_argmax(&normed, &net.lm_head_weight().detach(), targets)?;
+    Ok((nll.into_iter().map(|x| -x).collect(), best))
 }
 
 /// Score items whose options share one context: each item is one packed row, the context once

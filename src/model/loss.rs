@@ -182,6 +182,29 @@ pub fn linear_row_nll_with(
     targets: Vec<u32>,
     chunk: usize,
 ) -> Result<Tensor> {
+    check_linear_nll(h, w, &targets)?;
+    let cpu_f32 = |t: &Tensor| t.device().is_cpu() && t.dtype() == candle_core::DType::F32;
+    if !cpu_f32(h) || !cpu_f32(w) {
+        // The product in the weight's dtype (f32 for a trained head; a frozen head below f32
+        // is the compute dtype's copy), the loss in f32.
+        let logits = h.to_dtype(w.dtype())?.matmul(&w.t()?)?;
+        return row_nll(&logits.to_dtype(candle_core::DType::F32)?, targets);
+    }
+    let state = Arc::new(LinearNllState {
+        targets,
+        chunk: chunk.max(1),
+        grad_h: h.track_op(),
+        grad_w: w.track_op(),
+        unit_grads: Mutex::new(None),
+        dw: Mutex::new(None),
+    });
+    Ok(h.contiguous()?
+        .apply_op2(&w.contiguous()?, LinearRowNll(state))?)
+}
+
+/// Checks the operands of an LM-head loss (`h` `[n, d]`, `w` `[vocab, d]`, `n` targets within
+/// the vocabulary or [`IGNORE`]) and returns `(n, d, vocab)`.
+fn check_linear_nll(h: &Tensor, w: &Tensor, targets: &[u32]) -> Result<(usize, usize, usize)> {
     let (n, d) = h.dims2()?;
     let (v, dw) = w.dims2()?;
     if d != dw {
@@ -200,23 +223,141 @@ pub fn linear_row_nll_with(
             "target id {bad} is outside the vocabulary ({v})"
         )));
     }
+    Ok((n, d, v))
+}
+
+/// Vocabulary columns that [`linear_nll_first_argmax`] turns into logits at a time: the chunk's
+/// logits, `rows x cols` floats (4 MB for 508 rows), are read while still in cache.
+pub const NLL_ARGMAX_COLS: usize = 2048;
+
+/// Per-row negative log-likelihood of `targets` under the logits `h w^T` (`h` `[n, d]`, `w`
+/// `[vocab, d]`; 0 for an [`IGNORE`] target) and each row's first maximum, greedy decoding's
+/// pick ([`crate::model::generate::first_argmax`]), without a gradient and without the `[n,
+/// vocab]` logits: they are computed [`NLL_ARGMAX_COLS`] vocabulary columns at a time for all
+/// rows, and each row's maximum, sum of exponentials (in f64, rescaled when the maximum
+/// moves), target logit and first maximum are carried from chunk to chunk. The pick is the
+/// same as over the whole row; the loss is [`row_nll`]'s up to the rounding of the rescaled
+/// sums (bit for bit with one chunk). Other devices or dtypes, or a non-contiguous `w`: the
+/// logits, then [`row_nll`] and `first_argmax`.
+pub fn linear_nll_first_argmax(
+    h: &Tensor,
+    w: &Tensor,
+    targets: &[u32],
+) -> Result<(Vec<f32>, Vec<u32>)> {
+    linear_nll_first_argmax_with(h, w, targets, NLL_ARGMAX_COLS)
+}
+
+/// A row's state in [`linear_nll_first_argmax`] after the chunks so far.
+#[derive(Clone, Copy)]
+struct RowScan {
+    /// The largest logit (NaN skipped) and the sum of `exp(logit - max)`, once a chunk with
+    /// a logit above -inf has `started` them.
+    max: f32,
+    sum: f64,
+    started: bool,
+    target: f32,
+    /// The greedy scan's best value and its column.
+    best: f32,
+    best_at: u32,
+}
+
+/// [`linear_nll_first_argmax`] with the chunk width given (tests use small ones).
+pub fn linear_nll_first_argmax_with(
+    h: &Tensor,
+    w: &Tensor,
+    targets: &[u32],
+    cols: usize,
+) -> Result<(Vec<f32>, Vec<u32>)> {
+    let (n, d, v) = check_linear_nll(h, w, targets)?;
     let cpu_f32 = |t: &Tensor| t.device().is_cpu() && t.dtype() == candle_core::DType::F32;
-    if !cpu_f32(h) || !cpu_f32(w) {
-        // The product in the weight's dtype (f32 for a trained head; a frozen head below f32
-        // is the compute dtype's copy), the loss in f32.
+    if !cpu_f32(h) || !cpu_f32(w) || !w.is_contiguous() || v == 0 {
         let logits = h.to_dtype(w.dtype())?.matmul(&w.t()?)?;
-        return row_nll(&logits.to_dtype(candle_core::DType::F32)?, targets);
+        let logits = logits.to_dtype(candle_core::DType::F32)?;
+        let nll = row_nll(&logits, targets.to_vec())?.to_vec1()?;
+        return Ok((nll, crate::model::generate::first_argmax(&logits)?));
     }
-    let state = Arc::new(LinearNllState {
-        targets,
-        chunk: chunk.max(1),
-        grad_h: h.track_op(),
-        grad_w: w.track_op(),
-        unit_grads: Mutex::new(None),
-        dw: Mutex::new(None),
-    });
-    Ok(h.contiguous()?
-        .apply_op2(&w.contiguous()?, LinearRowNll(state))?)
+    let h = h.contiguous()?;
+    let (hs, hl) = h.storage_and_layout();
+    let (ws, wl) = w.storage_and_layout();
+    let (candle_core::Storage::Cpu(hs), candle_core::Storage::Cpu(ws)) = (&*hs, &*ws) else {
+        return Err(Error::msg("linear-nll-argmax: CPU storage expected"));
+    };
+    let hv = &slice_f32(hs, hl, "linear-nll-argmax h")?[..n * d];
+    let wv = &slice_f32(ws, wl, "linear-nll-argmax w")?[..v * d];
+    let cols = cols.clamp(1, v);
+    let mut buf = vec![0f32; n * cols];
+    let mut rows = vec![
+        RowScan {
+            max: f32::NEG_INFINITY,
+            sum: 0.0,
+            started: false,
+            target: 0.0,
+            best: 0.0,
+            best_at: 0,
+        };
+        n
+    ];
+    for c0 in (0..v).step_by(cols) {
+        let len = cols.min(v - c0);
+        let buf = &mut buf[..n * len];
+        // All rows of h times vocabulary rows c0.. of w, read as its transpose [d, len].
+        product_into(
+            buf,
+            (n, len, d),
+            false,
+            Operand::rows_of(hv, d),
+            Operand::rows_of(&wv[c0 * d..], d).t(),
+        );
+        buf.par_chunks(len)
+            .zip(rows.par_iter_mut())
+            .zip(targets.par_iter())
+            .for_each(|((row, st), &t)| {
+                if c0 == 0 {
+                    // The scan starts at column 0 (a NaN there is never passed).
+                    st.best = row[0];
+                }
+                let m = vmath::max(row);
+                if m > st.best {
+                    // The scan's pick in this chunk: the first column holding the chunk's
+                    // maximum, which is above the best so far.
+                    let i = row.iter().position(|&x| x == m).unwrap_or(0);
+                    st.best = m;
+                    st.best_at = (c0 + i) as u32;
+                }
+                if t != IGNORE && m == f32::NEG_INFINITY {
+                    // A chunk of only -inf adds nothing (exp(-inf - max) = 0); one with a NaN
+                    // (which `max` passes over) makes the sum NaN, as over the whole row.
+                    if row.iter().any(|x| x.is_nan()) {
+                        st.sum = f64::NAN;
+                    }
+                } else if t != IGNORE {
+                    let s = vmath::sum_exp_f64(row, m);
+                    if !st.started {
+                        (st.max, st.sum, st.started) = (m, st.sum + s, true);
+                    } else if m > st.max {
+                        st.sum = st.sum * (st.max as f64 - m as f64).exp() + s;
+                        st.max = m;
+                    } else {
+                        st.sum += s * (m as f64 - st.max as f64).exp();
+                    }
+                }
+                if (c0..c0 + len).contains(&(t as usize)) {
+                    st.target = row[t as usize - c0];
+                }
+            });
+    }
+    let nll = rows
+        .iter()
+        .zip(targets)
+        .map(|(st, &t)| {
+            if t == IGNORE {
+                0.0
+            } else {
+                (st.max as f64 + st.sum.ln() - st.target as f64) as f32
+            }
+        })
+        .collect();
+    Ok((nll, rows.iter().map(|st| st.best_at).collect()))
 }
 
 /// What the forward of [`linear_row_nll`] leaves for its backward.
@@ -490,6 +631,98 @@ pub fn masked_next_token_ce(logits: &Tensor, ids: &Tensor, mask: &Tensor) -> Res
 mod tests {
     use super::*;
     use candle_core::{Device, Var};
+
+    /// The chunked loss and pick against the whole logits' [`row_nll`] and
+    /// [`crate::model::generate::first_argmax`]: rows whose maximum recurs across chunks, NaN
+    /// at the first column (never passed) and in the middle (never taken), -inf columns, an
+    /// ignored target; chunks of 1, 3 and 4 columns, the whole row and more.
+    #[test]
+    fn chunked_nll_and_pick_match_the_whole_logits() {
+        use crate::model::generate::first_argmax;
+        let dev = Device::Cpu;
+        let v = 10;
+        // With w the identity, the logits are h; a NaN or -inf column comes from w's row.
+        let h: Vec<f32> = [
+            [0.5, 3.0, -1.0, 3.0, 2.0, 3.0, 0.0, 1.0, -2.0, 3.0],
+            [-0.0, 0.0, 0.0, -1.0, -0.0, 0.5, 0.5, 0.25, 0.5, 0.1],
+            [1.0, 1.0, 1.0, 1.0, 1.0, 1.0, 1.0, 1.0, 1.0, 1.0],
+            [4.0, -3.0, 2.0, 7.5, 7.5, -8.0, 7.5, 0.0, 6.0, 7.5],
+        ]
+        .concat();
+        let targets = [3, 9, IGNORE, 7];
+        let h = Tensor::from_vec(h, (4, v), &dev).unwrap();
+        let eye = |special: &[(usize, f32)]| {
+            let mut w = vec![0f32; v * v];
+            for i in 0..v {
+                w[i * v + i] = 1.0;
+            }
+            for &(row, x) in special {
+                w[row * v + row] = x;
+            }
+            Tensor::from_vec(w, (v, v), &dev).unwrap()
+        };
+        for w in [
+            eye(&[]),
+            eye(&[(0, f32::NAN)]),
+            eye(&[(4, f32::NAN), (1, f32::NEG_INFINITY)]),
+            eye(&[(5, f32::INFINITY)]),
+        ] {
+            // Positive entries only times -inf: the -inf columns are -inf or NaN as they come.
+            let logits = h.matmul(&w.t().unwrap()).unwrap();
+            let want_nll: Vec<f32> = row_nll(&logits, targets.to_vec())
+                .unwrap()
+                .to_vec1()
+                .unwrap();
+            let want_pick = first_argmax(&logits).unwrap();
+            for cols in [1, 3, 4, v, 64] {
+                let (nll, pick) = linear_nll_first_argmax_with(&h, &w, &targets, cols).unwrap();
+                assert_eq!(pick, want_pick, "cols {cols}, w {w}");
+                for (r, (&a, &b)) in nll.iter().zip(&want_nll).enumerate() {
+                    let close = if cols >= v {
+                        a.to_bits() == b.to_bits()
+                    } else {
+                        (a - b).abs() <= 1e-6 * b.abs().max(1.0)
+                    };
+                    assert!(
+                        close || (a.is_nan() && b.is_nan()),
+                        "row {r}, cols {cols}: {a} against {b}"
+                    );
+                }
+            }
+        }
+        // Random rows over a larger vocabulary, the weight non-contiguous (the whole logits).
+        let mut rng = crate::util::rng::Rng::new(7, "chunked-nll-test");
+        let (n, d, v) = (37, 16, 1000);
+        let hv = rng.normal_vec(n * d, 1.0);
+        let wv = rng.normal_vec(v * d, 1.0);
+        let h = Tensor::from_vec(hv, (n, d), &dev).unwrap();
+        let w = Tensor::from_vec(wv, (v, d), &dev).unwrap();
+        let targets: Vec<u32> = (0..n as u32).map(|i| (i * 97) % v as u32).collect();
+        let logits = h.matmul(&w.t().unwrap()).unwrap();
+        let want_nll: Vec<f32> = row_nll(&logits, targets.clone())
+            .unwrap()
+            .to_vec1()
+            .unwrap();
+        let want_pick = first_argmax(&logits).unwrap();
+        let w_strided = w.t().unwrap().contiguous().unwrap().t().unwrap();
+        for (cols, w) in [
+            (64, &w),
+            (999, &w),
+            (NLL_ARGMAX_COLS, &w),
+            (100, &w_strided),
+        ] {
+            let (nll, pick) = linear_nll_first_argmax_with(&h, w, &targets, cols).unwrap();
+            assert_eq!(pick, want_pick, "cols {cols}");
+            for (&a, &b) in nll.iter().zip(&want_nll) {
+                assert!(
+                    (a - b).abs() <= 1e-5 * b.abs().max(1.0),
+                    "cols {cols}: {a} against {b}"
+                );
+            }
+        }
+        assert!(linear_nll_first_argmax(&h, &w, &targets[1..]).is_err());
+        assert!(linear_nll_first_argmax(&h, &w, &[v as u32; 37]).is_err());
+    }
 
     #[test]
     fn fused_nll_equals_composed_in_value_and_gradient() {

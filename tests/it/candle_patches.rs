@@ -561,18 +561,26 @@ fn matmul_by_a_transposed_weight_gives_the_weight_its_gradient() {
 /// `model::llama`, a left operand shared by every product (batch stride 0), and a batch too
 /// small as a whole to be shared out.
 #[test]
-fn batches_of_small_products_in_parallel_give_each_product_as_alone() {
+fn batches_of_products_in_parallel_give_each_product_as_alone() {
     let dev = Device::Cpu;
-    if candle_core::utils::get_num_threads() < 2 {
+    let threads = candle_core::utils::get_num_threads();
+    if threads < 2 {
         // The batch then takes the loop, and the products below check only that.
         eprintln!("one thread: the batched products' parallel path is not exercised");
     }
     let threshold = gemm_common::gemm::get_threading_threshold();
+    // (batch, m, k, n, rows of the cache the values are a view of, lhs shared by the batch).
     for (b, m, k, n, cap, shared_lhs) in [
         (192usize, 3usize, 100usize, 64usize, 120usize, false),
         (57, 5, 33, 70, 33, false),
         (40, 7, 50, 60, 64, true),
         (2, 3, 100, 64, 100, false),
+        // Products gemm would share among threads, each on one thread instead when there are
+        // enough of them (prefill's and training's attention: 3 x 128 query rows by 64 or
+        // 128), and too few of them for that.
+        (4 * threads.max(2), 384, 64, 128, 128, false),
+        (4 * threads.max(2), 384, 128, 64, 130, true),
+        (3, 384, 64, 128, 64, false),
     ] {
         let mut rng = Rng::new((b * m + k * n) as u64, "batched products test");
         let mut values = |len: usize| uniform_values(&mut rng, len);
@@ -586,12 +594,10 @@ fn batches_of_small_products_in_parallel_give_each_product_as_alone() {
         };
         let cache = Tensor::from_vec(values(b * cap * n), (b, cap, n), &dev).unwrap();
         let v = cache.narrow(1, 0, k).unwrap();
-        assert!(m * n * k < threshold);
-        assert_eq!(
-            b * m * n * k >= threshold,
-            b > 2,
-            "the shapes meant to cover both paths"
-        );
+        let per_product = m * n * k;
+        let parallel =
+            per_product * b >= threshold && (per_product < threshold || b >= 4 * threads);
+        assert_eq!(parallel, b > 3, "the shapes meant to cover both paths");
         let y = p.matmul(&v).unwrap().to_vec3::<f32>().unwrap();
         for (i, yi) in y.iter().enumerate() {
             let alone = p

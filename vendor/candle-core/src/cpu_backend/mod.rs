@@ -1667,7 +1667,12 @@ impl Map2 for MatMul {
         // (decoding's attention: `rows x kv_heads` products of a few query rows with the
         // cached keys or values) ran one after another on one thread. Such a batch now runs
         // its products in parallel, each on one thread as gemm ran it (the same bits), when
-        // the batch as a whole is above gemm's threading threshold.
+        // the batch as a whole is above gemm's threading threshold. So does a batch of
+        // products above it, when there are at least four per thread (prefill's and
+        // training's attention: 3 x 128 query rows by 64 or 128, twelve at batch 4): gemm
+        // shared out each product's output blocks among the threads, one product after
+        // another, every element summed over the depth in the same order, so one thread per
+        // product gives the same bits.
         let threshold = gemm::get_threading_threshold();
         let per_product = m.saturating_mul(n).saturating_mul(k);
         // `c_skip` is 0 only when the products are empty; `max(1)` then walks an empty
@@ -1675,8 +1680,8 @@ impl Map2 for MatMul {
         let chunk = c_skip.max(1);
         if b > 1
             && num_threads > 1
-            && per_product < threshold
             && per_product.saturating_mul(b) >= threshold
+            && (per_product < threshold || b >= 4 * num_threads)
         {
             use rayon::prelude::*;
             dst.par_chunks_mut(chunk)
