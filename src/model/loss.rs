@@ -7,8 +7,11 @@
 //! SmolLM2 step on the 2-core machine (see docs/BENCHMARKS.md); it remains the path on other
 //! devices and the reference in the tests.
 //!
-//! Just over 700 lines: the fused loss, its backward and the fused LM-head variant (which
-//! recomputes its logits chunk by chunk in the backward) are read together.
+//! Scoring's variant, [`linear_nll_first_argmax`], takes the loss and greedy decoding's pick
+//! from the LM head a slice of the vocabulary at a time, without a gradient.
+//!
+//! Just under 900 lines: the fused loss, its backward, the fused LM-head variant (which
+//! recomputes its logits chunk by chunk in the backward) and scoring's are read together.
 
 use std::sync::{Arc, Mutex};
 
