@@ -131,8 +131,9 @@ pub fn score_tokens(
 
 /// One forward pass of `ids` `[b, t]`; at each flat position of `index` (row * t + column),
 /// log p(target) and, when `greedy`, the argmax token (else no tokens). The LM head runs on
-/// those positions only; without `greedy`, a chunk of positions at a time
-/// ([`linear_row_nll`]: the logits of every position are never held at once).
+/// those positions only, and on the CPU the logits of every position are never held at once:
+/// without `greedy` a chunk of positions at a time ([`linear_row_nll`]), with it a slice of the
+/// vocabulary at a time ([`linear_nll_first_argmax`]).
 fn picked_logprobs(
     net: &Llama,
     ids: &Tensor,
@@ -172,7 +173,9 @@ fn picked_logprobs(
     // candle's argmax, NaN included), from the logits a few thousand vocabulary columns at a
     // time, never the whole [n, vocab] (on the CPU; elsewhere from the whole).
     let normed = net.final_norm(&rows_h)?.squeeze(0)?.to_dtype(net.dtype())?;
-    let (nll, best) = linear_nll_first_argmax(&normed, &net.lm_head_weight().detach(), targets)?;
+    // The product in the model's dtype, as `Llama::lm_head` computes it.
+    let head = net.lm_head_weight().detach().to_dtype(net.dtype())?;
+    let (nll, best) = linear_nll_first_argmax(&normed, &head, targets)?;
     Ok((nll.into_iter().map(|x| -x).collect(), best))
 }
 
@@ -191,8 +194,9 @@ pub fn score_packed(
 }
 
 /// [`score_packed`]; without `greedy`, no argmax is taken (every `greedy` flag is false) and the
-/// LM head runs a chunk of positions at a time, so the logits of a whole batch are never held
-/// at once (the held-out cross-entropy's way, `eval::heldout::score`).
+/// LM head runs a chunk of positions at a time (the held-out cross-entropy's way,
+/// `eval::heldout::score`); with it, a slice of the vocabulary at a time. Either way the logits
+/// of a whole batch are never held at once on the CPU.
 pub fn score_packed_with(
     net: &Llama,
     items: &[(Vec<u32>, Vec<Vec<u32>>)],

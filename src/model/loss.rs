@@ -670,7 +670,8 @@ mod tests {
             eye(&[(4, f32::NAN), (1, f32::NEG_INFINITY)]),
             eye(&[(5, f32::INFINITY)]),
         ] {
-            // Positive entries only times -inf: the -inf columns are -inf or NaN as they come.
+            // A NaN or infinite diagonal entry makes its column NaN, +inf or -inf by the sign of
+            // each row's entry there (NaN where that entry is 0).
             let logits = h.matmul(&w.t().unwrap()).unwrap();
             let want_nll: Vec<f32> = row_nll(&logits, targets.to_vec())
                 .unwrap()

@@ -555,11 +555,12 @@ fn matmul_by_a_transposed_weight_gives_the_weight_its_gradient() {
     }
 }
 
-/// A batch of products each too small for gemm to thread (vendor/candle-core, `MatMul`: the
-/// batch runs its products in parallel, one thread each) gives each product as computed alone,
-/// bit for bit: decoding's attention shapes, the values a narrowed view of a larger cache as in
-/// `model::llama`, a left operand shared by every product (batch stride 0), and a batch too
-/// small as a whole to be shared out.
+/// A batch of products each too small for gemm to thread, or of at least four products per
+/// thread above that size (vendor/candle-core, `MatMul`: the batch runs its products in
+/// parallel, one thread each) gives each product as computed alone, bit for bit: decoding's
+/// and prefill's attention shapes, the values a narrowed view of a larger cache as in
+/// `model::llama`, a left operand shared by every product (batch stride 0), a batch too small
+/// as a whole to be shared out, and one of too few large products.
 #[test]
 fn batches_of_products_in_parallel_give_each_product_as_alone() {
     let dev = Device::Cpu;
@@ -620,6 +621,66 @@ fn batches_of_products_in_parallel_give_each_product_as_alone() {
                         .map(|l| pv[i][r][l] as f64 * vv[i][l][c] as f64)
                         .sum();
                     assert!((y[i][r][c] as f64 - want).abs() <= 1e-5 * k as f64);
+                }
+            }
+        }
+    }
+}
+
+/// A batch-invariant right operand folds the left operand's batches into the rows of one
+/// product only when those rows are evenly spaced (vendor/candle-core, `MatMul`): a left
+/// operand transposed in its last two dims, and a batch of single rows taken across a larger
+/// matrix (`[1, b, k]` transposed to `[b, 1, k]`, rows `b * k` apart), are multiplied batch by
+/// batch. Upstream folded both, reading the wrong rows (the first) or past the operand's end
+/// (the second). Checked against each product alone and against the sum in f64.
+#[test]
+fn a_shared_right_operand_folds_only_evenly_spaced_rows() {
+    let dev = Device::Cpu;
+    let (b, m, k, n) = (6usize, 5usize, 40usize, 48usize);
+    let mut rng = Rng::new(11, "fold test");
+    let mut values = |len: usize| uniform_values(&mut rng, len);
+    let rhs = Tensor::from_vec(values(k * n), (1, k, n), &dev).unwrap();
+    let transposed = Tensor::from_vec(values(b * k * m), (b, k, m), &dev)
+        .unwrap()
+        .transpose(1, 2)
+        .unwrap();
+    let single_rows = Tensor::from_vec(values(b * k), (1, b, k), &dev)
+        .unwrap()
+        .transpose(0, 1)
+        .unwrap();
+    let contiguous = Tensor::from_vec(values(b * m * k), (b, m, k), &dev).unwrap();
+    for lhs in [transposed, single_rows, contiguous] {
+        let (bb, mm, _) = lhs.dims3().unwrap();
+        let y = lhs
+            .matmul(&rhs.broadcast_as((bb, k, n)).unwrap())
+            .unwrap()
+            .to_vec3::<f32>()
+            .unwrap();
+        let (lv, rv) = (lhs.to_vec3::<f32>().unwrap(), rhs.to_vec3::<f32>().unwrap());
+        for i in 0..bb {
+            let alone = lhs
+                .get(i)
+                .unwrap()
+                .matmul(&rhs.get(0).unwrap())
+                .unwrap()
+                .to_vec2::<f32>()
+                .unwrap();
+            assert!(
+                y[i] == alone,
+                "{:?}: product {i} differs from its own",
+                lhs.stride()
+            );
+            for r in 0..mm {
+                for c in 0..n {
+                    let want: f64 = (0..k)
+                        .map(|l| lv[i][r][l] as f64 * rv[0][l][c] as f64)
+                        .sum();
+                    assert!(
+                        (y[i][r][c] as f64 - want).abs() <= 1e-5 * k as f64,
+                        "{:?}: [{i}][{r}][{c}] = {}, expected {want}",
+                        lhs.stride(),
+                        y[i][r][c]
+                    );
                 }
             }
         }

@@ -1617,7 +1617,12 @@ impl Map2 for MatMul {
         } else {
             Parallelism::None
         };
-        let (b, m, n, k) = if b_skip == 0 && a_skip == m * k {
+        // repnoise patch: the fold also needs lhs's rows k apart (`lhs_rs == k`). Upstream
+        // checked `a_skip == m * k` alone, which a transposed lhs (`lhs_rs == 1`) or a batch of
+        // single rows taken across a larger matrix (`[1, b, k]` transposed to `[b, 1, k]`,
+        // `lhs_rs == b * k`) also meet: the folded product then read the wrong rows, or past
+        // the operand's end.
+        let (b, m, n, k) = if b_skip == 0 && a_skip == m * k && lhs_rs == k {
             // A batch-invariant rhs lets the batches of lhs stack into the rows of a single
             // (b * m, k) matrix, which the destination already matches row for row.
             // a_skip is not updated: step is always 0. c_skip is taken below, after the fold.
