@@ -643,6 +643,15 @@ mod tests {
     fn chunked_nll_and_pick_match_the_whole_logits() {
         use crate::model::generate::first_argmax;
         let dev = Device::Cpu;
+        // The reference: the whole logits, then the loss and the pick over each whole row.
+        let whole = |h: &Tensor, w: &Tensor, targets: &[u32]| {
+            let logits = h.matmul(&w.t().unwrap()).unwrap();
+            let nll: Vec<f32> = row_nll(&logits, targets.to_vec())
+                .unwrap()
+                .to_vec1()
+                .unwrap();
+            (nll, first_argmax(&logits).unwrap())
+        };
         let v = 10;
         // With w the identity, the logits are h; a NaN or -inf column comes from w's row.
         let h: Vec<f32> = [
@@ -672,12 +681,7 @@ mod tests {
         ] {
             // A NaN or infinite diagonal entry makes its column NaN, +inf or -inf by the sign of
             // each row's entry there (NaN where that entry is 0).
-            let logits = h.matmul(&w.t().unwrap()).unwrap();
-            let want_nll: Vec<f32> = row_nll(&logits, targets.to_vec())
-                .unwrap()
-                .to_vec1()
-                .unwrap();
-            let want_pick = first_argmax(&logits).unwrap();
+            let (want_nll, want_pick) = whole(&h, &w, &targets);
             for cols in [1, 3, 4, v, 64] {
                 let (nll, pick) = linear_nll_first_argmax_with(&h, &w, &targets, cols).unwrap();
                 assert_eq!(pick, want_pick, "cols {cols}, w {w}");
@@ -702,12 +706,7 @@ mod tests {
         let h = Tensor::from_vec(hv, (n, d), &dev).unwrap();
         let w = Tensor::from_vec(wv, (v, d), &dev).unwrap();
         let targets: Vec<u32> = (0..n as u32).map(|i| (i * 97) % v as u32).collect();
-        let logits = h.matmul(&w.t().unwrap()).unwrap();
-        let want_nll: Vec<f32> = row_nll(&logits, targets.clone())
-            .unwrap()
-            .to_vec1()
-            .unwrap();
-        let want_pick = first_argmax(&logits).unwrap();
+        let (want_nll, want_pick) = whole(&h, &w, &targets);
         let w_strided = w.t().unwrap().contiguous().unwrap().t().unwrap();
         for (cols, w) in [
             (64, &w),
