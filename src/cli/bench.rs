@@ -39,6 +39,11 @@ pub struct Args {
     /// instead of synthetic ones; --items caps how many.
     #[arg(long)]
     pub heldout: Option<PathBuf>,
+    /// score, heldout-ce: query rows per block of the attention without gradient
+    /// (`Llama::with_query_block`; 0: the whole sequence at once); the model's default if not
+    /// given.
+    #[arg(long)]
+    pub query_block: Option<usize>,
     /// Results file (JSON lines of earlier bench runs) to plot.
     #[arg(long)]
     pub results: Option<PathBuf>,
@@ -58,12 +63,16 @@ pub fn run(g: &Global, a: Args) -> Result<()> {
         new_tokens,
         items,
         apart,
+        query_block,
         heldout,
         results,
         out,
     } = a;
     if apart && what != "heldout-ce" {
         bail!("bench {what}: --apart applies to heldout-ce only");
+    }
+    if query_block.is_some() && what != "score" && what != "heldout-ce" {
+        bail!("bench {what}: --query-block applies to score and heldout-ce only");
     }
     if heldout.is_some() && what != "heldout-ce" {
         bail!("bench {what}: --heldout applies to heldout-ce only");
@@ -141,7 +150,7 @@ pub fn run(g: &Global, a: Args) -> Result<()> {
                     path.display().to_string(),
                 ),
             };
-            let net = repnoise::dev::bench::inference_net(&mut m)?;
+            let net = with_query_block(repnoise::dev::bench::inference_net(&mut m)?, query_block);
             let (t, [harmful, refusal]) =
                 repnoise::dev::bench::heldout_ce(&net, &enc, batch, steps, apart)?;
             (
@@ -161,7 +170,7 @@ pub fn run(g: &Global, a: Args) -> Result<()> {
             )
         }
         "score" => {
-            let net = repnoise::dev::bench::inference_net(&mut m)?;
+            let net = with_query_block(repnoise::dev::bench::inference_net(&mut m)?, query_block);
             (
                 repnoise::dev::bench::scoring(&m, &net, batch, seq, steps)?,
                 serde_json::json!({}),
@@ -228,4 +237,15 @@ pub fn bench_prompts(m: &LoadedModel, batch: usize) -> Result<Vec<Vec<u32>>> {
             Ok(chat::render(&m.tok, &[Message::user(p)], true)?.ids)
         })
         .collect()
+}
+
+/// `net` with `--query-block`'s blocks, if given.
+fn with_query_block(
+    net: repnoise::model::llama::Llama,
+    rows: Option<usize>,
+) -> repnoise::model::llama::Llama {
+    match rows {
+        Some(r) => net.with_query_block(r),
+        None => net,
+    }
 }

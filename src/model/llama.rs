@@ -212,6 +212,8 @@ pub struct Llama {
     /// Added to each layer's attention output (after `o_proj`, before the residual add); see
     /// [`Llama::with_attention_offsets`].
     attn_offsets: Option<Vec<Tensor>>,
+    /// Query rows per block of [`causal_blocks`]' attention (0: the whole sequence at once).
+    query_block: usize,
 }
 
 /// [`linear`] plus the adapters' low-rank terms.
@@ -280,6 +282,120 @@ fn linear(x: &Tensor, w: &Tensor, b: Option<&Tensor>) -> Result<Tensor> {
         None => y,
     };
     Ok(y.reshape((bsz, t, ()))?)
+}
+
+/// Scaled dot-product attention of queries `q` `[b, t, h, hd]` over keys and values `[b, kvh,
+/// T, hd]` with the additive mask `[b, 1, t, T]`: `[b, h, t, hd]`. Grouped-query attention
+/// without copying keys and values per head: the `h / kvh` query heads that share a key/value
+/// head are stacked as rows of one product.
+fn attention(q: &Tensor, k: &Tensor, v: &Tensor, mask: &Tensor, scale: f64) -> Result<Tensor> {
+    let (b, t, h, hd) = q.dims4()?;
+    let (kvh, total) = (k.dim(1)?, k.dim(2)?);
+    let n_rep = h / kvh;
+    let q = q
+        .transpose(1, 2)?
+        .contiguous()?
+        .reshape((b, kvh, n_rep * t, hd))?;
+    let scores = q.matmul(&k.t()?)?.reshape((b, h, t, total))?; // [b, h, t, T]
+    let probs = ops::masked_softmax(&scores, mask, scale)?; // softmax(scores * scale + mask)
+    Ok(probs
+        .reshape((b, kvh, n_rep * t, total))?
+        .matmul(v)? // [b, kvh, n_rep * t, hd]
+        .reshape((b, h, t, hd))?)
+}
+
+/// Query rows per block of [`causal_blocks`] (`Llama::with_query_block`). SmolLM2's scoring
+/// (`repnoise bench score`) measured 12-23% quicker at one row of 384 or 512 tokens and two of
+/// 256 with blocks of 64, no different at 4 x 128 (blocks of 32 slower there: smaller products
+/// for the same per-call costs); docs/BENCHMARKS.md.
+pub const QUERY_BLOCK: usize = 64;
+
+/// A block of query rows and the keys they attend over: rows `start..start + rows`, keys
+/// `0..keys`.
+struct QueryBlock {
+    start: usize,
+    rows: usize,
+    keys: usize,
+    /// The mask's part for them, `[b, 1, rows, keys]`, contiguous.
+    mask: Tensor,
+}
+
+/// Where a causal mask lets attention skip work: the queries split into blocks of `rows` (the
+/// last with the rows left over), each
+/// over the keys up to its last query's position, rounded up to a multiple of 8. The skipped keys
+/// are masked for every query of the block, so their probabilities are exactly 0 and the blocks
+/// give the whole computation's bits: each score is the same dot product; a row's softmax sums
+/// its exponentials in 8 lanes (`model::vmath`), to which the skipped keys' zeros add nothing
+/// (hence the multiple of 8); and gemm sums the values' product over the keys in order, in one
+/// depth block up to `GEMM_MIN_KC` keys (the zeros' terms again add nothing). So blocks are
+/// taken only where that holds: f32 on the CPU (the fused masked softmax), at most
+/// `GEMM_MIN_KC` keys, a key count above `MAX_NARROW` (gemm rather than candle's dot products),
+/// and a mask whose every query row has a key left open (`> MASKED / 2`: an all-masked row's
+/// uniform softmax would spread over fewer keys) and every skipped key at [`MASKED`]. `None`:
+/// the whole sequence at once.
+fn causal_blocks(
+    mask: &Tensor,
+    past: usize,
+    rows: usize,
+    n_rep: usize,
+) -> Result<Option<Vec<QueryBlock>>> {
+    /// gemm-common's smallest depth block (`cache::kernel_params`: at least 512 or the depth).
+    const GEMM_MIN_KC: usize = 512;
+    let (_, _, t, total) = mask.dims4()?;
+    if rows == 0
+        || t < 2 * rows
+        || total > GEMM_MIN_KC
+        || !mask.device().is_cpu()
+        || mask.dtype() != DType::F32
+    {
+        return Ok(None);
+    }
+    // The scores' products take candle's dot products at up to `MAX_NARROW` rows or keys:
+    // every block must take gemm, as the whole does (`t >= 2 * rows` rows and as many keys).
+    let narrow = candle_core::cpu_backend::dot_matmul::MAX_NARROW;
+    if n_rep * rows <= narrow {
+        return Ok(None);
+    }
+    let n = t / rows;
+    // (first row, rows, keys) of each block; the last block takes the rows left over.
+    let spans: Vec<(usize, usize, usize)> = (0..n)
+        .map(|i| {
+            let start = i * rows;
+            let rows = if i + 1 == n { t - start } else { rows };
+            (
+                start,
+                rows,
+                (past + start + rows).next_multiple_of(8).min(total),
+            )
+        })
+        .collect();
+    if spans.iter().any(|&(_, _, keys)| keys <= narrow) {
+        return Ok(None);
+    }
+    let m = mask.flatten_all()?.to_vec1::<f32>()?;
+    for (r, row) in m.chunks(total).enumerate() {
+        let keys = spans[((r % t) / rows).min(n - 1)].2;
+        let open = row[..keys].iter().any(|&x| x > MASKED / 2.0);
+        if !open || row[keys..].iter().any(|&x| x != MASKED) {
+            return Ok(None);
+        }
+    }
+    let blocks = spans
+        .into_iter()
+        .map(|(start, rows, keys)| {
+            let mask = mask
+                .narrow(2, start, rows)?
+                .narrow(3, 0, keys)?
+                .contiguous()?;
+            Ok(QueryBlock {
+                start,
+                rows,
+                keys,
+                mask,
+            })
+        })
+        .collect::<Result<_>>()?;
+    Ok(Some(blocks))
 }
 
 /// RMSNorm: `x / sqrt(mean(x^2) + eps) * w` in `x`'s dtype (fused with its own backward on
@@ -405,6 +521,7 @@ impl Llama {
             device,
             dtype,
             attn_offsets: None,
+            query_block: QUERY_BLOCK,
         })
     }
 
@@ -431,6 +548,7 @@ impl Llama {
             device: self.device.clone(),
             dtype: self.dtype,
             attn_offsets: Some(offsets),
+            query_block: self.query_block,
         })
     }
 
@@ -444,6 +562,14 @@ impl Llama {
             self.layers[l].adapters[i].push(ad);
         }
         Ok(self)
+    }
+
+    /// The same network computing attention without gradient in blocks of `rows` query rows
+    /// where that gives the same numbers (`causal_blocks`; 0: the whole sequence at once). The
+    /// default is [`QUERY_BLOCK`]; tests and benchmarks set others.
+    pub fn with_query_block(mut self, rows: usize) -> Self {
+        self.query_block = rows;
+        self
     }
 
     /// All parameters trainable.
@@ -573,6 +699,10 @@ impl Llama {
             hidden_states.push(f32(&x)?);
         }
         let scale = 1.0 / (hd as f64).sqrt();
+        let blocks = match self.dtype {
+            DType::F32 => causal_blocks(mask, past, self.query_block, h / kvh)?,
+            _ => None,
+        };
         for (li, layer) in self.layers.iter().enumerate() {
             // Attention block.
             let xn = rms_norm(&x, &layer.input_norm, cfg.rms_norm_eps)?;
@@ -584,7 +714,7 @@ impl Llama {
                 .reshape((b, t, kvh, hd))?
                 .transpose(1, 2)?
                 .contiguous()?; // [b, kvh, t, hd]
-            let q = ops::rope(&q, &cos, &sin)?.transpose(1, 2)?; // [b, h, t, hd]
+            let q = ops::rope(&q, &cos, &sin)?; // [b, t, h, hd]
             let k = ops::rope(&k, &cos, &sin)?.transpose(1, 2)?.contiguous()?; // [b, kvh, t, hd]
             let (k, v) = match cache.as_deref_mut() {
                 Some(c) => match &c.layers[li] {
@@ -609,17 +739,21 @@ impl Llama {
             };
             // Grouped-query attention without copying keys and values per head: the `n_rep`
             // query heads that share a key/value head are stacked as rows of one product.
-            let n_rep = h / kvh;
-            let total = k.dim(2)?;
-            let q = q.contiguous()?.reshape((b, kvh, n_rep * t, hd))?;
-            let scores = q.matmul(&k.t()?)?.reshape((b, h, t, total))?; // [b, h, t, T]
-            let probs = ops::masked_softmax(&scores, mask, scale)?; // softmax(scores * scale + mask)
-            let attn = probs
-                .reshape((b, kvh, n_rep * t, total))?
-                .matmul(&v)? // [b, kvh, n_rep * t, hd]
-                .reshape((b, h, t, hd))?
-                .transpose(1, 2)?
-                .reshape((b, t, h * hd))?;
+            let attn = match &blocks {
+                // No gradient to keep: the causal blocks' arithmetic, the same numbers.
+                Some(blocks) if !(q.track_op() || k.track_op() || v.track_op()) => {
+                    let mut outs = Vec::with_capacity(blocks.len());
+                    for blk in blocks {
+                        let q = q.narrow(1, blk.start, blk.rows)?;
+                        let (k, v) = (k.narrow(2, 0, blk.keys)?, v.narrow(2, 0, blk.keys)?);
+                        outs.push(attention(&q, &k, &v, &blk.mask, scale)?);
+                    }
+                    Tensor::cat(&outs, 2)?
+                }
+                _ => attention(&q, &k, &v, mask, scale)?,
+            } // [b, h, t, hd]
+            .transpose(1, 2)?
+            .reshape((b, t, h * hd))?;
             let mut attn = linear_ad(&attn, &layer.o, layer.o_bias.as_ref(), &layer.adapters[3])?;
             if let Some(off) = &self.attn_offsets {
                 attn = attn.broadcast_add(&off[li].to_dtype(attn.dtype())?)?;
@@ -728,6 +862,125 @@ mod tests {
             eos_token_ids: vec![],
             compute_dtype: dtype,
         }
+    }
+
+    /// Attention in causal blocks gives the whole computation's bits: every hidden state and
+    /// the logits, for a plain causal mask, right padding (rows whose padded queries still see
+    /// their real keys) and a prefix in the cache; blocks of 20 rows make the key counts
+    /// (rounded up to a multiple of 8) differ from the queries' last positions, where a
+    /// softmax row's sum would otherwise take its last elements in another order.
+    #[test]
+    fn attention_in_causal_blocks_gives_the_same_bits() {
+        let mut cfg = config(DType::F32);
+        cfg.max_position_embeddings = 128;
+        let dev = Device::Cpu;
+        let p = Params::random(&cfg, 5, &dev).unwrap();
+        let whole = Llama::frozen(&cfg, &p).unwrap().with_query_block(0);
+        let opts = ForwardOpts {
+            logits: Logits::All,
+            hidden_states: true,
+            mlp_outputs: true,
+        };
+        let ids = |b: usize, t: usize| {
+            let v: Vec<u32> = (0..b * t).map(|i| (i * 7 % 37) as u32 + 1).collect();
+            Tensor::from_vec(v, (b, t), &dev).unwrap()
+        };
+        let bits = |o: &ForwardOut| -> Vec<u32> {
+            let mut all = o.hidden_states.clone();
+            all.extend(o.mlp_outputs.iter().cloned());
+            all.push(o.logits.clone().unwrap());
+            all.iter()
+                .flat_map(|t| t.flatten_all().unwrap().to_vec1::<f32>().unwrap())
+                .map(f32::to_bits)
+                .collect()
+        };
+        let same = |a: Vec<u32>, b: Vec<u32>, what: &str| {
+            assert_eq!(a.len(), b.len());
+            let differ = a.iter().zip(&b).filter(|(x, y)| x != y).count();
+            assert_eq!(differ, 0, "{what}: {differ} of {} numbers differ", a.len());
+        };
+        for rows in [20, 24, 32] {
+            let blocked = whole.clone().with_query_block(rows);
+            // Plain causal, and right padding (row 1 has 50 real tokens, row 2 has 3).
+            for (b, t, real) in [(2, 70, vec![70, 70]), (3, 64, vec![64, 50, 3])] {
+                let kv: Vec<Vec<bool>> = real
+                    .iter()
+                    .map(|&r| (0..t).map(|j| j < r).collect())
+                    .collect();
+                let mask = attention_mask(b, t, 0, Some(&kv), &dev).unwrap();
+                assert!(causal_blocks(&mask, 0, rows, 2).unwrap().is_some());
+                let pos = positions_for(b, t, 0, &dev).unwrap();
+                let run = |net: &Llama| {
+                    bits(
+                        &net.forward(&ids(b, t), &pos, Some(&mask), None, opts)
+                            .unwrap(),
+                    )
+                };
+                same(
+                    run(&blocked),
+                    run(&whole),
+                    &format!("{rows} rows, {real:?}"),
+                );
+            }
+            // A prefix of 11 tokens in the cache, then 60 more.
+            let run = |net: &Llama| {
+                let mut cache = KvCache::new(cfg.num_layers);
+                let pos = positions_for(2, 11, 0, &dev).unwrap();
+                net.forward(&ids(2, 11), &pos, None, Some(&mut cache), opts)
+                    .unwrap();
+                let pos = positions_for(2, 60, 11, &dev).unwrap();
+                bits(
+                    &net.forward(&ids(2, 60), &pos, None, Some(&mut cache), opts)
+                        .unwrap(),
+                )
+            };
+            same(
+                run(&blocked),
+                run(&whole),
+                &format!("{rows} rows after a cached prefix"),
+            );
+        }
+    }
+
+    /// The blocks: each over the keys up to its last query (rounded up to a multiple of 8),
+    /// the last block with the rows left over; none where blocks could change a number.
+    #[test]
+    fn causal_blocks_only_where_they_are_exact() {
+        let dev = Device::Cpu;
+        let spans = |mask: &Tensor, past: usize, rows: usize, n_rep: usize| {
+            causal_blocks(mask, past, rows, n_rep).unwrap().map(|b| {
+                b.iter()
+                    .map(|q| (q.start, q.rows, q.keys))
+                    .collect::<Vec<_>>()
+            })
+        };
+        let causal = attention_mask(2, 70, 0, None, &dev).unwrap();
+        assert_eq!(
+            spans(&causal, 0, 20, 2),
+            Some(vec![(0, 20, 24), (20, 20, 40), (40, 30, 70)])
+        );
+        let cached = attention_mask(1, 50, 5, None, &dev).unwrap();
+        assert_eq!(
+            spans(&cached, 5, 24, 1),
+            Some(vec![(0, 24, 32), (24, 26, 55)])
+        );
+        // Too few rows for two blocks; products candle would take as dot products (at most
+        // 16 query rows or keys); more keys than gemm's smallest depth block.
+        assert_eq!(spans(&causal, 0, 36, 2), None);
+        assert_eq!(spans(&causal, 0, 8, 2), None);
+        assert_eq!(spans(&causal, 0, 12, 2), None);
+        let long = attention_mask(1, 520, 0, None, &dev).unwrap();
+        assert_eq!(spans(&long, 0, 64, 3), None);
+        // Left padding: the padded queries see no key, and their uniform softmax would spread
+        // over fewer keys in a block.
+        let kv = vec![(0..70).map(|j| j >= 4).collect::<Vec<bool>>()];
+        let left = attention_mask(1, 70, 0, Some(&kv), &dev).unwrap();
+        assert_eq!(spans(&left, 0, 20, 2), None);
+        // A mask letting a query see a later key.
+        let mut m = causal.flatten_all().unwrap().to_vec1::<f32>().unwrap();
+        m[5 * 70 + 60] = 0.0;
+        let open = Tensor::from_vec(m, (2, 1, 70, 70), &dev).unwrap();
+        assert_eq!(spans(&open, 0, 20, 2), None);
     }
 
     /// `Llama::inference` holds every projection weight as the `[out, in]` view of `[in, out]`

@@ -192,3 +192,39 @@ fn faithful_repnoise_loss_matches_the_reference() {
         t.harmless_ce
     );
 }
+
+/// Attention in causal blocks (`Llama::with_query_block`, on by default for forward passes
+/// without gradient) gives the whole computation's bits on the real model: SmolLM2's three
+/// query heads per key/value head and 64-wide heads, over 200 tokens (blocks of 64, the last
+/// of 72) with one row right padded.
+#[test]
+fn attention_in_causal_blocks_is_exact_on_smollm2() {
+    use candle_core::Tensor;
+    use repnoise::model::llama::{attention_mask, positions_for, ForwardOpts, Logits};
+    let mut m = smollm2();
+    let net = Llama::inference(&m.config, std::mem::take(&mut m.params)).unwrap();
+    let (b, t) = (2, 200);
+    let ids: Vec<u32> = (0..b * t).map(|i| (i * 7919 % 40_000) as u32 + 5).collect();
+    let ids = Tensor::from_vec(ids, (b, t), &Device::Cpu).unwrap();
+    let kv: Vec<Vec<bool>> = (0..b)
+        .map(|r| (0..t).map(|j| r == 0 || j < 150).collect())
+        .collect();
+    let mask = attention_mask(b, t, 0, Some(&kv), &Device::Cpu).unwrap();
+    let pos = positions_for(b, t, 0, &Device::Cpu).unwrap();
+    let opts = ForwardOpts {
+        logits: Logits::Last,
+        hidden_states: true,
+        mlp_outputs: false,
+    };
+    let bits = |net: &Llama| -> Vec<u32> {
+        let o = net.forward(&ids, &pos, Some(&mask), None, opts).unwrap();
+        [o.hidden_states.last().unwrap().clone(), o.logits.unwrap()]
+            .iter()
+            .flat_map(|x| x.flatten_all().unwrap().to_vec1::<f32>().unwrap())
+            .map(f32::to_bits)
+            .collect()
+    };
+    let (blocked, whole) = (bits(&net), bits(&net.clone().with_query_block(0)));
+    let differ = blocked.iter().zip(&whole).filter(|(a, b)| a != b).count();
+    assert_eq!(differ, 0, "{differ} of {} numbers differ", whole.len());
+}
