@@ -61,13 +61,35 @@ impl<'a> Operand<'a> {
 }
 
 /// `dst [m, n] = (accumulate ? dst : 0) + lhs [m, k] rhs [k, n]`, with `dst` contiguous (its
-/// first `m * n` elements). Panics if an operand's extent lies outside its slice.
+/// first `m * n` elements), on all of rayon's threads. Panics if an operand's extent lies
+/// outside its slice.
 pub(crate) fn product_into(
+    dst: &mut [f32],
+    dims: (usize, usize, usize),
+    accumulate: bool,
+    lhs: Operand,
+    rhs: Operand,
+) {
+    product_into_on(
+        dst,
+        dims,
+        accumulate,
+        lhs,
+        rhs,
+        rayon::current_num_threads(),
+    )
+}
+
+/// [`product_into`] on `threads` threads (1: on the calling thread alone). The threads share
+/// out output blocks, each element summed over `k` in the same order: the same bits whatever
+/// the count.
+pub(crate) fn product_into_on(
     dst: &mut [f32],
     (m, n, k): (usize, usize, usize),
     accumulate: bool,
     lhs: Operand,
     rhs: Operand,
+    threads: usize,
 ) {
     assert!(
         m.checked_mul(n).is_some_and(|mn| dst.len() >= mn)
@@ -97,7 +119,10 @@ pub(crate) fn product_into(
             false,
             false,
             false,
-            ::gemm::Parallelism::Rayon(rayon::current_num_threads()),
+            match threads {
+                0 | 1 => ::gemm::Parallelism::None,
+                n => ::gemm::Parallelism::Rayon(n),
+            },
         )
     }
 }

@@ -296,8 +296,7 @@ fn attention(q: &Tensor, k: &Tensor, v: &Tensor, mask: &Tensor, scale: f64) -> R
         .transpose(1, 2)?
         .contiguous()?
         .reshape((b, kvh, n_rep * t, hd))?;
-    let scores = q.matmul(&k.t()?)?.reshape((b, h, t, total))?; // [b, h, t, T]
-    let probs = ops::masked_softmax(&scores, mask, scale)?; // softmax(scores * scale + mask)
+    let probs = ops::attention_probs(&q, k, mask, scale)?; // softmax(q k^T * scale + mask)
     Ok(probs
         .reshape((b, kvh, n_rep * t, total))?
         .matmul(v)? // [b, kvh, n_rep * t, hd]

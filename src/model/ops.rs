@@ -210,6 +210,152 @@ impl CustomOp1 for Softmax {
     }
 }
 
+/// Attention's probabilities from its queries and keys: `softmax(q k^T * scale + mask)` as
+/// [`masked_softmax`] of `q.matmul(&k.t())` reshaped, for `q` `[b, g, r, hd]` (the `r / t` query
+/// heads sharing key/value head `g`, stacked as rows), `k` `[b, g, T, hd]` and `mask` `[b, 1, t,
+/// T]`: `[b, g * r / t, t, T]`. On the CPU in f32 one operation: each product's scores are
+/// scaled, masked and normalised while in cache, and the scores are not kept for the backward
+/// pass (the composed form's graph holds them beside the probabilities: a `[b, h, t, T]` tensor
+/// per layer). The same bits forward and backward: gemm's product as candle's `matmul` takes it
+/// (only where candle would take gemm rather than its dot products: more than `MAX_NARROW` rows
+/// and keys), the same softmax, and the gradients as candle's `matmul` backward computes them.
+pub fn attention_probs(q: &Tensor, k: &Tensor, mask: &Tensor, scale: f64) -> Result<Tensor> {
+    let (b, g, r, hd) = q.dims4()?;
+    let total = k.dim(2)?;
+    let (mb, _, t, mt) = mask.dims4()?;
+    if t == 0 || r % t != 0 || k.dims4()? != (b, g, total, hd) || (mb, mt) != (b, total) {
+        return Err(crate::Error::msg(format!(
+            "attention: queries {:?}, keys {:?} and mask {:?} do not fit",
+            q.dims(),
+            k.dims(),
+            mask.dims()
+        )));
+    }
+    let h = g * (r / t);
+    let narrow = candle_core::cpu_backend::dot_matmul::MAX_NARROW;
+    let gemm = r > narrow && total > narrow;
+    if fused(q)
+        && fused(k)
+        && mask.dtype() == q.dtype()
+        && q.is_contiguous()
+        && k.is_contiguous()
+        && gemm
+    {
+        return Ok(q.apply_op2(
+            k,
+            AttentionProbs {
+                mask: mask.contiguous()?,
+                scale: scale as f32,
+                t,
+            },
+        )?);
+    }
+    let scores = q.matmul(&k.t()?)?.reshape((b, h, t, total))?;
+    masked_softmax(&scores, mask, scale)
+}
+
+struct AttentionProbs {
+    /// `[b, 1, t, T]`, contiguous.
+    mask: Tensor,
+    scale: f32,
+    /// Query positions: a product's row `j` is query `j % t`.
+    t: usize,
+}
+
+impl CustomOp2 for AttentionProbs {
+    fn name(&self) -> &'static str {
+        "attention-probs"
+    }
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+    ) -> candle_core::Result<(CpuStorage, Shape)> {
+        use crate::model::gemm::{product_into_on, Operand};
+        let q = slice_f32(s1, l1, "attention q")?;
+        let k = slice_f32(s2, l2, "attention k")?;
+        let (b, g, r, hd) = l1.shape().dims4()?;
+        let total = l2.shape().dims()[2];
+        let t = self.t;
+        let (ms, ml) = self.mask.storage_and_layout();
+        let candle_core::Storage::Cpu(ms) = &*ms else {
+            candle_core::bail!("attention: the mask is not on the CPU")
+        };
+        let m = slice_f32(ms, ml, "attention mask")?;
+        let scale = self.scale;
+        let per = r * total;
+        let mut out = vec![0f32; b * g * per];
+        // Product p (batch p / g) into `o`, then its rows' softmax, on `threads` threads.
+        let one = |p: usize, o: &mut [f32], threads: usize| {
+            product_into_on(
+                o,
+                (r, total, hd),
+                false,
+                Operand::rows_of(&q[p * r * hd..(p + 1) * r * hd], hd),
+                Operand::rows_of(&k[p * total * hd..(p + 1) * total * hd], hd).t(),
+                threads,
+            );
+            let row = |(j, o): (usize, &mut [f32])| {
+                let mr = &m[((p / g) * t + j % t) * total..][..total];
+                for (v, &mv) in o.iter_mut().zip(mr) {
+                    // Two roundings, as the unfused `scores * scale` then `+ mask`.
+                    let z = *v * scale;
+                    *v = z + mv;
+                }
+                softmax_row_in_place(o);
+            };
+            if threads > 1 {
+                o.par_chunks_mut(total).enumerate().for_each(row);
+            } else {
+                o.chunks_mut(total).enumerate().for_each(row);
+            }
+        };
+        // As candle's batched `matmul` shares them out: enough products, one per thread.
+        let threads = rayon::current_num_threads();
+        if per > 0 && b * g >= 4 * threads && threads > 1 {
+            out.par_chunks_mut(per)
+                .enumerate()
+                .for_each(|(p, o)| one(p, o, 1));
+        } else if per > 0 {
+            for (p, o) in out.chunks_mut(per).enumerate() {
+                one(p, o, threads);
+            }
+        }
+        Ok((
+            CpuStorage::F32(out),
+            Shape::from((b, g * (r / t), t, total)),
+        ))
+    }
+    fn bwd(
+        &self,
+        q: &Tensor,
+        k: &Tensor,
+        y: &Tensor,
+        grad: &Tensor,
+    ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>)> {
+        // The composed form's backward: the masked softmax's, then `q.matmul(&k.t())`'s as the
+        // vendored candle computes a product with a transposed right operand (`grad k` for
+        // `q`; `grad^T q`, detached, for `k` itself).
+        let (b, g, r, _) = q.dims4()?;
+        let ds = y
+            .apply_op2_no_bwd(
+                &grad.contiguous()?,
+                &SoftmaxGrad {
+                    scale: Some(self.scale),
+                },
+            )?
+            .reshape((b, g, r, k.dim(2)?))?;
+        let dq = q.track_op().then(|| ds.matmul(&k.t()?.t()?)).transpose()?;
+        let dk = k
+            .track_op()
+            .then(|| Ok::<_, candle_core::Error>(ds.t()?.matmul(q)?.detach()))
+            .transpose()?;
+        Ok((dq, dk))
+    }
+}
+
 /// Attention's probabilities: `softmax(scores * scale + mask)` over the last dimension, with
 /// `scores` `[b, h, t, T]` and an additive `mask` `[b, 1, t, T]` shared by the heads, in one
 /// pass (the unfused form makes three, the scaling on one thread). The mask is a constant: it
@@ -715,6 +861,62 @@ mod tests {
             1e-7,
             "2-D mask",
         );
+    }
+
+    /// The fused attention probabilities equal `q.matmul(&k.t())` then the masked softmax bit
+    /// for bit, and so do the gradients of `q` and `k`: with right padding and with keys beyond
+    /// the queries (a cached prefix), a batch of products one per thread and a product shared
+    /// among the threads; and at decoding's few rows (the composed form: candle's dot products).
+    #[test]
+    fn attention_probs_equal_the_product_and_masked_softmax_bit_for_bit() {
+        let bits = |t: &Tensor| -> Vec<u32> {
+            let v: Vec<f32> = t.flatten_all().unwrap().to_vec1().unwrap();
+            v.into_iter().map(f32::to_bits).collect()
+        };
+        // (batch, key/value heads, queries per key/value head, query positions, past keys)
+        for (b, g, n_rep, t, past) in [
+            (4, 3, 3, 40, 0),
+            (3, 2, 2, 24, 9),
+            (1, 1, 1, 48, 0),
+            (2, 1, 3, 1, 30),
+        ] {
+            let (r, total, hd) = (n_rep * t, past + t, 16);
+            let q = rand(&[b, g, r, hd], 31);
+            let k = rand(&[b, g, total, hd], 32);
+            let valid: Vec<Vec<bool>> = (0..b)
+                .map(|i| (0..total).map(|j| i == 0 || j < total - 3).collect())
+                .collect();
+            let mask = crate::model::llama::attention_mask(b, t, past, Some(&valid), &Device::Cpu)
+                .unwrap();
+            let scale = 0.3; // not a power of 2: the scaling rounds
+            let f = attention_probs(q.as_tensor(), k.as_tensor(), &mask, scale).unwrap();
+            let scores = q
+                .as_tensor()
+                .matmul(&k.as_tensor().t().unwrap())
+                .unwrap()
+                .reshape((b, g * n_rep, t, total))
+                .unwrap();
+            let c = masked_softmax(&scores, &mask, scale).unwrap();
+            let what = format!("{b} x {g} x {r} by {total}");
+            assert_eq!(f.dims(), c.dims(), "{what}");
+            assert!(bits(&f) == bits(&c), "{what}: probabilities differ");
+            let up = rand(f.dims(), 33);
+            let grads = |y: &Tensor| {
+                let gs = (y * up.as_tensor())
+                    .unwrap()
+                    .sum_all()
+                    .unwrap()
+                    .backward()
+                    .unwrap();
+                (
+                    bits(gs.get(q.as_tensor()).unwrap()),
+                    bits(gs.get(k.as_tensor()).unwrap()),
+                )
+            };
+            let ((fq, fk), (cq, ck)) = (grads(&f), grads(&c));
+            assert!(fq == cq, "{what}: the queries' gradients differ");
+            assert!(fk == ck, "{what}: the keys' gradients differ");
+        }
     }
 
     #[test]
