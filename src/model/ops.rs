@@ -312,9 +312,17 @@ impl CustomOp2 for AttentionProbs {
                 o.chunks_mut(total).enumerate().for_each(row);
             }
         };
-        // As candle's batched `matmul` shares them out: enough products, one per thread.
+        // As the vendored candle's batched `matmul` shares them out: one product per thread
+        // when the batch as a whole is above gemm's threading threshold and either each product
+        // is below it or there are at least four per thread; else each on all threads in turn.
         let threads = rayon::current_num_threads();
-        if per > 0 && b * g >= 4 * threads && threads > 1 {
+        let (n, threshold, work) = (b * g, ::gemm::get_threading_threshold(), per * hd);
+        if per > 0
+            && n > 1
+            && threads > 1
+            && work.saturating_mul(n) >= threshold
+            && (work < threshold || n >= 4 * threads)
+        {
             out.par_chunks_mut(per)
                 .enumerate()
                 .for_each(|(p, o)| one(p, o, 1));
