@@ -296,7 +296,7 @@ fn attention(q: &Tensor, k: &Tensor, v: &Tensor, mask: &Tensor, scale: f64) -> R
         .transpose(1, 2)?
         .contiguous()?
         .reshape((b, kvh, n_rep * t, hd))?;
-    let probs = ops::attention_probs(&q, k, mask, scale)?; // softmax(q k^T * scale + mask)
+    let probs = ops::attention_probs(&q, k, mask, scale, t)?; // softmax(q k^T * scale + mask)
     Ok(probs
         .reshape((b, kvh, n_rep * t, total))?
         .matmul(v)? // [b, kvh, n_rep * t, hd]
@@ -304,9 +304,9 @@ fn attention(q: &Tensor, k: &Tensor, v: &Tensor, mask: &Tensor, scale: f64) -> R
 }
 
 /// Query rows per block of [`causal_blocks`] (`Llama::with_query_block`). SmolLM2's scoring
-/// (`repnoise bench score`) measured 12-23% quicker at one row of 384 or 512 tokens and two of
-/// 256 with blocks of 64, no different at 4 x 128 (blocks of 32 slower there: smaller products
-/// for the same per-call costs); docs/BENCHMARKS.md.
+/// (`repnoise bench score`) measured 5-13% quicker at 2 x 256 tokens, 9-14% at 1 x 384 and
+/// 15-22% at 1 x 512 with blocks of 64, no different at 4 x 128 (blocks of 32 slower there in a
+/// micro-benchmark: smaller products for the same per-call costs); docs/BENCHMARKS.md.
 pub const QUERY_BLOCK: usize = 64;
 
 /// A block of query rows and the keys they attend over: rows `start..start + rows`, keys
@@ -331,7 +331,8 @@ struct QueryBlock {
 /// `GEMM_MIN_KC` keys, a key count above `MAX_NARROW` (gemm rather than candle's dot products),
 /// and a mask whose every query row has a key left open (`> MASKED / 2`: an all-masked row's
 /// uniform softmax would spread over fewer keys) and every skipped key at [`MASKED`]. `None`:
-/// the whole sequence at once.
+/// the whole sequence at once. (Exact for finite scores and values: a skipped key's inf or NaN
+/// would reach the whole computation's sums, and not the blocks'.)
 fn causal_blocks(
     mask: &Tensor,
     past: usize,
@@ -340,7 +341,9 @@ fn causal_blocks(
 ) -> Result<Option<Vec<QueryBlock>>> {
     /// gemm-common's smallest depth block (`cache::kernel_params`: at least 512 or the depth).
     const GEMM_MIN_KC: usize = 512;
-    let (_, _, t, total) = mask.dims4()?;
+    let Ok((_, 1, t, total)) = mask.dims4() else {
+        return Ok(None);
+    };
     if rows == 0
         || t < 2 * rows
         || total > GEMM_MIN_KC
@@ -698,10 +701,8 @@ impl Llama {
             hidden_states.push(f32(&x)?);
         }
         let scale = 1.0 / (hd as f64).sqrt();
-        let blocks = match self.dtype {
-            DType::F32 => causal_blocks(mask, past, self.query_block, h / kvh)?,
-            _ => None,
-        };
+        // Found at the first layer whose attention keeps no gradient (`None` until then).
+        let mut blocks: Option<Option<Vec<QueryBlock>>> = None;
         for (li, layer) in self.layers.iter().enumerate() {
             // Attention block.
             let xn = rms_norm(&x, &layer.input_norm, cfg.rms_norm_eps)?;
@@ -738,9 +739,16 @@ impl Llama {
             };
             // Grouped-query attention without copying keys and values per head: the `n_rep`
             // query heads that share a key/value head are stacked as rows of one product.
-            let attn = match &blocks {
+            let no_grad = !(q.track_op() || k.track_op() || v.track_op());
+            if no_grad && blocks.is_none() {
+                blocks = Some(match self.dtype {
+                    DType::F32 => causal_blocks(mask, past, self.query_block, h / kvh)?,
+                    _ => None,
+                });
+            }
+            let attn = match blocks.as_ref().and_then(Option::as_ref) {
                 // No gradient to keep: the causal blocks' arithmetic, the same numbers.
-                Some(blocks) if !(q.track_op() || k.track_op() || v.track_op()) => {
+                Some(blocks) if no_grad => {
                     let mut outs = Vec::with_capacity(blocks.len());
                     for blk in blocks {
                         let q = q.narrow(1, blk.start, blk.rows)?;
@@ -921,15 +929,17 @@ mod tests {
                     &format!("{rows} rows, {real:?}"),
                 );
             }
-            // A prefix of 11 tokens in the cache, then 60 more.
+            // A prefix of 11 tokens in the cache, then 70 more.
+            let cached = attention_mask(2, 70, 11, None, &dev).unwrap();
+            assert!(causal_blocks(&cached, 11, rows, 2).unwrap().is_some());
             let run = |net: &Llama| {
                 let mut cache = KvCache::new(cfg.num_layers);
                 let pos = positions_for(2, 11, 0, &dev).unwrap();
                 net.forward(&ids(2, 11), &pos, None, Some(&mut cache), opts)
                     .unwrap();
-                let pos = positions_for(2, 60, 11, &dev).unwrap();
+                let pos = positions_for(2, 70, 11, &dev).unwrap();
                 bits(
-                    &net.forward(&ids(2, 60), &pos, None, Some(&mut cache), opts)
+                    &net.forward(&ids(2, 70), &pos, None, Some(&mut cache), opts)
                         .unwrap(),
                 )
             };

@@ -212,30 +212,38 @@ impl CustomOp1 for Softmax {
 
 /// Attention's probabilities from its queries and keys: `softmax(q k^T * scale + mask)` as
 /// [`masked_softmax`] of `q.matmul(&k.t())` reshaped, for `q` `[b, g, r, hd]` (the `r / t` query
-/// heads sharing key/value head `g`, stacked as rows), `k` `[b, g, T, hd]` and `mask` `[b, 1, t,
-/// T]`: `[b, g * r / t, t, T]`. On the CPU in f32 one operation: each product's scores are
+/// heads sharing key/value head `g`, stacked as rows, `t` query positions each), `k` `[b, g, T,
+/// hd]` and `mask` `[b, 1, t, T]` (other shapes [`masked_softmax`] takes: the composed ops):
+/// `[b, g * r / t, t, T]`. On the CPU in f32 one operation: each product's scores are
 /// scaled, masked and normalised while in cache, and the scores are not kept for the backward
 /// pass (the composed form's graph holds them beside the probabilities: a `[b, h, t, T]` tensor
 /// per layer). The same bits forward and backward: gemm's product as candle's `matmul` takes it
 /// (only where candle would take gemm rather than its dot products: more than `MAX_NARROW` rows
 /// and keys), the same softmax, and the gradients as candle's `matmul` backward computes them.
-pub fn attention_probs(q: &Tensor, k: &Tensor, mask: &Tensor, scale: f64) -> Result<Tensor> {
+pub fn attention_probs(
+    q: &Tensor,
+    k: &Tensor,
+    mask: &Tensor,
+    scale: f64,
+    t: usize,
+) -> Result<Tensor> {
     let (b, g, r, hd) = q.dims4()?;
     let total = k.dim(2)?;
-    let (mb, _, t, mt) = mask.dims4()?;
-    if t == 0 || r % t != 0 || k.dims4()? != (b, g, total, hd) || (mb, mt) != (b, total) {
+    if t == 0 || r % t != 0 || k.dims4()? != (b, g, total, hd) {
         return Err(crate::Error::msg(format!(
-            "attention: queries {:?}, keys {:?} and mask {:?} do not fit",
+            "attention: queries {:?} ({t} positions) and keys {:?} do not fit",
             q.dims(),
-            k.dims(),
-            mask.dims()
+            k.dims()
         )));
     }
     let h = g * (r / t);
     let narrow = candle_core::cpu_backend::dot_matmul::MAX_NARROW;
     let gemm = r > narrow && total > narrow;
+    // The fused form reads a `[b, 1, t, T]` mask only; others take the composed ops.
+    let fits = mask.dims4().is_ok_and(|m| m == (b, 1, t, total));
     if fused(q)
         && fused(k)
+        && fits
         && mask.dtype() == q.dtype()
         && q.is_contiguous()
         && k.is_contiguous()
@@ -873,8 +881,9 @@ mod tests {
 
     /// The fused attention probabilities equal `q.matmul(&k.t())` then the masked softmax bit
     /// for bit, and so do the gradients of `q` and `k`: with right padding and with keys beyond
-    /// the queries (a cached prefix), a batch of products one per thread and a product shared
-    /// among the threads; and at decoding's few rows (the composed form: candle's dot products).
+    /// the queries (a cached prefix), a batch of products one per thread, products in turn and a
+    /// product above gemm's threading threshold (600 x 200 x 16); and at decoding's few rows (the
+    /// composed form: candle's dot products).
     #[test]
     fn attention_probs_equal_the_product_and_masked_softmax_bit_for_bit() {
         let bits = |t: &Tensor| -> Vec<u32> {
@@ -886,6 +895,7 @@ mod tests {
             (4, 3, 3, 40, 0),
             (3, 2, 2, 24, 9),
             (1, 1, 1, 48, 0),
+            (1, 1, 3, 200, 0),
             (2, 1, 3, 1, 30),
         ] {
             let (r, total, hd) = (n_rep * t, past + t, 16);
@@ -897,7 +907,7 @@ mod tests {
             let mask = crate::model::llama::attention_mask(b, t, past, Some(&valid), &Device::Cpu)
                 .unwrap();
             let scale = 0.3; // not a power of 2: the scaling rounds
-            let f = attention_probs(q.as_tensor(), k.as_tensor(), &mask, scale).unwrap();
+            let f = attention_probs(q.as_tensor(), k.as_tensor(), &mask, scale, t).unwrap();
             let scores = q
                 .as_tensor()
                 .matmul(&k.as_tensor().t().unwrap())
