@@ -191,6 +191,18 @@ fn softmax_row_in_place(o: &mut [f32]) {
     vmath::scale_flushed(o, 1.0 / sum);
 }
 
+/// Attention's probabilities of one row in place: `o` holds the scores on entry,
+/// `softmax(o * scale + mask_row)` on exit. Two roundings before the softmax, as the unfused
+/// `scores * scale` then `+ mask`.
+#[inline(always)]
+fn masked_softmax_row_in_place(o: &mut [f32], mask_row: &[f32], scale: f32) {
+    for (v, &mv) in o.iter_mut().zip(mask_row) {
+        let z = *v * scale;
+        *v = z + mv;
+    }
+    softmax_row_in_place(o);
+}
+
 impl CustomOp1 for Softmax {
     fn name(&self) -> &'static str {
         "softmax-last"
@@ -307,12 +319,7 @@ impl CustomOp2 for AttentionProbs {
             );
             let row = |(j, o): (usize, &mut [f32])| {
                 let mr = &m[((p / g) * t + j % t) * total..][..total];
-                for (v, &mv) in o.iter_mut().zip(mr) {
-                    // Two roundings, as the unfused `scores * scale` then `+ mask`.
-                    let z = *v * scale;
-                    *v = z + mv;
-                }
-                softmax_row_in_place(o);
+                masked_softmax_row_in_place(o, mr, scale);
             };
             if threads > 1 {
                 o.par_chunks_mut(total).enumerate().for_each(row);
@@ -409,13 +416,8 @@ impl CustomOp2 for MaskedSoftmax {
             .for_each(|(r, (o, xr))| {
                 // Row r is (batch r / (h t), query r % t); the mask row is (batch, query).
                 let mrow = (r / (h * t)) * t + r % t;
-                let mr = &m[mrow * tt..(mrow + 1) * tt];
-                for i in 0..tt {
-                    // Two roundings, as the unfused `scores * scale` then `+ mask`.
-                    let z = xr[i] * scale;
-                    o[i] = z + mr[i];
-                }
-                softmax_row_in_place(o);
+                o.copy_from_slice(xr);
+                masked_softmax_row_in_place(o, &m[mrow * tt..(mrow + 1) * tt], scale);
             });
         Ok((CpuStorage::F32(out), l1.shape().clone()))
     }
