@@ -145,6 +145,62 @@ mod tests {
         assert_eq!(dst, [116.0, 128.0, 278.0, 308.0]);
     }
 
+    /// `x w^T` with `w` row-major, as every linear map passes it: gemm turns the product round
+    /// and packs `w` up front, on all of the product's threads from 2^18 elements on
+    /// (vendor/patches/gemm-common-0003-*), each thread a run of whole panels. On 1, 2 and 3
+    /// threads (the panels split evenly or not, a ragged last panel, the blocked and upstream's
+    /// packing) the product is the same bit for bit, equal to the product with `w^T` stored
+    /// contiguous (not packed up front), and near a float64 reference.
+    #[test]
+    fn a_weight_packed_on_every_thread_gives_the_same_bits() {
+        for (m, k, n) in [
+            (96usize, 1536usize, 576usize),
+            (96, 512, 608),
+            (80, 576, 600),
+        ] {
+            let mut rng = crate::util::rng::Rng::new((m * k + n) as u64, "gemm prepack test");
+            let mut values = |len: usize| -> Vec<f32> {
+                (0..len)
+                    .map(|_| (rng.uniform() * 2.0 - 1.0) as f32)
+                    .collect()
+            };
+            let (x, w) = (values(m * k), values(n * k));
+            let wt: Vec<f32> = (0..k * n).map(|i| w[(i % n) * k + i / n]).collect();
+            let product = |rhs: Operand, threads: usize| {
+                let mut dst = vec![f32::NAN; m * n];
+                product_into_on(
+                    &mut dst,
+                    (m, n, k),
+                    false,
+                    Operand::rows_of(&x, k),
+                    rhs,
+                    threads,
+                );
+                dst
+            };
+            let contiguous = product(Operand::rows_of(&wt, n), 2);
+            for threads in [1, 2, 3] {
+                let y = product(Operand::rows_of(&w, k).t(), threads);
+                assert!(
+                    y.iter()
+                        .zip(&contiguous)
+                        .all(|(a, b)| a.to_bits() == b.to_bits()),
+                    "{m}x{k}x{n} on {threads} threads: not the contiguous product's bits"
+                );
+            }
+            for (i, &got) in contiguous.iter().enumerate() {
+                let (r, c) = (i / n, i % n);
+                let want: f64 = (0..k)
+                    .map(|l| x[r * k + l] as f64 * w[c * k + l] as f64)
+                    .sum();
+                assert!(
+                    (got as f64 - want).abs() <= 1e-5 * k as f64,
+                    "{m}x{k}x{n} [{r}, {c}]"
+                );
+            }
+        }
+    }
+
     #[test]
     #[should_panic(expected = "out of bounds")]
     fn an_operand_past_its_slice_panics() {

@@ -663,7 +663,43 @@ pub unsafe fn gemm_basic_generic<
                     }
                 }
             }
-            if do_prepack_lhs {
+            // repnoise patch: the left operand packed up front is packed by all the product's
+            // threads, each a run of whole `MR`-row panels, instead of by this thread while the
+            // others wait, when it is at least 2^18 elements (smaller packs measured no quicker
+            // shared: SmolLM2's k and v projections, 192 x 576). The same panels in the same
+            // places, so the product is the same bit for bit. (A strided left operand takes this
+            // path whenever `m <= 2 mc`: the weight of every `x w^T` once gemm has turned the
+            // problem round.)
+            #[cfg(feature = "rayon")]
+            let share_prepack = n_threads > 1 && m > MR && m * k_chunk >= 1 << 18;
+            #[cfg(not(feature = "rayon"))]
+            let share_prepack = false;
+            if do_prepack_lhs && share_prepack {
+                #[cfg(feature = "rayon")]
+                {
+                    let panels = m.msrv_div_ceil(MR);
+                    let per_thread = panels.msrv_div_ceil(n_threads);
+                    par_for_each(n_threads, |tid| {
+                        let first = Ord::min(tid * per_thread, panels);
+                        let end = Ord::min((tid + 1) * per_thread, panels);
+                        if first < end {
+                            pack_lhs::<T, N, MR, _>(
+                                simd,
+                                Ord::min(end * MR, m) - first * MR,
+                                k_chunk,
+                                prepacked_lhs.wrapping_add(first * packed_lhs_stride),
+                                lhs.wrapping_offset(
+                                    depth_outer as isize * lhs_cs
+                                        + (first * MR) as isize * lhs_rs,
+                                ),
+                                lhs_cs,
+                                lhs_rs,
+                                packed_lhs_stride,
+                            );
+                        }
+                    });
+                }
+            } else if do_prepack_lhs {
                 pack_lhs::<T, N, MR, _>(
                     simd,
                     m,
