@@ -665,11 +665,11 @@ pub unsafe fn gemm_basic_generic<
             }
             // repnoise patch: the left operand packed up front is packed by all the product's
             // threads, each a run of whole `MR`-row panels, instead of by this thread while the
-            // others wait, when it is at least 2^18 elements (smaller packs measured no quicker
-            // shared: SmolLM2's k and v projections, 192 x 576). The same panels in the same
-            // places, so the product is the same bit for bit. (A strided left operand takes this
-            // path whenever `m <= 2 mc`: the weight of every `x w^T` once gemm has turned the
-            // problem round.)
+            // others wait, when this depth block of it is at least 2^18 elements (smaller packs
+            // measured no quicker shared: SmolLM2's k and v projections, 192 x 576). The same
+            // panels in the same places, so the product is the same bit for bit. (A strided left
+            // operand takes this path whenever `m <= 2 mc`: the weight of an `x w^T` with at most
+            // `2 mc` outputs once gemm has turned the problem round.)
             #[cfg(feature = "rayon")]
             let share_prepack = n_threads > 1 && m > MR && m * k_chunk >= 1 << 18;
             #[cfg(not(feature = "rayon"))]
