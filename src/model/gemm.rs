@@ -161,12 +161,7 @@ mod tests {
             (80, 512, 600),
         ] {
             let mut rng = crate::util::rng::Rng::new((m * k + n) as u64, "gemm prepack test");
-            let mut values = |len: usize| -> Vec<f32> {
-                (0..len)
-                    .map(|_| (rng.uniform() * 2.0 - 1.0) as f32)
-                    .collect()
-            };
-            let (x, w) = (values(m * k), values(n * k));
+            let (x, w) = (rng.normal_vec(m * k, 1.0), rng.normal_vec(n * k, 1.0));
             let wt: Vec<f32> = (0..k * n).map(|i| w[(i % n) * k + i / n]).collect();
             let product = |rhs: Operand, threads: usize| {
                 let mut dst = vec![f32::NAN; m * n];
