@@ -38,8 +38,8 @@ fn main() -> anyhow::Result<()> {
     let mask = repnoise::model::llama::attention_mask(b, t, 0, None, &dev)?;
     let mut x = r(&[b, t, d]);
     let names = [
-        "norm1", "q", "k", "v+T", "rope q", "rope k+T", "q contig", "scores", "softmax", "pv+T",
-        "o", "add1", "norm2", "gate", "up", "swiglu", "down", "add2",
+        "norm1", "q", "k", "v+T", "rope q", "rope k", "q view", "scores", "softmax", "pv+T", "o",
+        "add1", "norm2", "gate", "up", "swiglu", "down", "add2",
     ];
     let mut acc = vec![0f64; names.len()];
     let lin = |x: &Tensor, w: &Tensor| -> anyhow::Result<Tensor> {
@@ -69,12 +69,12 @@ fn main() -> anyhow::Result<()> {
             .transpose(1, 2)?
             .contiguous()?;
         lap(&mut ts);
-        let q = ops::rope(&q, &cos, &sin)?.transpose(1, 2)?;
+        let q = ops::rope(&q, &cos, &sin)?; // [b, h, t, hd]
         lap(&mut ts);
-        let k = ops::rope(&k, &cos, &sin)?.transpose(1, 2)?.contiguous()?;
+        let k = ops::rope(&k, &cos, &sin)?;
         lap(&mut ts);
         let n_rep = h / kvh;
-        let q = q.contiguous()?.reshape((b, kvh, n_rep * t, hd))?;
+        let q = q.reshape((b, kvh, n_rep * t, hd))?;
         lap(&mut ts);
         let scores = q.matmul(&k.t()?)?.reshape((b, h, t, t))?;
         lap(&mut ts);

@@ -284,18 +284,15 @@ fn linear(x: &Tensor, w: &Tensor, b: Option<&Tensor>) -> Result<Tensor> {
     Ok(y.reshape((bsz, t, ()))?)
 }
 
-/// Scaled dot-product attention of queries `q` `[b, t, h, hd]` over keys and values `[b, kvh,
+/// Scaled dot-product attention of queries `q` `[b, h, t, hd]` over keys and values `[b, kvh,
 /// T, hd]` with the additive mask `[b, 1, t, T]`: `[b, h, t, hd]`. Grouped-query attention
 /// without copying keys and values per head: the `h / kvh` query heads that share a key/value
-/// head are stacked as rows of one product.
+/// head are stacked as rows of one product (a view of `q` when it is contiguous).
 fn attention(q: &Tensor, k: &Tensor, v: &Tensor, mask: &Tensor, scale: f64) -> Result<Tensor> {
-    let (b, t, h, hd) = q.dims4()?;
+    let (b, h, t, hd) = q.dims4()?;
     let (kvh, total) = (k.dim(1)?, k.dim(2)?);
     let n_rep = h / kvh;
-    let q = q
-        .transpose(1, 2)?
-        .contiguous()?
-        .reshape((b, kvh, n_rep * t, hd))?;
+    let q = q.contiguous()?.reshape((b, kvh, n_rep * t, hd))?;
     let probs = ops::attention_probs(&q, k, mask, scale, t)?; // softmax(q k^T * scale + mask)
     Ok(probs
         .reshape((b, kvh, n_rep * t, total))?
@@ -714,8 +711,8 @@ impl Llama {
                 .reshape((b, t, kvh, hd))?
                 .transpose(1, 2)?
                 .contiguous()?; // [b, kvh, t, hd]
-            let q = ops::rope(&q, &cos, &sin)?; // [b, t, h, hd]
-            let k = ops::rope(&k, &cos, &sin)?.transpose(1, 2)?.contiguous()?; // [b, kvh, t, hd]
+            let q = ops::rope(&q, &cos, &sin)?; // [b, h, t, hd]
+            let k = ops::rope(&k, &cos, &sin)?; // [b, kvh, t, hd]
             let (k, v) = match cache.as_deref_mut() {
                 Some(c) => match &c.layers[li] {
                     // Room reserved: write in place, attend over the filled part.
@@ -751,7 +748,7 @@ impl Llama {
                 Some(blocks) if no_grad => {
                     let mut outs = Vec::with_capacity(blocks.len());
                     for blk in blocks {
-                        let q = q.narrow(1, blk.start, blk.rows)?;
+                        let q = q.narrow(2, blk.start, blk.rows)?;
                         let (k, v) = (k.narrow(2, 0, blk.keys)?, v.narrow(2, 0, blk.keys)?);
                         outs.push(attention(&q, &k, &v, &blk.mask, scale)?);
                     }

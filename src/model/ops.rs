@@ -600,12 +600,17 @@ pub fn swiglu(gate: &Tensor, up: &Tensor) -> Result<Tensor> {
 }
 
 // ---------------------------------------------------------------------------------------------
-// Rotary embedding, half-split layout (transformers' rotate_half), on x: [b, t, h, hd] with
-// cos/sin: [b * t, hd / 2] gathered at each token's position.
+// Rotary embedding, half-split layout (transformers' rotate_half), of x: [b, t, h, hd] with
+// cos/sin: [b * t, hd / 2] gathered at each token's position, written heads first,
+// [b, h, t, hd]: the layout attention takes, so that no transposing copy (and no tensor kept
+// for the backward) sits between the rotation and attention.
 
 struct Rope {
     /// Rotate by -angle (the backward pass of a rotation is the inverse rotation).
     inverse: bool,
+    /// The input is laid out `[b, h, t, hd]` and the output `[b, t, h, hd]` (the backward);
+    /// otherwise the input `[b, t, h, hd]` and the output `[b, h, t, hd]` (the forward).
+    from_heads_first: bool,
 }
 
 impl CustomOp3 for Rope {
@@ -624,23 +629,42 @@ impl CustomOp3 for Rope {
         let x = slice_f32(s1, l1, "rope x")?;
         let cos = slice_f32(s2, l2, "rope cos")?;
         let sin = slice_f32(s3, l3, "rope sin")?;
-        let (b, t, h, hd) = l1.shape().dims4()?;
+        let (b, d1, d2, hd) = l1.shape().dims4()?;
+        let (t, h) = if self.from_heads_first {
+            (d2, d1)
+        } else {
+            (d1, d2)
+        };
         let half = hd / 2;
         if cos.len() != b * t * half || sin.len() != cos.len() {
             candle_core::bail!("rope: tables do not match [{b}*{t}, {half}]")
         }
         let sign = if self.inverse { -1.0f32 } else { 1.0 };
+        // Where head `hi` of token `ti` in row `bi` starts in the input.
+        let src = |bi: usize, hi: usize, ti: usize| {
+            if self.from_heads_first {
+                ((bi * h + hi) * t + ti) * hd
+            } else {
+                ((bi * t + ti) * h + hi) * hd
+            }
+        };
         let mut out = vec![0f32; x.len()];
-        // One chunk per token: h heads of hd values share the token's angles.
-        out.par_chunks_mut(h * hd)
-            .zip(x.par_chunks(h * hd))
+        // One chunk per output run of `inner` heads' vectors: a (row, head)'s tokens (heads
+        // first) or a token's heads (tokens first).
+        let inner = if self.from_heads_first { h } else { t };
+        out.par_chunks_mut(inner * hd)
             .enumerate()
-            .for_each(|(tok, (o, xt))| {
-                let c = &cos[tok * half..(tok + 1) * half];
-                let s = &sin[tok * half..(tok + 1) * half];
-                for head in 0..h {
-                    let xo = &xt[head * hd..(head + 1) * hd];
-                    let oo = &mut o[head * hd..(head + 1) * hd];
+            .for_each(|(outer, o)| {
+                for (j, oo) in o.chunks_exact_mut(hd).enumerate() {
+                    let (bi, hi, ti) = if self.from_heads_first {
+                        (outer / t, j, outer % t)
+                    } else {
+                        (outer / h, outer % h, j)
+                    };
+                    let tok = bi * t + ti;
+                    let c = &cos[tok * half..(tok + 1) * half];
+                    let s = &sin[tok * half..(tok + 1) * half];
+                    let xo = &x[src(bi, hi, ti)..][..hd];
                     for i in 0..half {
                         let (x1, x2) = (xo[i], xo[i + half]);
                         let si = sign * s[i];
@@ -649,7 +673,12 @@ impl CustomOp3 for Rope {
                     }
                 }
             });
-        Ok((CpuStorage::F32(out), l1.shape().clone()))
+        let shape = if self.from_heads_first {
+            (b, t, h, hd)
+        } else {
+            (b, h, t, hd)
+        };
+        Ok((CpuStorage::F32(out), Shape::from(shape)))
     }
     fn bwd(
         &self,
@@ -664,6 +693,7 @@ impl CustomOp3 for Rope {
             sin,
             &Rope {
                 inverse: !self.inverse,
+                from_heads_first: !self.from_heads_first,
             },
         )?;
         Ok((Some(dx), None, None))
@@ -681,16 +711,22 @@ pub fn rope_composed(x: &Tensor, cos: &Tensor, sin: &Tensor) -> Result<Tensor> {
     let x1 = x.narrow(D::Minus1, 0, half)?;
     let x2 = x.narrow(D::Minus1, half, half)?;
     let rotated = Tensor::cat(&[&x2.neg()?, &x1], D::Minus1)?;
-    Ok((x.broadcast_mul(&c)? + rotated.broadcast_mul(&s)?)?)
+    Ok((x.broadcast_mul(&c)? + rotated.broadcast_mul(&s)?)?
+        .transpose(1, 2)?
+        .contiguous()?)
 }
 
-/// Rotary embedding of `x` `[b, t, h, hd]` with `cos`/`sin` `[b * t, hd / 2]`.
+/// Rotary embedding of `x` `[b, t, h, hd]` with `cos`/`sin` `[b * t, hd / 2]`, returned heads
+/// first: `[b, h, t, hd]`, contiguous.
 pub fn rope(x: &Tensor, cos: &Tensor, sin: &Tensor) -> Result<Tensor> {
     if fused(x) {
         return Ok(x.contiguous()?.apply_op3(
             &cos.contiguous()?,
             &sin.contiguous()?,
-            Rope { inverse: false },
+            Rope {
+                inverse: false,
+                from_heads_first: false,
+            },
         )?);
     }
     rope_composed(x, cos, sin)
@@ -970,7 +1006,7 @@ mod tests {
         check(&[&x], &f, &c, "rope");
         // A rotation keeps each head's norm.
         let n1 = x.as_tensor().sqr().unwrap().sum(D::Minus1).unwrap();
-        let n2 = f.sqr().unwrap().sum(D::Minus1).unwrap();
+        let n2 = f.sqr().unwrap().sum(D::Minus1).unwrap().t().unwrap();
         close(&n1, &n2, 1e-4, "rope norm");
     }
 }
