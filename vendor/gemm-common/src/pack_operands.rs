@@ -184,6 +184,137 @@ unsafe fn pack_rows_blocked<T: Copy, const DST_WIDTH: usize>(
     }
 }
 
+/// repnoise patch: whether to pack a source whose columns are contiguous (`src_cs == 1`) with
+/// [`pack_rows_transposed`]: 4-byte elements, panels a multiple of 8 wide, and a CPU with AVX
+/// (every x86-64 gemm's AVX2 or AVX-512 kernels run on). The weight of every `x w^T` is such a
+/// source (`w` stored `[out, in]`, packed as the left operand once gemm turns the product round).
+#[inline(always)]
+fn transpose_pays<T, const DST_WIDTH: usize>(src_cs: isize) -> bool {
+    #[cfg(all(feature = "std", target_arch = "x86_64"))]
+    {
+        src_cs == 1
+            && core::mem::size_of::<T>() == 4
+            && DST_WIDTH % 8 == 0
+            && std::is_x86_feature_detected!("avx")
+    }
+    #[cfg(not(all(feature = "std", target_arch = "x86_64")))]
+    {
+        let _ = src_cs;
+        false
+    }
+}
+
+/// repnoise patch: pack `width` rows `src_rs` apart, `k` contiguous elements each, into panels
+/// `DST_WIDTH` wide (`dst[c * DST_WIDTH + j] = src[j * src_rs + c]`), as 8 x 8 blocks transposed
+/// in AVX registers, 16 columns of 8 rows at a time (each row's 64 bytes read together, as
+/// [`pack_rows_blocked`] does, for the strides whose rows share L1 sets). The rows and columns
+/// left over from whole blocks are copied one element at a time. Only moves: every element
+/// lands where upstream's gather puts it, bit for bit. Call only where [`transpose_pays`].
+#[inline(always)]
+unsafe fn pack_rows_transposed<T: Copy, const DST_WIDTH: usize>(
+    dst: *mut T,
+    src: *const T,
+    src_rs: isize,
+    width: usize,
+    k: usize,
+) {
+    #[cfg(all(feature = "std", target_arch = "x86_64"))]
+    transpose_rows_avx(dst as *mut f32, src as *const f32, src_rs, width, k, DST_WIDTH);
+    #[cfg(not(all(feature = "std", target_arch = "x86_64")))]
+    {
+        let _ = (dst, src, src_rs, width, k);
+        unreachable!("transpose_pays is false off x86-64")
+    }
+}
+
+/// repnoise patch: [`pack_rows_transposed`] on 32-bit lanes (only moved, never computed on).
+#[cfg(all(feature = "std", target_arch = "x86_64"))]
+#[target_feature(enable = "avx")]
+unsafe fn transpose_rows_avx(
+    dst: *mut f32,
+    src: *const f32,
+    src_rs: isize,
+    width: usize,
+    k: usize,
+    dst_width: usize,
+) {
+    // Blocks of 16 rows (8 where fewer are left), each walked along its rows: 16 source rows
+    // read in order (streams the hardware prefetcher follows), 64 bytes of each panel row
+    // written at once.
+    let k8 = k / 8 * 8;
+    let mut j = 0;
+    while j + 8 <= width {
+        let rows = if j + 16 <= width { 16 } else { 8 };
+        let s = src.offset(j as isize * src_rs);
+        let d = dst.add(j);
+        let mut kk = 0;
+        while kk < k8 {
+            transpose_8x8_avx(d.add(kk * dst_width), dst_width, s.add(kk), src_rs);
+            if rows == 16 {
+                transpose_8x8_avx(
+                    d.add(kk * dst_width + 8),
+                    dst_width,
+                    s.offset(8 * src_rs).add(kk),
+                    src_rs,
+                );
+            }
+            kk += 8;
+        }
+        for r in 0..rows {
+            let s = s.offset(r as isize * src_rs);
+            for c in k8..k {
+                *d.add(c * dst_width + r) = *s.add(c);
+            }
+        }
+        j += rows;
+    }
+    for j in j..width {
+        let s = src.offset(j as isize * src_rs);
+        for c in 0..k {
+            *dst.add(c * dst_width + j) = *s.add(c);
+        }
+    }
+}
+
+/// repnoise patch: `dst[c * dst_stride + r] = src[r * src_rs + c]` for `r, c < 8`.
+#[cfg(all(feature = "std", target_arch = "x86_64"))]
+#[target_feature(enable = "avx")]
+#[inline]
+unsafe fn transpose_8x8_avx(dst: *mut f32, dst_stride: usize, src: *const f32, src_rs: isize) {
+    use core::arch::x86_64::*;
+    let row = |r: isize| _mm256_loadu_ps(src.offset(r * src_rs));
+    let (r0, r1, r2, r3) = (row(0), row(1), row(2), row(3));
+    let (r4, r5, r6, r7) = (row(4), row(5), row(6), row(7));
+    // Per 128-bit lane, rows a b: a0 b0 a1 b1 (lo) and a2 b2 a3 b3 (hi).
+    let t0 = _mm256_unpacklo_ps(r0, r1);
+    let t1 = _mm256_unpackhi_ps(r0, r1);
+    let t2 = _mm256_unpacklo_ps(r2, r3);
+    let t3 = _mm256_unpackhi_ps(r2, r3);
+    let t4 = _mm256_unpacklo_ps(r4, r5);
+    let t5 = _mm256_unpackhi_ps(r4, r5);
+    let t6 = _mm256_unpacklo_ps(r6, r7);
+    let t7 = _mm256_unpackhi_ps(r6, r7);
+    // Per lane, columns of four rows: 0x44 takes elements 0, 1 of each, 0xEE elements 2, 3.
+    let s0 = _mm256_shuffle_ps::<0x44>(t0, t2);
+    let s1 = _mm256_shuffle_ps::<0xEE>(t0, t2);
+    let s2 = _mm256_shuffle_ps::<0x44>(t1, t3);
+    let s3 = _mm256_shuffle_ps::<0xEE>(t1, t3);
+    let s4 = _mm256_shuffle_ps::<0x44>(t4, t6);
+    let s5 = _mm256_shuffle_ps::<0xEE>(t4, t6);
+    let s6 = _mm256_shuffle_ps::<0x44>(t5, t7);
+    let s7 = _mm256_shuffle_ps::<0xEE>(t5, t7);
+    // Rows 0-3 and 4-7 of one column: the low lanes hold columns 0-3, the high ones 4-7.
+    let col = |c: usize, v: __m256| _mm256_storeu_ps(dst.add(c * dst_stride), v);
+    col(0, _mm256_permute2f128_ps::<0x20>(s0, s4));
+    col(1, _mm256_permute2f128_ps::<0x20>(s1, s5));
+    col(2, _mm256_permute2f128_ps::<0x20>(s2, s6));
+    col(3, _mm256_permute2f128_ps::<0x20>(s3, s7));
+    col(4, _mm256_permute2f128_ps::<0x31>(s0, s4));
+    col(5, _mm256_permute2f128_ps::<0x31>(s1, s5));
+    col(6, _mm256_permute2f128_ps::<0x31>(s2, s6));
+    col(7, _mm256_permute2f128_ps::<0x31>(s3, s7));
+}
+
 #[inline(always)]
 unsafe fn pack_generic_inner_loop<T: Copy, const N: usize, const DST_WIDTH: usize>(
     mut dst: *mut T,
@@ -202,6 +333,9 @@ unsafe fn pack_generic_inner_loop<T: Copy, const N: usize, const DST_WIDTH: usiz
                 src = src.wrapping_offset(src_cs);
                 dst = dst.add(DST_WIDTH);
             }
+        } else if transpose_pays::<T, DST_WIDTH>(src_cs) {
+            // repnoise patch
+            pack_rows_transposed::<T, DST_WIDTH>(dst, src, src_rs, DST_WIDTH, k);
         } else if blocked_pays::<T>(src_cs, src_rs) {
             // repnoise patch
             pack_rows_blocked::<T, DST_WIDTH>(dst, src, src_rs, DST_WIDTH, k);
@@ -223,6 +357,9 @@ unsafe fn pack_generic_inner_loop<T: Copy, const N: usize, const DST_WIDTH: usiz
                 src = src.wrapping_offset(src_cs);
                 dst = dst.add(DST_WIDTH);
             }
+        } else if transpose_pays::<T, DST_WIDTH>(src_cs) {
+            // repnoise patch
+            pack_rows_transposed::<T, DST_WIDTH>(dst, src, src_rs, N, k);
         } else if blocked_pays::<T>(src_cs, src_rs) {
             // repnoise patch
             pack_rows_blocked::<T, DST_WIDTH>(dst, src, src_rs, N, k);
@@ -246,6 +383,9 @@ unsafe fn pack_generic_inner_loop<T: Copy, const N: usize, const DST_WIDTH: usiz
                 src = src.wrapping_offset(src_cs);
                 dst = dst.add(DST_WIDTH);
             }
+        } else if transpose_pays::<T, DST_WIDTH>(src_cs) {
+            // repnoise patch
+            pack_rows_transposed::<T, DST_WIDTH>(dst, src, src_rs, 2 * N, k);
         } else if blocked_pays::<T>(src_cs, src_rs) {
             // repnoise patch
             pack_rows_blocked::<T, DST_WIDTH>(dst, src, src_rs, 2 * N, k);
@@ -267,6 +407,16 @@ unsafe fn pack_generic_inner_loop<T: Copy, const N: usize, const DST_WIDTH: usiz
                     DST_WIDTH - src_width,
                 ));
                 src = src.wrapping_offset(src_cs);
+                dst = dst.add(DST_WIDTH);
+            }
+        } else if transpose_pays::<T, DST_WIDTH>(src_cs) {
+            // repnoise patch
+            pack_rows_transposed::<T, DST_WIDTH>(dst, src, src_rs, src_width, k);
+            for _ in 0..k {
+                quick_zero::<T>(core::slice::from_raw_parts_mut(
+                    dst.add(src_width) as _,
+                    DST_WIDTH - src_width,
+                ));
                 dst = dst.add(DST_WIDTH);
             }
         } else if blocked_pays::<T>(src_cs, src_rs) {
