@@ -149,10 +149,12 @@ mod tests {
     /// and packs `w` up front when it has at most `2 mc` rows, on all of the product's threads
     /// when a depth block of it is at least 2^18 elements (vendor/patches/gemm-common-0003-*),
     /// each thread a run of whole panels. On 1, 2 and 3 threads (the panels split evenly or not;
-    /// the last panel ragged, 32 rows of 64 or a width the packing pads with zeros; the blocked
-    /// and upstream's packing) the product is the same bit for bit, equal to the product with
-    /// `w^T` stored contiguous (packed the upstream way), and near a float64 reference. (With
-    /// AVX-512 a depth block is at most 512 deep: each shape here takes the shared path.)
+    /// the last panel ragged, 32 rows of 64 or a width the packing pads with zeros; `w`'s
+    /// transposing pack in AVX registers, gemm-common-0004, with 16- and 8-row blocks and rows
+    /// left over; without AVX the blocked and upstream's packing) the product is the same bit
+    /// for bit, equal to the product with `w^T` stored contiguous (packed by a plain copy), and
+    /// near a float64 reference. (With AVX-512 a depth block is at most 512 deep: each shape
+    /// here takes the shared path.)
     #[test]
     fn a_weight_packed_on_every_thread_gives_the_same_bits() {
         for (m, k, n) in [
