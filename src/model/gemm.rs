@@ -149,18 +149,20 @@ mod tests {
     /// and packs `w` up front when it has at most `2 mc` rows, on all of the product's threads
     /// when a depth block of it is at least 2^18 elements (vendor/patches/gemm-common-0003-*),
     /// each thread a run of whole panels. On 1, 2 and 3 threads (the panels split evenly or not;
-    /// the last panel ragged, 32 rows of 64 or a width the packing pads with zeros; `w`'s
-    /// transposing pack in AVX registers, gemm-common-0004, with 16- and 8-row blocks and rows
-    /// left over; without AVX the blocked and upstream's packing) the product is the same bit
-    /// for bit, equal to the product with `w^T` stored contiguous (packed by a plain copy), and
-    /// near a float64 reference. (With AVX-512 a depth block is at most 512 deep: each shape
-    /// here takes the shared path.)
+    /// the last panel ragged, 32 rows of 64 or a width the packing pads with zeros, 24 or 13
+    /// rows; `w`'s transposing pack in AVX registers, gemm-common-0004, with blocks of 16 and 8
+    /// rows, rows left over (717 = 11 x 64 + 8 + 5) and columns left over (1,541 deep, in
+    /// depth blocks of 383-386); without AVX the blocked and upstream's packing) the product is
+    /// the same bit for bit, equal to the product with `w^T` stored contiguous (packed by a
+    /// plain copy), and near a float64 reference. (With AVX-512 a depth block is at most 512
+    /// deep, a quarter of 1,541 for the last shape: each shape here takes the shared path.)
     #[test]
     fn a_weight_packed_on_every_thread_gives_the_same_bits() {
         for (m, k, n) in [
             (96usize, 1536usize, 576usize),
             (96, 512, 608),
             (80, 512, 600),
+            (80, 1541, 717),
         ] {
             let mut rng = crate::util::rng::Rng::new((m * k + n) as u64, "gemm prepack test");
             let (x, w) = (rng.normal_vec(m * k, 1.0), rng.normal_vec(n * k, 1.0));

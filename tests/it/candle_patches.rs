@@ -165,13 +165,15 @@ fn uniform_values(rng: &mut Rng, len: usize) -> Vec<f32> {
 }
 
 /// gemm-common's packing of an operand whose rows are far apart (vendor/patches/gemm-common-*:
-/// a block of columns at a time when the row stride is a multiple of 2 KiB): `x w^T` with `w`
-/// row-major, as every linear map passes it, equals the product with `w^T` copied contiguous bit
-/// for bit (packing copies the same elements to the same places; only the way they are read
-/// differs), and both equal a float64 reference. The weight's row count takes every panel width
-/// the packing has (whole panels, one or two vectors left over, an odd remainder); its row
-/// stride is 512, 1536 or 2048 floats (the blocked path) or 1541 (upstream's), and a weight cut
-/// from a wider one (`k` = 1541 of a 2048 stride) leaves a tail after the last block of 16.
+/// 8 x 8 blocks transposed in AVX registers on x86-64 with AVX, patch 0004; elsewhere a block of
+/// columns at a time when the row stride is a multiple of 2 KiB, patch 0001, or upstream's
+/// gather): `x w^T` with `w` row-major, as every linear map passes it, equals the product with
+/// `w^T` copied contiguous bit for bit (packing copies the same elements to the same places;
+/// only the way they are read differs), and both equal a float64 reference. The weight's row
+/// count takes every panel width the packing has (whole panels, one or two vectors left over,
+/// an odd remainder: the 8 x 8 blocks' rows left over); its row stride is 512, 1536, 2048 or
+/// 1541 floats, and a weight cut from a wider one (`k` = 1541 of a 2048 stride) leaves columns
+/// after the last whole block.
 /// (The activations `x^T` are not packed at these sizes, so the patched right-operand path is
 /// not exercised here; the left-operand path is the one every linear map takes.)
 #[test]

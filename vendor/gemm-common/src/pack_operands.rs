@@ -195,7 +195,7 @@ fn transpose_pays<T, const DST_WIDTH: usize>(src_cs: isize) -> bool {
         src_cs == 1
             && core::mem::size_of::<T>() == 4
             && DST_WIDTH % 8 == 0
-            && std::is_x86_feature_detected!("avx")
+            && crate::feature_detected!("avx")
     }
     #[cfg(not(all(feature = "std", target_arch = "x86_64")))]
     {
@@ -206,10 +206,12 @@ fn transpose_pays<T, const DST_WIDTH: usize>(src_cs: isize) -> bool {
 
 /// repnoise patch: pack `width` rows `src_rs` apart, `k` contiguous elements each, into panels
 /// `DST_WIDTH` wide (`dst[c * DST_WIDTH + j] = src[j * src_rs + c]`), as 8 x 8 blocks transposed
-/// in AVX registers, 16 columns of 8 rows at a time (each row's 64 bytes read together, as
-/// [`pack_rows_blocked`] does, for the strides whose rows share L1 sets). The rows and columns
-/// left over from whole blocks are copied one element at a time. Only moves: every element
-/// lands where upstream's gather puts it, bit for bit. Call only where [`transpose_pays`].
+/// in AVX registers: blocks of 16 rows (8 where fewer are left) walked along their length, 16
+/// columns at a time (each row's 64 bytes read together, as [`pack_rows_blocked`] does, for the
+/// strides whose rows share L1 sets; each panel row gets 64 bytes at once). The rows and
+/// columns left over from whole blocks are copied one element at a time. Only moves: every
+/// element lands where upstream's gather puts it, bit for bit. Call only where
+/// [`transpose_pays`].
 #[inline(always)]
 unsafe fn pack_rows_transposed<T: Copy, const DST_WIDTH: usize>(
     dst: *mut T,
@@ -239,8 +241,8 @@ unsafe fn transpose_rows_avx(
     dst_width: usize,
 ) {
     // Blocks of 16 rows (8 where fewer are left), each walked along its rows: 16 source rows
-    // read in order (streams the hardware prefetcher follows), 64 bytes of each panel row
-    // written at once.
+    // read in order (streams the hardware prefetcher follows), 16 columns (a 64-byte line) of
+    // each at a time, 64 bytes of each panel row written at once.
     let k8 = k / 8 * 8;
     let mut j = 0;
     while j + 8 <= width {
@@ -249,16 +251,18 @@ unsafe fn transpose_rows_avx(
         let d = dst.add(j);
         let mut kk = 0;
         while kk < k8 {
-            transpose_8x8_avx(d.add(kk * dst_width), dst_width, s.add(kk), src_rs);
-            if rows == 16 {
-                transpose_8x8_avx(
-                    d.add(kk * dst_width + 8),
-                    dst_width,
-                    s.offset(8 * src_rs).add(kk),
-                    src_rs,
-                );
+            let cols = if kk + 16 <= k8 { 16 } else { 8 };
+            for r in (0..rows).step_by(8) {
+                for c in (kk..kk + cols).step_by(8) {
+                    transpose_8x8_avx(
+                        d.add(c * dst_width + r),
+                        dst_width,
+                        s.offset(r as isize * src_rs).add(c),
+                        src_rs,
+                    );
+                }
             }
-            kk += 8;
+            kk += cols;
         }
         for r in 0..rows {
             let s = s.offset(r as isize * src_rs);
@@ -409,19 +413,13 @@ unsafe fn pack_generic_inner_loop<T: Copy, const N: usize, const DST_WIDTH: usiz
                 src = src.wrapping_offset(src_cs);
                 dst = dst.add(DST_WIDTH);
             }
-        } else if transpose_pays::<T, DST_WIDTH>(src_cs) {
+        } else if transpose_pays::<T, DST_WIDTH>(src_cs) || blocked_pays::<T>(src_cs, src_rs) {
             // repnoise patch
-            pack_rows_transposed::<T, DST_WIDTH>(dst, src, src_rs, src_width, k);
-            for _ in 0..k {
-                quick_zero::<T>(core::slice::from_raw_parts_mut(
-                    dst.add(src_width) as _,
-                    DST_WIDTH - src_width,
-                ));
-                dst = dst.add(DST_WIDTH);
+            if transpose_pays::<T, DST_WIDTH>(src_cs) {
+                pack_rows_transposed::<T, DST_WIDTH>(dst, src, src_rs, src_width, k);
+            } else {
+                pack_rows_blocked::<T, DST_WIDTH>(dst, src, src_rs, src_width, k);
             }
-        } else if blocked_pays::<T>(src_cs, src_rs) {
-            // repnoise patch
-            pack_rows_blocked::<T, DST_WIDTH>(dst, src, src_rs, src_width, k);
             for _ in 0..k {
                 quick_zero::<T>(core::slice::from_raw_parts_mut(
                     dst.add(src_width) as _,
