@@ -652,7 +652,8 @@ impl CustomOp3 for Rope {
         // One chunk per output run of `inner` heads' vectors: a (row, head)'s tokens (heads
         // first) or a token's heads (tokens first).
         let inner = if self.from_heads_first { h } else { t };
-        out.par_chunks_mut(inner * hd)
+        // (At least 1: an empty input, `t` or `h` 0, has no chunks to rotate.)
+        out.par_chunks_mut((inner * hd).max(1))
             .enumerate()
             .for_each(|(outer, o)| {
                 for (j, oo) in o.chunks_exact_mut(hd).enumerate() {
@@ -1008,5 +1009,9 @@ mod tests {
         let n1 = x.as_tensor().sqr().unwrap().sum(D::Minus1).unwrap();
         let n2 = f.sqr().unwrap().sum(D::Minus1).unwrap().t().unwrap();
         close(&n1, &n2, 1e-4, "rope norm");
+        // No tokens: an empty result, heads first.
+        let none = Tensor::zeros((b, 0, h, hd), DType::F32, &Device::Cpu).unwrap();
+        let tab = Tensor::zeros((0, hd / 2), DType::F32, &Device::Cpu).unwrap();
+        assert_eq!(rope(&none, &tab, &tab).unwrap().dims(), &[b, h, 0, hd]);
     }
 }
